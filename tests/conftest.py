@@ -1,0 +1,30 @@
+"""Test setup shared by every test module.
+
+Triton kernels run on CPU through the interpreter; it must be switched on before any kernel is defined,
+so it is set here, before the test modules import `seer_kernels`. On a CUDA machine the real compiler is used.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# W&B never reaches the network from tests.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests also run from a plain checkout (e.g. on the GPU machine, where nothing is installed).
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "kernels"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
