@@ -83,6 +83,8 @@ class DataConfig:
         cache_dir: Where tokenised data is cached; default `~/.cache/seer-finetune/data`.
         num_proc: Processes for tokenisation.
         file_glob: Pattern for files inside a directory source.
+        attend_within_documents: Restart position ids at every packed document so attention stays inside
+            documents (transformers then masks across boundaries; the seer backend does it blockwise).
     """
 
     source: str = MISSING
@@ -96,6 +98,7 @@ class DataConfig:
     cache_dir: Optional[str] = None
     num_proc: int = 2
     file_glob: str = "**/*"
+    attend_within_documents: bool = False
 
 
 @dataclass

@@ -1,0 +1,74 @@
+"""`python -m seer_finetune <command> [hydra overrides...]`.
+
+Commands:
+    train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
+    eval    perplexity over long documents at several lengths and densities
+    bench   benchmarks (`bench attention`)
+Add `--print-config` to print the composed configuration and exit.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .config import ConfigError
+
+USAGE = __doc__
+
+
+def _train(overrides: list[str]) -> int:
+    from .compose import compose_config, to_yaml
+    from .trainer import train
+
+    cfg = compose_config(overrides)
+    if "--print-config" in sys.argv:
+        print(to_yaml(cfg))
+        return 0
+    train(cfg)
+    return 0
+
+
+def _eval(overrides: list[str]) -> int:
+    from .compose import compose_config, to_yaml
+    from .seer.evaluate import run_eval
+
+    cfg = compose_config(overrides)
+    if "--print-config" in sys.argv:
+        print(to_yaml(cfg))
+        return 0
+    run_eval(cfg)
+    return 0
+
+
+def _bench(args: list[str]) -> int:
+    if not args:
+        raise ConfigError("bench needs a benchmark name: attention")
+    name, rest = args[0], args[1:]
+    if name == "attention":
+        from .benchmarks import attention_benchmark
+
+        return attention_benchmark(rest)
+    raise ConfigError(f"unknown benchmark {name!r} (available: attention)")
+
+
+COMMANDS = {"train": _train, "eval": _eval, "bench": _bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], [a for a in argv[1:] if a != "--print-config"]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r} (available: {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

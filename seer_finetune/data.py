@@ -1,0 +1,334 @@
+"""Text in, packed token sequences out.
+
+Sources: a Hugging Face dataset name, a local .txt / .jsonl / .json / .parquet file, a directory of them
+(each .txt file is one document), or `builtin:shakespeare` (the corpus shipped in the repo). Documents are
+tokenised in parallel with the model's tokenizer, cached on disk, and packed into sequences of exactly
+`seq_len` tokens with EOS after every document. Each sequence keeps its document boundaries, so attention
+can be kept inside documents (position ids restart per document; a varlen kernel can read them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get("SEER_CACHE", Path.home() / ".cache" / "seer-finetune")) / "data"
+
+
+def resolve_source(source: str) -> Path | str:
+    """A local path (checked to exist) or a hub dataset name.
+
+    `builtin:NAME` maps to the shipped corpus; anything that looks like a path (absolute, `./`, `~`, or with
+    a file suffix) must exist, so a typo gives a clear error instead of a hub lookup.
+    """
+    if source.startswith("builtin:"):
+        path = ASSETS / "corpus" / source.split(":", 1)[1]
+        if not path.is_dir():
+            available = ", ".join(sorted(p.name for p in (ASSETS / "corpus").iterdir()))
+            raise ConfigError(f"data.source={source!r}: no such built-in corpus (available: {available})")
+        return path
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    looks_local = source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES
+    if looks_local or source.count("/") > 1:
+        raise ConfigError(f"data path does not exist: {source}")
+    return source
+
+
+def _read_table(path: Path, text_field: str) -> list[str]:
+    import datasets
+
+    kind = "parquet" if path.suffix == ".parquet" else "json"
+    table = datasets.load_dataset(kind, data_files=str(path), split="train")
+    if text_field not in table.column_names:
+        raise ConfigError(
+            f"{path}: no text field {text_field!r} (columns: {', '.join(table.column_names)}); set data.text_field"
+        )
+    return [t for t in table[text_field] if t]
+
+
+def load_documents(source: str, *, text_field: str = "text", split: str = "train", file_glob: str = "**/*") -> list[str]:
+    """Read every document of a source as a list of strings.
+
+    Args:
+        source: See the module docstring.
+        text_field: Column with the text for tables and hub datasets. Default "text".
+        split: Split of a hub dataset. Default "train".
+        file_glob: Files considered inside a directory. Default all files, recursively.
+
+    Raises:
+        ConfigError: missing path, missing text field, or no text at all.
+    """
+    resolved = resolve_source(source)
+    documents: list[str] = []
+    if isinstance(resolved, str):
+        import datasets
+
+        try:
+            table = datasets.load_dataset(resolved, split=split)
+        except Exception as exc:  # hub errors come in many types; the user needs one line
+            raise ConfigError(f"cannot load dataset {source!r} (split {split!r}): {str(exc).splitlines()[0]}") from None
+        if text_field not in table.column_names:
+            raise ConfigError(
+                f"dataset {source!r}: no text field {text_field!r} (columns: {', '.join(table.column_names)})"
+            )
+        documents = [t for t in table[text_field] if t]
+    elif resolved.is_dir():
+        # Every file is one document (source code, proofs and books alike); tables hold many documents.
+        files = sorted(p for p in resolved.glob(file_glob) if p.is_file() and not p.name.startswith("."))
+        for path in files:
+            if path.suffix in TABLE_SUFFIXES:
+                documents.extend(_read_table(path, text_field))
+            else:
+                text = path.read_text(encoding="utf-8", errors="replace")
+                if text.strip():
+                    documents.append(text)
+    elif resolved.suffix in TABLE_SUFFIXES:
+        documents = _read_table(resolved, text_field)
+    else:
+        text = resolved.read_text(encoding="utf-8", errors="replace")
+        documents = [text] if text.strip() else []
+    if not documents:
+        raise ConfigError(f"data source {source!r} holds no text")
+    return documents
+
+
+def tokenize_documents(documents: list[str], tokenizer, num_proc: int = 1) -> list[np.ndarray]:
+    """Token ids of each document (no special tokens), in parallel when `num_proc > 1`."""
+    if num_proc > 1 and len(documents) >= 2 * num_proc:
+        import datasets
+
+        table = datasets.Dataset.from_dict({"text": documents})
+        table = table.map(
+            lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+            batched=True,
+            num_proc=num_proc,
+            remove_columns=["text"],
+            desc="tokenising",
+        )
+        return [np.asarray(ids, dtype=np.int32) for ids in table["ids"]]
+    encoded = tokenizer(documents, add_special_tokens=False)["input_ids"]
+    return [np.asarray(ids, dtype=np.int32) for ids in encoded]
+
+
+@dataclass
+class TokenizedCorpus:
+    """All documents' tokens end to end, each followed by EOS.
+
+    Attributes:
+        tokens: int32 [N], the concatenation.
+        doc_starts: int64 [n_docs + 1], offsets of each document in `tokens` (last entry = N).
+    """
+
+    tokens: np.ndarray
+    doc_starts: np.ndarray
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_starts) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.doc_starts[i] : self.doc_starts[i + 1]]
+
+
+def _fingerprint(documents: list[str], tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    h.update(str(len(tokenizer)).encode())
+    h.update(json.dumps(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), 512))))).encode())
+    h.update(str(tokenizer.eos_token_id).encode())
+    for doc in documents:
+        h.update(hashlib.sha256(doc.encode("utf-8", errors="replace")).digest())
+    return h.hexdigest()[:24]
+
+
+def build_corpus(documents: list[str], tokenizer, *, cache_dir: str | None = None, num_proc: int = 1) -> TokenizedCorpus:
+    """Tokenise `documents` (or reuse the on-disk cache for the same text and tokenizer)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS token; packing needs one between documents")
+    cache_root = Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    folder = cache_root / _fingerprint(documents, tokenizer)
+    if (folder / "tokens.npy").is_file() and (folder / "doc_starts.npy").is_file():
+        return TokenizedCorpus(np.load(folder / "tokens.npy", mmap_mode="r"), np.load(folder / "doc_starts.npy"))
+    pieces = tokenize_documents(documents, tokenizer, num_proc=num_proc)
+    lengths = np.array([len(p) + 1 for p in pieces], dtype=np.int64)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.empty(int(doc_starts[-1]), dtype=np.int32)
+    for piece, start in zip(pieces, doc_starts[:-1]):
+        tokens[start : start + len(piece)] = piece
+        tokens[start + len(piece)] = eos
+    # Written to a temporary folder and renamed, so a crash never leaves a half-written cache behind.
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    np.save(tmp / "tokens.npy", tokens)
+    np.save(tmp / "doc_starts.npy", doc_starts)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process cached the same corpus first
+        pass
+    return TokenizedCorpus(tokens, doc_starts)
+
+
+class PackedSequences(torch.utils.data.Dataset):
+    """Fixed-length windows over a tokenised corpus, documents packed back to back.
+
+    Item i is a dict with `input_ids` (int64 [seq_len]), `position_ids` (int64 [seq_len], restarting at 0 at
+    every document start inside the window) and `document_ids` (int32 [seq_len], 0.. per window).
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.num_sequences = len(corpus.tokens) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start, end = index * self.seq_len, (index + 1) * self.seq_len
+        ids = torch.from_numpy(np.asarray(self.corpus.tokens[start:end], dtype=np.int64))
+        # Document starts that fall strictly inside this window.
+        starts = self.corpus.doc_starts
+        inner = starts[(starts > start) & (starts < end)] - start
+        document_ids = torch.zeros(self.seq_len, dtype=torch.int32)
+        if len(inner):
+            document_ids[torch.from_numpy(inner)] = 1
+            document_ids = document_ids.cumsum(0).to(torch.int32)
+        boundaries = torch.cat([torch.zeros(1, dtype=torch.long), torch.from_numpy(inner).long()])
+        segment_start = boundaries[document_ids.long()]
+        position_ids = torch.arange(self.seq_len) - segment_start
+        return {"input_ids": ids, "position_ids": position_ids, "document_ids": document_ids}
+
+
+class DocumentWindows(torch.utils.data.Dataset):
+    """Evaluation windows of `seq_len` tokens cut from inside single documents (never across them).
+
+    Documents shorter than `seq_len` give no window; the remainder at the end of a document is dropped.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, max_windows: int = 0):
+        self.corpus, self.seq_len = corpus, seq_len
+        self.windows: list[int] = []
+        for i in range(corpus.num_documents):
+            start, end = int(corpus.doc_starts[i]), int(corpus.doc_starts[i + 1])
+            for offset in range(start, end - seq_len + 1, seq_len):
+                self.windows.append(offset)
+        if max_windows > 0 and len(self.windows) > max_windows:
+            # Spread the kept windows over all documents rather than taking the first ones.
+            keep = np.linspace(0, len(self.windows) - 1, max_windows).round().astype(int)
+            self.windows = [self.windows[k] for k in keep]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = self.windows[index]
+        ids = torch.from_numpy(np.asarray(self.corpus.tokens[start : start + self.seq_len], dtype=np.int64))
+        return {
+            "input_ids": ids,
+            "position_ids": torch.arange(self.seq_len),
+            "document_ids": torch.zeros(self.seq_len, dtype=torch.int32),
+        }
+
+
+@dataclass
+class DataBundle:
+    train: PackedSequences
+    eval: DocumentWindows | None
+
+
+def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
+    """Load, tokenise and pack the training data, and cut evaluation windows.
+
+    Raises:
+        ConfigError: empty data, too little text for one training sequence, or no evaluation document long
+            enough for one evaluation window.
+    """
+    documents = load_documents(cfg.source, text_field=cfg.text_field, split=cfg.split, file_glob=cfg.file_glob)
+    eval_len = cfg.eval_seq_len or cfg.seq_len
+    if cfg.eval_source is not None:
+        eval_documents = load_documents(cfg.eval_source, text_field=cfg.text_field, split=cfg.split, file_glob=cfg.file_glob)
+    elif cfg.eval_documents > 0:
+        if len(documents) <= cfg.eval_documents:
+            raise ConfigError(
+                f"data.source has {len(documents)} document(s); holding out data.eval_documents="
+                f"{cfg.eval_documents} leaves none to train on (give data.eval_source or lower eval_documents)"
+            )
+        documents, eval_documents = documents[: -cfg.eval_documents], documents[-cfg.eval_documents :]
+    else:
+        eval_documents = []
+    train_corpus = build_corpus(documents, tokenizer, cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
+    train = PackedSequences(train_corpus, cfg.seq_len)
+    if len(train) == 0:
+        raise ConfigError(
+            f"data.source has {len(train_corpus.tokens)} tokens, too few for one sequence of data.seq_len={cfg.seq_len}"
+        )
+    evaluation = None
+    if eval_documents:
+        eval_corpus = build_corpus(eval_documents, tokenizer, cache_dir=cfg.cache_dir, num_proc=cfg.num_proc)
+        evaluation = DocumentWindows(eval_corpus, eval_len, cfg.max_eval_sequences)
+        if len(evaluation) == 0:
+            longest = int(np.diff(eval_corpus.doc_starts).max())
+            raise ConfigError(
+                f"no evaluation document reaches {eval_len} tokens (the longest has {longest}); "
+                "lower data.eval_seq_len or give longer evaluation text"
+            )
+    return DataBundle(train=train, eval=evaluation)
+
+
+class EpochSampler:
+    """Deterministic shuffled order over a dataset, resumable at any position.
+
+    The order of epoch e is a permutation drawn from `seed + e`, so the data position (epoch, index) is all a
+    checkpoint needs to continue exactly where it stopped.
+    """
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def next_indices(self, count: int) -> list[int]:
+        out = []
+        for _ in range(count):
+            if self.index >= self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            out.append(self._order[self.index])
+            self.index += 1
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size or state["seed"] != self.seed:
+            raise ConfigError(
+                f"checkpoint was written for {state['size']} training sequences (seed {state['seed']}); this run has "
+                f"{self.size} (seed {self.seed}): the data or trainer.seed changed, so resuming would not be exact"
+            )
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation(self.epoch)
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

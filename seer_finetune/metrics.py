@@ -1,0 +1,89 @@
+"""Where metrics go: a plain `metrics.jsonl` in the run folder (always) and W&B (online, offline or off)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .config import LoggerConfig
+
+
+class MetricsLogger:
+    """Append-only JSONL metrics plus optional W&B.
+
+    On resume the JSONL file is cut back to the resumed step, so an interrupted and resumed run has the same
+    lines as an uninterrupted one.
+
+    Args:
+        run_dir: The run folder; `metrics.jsonl` is written there.
+        cfg: The logger section.
+        run_config: The whole resolved configuration, recorded with the W&B run.
+        resume_step: Drop JSONL lines with `step` greater than this (None: start a new file).
+        enabled: False on non-zero ranks of a distributed run.
+    """
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, run_config: dict[str, Any], *, resume_step: int | None = None, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        if cfg.wandb != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                name=cfg.run_name or Path(run_dir).name,
+                mode=cfg.wandb,
+                dir=str(cfg.wandb_dir or run_dir),
+                config=run_config,
+                resume="allow",
+                id=_stable_run_id(run_dir) if resume_step is not None else None,
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            for k, v in values.items():
+                self.wandb_run.summary[k] = _plain(v)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _stable_run_id(run_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

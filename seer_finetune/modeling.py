@@ -1,0 +1,259 @@
+"""Loading the causal LM and its tokenizer; full fine-tuning or LoRA through peft.
+
+`builtin:NAME` names a config (and tokenizer) shipped in `seer_finetune/assets/NAME`: the model is built with
+random weights from the run's seed. Anything else is a local folder or a hub name, loaded with
+`AutoModelForCausalLM.from_pretrained` (remote code only when `model.trust_remote_code` is set).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import ConfigError, ModelConfig, PeftConfig, RopeConfig
+from .rope import apply_rope_scaling
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+NORM_SUFFIXES = ("input_layernorm", "post_attention_layernorm", "norm", "q_norm", "k_norm")
+EMBEDDING_SUFFIXES = ("embed_tokens", "lm_head")
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
+    """Returns (path or hub name, is_builtin). A path-like name that does not exist is an error."""
+    if name_or_path.startswith("builtin:"):
+        path = ASSETS / name_or_path.split(":", 1)[1]
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name_or_path!r}: no such built-in model")
+        return str(path), True
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model path {name_or_path} has no config.json: not a Hugging Face model folder")
+        return str(path), False
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:
+        raise ConfigError(f"model path does not exist: {name_or_path}")
+    return name_or_path, False
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer (or `model.tokenizer`), with a pad token (EOS when it has none)."""
+    path, _ = resolve_model_path(cfg.tokenizer or cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {path}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig, rope_cfg: RopeConfig):
+    """The model config with YaRN written in (before any weights are built)."""
+    path, _ = resolve_model_path(cfg.name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the model config of {path}: {str(exc).splitlines()[0]}") from None
+    return apply_rope_scaling(config, rope_cfg)
+
+
+def load_model(
+    cfg: ModelConfig,
+    rope_cfg: RopeConfig,
+    *,
+    device: torch.device,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Load (or, for `builtin:`, build from `seed`) the causal LM with its rope scaling, on `device`.
+
+    Args:
+        cfg: The model section.
+        rope_cfg: The rope section; YaRN is written into the config before weights load.
+        device: Where the model lives.
+        attn_implementation: transformers' attention implementation to start with.
+        seed: Seed for the random weights of a built-in model.
+    """
+    path, builtin = resolve_model_path(cfg.name_or_path)
+    config = load_model_config(cfg, rope_cfg)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if builtin:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                config=config,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def _matching_modules(model: torch.nn.Module, suffixes: tuple[str, ...]) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [s for s in suffixes if s in names]
+
+
+def apply_peft(model: PreTrainedModel, cfg: PeftConfig) -> torch.nn.Module:
+    """Full fine-tuning (every parameter trains) or LoRA via peft, with optional trainable embeddings/norms."""
+    if cfg.method == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.target_modules if t not in present]
+    if missing:
+        raise ConfigError(f"peft.target_modules: the model has no module named {', '.join(missing)}")
+    extra = []
+    if cfg.trainable_embeddings:
+        extra += _matching_modules(model, EMBEDDING_SUFFIXES)
+    if cfg.trainable_norms:
+        extra += _matching_modules(model, NORM_SUFFIXES)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        modules_to_save=extra or None,
+        task_type="CAUSAL_LM",
+        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False) and cfg.trainable_embeddings),
+    )
+    peft_model = get_peft_model(model, lora)
+    if getattr(model, "is_gradient_checkpointing", False):
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_final(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: Path,
+    *,
+    model_cfg: ModelConfig,
+    peft_cfg: PeftConfig,
+) -> Path:
+    """Write the trained model as a Hugging Face folder that `from_pretrained` loads with its YaRN config.
+
+    Full fine-tuning: `out_dir` is a complete model folder. LoRA: `out_dir` is a peft adapter folder; its base
+    is the original model path, or `out_dir/base` (written here) for a built-in randomly initialised model, whose
+    weights exist nowhere else. With `peft.merge_on_save`, `out_dir/merged` holds merged full weights.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    _, builtin = resolve_model_path(model_cfg.name_or_path)
+    if peft_cfg.method == "full":
+        base_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    else:
+        base = base_model(model)
+        if builtin:
+            # The adapter's base must carry the exact random weights and the YaRN config; the adapter points
+            # at it once the folder has its final name (below).
+            _save_unadapted_base(model, tmp / "base")
+            tokenizer.save_pretrained(tmp / "base")
+            model.peft_config["default"].base_model_name_or_path = str((tmp / "base").resolve())
+        else:
+            model.peft_config["default"].base_model_name_or_path = resolve_model_path(model_cfg.name_or_path)[0]
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        # The adapter folder also records the YaRN-extended config so loaders can restore it for any base.
+        base.config.save_pretrained(tmp / "extended_config")
+        if peft_cfg.merge_on_save:
+            import copy
+
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "merged")
+    (tmp / "seer_run.json").write_text(
+        json.dumps({"base_model": model_cfg.name_or_path, "method": peft_cfg.method}, indent=2) + "\n"
+    )
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    if peft_cfg.method == "lora" and builtin:
+        adapter_config = out_dir / "adapter_config.json"
+        meta = json.loads(adapter_config.read_text())
+        meta["base_model_name_or_path"] = str((out_dir / "base").resolve())
+        adapter_config.write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def _save_unadapted_base(peft_model, out_dir: Path) -> None:
+    """Save the base weights without LoRA deltas or trainable-copy modules (the originals)."""
+    import copy
+
+    clone = copy.deepcopy(peft_model)
+    base = clone.unload()  # removes LoRA layers without merging; modules_to_save return to the originals
+    base.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load_trained(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load what `save_final` wrote (full folder, or adapter + base) with its YaRN config, ready to evaluate.
+
+    Args:
+        path: The run's `final` folder.
+        device: Where to put the model. Default CPU.
+        dtype: Weights dtype; default as saved.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{path} is not a saved model folder (no config.json or adapter_config.json)")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig as LoadedPeftConfig
+        from peft import PeftModel
+
+        base_path = LoadedPeftConfig.from_pretrained(path).base_model_name_or_path
+        config = AutoConfig.from_pretrained(path / "extended_config")
+        base = AutoModelForCausalLM.from_pretrained(base_path, config=config, **kwargs)
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device).eval()
