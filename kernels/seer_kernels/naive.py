@@ -1,0 +1,256 @@
+"""Pure-PyTorch references for the attention ops (the oracle for the Triton kernels, and the CPU path).
+
+Everything is computed in float32 in chunks of query blocks: one chunk holds `[B, Hq, rows, keys]` scores,
+so memory stays O(L * chunk) instead of a full L x L map per head. GQA is handled by folding the query heads
+of one KV group into the row dimension of a matmul against the group's single K/V, so K/V are never repeated.
+The sparse attention has its own backward that recomputes the probabilities chunk by chunk from the saved
+log-sum-exp (the flash-attention recipe), so nothing of size L x L is kept for autograd either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .indexing import causal_block_mask, num_blocks
+
+# Scores per chunk (elements). 2**24 floats = 64 MiB: large enough to keep matmuls efficient, small enough to
+# leave memory for the model.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(bsz: int, heads: int, seq_len: int, block_size: int) -> int:
+    """How many query blocks one chunk takes (at least one)."""
+    per_block = bsz * heads * block_size * seq_len
+    return max(1, _CHUNK_ELEMENTS // max(1, per_block))
+
+
+def _token_mask(
+    rows: torch.Tensor,
+    keys: int,
+    document_ids: torch.Tensor | None,
+    bsz: int,
+) -> torch.Tensor:
+    """Causal + document mask for query positions `rows` against keys `0..keys-1`.
+
+    Args:
+        rows: int64 `[R]` query positions.
+        keys: number of leading keys.
+        document_ids: int `[B, L]` or None.
+    Returns:
+        bool `[B, 1, R, keys]` (broadcasts over heads).
+    """
+    cols = torch.arange(keys, device=rows.device)
+    allowed = cols[None, :] <= rows[:, None]  # [R, keys]
+    allowed = allowed[None, None].expand(bsz, 1, -1, -1)
+    if document_ids is not None:
+        doc_q = document_ids[:, rows]  # [B, R]
+        doc_k = document_ids[:, :keys]  # [B, keys]
+        allowed = allowed & (doc_q[:, :, None] == doc_k[:, None, :])[:, None]
+    return allowed
+
+
+def _group_rows(x: torch.Tensor, hkv: int) -> torch.Tensor:
+    """`[B, Hq, R, D]` -> `[B, Hkv, G * R, D]`: the query heads of one KV group stacked along rows."""
+    bsz, hq, rows, dim = x.shape
+    return x.reshape(bsz, hkv, (hq // hkv) * rows, dim)
+
+
+def _ungroup_rows(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """Inverse of `_group_rows` for `[B, Hkv, G * R, X]`."""
+    bsz, hkv, grows, last = x.shape
+    return x.reshape(bsz, hq, grows // (hq // hkv), last)
+
+
+def _chunk_scores(
+    q_chunk: torch.Tensor, k: torch.Tensor, keys: int, sm_scale: float
+) -> torch.Tensor:
+    """Scaled scores `[B, Hq, R, keys]` (float32) of a query chunk `[B, Hq, R, D]` against `k[:, :, :keys]`."""
+    hq, hkv = q_chunk.shape[1], k.shape[1]
+    kk = k[:, :, :keys].float()
+    s = torch.matmul(_group_rows(q_chunk.float(), hkv), kk.transpose(-1, -2))  # [B, Hkv, G*R, keys]
+    return _ungroup_rows(s, hq) * sm_scale
+
+
+def _expand_block_mask(
+    block_mask_rows: torch.Tensor, rows: torch.Tensor, r0: int, keys: int, block_size: int
+) -> torch.Tensor:
+    """Token-level view of block-mask rows: `[B, H, nq, nB]` -> bool `[B, H, R, keys]`.
+
+    `rows` are absolute positions and `r0` the first position of the first block in `block_mask_rows`.
+    """
+    local_block = torch.div(rows - r0, block_size, rounding_mode="floor")
+    key_block = torch.div(torch.arange(keys, device=rows.device), block_size, rounding_mode="floor")
+    return block_mask_rows[:, :, local_block][:, :, :, key_block]
+
+
+class _NaiveBlockSparseAttention(torch.autograd.Function):
+    """Exact block-sparse attention with a chunked, recomputing backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, block_size, document_ids, sm_scale):
+        bsz, hq, seq_len, dim = q.shape
+        mask = causal_block_mask(block_mask)
+        nb = num_blocks(seq_len, block_size)
+        out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+        step = _rows_per_chunk(bsz, hq, seq_len, block_size)
+        for b0 in range(0, nb, step):
+            b1 = min(nb, b0 + step)
+            r0, r1 = b0 * block_size, min(seq_len, b1 * block_size)
+            rows = torch.arange(r0, r1, device=q.device)
+            keys = r1  # causal: nothing after the chunk's last row is needed
+            allowed = _token_mask(rows, keys, document_ids, bsz) & _expand_block_mask(
+                mask[:, :, b0:b1], rows, r0, keys, block_size
+            )
+            s = _chunk_scores(q[:, :, r0:r1], k, keys, sm_scale).masked_fill(~allowed, float("-inf"))
+            row_lse = torch.logsumexp(s, dim=-1)  # [B, Hq, R]; -inf for a row with no allowed key
+            p = torch.exp(s - _finite(row_lse)[..., None])
+            o = torch.matmul(_group_rows(p, k.shape[1]), v[:, :, :keys].float())
+            out[:, :, r0:r1] = _ungroup_rows(o, hq)
+            lse[:, :, r0:r1] = row_lse
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, mask, out, lse, document_ids)
+        ctx.block_size = block_size
+        ctx.sm_scale = sm_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, mask, out, lse, document_ids = ctx.saved_tensors
+        block_size, sm_scale = ctx.block_size, ctx.sm_scale
+        bsz, hq, seq_len, dim = q.shape
+        hkv = k.shape[1]
+        nb = num_blocks(seq_len, block_size)
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        dout = dout.float()
+        # delta_r = sum_d dO_rd O_rd = sum_c P_rc dP_rc, the softmax Jacobian's row term.
+        delta = (dout * out.float()).sum(-1)  # [B, Hq, L]
+        step = _rows_per_chunk(bsz, hq, seq_len, block_size)
+        for b0 in range(0, nb, step):
+            b1 = min(nb, b0 + step)
+            r0, r1 = b0 * block_size, min(seq_len, b1 * block_size)
+            rows = torch.arange(r0, r1, device=q.device)
+            keys = r1
+            allowed = _token_mask(rows, keys, document_ids, bsz) & _expand_block_mask(
+                mask[:, :, b0:b1], rows, r0, keys, block_size
+            )
+            s = _chunk_scores(q[:, :, r0:r1], k, keys, sm_scale).masked_fill(~allowed, float("-inf"))
+            p = torch.exp(s - _finite(lse[:, :, r0:r1])[..., None])  # [B, Hq, R, keys]
+            p_g = _group_rows(p, hkv)  # [B, Hkv, G*R, keys]
+            do_g = _group_rows(dout[:, :, r0:r1], hkv)  # [B, Hkv, G*R, D]
+            dv[:, :, :keys] += torch.matmul(p_g.transpose(-1, -2), do_g)
+            dp = _ungroup_rows(torch.matmul(do_g, v[:, :, :keys].float().transpose(-1, -2)), hq)
+            ds = p * (dp - delta[:, :, r0:r1, None]) * sm_scale  # gradient w.r.t. the raw q.k products
+            ds_g = _group_rows(ds, hkv)
+            dq[:, :, r0:r1] = _ungroup_rows(torch.matmul(ds_g, k[:, :, :keys].float()), hq)
+            dk[:, :, :keys] += torch.matmul(ds_g.transpose(-1, -2), _group_rows(q[:, :, r0:r1].float(), hkv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """Replace -inf (rows with no allowed key) by 0 so that exp(-inf - x) gives 0 instead of NaN."""
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, L, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Reference block-sparse attention (see `seer_kernels.block_sparse_attention`)."""
+    _check_shapes(q, k, v)
+    nb = num_blocks(q.shape[2], block_size)
+    if block_mask.shape != (q.shape[0], q.shape[1], nb, nb):
+        raise ValueError(f"block_mask must be {(q.shape[0], q.shape[1], nb, nb)}, got {tuple(block_mask.shape)}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return _NaiveBlockSparseAttention.apply(q, k, v, block_mask, block_size, document_ids, scale)
+
+
+@torch.no_grad()
+def attention_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    query_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference block-max-pooled attention map (see `seer_kernels.attention_ground_truth`)."""
+    _check_shapes(q, k, None)
+    bsz, hq, seq_len, _ = q.shape
+    nb = num_blocks(seq_len, block_size)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if query_blocks is None:
+        query_blocks = torch.arange(nb, device=q.device)
+    query_blocks = query_blocks.to(device=q.device, dtype=torch.int64)
+    nq = query_blocks.numel()
+    out = torch.zeros(bsz, hq, nq, nb, dtype=torch.float32, device=q.device)
+    offs = torch.arange(block_size, device=q.device)
+    step = _rows_per_chunk(bsz, hq, seq_len, block_size)
+    for c0 in range(0, nq, step):
+        blocks = query_blocks[c0 : c0 + step]  # [n]
+        n = blocks.numel()
+        rows = (blocks[:, None] * block_size + offs[None, :]).reshape(-1)  # [n * bs], some maybe >= L
+        valid = rows < seq_len
+        rows_c = rows.clamp(max=seq_len - 1)
+        keys = int(rows_c.max().item()) + 1
+        kb = num_blocks(keys, block_size)
+        s = _chunk_scores(q[:, :, rows_c], k, keys, scale)
+        allowed = _token_mask(rows_c, keys, document_ids, bsz)
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))  # every real row allows itself
+        p = p * valid[None, None, :, None]  # rows past the end belong to no block
+        p = torch.nn.functional.pad(p, (0, kb * block_size - keys))
+        pooled = p.view(bsz, hq, n, block_size, kb, block_size).amax(dim=(3, 5))  # [B, Hq, n, kb]
+        out[:, :, c0 : c0 + n, :kb] = pooled
+    return out / out.sum(-1, keepdim=True)
+
+
+def attention_with_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    query_blocks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference dense causal attention plus ground truth (see `seer_kernels.attention_with_ground_truth`)."""
+    _check_shapes(q, k, v)
+    bsz, hq, seq_len, _ = q.shape
+    nb = num_blocks(seq_len, block_size)
+    full = torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
+    out = block_sparse_attention(
+        q, k, v, full, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale
+    )
+    gt = attention_ground_truth(
+        q.detach(),
+        k.detach(),
+        block_size=block_size,
+        document_ids=document_ids,
+        sm_scale=sm_scale,
+        query_blocks=query_blocks,
+    )
+    return out, gt
