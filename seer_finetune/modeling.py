@@ -146,7 +146,8 @@ def apply_peft(model: PreTrainedModel, cfg: PeftConfig) -> torch.nn.Module:
         ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False) and cfg.trainable_embeddings),
     )
     peft_model = get_peft_model(model, lora)
-    if getattr(model, "is_gradient_checkpointing", False):
+    if model.config.use_cache is False and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters.
         peft_model.enable_input_require_grads()
     return peft_model
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import SeerConfig
+from .config import ConfigError, SeerConfig
 from .data import EpochSampler, build_data, collate
 from .evaluation import perplexity
 from .extension import TrainingExtension
@@ -104,6 +104,12 @@ class Trainer:
         self.data = build_data(cfg.data, self.tokenizer)
         attn = cfg.attention.backend if cfg.attention.backend in ("sdpa", "eager") else "sdpa"
         model = load_model(cfg.model, cfg.rope, device=self.device, attn_implementation=attn, seed=t.seed)
+        context = model.config.max_position_embeddings
+        if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
+            raise ConfigError(
+                f"data.seq_len={cfg.data.seq_len} is longer than the model's context ({context} tokens); "
+                "extend it with rope=yarn (see +exp=smoke) or shorten the sequences"
+            )
         self.extension = _build_extension(model, cfg)
         if self.extension.freeze_base:
             model.requires_grad_(False)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # Tests also run from a plain checkout (e.g. on the GPU machine, where nothing is installed).
 ROOT = Path(__file__).resolve().parents[1]
-for path in (ROOT, ROOT / "kernels"):
+for path in (ROOT, ROOT / "kernels", ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 

@@ -1,0 +1,42 @@
+"""Small builders shared by the tests: tiny random models of several architectures saved as HF folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ASSETS = Path(__file__).resolve().parents[1] / "seer_finetune" / "assets" / "tiny_llama"
+
+TINY = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny random config of `model_type` (llama, mistral, qwen2, qwen3) sharing the embedded tokenizer's vocab."""
+    kwargs = {**TINY, **overrides}
+    if model_type == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config.eos_token_id = config.bos_token_id = 0
+    config.pad_token_id = 1
+    return config
+
+
+def save_tiny_model(folder: Path, model_type: str, seed: int = 0, **overrides) -> Path:
+    """Build a tiny random model of `model_type` and save it with the embedded tokenizer as a HF folder."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
+    return folder

@@ -1,0 +1,101 @@
+"""Composition, type checking and value validation of the Hydra configuration."""
+
+import subprocess
+import sys
+
+import pytest
+
+from seer_finetune.compose import available, compose_config
+from seer_finetune.config import ConfigError
+
+
+def test_every_experiment_composes():
+    names = available("exp")
+    assert "smoke" in names and "yarn32k_dense" in names
+    for name in names:
+        cfg = compose_config([f"+exp={name}"])
+        assert cfg.data.seq_len > 0
+
+
+def test_smoke_is_a_4x_yarn_extension():
+    cfg = compose_config(["+exp=smoke"])
+    assert cfg.rope.type == "yarn"
+    assert cfg.rope.factor == 4.0
+    assert cfg.rope.max_position_embeddings == 4 * cfg.rope.original_max_position_embeddings == cfg.data.seq_len
+
+
+def test_yarn32k_dense_extends_8k_to_32k():
+    cfg = compose_config(["+exp=yarn32k_dense"])
+    assert (cfg.rope.original_max_position_embeddings, cfg.rope.max_position_embeddings) == (8192, 32768)
+
+
+def test_override_reaches_the_dataclass():
+    cfg = compose_config(["+exp=smoke", "trainer.max_steps=7", "optim.lr=0.5"])
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+exp=nope"], "unknown experiment 'nope'"),
+        (["trainer.max_steps=abc"], "trainer.max_steps"),
+        (["trainer.no_such_field=1"], "no_such_field"),
+        (["+exp=smoke", "rope.factor=3", "rope.max_position_embeddings=1024"], "disagrees with the lengths"),
+        (["+exp=smoke", "rope.original_max_position_embeddings=null"], "original_max_position_embeddings is required"),
+        (["+exp=smoke", "data.seq_len=4096"], "exceeds the YaRN target length"),
+        (["attention=nope"], "unknown attention option 'nope'"),
+        (["optim.betas=[0.9]"], "optim.betas"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+        (["deepspeed.offload_optimizer=true"], "needs DeepSpeed"),
+        (["attention.density=1.5"], "attention.density"),
+    ],
+)
+def test_bad_values_fail_at_compose_time(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_config(overrides)
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["+exp=nope"], "error: unknown experiment 'nope' (available:"),
+        (["trainer.max_steps=abc"], "error: trainer.max_steps: Value 'abc' of type 'str' could not be converted"),
+        (["+exp=smoke", "rope.factor=2", "rope.max_position_embeddings=1024"], "error: rope.factor=2.0 disagrees"),
+        (["+exp=smoke", "data.source=/nonexistent/corpus.txt"], "error: data path does not exist: /nonexistent/corpus.txt"),
+        (["+exp=smoke", "model.name_or_path=/nonexistent/model"], "error: model path does not exist: /nonexistent/model"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, message):
+    result = run_cli("train", *args, f"trainer.output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_empty_data_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n")
+    result = run_cli("train", "+exp=smoke", f"data.source={empty}", f"trainer.output_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"error: data source '{empty}' holds no text" in result.stderr
+
+
+def test_cli_unknown_command_and_help(tmp_path):
+    assert run_cli("fly", cwd=tmp_path).returncode == 2
+    shown = run_cli("--help", cwd=tmp_path)
+    assert shown.returncode == 0 and "train" in shown.stdout
+
+
+def test_print_config_from_another_directory(tmp_path):
+    result = run_cli("train", "+exp=smoke", "--print-config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "original_max_position_embeddings: 256" in result.stdout
