@@ -42,14 +42,15 @@ def _one_line(exc: BaseException) -> str:
     while exc is not None:
         causes.append(exc)
         exc = exc.__cause__ or exc.__context__
-    # The innermost OmegaConf error names the key and the bad value most precisely.
-    for cause in reversed(causes):
-        if isinstance(cause, OmegaConfBaseException):
-            msg = str(cause).strip().splitlines()[0]
-            full_key = getattr(cause, "full_key", None)
-            if full_key and full_key not in msg:
-                msg = f"{full_key}: {msg}"
-            return msg
+    # The OmegaConf error that carries the key (`full_key`) names the field and the bad value; inner ones
+    # still hold unformatted templates.
+    keyed = [c for c in causes if isinstance(c, OmegaConfBaseException) and getattr(c, "full_key", None)]
+    for cause in keyed or [c for c in causes if isinstance(c, OmegaConfBaseException)]:
+        msg = str(cause).strip().splitlines()[0]
+        full_key = getattr(cause, "full_key", None)
+        if full_key and full_key not in msg:
+            msg = f"{full_key}: {msg}"
+        return msg
     return str(causes[0]).strip().splitlines()[0]
 
 
