@@ -160,3 +160,21 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(20) == pytest.approx(0.1) and 0.1 < f(12) < 1.0
     assert lr_lambda(12, warmup=4, total=20, schedule="linear", min_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_wandb_offline_and_jsonl_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config(
+        ["+exp=smoke", "logger=wandb_offline", "trainer.max_steps=3", "trainer.save_every=0", "trainer.progress_bar=false",
+         "data.max_eval_sequences=1", "trainer.save_final=false", f"trainer.output_dir={run_dir}", f"data.cache_dir={tmp_path / 'c'}"]
+    )
+    Trainer(cfg).fit()
+    records = read_metrics(run_dir)
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("train/lm_loss", "train/tokens_per_s", "train/grad_norm", "train/lr/model_decay"):
+        assert key in train[0]
+    evals = [r for r in records if "eval/ppl" in r]
+    assert [r["step"] for r in evals] == [0, 3]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
