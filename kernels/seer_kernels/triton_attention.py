@@ -1,0 +1,615 @@
+"""Block-sparse flash attention in Triton: forward and backward, native GQA, document masks.
+
+Layers, from the bottom: `@triton.jit` kernels (`_sparse_fwd_kernel`, `_bwd_delta_kernel`, `_sparse_dq_kernel`,
+`_sparse_dkdv_kernel`), host launchers (`sparse_attention_forward`, `sparse_attention_backward`), the
+autograd function `BlockSparseAttention`, and the public `block_sparse_attention`.
+
+Work is driven by lists of blocks (see `indexing.block_mask_to_indices`):
+- forward and dQ: one program per (batch, query head, query tile) walks the key blocks of its query block;
+- dK/dV: one program per (batch, KV head, key tile) walks, for each query head of its group, the query blocks
+  that kept this key block, so dK/dV are accumulated in registers and written once (no atomics) while K/V stay
+  at their own head count.
+Scores are kept in base 2 (`qk * sm_scale * log2(e)`) so the softmax uses exp2; the saved log-sum-exp is in
+the same units. Masking (causal, document, sequence end) is evaluated only on tiles that need it: the
+diagonal block, the last partial block, or any block when document ids are given.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexing import block_mask_to_indices, num_blocks
+
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile shape and launch settings of one kernel. `block_m` and `block_n` divide the sparsity block."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _pick(block: int, head_dim: int, kind: str) -> TileConfig:
+    """Launch settings per kernel, chosen explicitly (autotuning with several configs breaks the interpreter).
+
+    The GPU choices were measured on an H200 (see benchmarks/results/); smaller head dims reuse them.
+    """
+    if interpreting():
+        return TileConfig(block, block, 4, 1)
+    cfg = _pick_gpu(block, head_dim, kind)
+    # Small blocks (tests) take the whole block as one tile.
+    return TileConfig(min(cfg.block_m, block), min(cfg.block_n, block), cfg.num_warps, cfg.num_stages)
+
+
+def _pick_gpu(block: int, head_dim: int, kind: str) -> TileConfig:
+    big = head_dim > 64
+    if kind == "fwd":
+        if block == 128:
+            return TileConfig(128, 64 if big else 128, 8, 3)
+        return TileConfig(64, 64, 4, 3)
+    if kind == "dq":
+        return TileConfig(min(block, 64 if big else 128), min(block, 64), 4 if block == 64 else 8, 2)
+    # dkdv
+    return TileConfig(min(block, 64), min(block, 64 if big else 128), 4 if block == 64 else 8, 2)
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    Q, K, V, O, LSE,  # noqa: N803 (pointer arguments)
+    KV_IDX, KV_CNT, DOC,
+    scale_log2,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    seq_len, n_blocks, n_heads_q, group,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    bh = tl.program_id(0)
+    # The last query tiles have the most key blocks under a causal mask: launch them first so the tail of the
+    # grid is made of short programs.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    m_blk = tile // SPLIT_M
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    hk = h // group
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_DOCS:
+        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+
+    row = bh.to(tl.int64) * n_blocks + m_blk
+    cnt = tl.load(KV_CNT + row)
+    idx_base = KV_IDX + row * n_blocks
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    # One flat loop over (kept key block, key tile inside it) keeps the loop simple for the pipeliner.
+    for t in range(0, cnt * SPLIT_N):
+        n_blk = tl.load(idx_base + t // SPLIT_N)
+        start_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
+        offs_n = start_n + offs_n0
+        if EVEN_L:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        else:
+            col_ok = offs_n < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
+            qk = tl.where(allowed, qk, float("-inf"))
+        else:
+            if (n_blk == m_blk) | (start_n + BLOCK_N > seq_len):
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with nothing allowed yet has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    O, DO, DELTA,  # noqa: N803
+    stride_ob, stride_oh, stride_ol,
+    stride_db, stride_dh, stride_dl,
+    seq_len, n_heads_q,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """delta_r = sum_d O_rd dO_rd, the row term of the softmax Jacobian."""
+    bh = tl.program_id(0)
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    o = tl.load(
+        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _sparse_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,  # noqa: N803
+    KV_IDX, KV_CNT, DOC,
+    scale_log2, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_dob, stride_doh, stride_dol,
+    stride_dqb, stride_dqh, stride_dql,
+    seq_len, n_blocks, n_heads_q, group,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    bh = tl.program_id(0)
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    m_blk = tile // SPLIT_M
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    hk = h // group
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if HAS_DOCS:
+        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+
+    row = bh.to(tl.int64) * n_blocks + m_blk
+    cnt = tl.load(KV_CNT + row)
+    idx_base = KV_IDX + row * n_blocks
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for t in range(0, cnt * SPLIT_N):
+        n_blk = tl.load(idx_base + t // SPLIT_N)
+        start_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
+        offs_n = start_n + offs_n0
+        if EVEN_L:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        else:
+            col_ok = offs_n < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
+            qk = tl.where(allowed, qk, float("-inf"))
+        else:
+            if (n_blk == m_blk) | (start_n + BLOCK_N > seq_len):
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                qk = tl.where(allowed, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * sm_scale
+    tl.store(
+        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
+
+
+@triton.jit
+def _sparse_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,  # noqa: N803
+    Q_IDX, Q_CNT, DOC,
+    scale_log2, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_dob, stride_doh, stride_dol,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    seq_len, n_blocks, n_heads_q, n_heads_kv, group,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    bhk = tl.program_id(0)
+    # Early key blocks are visited by the most query blocks: they go first.
+    tile = tl.program_id(1)
+    n_blk = tile // SPLIT_N
+    b = bhk // n_heads_kv
+    hk = bhk % n_heads_kv
+
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seq_len
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
+    if HAS_DOCS:
+        doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=-2)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * n_heads_q + h
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        row = bh.to(tl.int64) * n_blocks + n_blk
+        cnt = tl.load(Q_CNT + row)
+        idx_base = Q_IDX + row * n_blocks
+        for t in range(0, cnt * SPLIT_M):
+            m_blk = tl.load(idx_base + t // SPLIT_M)
+            start_m = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
+            offs_m = start_m + offs_m0
+            if EVEN_L:
+                q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :])
+                do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :])
+                lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m)
+                delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m)
+            else:
+                row_ok = offs_m < seq_len
+                q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+                lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+            # Transposed tile: rows are this program's keys, columns the visiting queries.
+            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+            if HAS_DOCS:
+                doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=-1)
+                allowed = (offs_n[:, None] <= offs_m[None, :]) & (doc_k[:, None] == doc_q[None, :]) & (offs_m[None, :] < seq_len)
+                qk_t = tl.where(allowed, qk_t, float("-inf"))
+            else:
+                if (n_blk == m_blk) | (start_m + BLOCK_M > seq_len):
+                    allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
+                    qk_t = tl.where(allowed, qk_t, float("-inf"))
+            p_t = tl.math.exp2(qk_t - lse[None, :])
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+    tl.store(
+        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true float32 products (tf32 would lose ~3 digits); bf16/fp16 ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, block_size: int) -> None:
+    """Shape/dtype checks shared by the Triton ops."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, L, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    dim = q.shape[-1]
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 16, got {dim}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    dtypes = {q.dtype, k.dtype} | ({v.dtype} if v is not None else set())
+    if len(dtypes) != 1 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {dtypes}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def prepare_documents(document_ids: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """int32 contiguous `[B, L]` on q's device (or None)."""
+    if document_ids is None:
+        return None
+    if document_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"document_ids must be {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}")
+    return document_ids.to(device=q.device, dtype=torch.int32).contiguous()
+
+
+def sparse_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    *,
+    block_size: int,
+    sm_scale: float,
+    document_ids: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]` (last dim contiguous).
+        kv_indices: int32 `[B, Hq, nB, nB]`, kv_counts: int32 `[B, Hq, nB]` from `block_mask_to_indices`.
+        document_ids: int32 `[B, L]` contiguous, or None.
+        out, lse: optional preallocated outputs (`[B, Hq, L, D]` in q's dtype, float32 `[B, Hq, L]`).
+        config: tile settings (default: `_pick(..., "fwd")`).
+    Returns:
+        `(out, lse)`: lse is the base-2 log-sum-exp of the scaled scores, +inf for rows with no allowed key.
+    """
+    bsz, hq, seq_len, dim = q.shape
+    nb = num_blocks(seq_len, block_size)
+    cfg = config or _pick(block_size, dim, "fwd")
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+    grid = (bsz * hq, nb * (block_size // cfg.block_m))
+    _sparse_fwd_kernel[grid](
+        q, k, v, out, lse,
+        kv_indices, kv_counts, document_ids if document_ids is not None else kv_counts,
+        sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        seq_len, nb, hq, hq // k.shape[1],
+        HAS_DOCS=document_ids is not None,
+        EVEN_L=seq_len % block_size == 0,
+        BLOCK=block_size,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        HEAD_DIM=dim,
+        PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def sparse_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_counts: torch.Tensor,
+    *,
+    block_size: int,
+    sm_scale: float,
+    document_ids: torch.Tensor | None = None,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    dq_config: TileConfig | None = None,
+    dkdv_config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels (delta, dQ, dK/dV).
+
+    Args:
+        dout: `[B, Hq, L, D]`; q, k, v, out, lse as saved by the forward.
+        kv_indices/kv_counts: per query block key-block lists; q_indices/q_counts: the transposed lists.
+        grads: optional preallocated `(dq, dk, dv)`.
+    Returns:
+        `(dq, dk, dv)` in the inputs' dtypes.
+    """
+    bsz, hq, seq_len, dim = q.shape
+    hkv = k.shape[1]
+    nb = num_blocks(seq_len, block_size)
+    dout = _last_dim_contiguous(dout)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+    delta_rows = 64
+    _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        seq_len, hq,
+        BLOCK_M=delta_rows,
+        HEAD_DIM=dim,
+    )
+    docs = document_ids if document_ids is not None else kv_counts
+    common = dict(
+        HAS_DOCS=document_ids is not None,
+        EVEN_L=seq_len % block_size == 0,
+        BLOCK=block_size,
+        HEAD_DIM=dim,
+        PRECISION=_precision(q.dtype),
+    )
+    cfg = dq_config or _pick(block_size, dim, "dq")
+    _sparse_dq_kernel[(bsz * hq, nb * (block_size // cfg.block_m))](
+        q, k, v, dout, dq, lse, delta,
+        kv_indices, kv_counts, docs,
+        sm_scale * LOG2E, sm_scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        seq_len, nb, hq, hq // hkv,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **common,
+    )
+    cfg = dkdv_config or _pick(block_size, dim, "dkdv")
+    _sparse_dkdv_kernel[(bsz * hkv, nb * (block_size // cfg.block_n))](
+        q, k, v, dout, dk, dv, lse, delta,
+        q_indices, q_counts, docs,
+        sm_scale * LOG2E, sm_scale,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        seq_len, nb, hq, hkv, hq // hkv,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **common,
+    )
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------- autograd
+
+
+class BlockSparseAttention(torch.autograd.Function):
+    """Autograd wrapper: the forward saves (out, lse) and the block lists; the backward recomputes."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_mask, block_size, document_ids, sm_scale):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        docs = prepare_documents(document_ids, q)
+        kv_idx, kv_cnt = block_mask_to_indices(block_mask, document_ids=docs, block_size=block_size)
+        out, lse = sparse_attention_forward(
+            q, k, v, kv_idx, kv_cnt, block_size=block_size, sm_scale=sm_scale, document_ids=docs
+        )
+        ctx.save_for_backward(q, k, v, out, lse, block_mask, docs)
+        ctx.lists = (kv_idx, kv_cnt)
+        ctx.block_size = block_size
+        ctx.sm_scale = sm_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, block_mask, docs = ctx.saved_tensors
+        kv_idx, kv_cnt = ctx.lists
+        q_idx, q_cnt = block_mask_to_indices(
+            block_mask, document_ids=docs, block_size=ctx.block_size, transpose=True
+        )
+        dq, dk, dv = sparse_attention_backward(
+            dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,
+            block_size=ctx.block_size, sm_scale=ctx.sm_scale, document_ids=docs,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """Triton block-sparse attention (see `seer_kernels.block_sparse_attention` for the contract).
+
+    Args:
+        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`; block_mask: bool `[B, Hq, nB, nB]`.
+        document_ids: optional int `[B, L]`.
+    Returns:
+        `[B, Hq, L, D]`.
+    """
+    check_inputs(q, k, v, block_size)
+    nb = num_blocks(q.shape[2], block_size)
+    if block_mask.shape != (q.shape[0], q.shape[1], nb, nb):
+        raise ValueError(f"block_mask must be {(q.shape[0], q.shape[1], nb, nb)}, got {tuple(block_mask.shape)}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return BlockSparseAttention.apply(q, k, v, block_mask.to(q.device), block_size, document_ids, scale)

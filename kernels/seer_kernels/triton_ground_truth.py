@@ -1,0 +1,293 @@
+"""Fused ground-truth kernel: the block-max-pooled attention map without an L x L/block scratch buffer.
+
+For row r and key block j the pooled value is exp(m_rj - lse_r), with m_rj the largest score of row r inside
+block j; the entry for query block i is the max of that over the rows of block i. So one program per
+(batch, query head, query block) does:
+- pass 1 (skipped when the caller already has the row log-sum-exps): QK^T with the online max/sum only, no PV;
+- pass 2: QK^T again, the row maxima inside each key block combined with the now-known lse in registers, and
+  the max over the block's rows written straight into the pooled map.
+Memory is the pooled map `[B, Hq, nQ, nB]` itself; the row normalisation is an in-place division afterwards.
+
+Layers: `_ground_truth_kernel`, the launcher `ground_truth_forward`, the autograd function
+`AttentionWithGroundTruth` (dense output with backward + map), and the public functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .indexing import block_mask_to_indices, document_block_overlap, num_blocks
+from .triton_attention import (
+    LOG2E,
+    TileConfig,
+    _last_dim_contiguous,
+    _precision,
+    check_inputs,
+    interpreting,
+    prepare_documents,
+    sparse_attention_backward,
+    sparse_attention_forward,
+)
+
+
+def _pick_gt(block: int, head_dim: int) -> TileConfig:
+    """Launch settings; `block_m` is always the whole block (the pooling needs all its rows)."""
+    if interpreting():
+        return TileConfig(block, block, 4, 1)
+    if block == 128:
+        return TileConfig(128, 64 if head_dim > 64 else 128, 8, 3)
+    return TileConfig(block, min(block, 64), 4, 3)
+
+
+@triton.jit
+def _ground_truth_kernel(
+    Q, K, LSE, OUT,  # noqa: N803
+    Q_BLOCKS, OUT_ROWS, FIRST_KB, DOC,
+    scale_log2,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_ob, stride_oh, stride_or,
+    seq_len, n_blocks, n_heads_q, group,
+    HAS_DOCS: tl.constexpr,
+    HAS_LSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    bh = tl.program_id(0)
+    p = tl.program_id(1)
+    b = bh // n_heads_q
+    h = bh % n_heads_q
+    hk = h // group
+    m_blk = tl.load(Q_BLOCKS + p)
+    out_row = tl.load(OUT_ROWS + p)
+
+    offs_m = m_blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < seq_len
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    offs_n0 = tl.arange(0, BLOCK_N)
+    if HAS_DOCS:
+        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+        # Key blocks before this one share no document with the query block: their entries stay 0.
+        first = tl.load(FIRST_KB + b.to(tl.int64) * n_blocks + m_blk)
+    else:
+        first = 0
+
+    if HAS_LSE:
+        lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    else:
+        m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        for t in range(first * SPLIT_N, (m_blk + 1) * SPLIT_N):
+            start_n = t * BLOCK_N
+            offs_n = start_n + offs_n0
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if HAS_DOCS:
+                doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
+                qk = tl.where(allowed, qk, float("-inf"))
+            else:
+                if (start_n + BLOCK_N > m_blk * BLOCK) | (start_n + BLOCK_N > seq_len):
+                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                    qk = tl.where(allowed, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(qk - m_use[:, None]), 1)
+            m_i = m_new
+        # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0) get +inf so that
+        # exp2(best - lse) stays 0 instead of NaN before they are dropped below.
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+
+    out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_row.to(tl.int64) * stride_or
+    for j in range(first, m_blk + 1):
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_N):
+            start_n = j * BLOCK + s * BLOCK_N
+            offs_n = start_n + offs_n0
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if HAS_DOCS:
+                doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
+                qk = tl.where(allowed, qk, float("-inf"))
+            else:
+                if (j == m_blk) | (start_n + BLOCK_N > seq_len):
+                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                    qk = tl.where(allowed, qk, float("-inf"))
+            best = tl.maximum(best, tl.max(qk, 1))
+        # exp2(-inf - lse) = 0 for rows with nothing allowed in this block; rows past the end count for nothing.
+        val = tl.where(row_ok, tl.math.exp2(best - lse), 0.0)
+        tl.store(out_base + j, tl.max(val, 0))
+
+
+def _first_key_blocks(docs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 `[B, nB]`: for each query block, the first key block that can share a document with it."""
+    overlap = document_block_overlap(docs, block_size)  # [B, nB, nB], the diagonal is always True
+    return overlap.int().argmax(-1).to(torch.int32).contiguous()
+
+
+def ground_truth_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    sm_scale: float,
+    document_ids: torch.Tensor | None = None,
+    query_blocks: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Launch the ground-truth kernel and normalise the rows.
+
+    Args:
+        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]` (last dim contiguous).
+        document_ids: int32 `[B, L]` contiguous, or None.
+        query_blocks: int64 `[nQ]` (None: all blocks).
+        lse: optional float32 `[B, Hq, L]` base-2 row log-sum-exps from `sparse_attention_forward` with all
+            causal blocks; when given, pass 1 is skipped.
+        out: optional float32 `[B, Hq, nQ, nB]` to fill (entries the kernel does not reach are zeroed here).
+    Returns:
+        float32 `[B, Hq, nQ, nB]`, rows summing to 1.
+    """
+    bsz, hq, seq_len, dim = q.shape
+    nb = num_blocks(seq_len, block_size)
+    if query_blocks is None:
+        query_blocks = torch.arange(nb, device=q.device)
+    query_blocks = query_blocks.to(device=q.device, dtype=torch.int64)
+    if query_blocks.numel() and (int(query_blocks.min()) < 0 or int(query_blocks.max()) >= nb):
+        raise ValueError(f"query_blocks must lie in [0, {nb})")
+    nq = query_blocks.numel()
+    if out is None:
+        out = torch.empty(bsz, hq, nq, nb, dtype=torch.float32, device=q.device)
+    out.zero_()
+    if nq == 0:
+        return out
+    # Longest rows first (a causal row i costs i + 1 key blocks); each program knows its output row.
+    order = torch.argsort(query_blocks, descending=True)
+    blocks_sorted = query_blocks[order].to(torch.int32).contiguous()
+    out_rows = order.to(torch.int32).contiguous()
+    first = _first_key_blocks(document_ids, block_size) if document_ids is not None else out_rows
+    cfg = config or _pick_gt(block_size, dim)
+    _ground_truth_kernel[(bsz * hq, nq)](
+        q, k, lse if lse is not None else out, out,
+        blocks_sorted, out_rows, first, document_ids if document_ids is not None else out_rows,
+        sm_scale * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        seq_len, nb, hq, hq // k.shape[1],
+        HAS_DOCS=document_ids is not None,
+        HAS_LSE=lse is not None,
+        BLOCK=block_size,
+        BLOCK_N=cfg.block_n,
+        HEAD_DIM=dim,
+        PRECISION=_precision(q.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    out.div_(out.sum(-1, keepdim=True))
+    return out
+
+
+class AttentionWithGroundTruth(torch.autograd.Function):
+    """Dense causal attention (all causal blocks) whose forward also yields the pooled map from its lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_size, document_ids, sm_scale, query_blocks):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        docs = prepare_documents(document_ids, q)
+        bsz, hq, seq_len, _ = q.shape
+        nb = num_blocks(seq_len, block_size)
+        full = torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
+        kv_idx, kv_cnt = block_mask_to_indices(full, document_ids=docs, block_size=block_size)
+        out, lse = sparse_attention_forward(
+            q, k, v, kv_idx, kv_cnt, block_size=block_size, sm_scale=sm_scale, document_ids=docs
+        )
+        gt = ground_truth_forward(
+            q, k, block_size=block_size, sm_scale=sm_scale, document_ids=docs, query_blocks=query_blocks, lse=lse
+        )
+        ctx.mark_non_differentiable(gt)
+        ctx.save_for_backward(q, k, v, out, lse, docs)
+        ctx.lists = (full, kv_idx, kv_cnt)
+        ctx.block_size = block_size
+        ctx.sm_scale = sm_scale
+        return out, gt
+
+    @staticmethod
+    def backward(ctx, dout, _dgt):
+        q, k, v, out, lse, docs = ctx.saved_tensors
+        full, kv_idx, kv_cnt = ctx.lists
+        q_idx, q_cnt = block_mask_to_indices(full, document_ids=docs, block_size=ctx.block_size, transpose=True)
+        dq, dk, dv = sparse_attention_backward(
+            dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,
+            block_size=ctx.block_size, sm_scale=ctx.sm_scale, document_ids=docs,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+@torch.no_grad()
+def attention_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    query_blocks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton ground truth (see `seer_kernels.attention_ground_truth`).
+
+    Args:
+        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]`; document_ids: optional int `[B, L]`;
+        query_blocks: optional int64 `[nQ]`.
+    Returns:
+        float32 `[B, Hq, nQ, nB]`.
+    """
+    check_inputs(q, k, None, block_size)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return ground_truth_forward(
+        q,
+        k,
+        block_size=block_size,
+        sm_scale=scale,
+        document_ids=prepare_documents(document_ids, q),
+        query_blocks=query_blocks,
+    )
+
+
+def attention_with_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    block_size: int = 64,
+    document_ids: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    query_blocks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton dense attention + ground truth (see `seer_kernels.attention_with_ground_truth`).
+
+    Args:
+        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`; document_ids: optional int `[B, L]`;
+        query_blocks: optional int64 `[nQ]`.
+    Returns:
+        `(out [B, Hq, L, D], ground_truth float32 [B, Hq, nQ, nB])`.
+    """
+    check_inputs(q, k, v, block_size)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return AttentionWithGroundTruth.apply(q, k, v, block_size, document_ids, scale, query_blocks)

@@ -1,0 +1,166 @@
+"""Triton kernels against the references: on CPU through the interpreter (float32, float16), on CUDA in
+bfloat16 and float16. Same shapes on both, small enough for the interpreter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _oracle import make_document_ids, make_inputs, random_block_mask
+from seer_kernels import (
+    attention_ground_truth,
+    attention_with_ground_truth,
+    block_mask_to_indices,
+    block_sparse_attention,
+)
+from seer_kernels.triton_attention import sparse_attention_backward, sparse_attention_forward
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# The interpreter computes bfloat16 tl.dot wrongly, so CPU runs check float32 and float16.
+DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float32, torch.float16]
+# Relative-norm tolerances against a float32 reference fed the same (rounded) inputs: the kernels round P and
+# dS to the input dtype before their second matmul, the reference does not.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().double(), want.detach().double()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def assert_close_rel(got, want, dtype, what):
+    err = rel_err(got, want)
+    assert err <= REL_TOL[dtype], f"{what}: relative error {err:.2e} > {REL_TOL[dtype]:.0e}"
+
+
+# (B, L, block, Hq, Hkv, D, document kind, density, keep diagonal)
+SPARSE_CASES = [
+    (2, 100, 16, 4, 1, 16, None, 0.5, True),  # GQA 4:1, L not a multiple of the block
+    (1, 128, 32, 2, 2, 32, "packed", 0.3, True),  # MHA, packed documents
+    (2, 77, 16, 4, 4, 16, "padded", 1.0, True),  # padding ids, dense
+    (1, 50, 16, 4, 2, 16, None, 0.0, False),  # nothing kept
+    (2, 90, 16, 2, 1, 16, "packed", 0.4, False),  # rows with no allowed key
+    (1, 200, 64, 4, 1, 64, "packed", 0.6, True),  # block 64, head_dim 64
+    (1, 300, 128, 2, 1, 32, None, 0.7, True),  # block 128
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bsz,seq_len,block,hq,hkv,dim,docs,density,diag", SPARSE_CASES)
+def test_triton_sparse_attention_forward_backward(bsz, seq_len, block, hq, hkv, dim, docs, density, diag, dtype):
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len)
+    nb = math.ceil(seq_len / block)
+    mask = random_block_mask(bsz, hq, nb, density, keep_diagonal=diag, seed=seq_len, device=DEVICE)
+    doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
+    grad = torch.randn(bsz, hq, seq_len, dim, device=DEVICE).to(dtype)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, mask, block_size=block, document_ids=doc, backend="triton")
+    out.backward(grad)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, backend="reference")
+    ref.backward(grad.float())
+
+    assert out.dtype == dtype and out.shape == q.shape
+    if density == 0.0:
+        assert torch.count_nonzero(out) == 0
+        for leaf in leaves:
+            assert torch.count_nonzero(leaf.grad) == 0
+        return
+    assert_close_rel(out, ref, dtype, "out")
+    for name, got, want in zip("qkv", leaves, ref_leaves):
+        assert got.grad.dtype == dtype
+        assert_close_rel(got.grad, want.grad, dtype, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_launchers_write_every_element(dtype):
+    """Outputs poisoned with NaN must come back fully written (also rows with no allowed key)."""
+    bsz, hq, hkv, seq_len, dim, block = 1, 4, 2, 70, 16, 16
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=7)
+    nb = math.ceil(seq_len / block)
+    mask = random_block_mask(bsz, hq, nb, 0.3, keep_diagonal=False, seed=7, device=DEVICE)
+    kv_idx, kv_cnt = block_mask_to_indices(mask)
+    q_idx, q_cnt = block_mask_to_indices(mask, transpose=True)
+    out = torch.empty_like(q).fill_(float("nan"))
+    lse = torch.empty(bsz, hq, seq_len, device=DEVICE).fill_(float("nan"))
+    sparse_attention_forward(q, k, v, kv_idx, kv_cnt, block_size=block, sm_scale=0.25, out=out, lse=lse)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    grads = tuple(torch.empty_like(t).fill_(float("nan")) for t in (q, k, v))
+    dout = torch.randn_like(q)
+    sparse_attention_backward(
+        dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_size=block, sm_scale=0.25, grads=grads
+    )
+    for g in grads:
+        assert not torch.isnan(g).any()
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), mask, block_size=block, sm_scale=0.25, backend="reference")
+    assert_close_rel(out, ref, dtype, "out")
+
+
+# (B, L, block, Hq, Hkv, D, document kind)
+GT_CASES = [
+    (2, 100, 16, 4, 1, 16, None),
+    (1, 96, 32, 2, 2, 32, "packed"),
+    (2, 77, 16, 4, 2, 16, "padded"),
+    (1, 200, 64, 4, 1, 64, "packed"),
+    (1, 260, 128, 2, 1, 32, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bsz,seq_len,block,hq,hkv,dim,docs", GT_CASES)
+def test_triton_ground_truth(bsz, seq_len, block, hq, hkv, dim, docs, dtype):
+    q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len + 3)
+    doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
+    gt = attention_ground_truth(q, k, block_size=block, document_ids=doc, backend="triton")
+    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, backend="reference")
+    nb = math.ceil(seq_len / block)
+    assert gt.shape == (bsz, hq, nb, nb) and gt.dtype == torch.float32
+    assert torch.isfinite(gt).all()
+    torch.testing.assert_close(gt.sum(-1), torch.ones_like(gt[..., 0]), atol=1e-5, rtol=0)
+    assert torch.count_nonzero(gt.triu(1)) == 0
+    # Same rounded inputs, scores accumulated in float32 on both sides: only summation order differs.
+    torch.testing.assert_close(gt, ref, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
+
+    subset = torch.tensor([nb - 1, 0, nb // 2], device=DEVICE)
+    part = attention_ground_truth(q, k, block_size=block, document_ids=doc, query_blocks=subset, backend="triton")
+    torch.testing.assert_close(part, gt[:, :, subset], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("docs", [None, "packed"])
+def test_triton_attention_with_ground_truth(docs, dtype):
+    bsz, hq, hkv, seq_len, dim, block = 2, 4, 1, 90, 32, 32
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=21)
+    doc = make_document_ids(bsz, seq_len, docs, seed=21, device=DEVICE)
+    subset = torch.tensor([2, 0], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, gt = attention_with_ground_truth(
+        *leaves, block_size=block, document_ids=doc, query_blocks=subset, backend="triton"
+    )
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref, ref_gt = attention_with_ground_truth(
+        *ref_leaves, block_size=block, document_ids=doc, query_blocks=subset, backend="reference"
+    )
+    assert gt.shape == (bsz, hq, 2, 3) and not gt.requires_grad
+    assert_close_rel(out, ref, dtype, "out")
+    torch.testing.assert_close(gt, ref_gt, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad.to(dtype).float())
+    for name, got, want in zip("qkv", leaves, ref_leaves):
+        assert_close_rel(got.grad, want.grad, dtype, f"d{name}")
+
+
+def test_triton_rejects_bad_shapes():
+    q, k, v = make_inputs(1, 3, 2, 32, 16, device=DEVICE)
+    mask = torch.ones(1, 3, 2, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        block_sparse_attention(q, k, v, mask, block_size=16, backend="triton")
+    q, k, v = make_inputs(1, 2, 1, 32, 24, device=DEVICE)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        attention_ground_truth(q, k, block_size=16, backend="triton")
