@@ -1,0 +1,31 @@
+"""SeerAttention for any Hugging Face decoder: learned block-sparse attention trained with the model.
+
+- `gate.AttnGate`: the per-layer block predictor (pooled pre-RoPE Q/K, per-head projections, block RoPE).
+- `selection`: candidate blocks (causal + documents), gate probabilities, block selection, realised density,
+  gate loss.
+- `masking`: the `seer` mask function (per-token document ids instead of an L x L mask).
+- `attention`: the `seer` attention function, registration with transformers, attaching gates to a model.
+- `saving`: gates as a small safetensors adapter, composing base + gates (+ LoRA) at load time.
+- `extension`: `build_extension(model, cfg)`, the trainer seam.
+- `evaluate`: `run_eval(cfg)`, perplexity at several lengths and densities.
+- `stages`: two-stage experiments (gate distillation, then joint training) in one command.
+"""
+
+from .attention import SeerRuntime, attach_seer_gates, register_seer, seer_attention_forward, seer_gates
+from .extension import SeerExtension, build_extension
+from .gate import AttnGate
+from .saving import load_gates, load_seer_model, save_gates
+
+__all__ = [
+    "AttnGate",
+    "SeerExtension",
+    "SeerRuntime",
+    "attach_seer_gates",
+    "build_extension",
+    "load_gates",
+    "load_seer_model",
+    "register_seer",
+    "save_gates",
+    "seer_attention_forward",
+    "seer_gates",
+]

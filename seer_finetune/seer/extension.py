@@ -1,0 +1,139 @@
+"""`SeerExtension`: SeerAttention behind the trainer's `TrainingExtension` seam."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AttentionConfig, SeerConfig
+from ..extension import TrainingExtension
+from .attention import SeerRuntime, attach_seer_gates, seer_gates
+from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
+
+
+def runtime_from_config(a: AttentionConfig) -> SeerRuntime:
+    """The shared gate settings for an attention config section."""
+    return SeerRuntime(
+        mode=a.mode,
+        block_size=int(a.block_size),
+        density=a.density,
+        threshold=a.threshold,
+        sink_blocks=int(a.sink_blocks),
+        loss_kind=a.gate_loss,
+        ground_truth_query_fraction=float(a.ground_truth_query_fraction),
+        kernel=a.kernel,
+        detach_gate_inputs=bool(a.detach_gate_inputs),
+    )
+
+
+class SeerExtension(TrainingExtension):
+    """Gates, gate loss and density metrics for one model.
+
+    Args:
+        model: The loaded causal LM (before LoRA wrapping; wrapping afterwards is fine).
+        cfg: The run configuration; `cfg.attention` selects mode, block size, density, ...
+
+    Attributes:
+        lm_loss_weight: 0 in `gate_distill` (only the gate loss trains), else 1.
+        freeze_base: True in `gate_distill`.
+        runtime: The `SeerRuntime` shared by all gates.
+        gates: The gates in layer order.
+    """
+
+    def __init__(self, model: nn.Module, cfg: SeerConfig):
+        a = cfg.attention
+        self.cfg = cfg
+        self.model = model
+        self.runtime = runtime_from_config(a)
+        self.gates = attach_seer_gates(
+            model,
+            self.runtime,
+            gate_hidden_size=int(a.gate_hidden_size),
+            q_pooling=tuple(a.q_pooling),
+            k_pooling=tuple(a.k_pooling),
+        )
+        if a.gates_path:
+            load_gates(model, a.gates_path)
+        self.lm_loss_weight = 0.0 if a.mode == "gate_distill" else 1.0
+        self.freeze_base = a.mode == "gate_distill"
+        if a.mode == "dense":
+            # The dense baseline never runs the gates: keep them out of the optimizer.
+            for gate in self.gates:
+                gate.requires_grad_(False)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for gate in self.gates for p in gate.parameters()]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group, `gates`, at `optim.gate_lr` (or `optim.lr`) without weight decay; none in `dense` mode."""
+        if self.runtime.mode == "dense":
+            return []
+        o = self.cfg.optim
+        lr = o.gate_lr if o.gate_lr is not None else o.lr
+        return [{"name": "gates", "params": self.parameters(), "lr": lr, "weight_decay": 0.0}]
+
+    def extra_losses(self) -> dict[str, torch.Tensor]:
+        """`{"gate_loss": gate_loss_scale * sum over layers}` of the last forward (empty in `dense` mode)."""
+        losses = self.runtime.take_losses()
+        if not losses:
+            return {}
+        total = torch.stack([losses[i] for i in sorted(losses)]).sum()
+        return {"gate_loss": total * float(self.cfg.attention.gate_loss_scale)}
+
+    def metrics(self) -> dict[str, float]:
+        """Averages since the last call: `seer/gate_loss` (unweighted, summed over layers), `seer/density` (mean
+        over layers) and `seer/density/layer_<i>`."""
+        stats = self.runtime.take_stats()
+        out: dict[str, float] = {}
+        losses = [v for k, v in stats.items() if k.startswith("gate_loss/")]
+        if losses:
+            out["seer/gate_loss"] = sum(losses)
+        densities = {int(k.split("/")[1]): v for k, v in stats.items() if k.startswith("density/")}
+        if densities:
+            out["seer/density"] = sum(densities.values()) / len(densities)
+            for layer, value in sorted(densities.items()):
+                out[f"seer/density/layer_{layer:02d}"] = value
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"seer_gates.{k}": v for k, v in gates_state_dict(self.model).items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        prefix = "seer_gates."
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if own:
+            load_gates_state_dict(self.model, own)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write `seer_gates.safetensors` + `seer_gates.json` (naming the base model) into `out_dir`."""
+        a = self.cfg.attention
+        save_gates(
+            self.model,
+            out_dir,
+            base_model=self.cfg.model.name_or_path,
+            extra={"trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks},
+        )
+
+    def set_training(self, training: bool) -> None:
+        self.runtime.training = training
+
+
+def build_extension(model: nn.Module, cfg: SeerConfig) -> SeerExtension:
+    """Attach SeerAttention gates to `model` as `cfg.attention` says and return the trainer extension.
+
+    Args:
+        model: The loaded transformers causal LM (Llama, Mistral without sliding window, Qwen2, Qwen3, ...).
+        cfg: The validated run configuration with `attention.backend == "seer"`.
+
+    Returns:
+        A `SeerExtension`; the model now runs `attn_implementation="seer"`.
+    """
+    if cfg.attention.backend != "seer":
+        raise ValueError(f"build_extension needs attention.backend=seer, got {cfg.attention.backend!r}")
+    return SeerExtension(model, cfg)
+
+
+__all__ = ["SeerExtension", "build_extension", "runtime_from_config", "seer_gates"]

@@ -1,0 +1,192 @@
+"""`AttnGate`: the small per-layer network that predicts which key blocks each query block needs.
+
+The gate reads the attention layer's pre-RoPE queries and keys, pools them over blocks of `block_size` tokens
+(queries with avg by default, keys with max and min), projects each head's pooled features to
+`gate_hidden_size`, applies the model's own rotary embedding at block positions (so YaRN or any other
+`rope_type` of the base model carries over), and scores every (query block, key block) pair. GQA: one key
+projection per KV head, one query projection per query head; query head h reads KV head h // group as in
+transformers' `repeat_kv`.
+
+Gate weights are kept in float32 whatever the model's dtype: they are tiny, and the gate's softmax over a few
+hundred blocks is sensitive to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+POOLINGS = ("avg", "max", "min")
+
+
+def num_blocks(seq_len: int, block_size: int) -> int:
+    """Blocks covering `seq_len` tokens; the last one may be partial."""
+    return math.ceil(seq_len / block_size)
+
+
+def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int, poolings: Sequence[str]) -> torch.Tensor:
+    """Pool token features over blocks, ignoring tokens outside the sequence and padding tokens.
+
+    Args:
+        x: `[B, L, H, D]` token features.
+        valid: optional bool `[B, L]`, False for padding tokens (they do not enter any pooled value).
+            None: every token is valid.
+        block_size: Tokens per block; the last block may be partial.
+        poolings: Names from avg|max|min; their results are concatenated along the feature axis.
+
+    Returns:
+        float32 `[B, nB, H, D * len(poolings)]`. A block without valid tokens pools to zeros.
+    """
+    bsz, seq_len, heads, dim = x.shape
+    nb = num_blocks(seq_len, block_size)
+    pad = nb * block_size - seq_len
+    x = x.float()
+    keep = torch.ones(bsz, seq_len, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
+        keep = torch.nn.functional.pad(keep, (0, pad), value=False)
+    x = x.view(bsz, nb, block_size, heads, dim)
+    keep = keep.view(bsz, nb, block_size, 1, 1)
+    count = keep.sum(2)  # [B, nB, 1, 1]
+    empty = count == 0
+    pooled = []
+    for name in poolings:
+        if name == "avg":
+            pooled.append((x * keep).sum(2) / count.clamp_min(1))
+        elif name == "max":
+            pooled.append(x.masked_fill(~keep, float("-inf")).amax(2).masked_fill(empty, 0.0))
+        elif name == "min":
+            pooled.append(x.masked_fill(~keep, float("inf")).amin(2).masked_fill(empty, 0.0))
+        else:
+            raise ValueError(f"unknown pooling {name!r}: use one of {', '.join(POOLINGS)}")
+    return torch.cat(pooled, dim=-1)
+
+
+def gate_rotary_embedding(model_config, rotary_module: nn.Module, hidden_size: int) -> nn.Module:
+    """A rotary embedding of the model's own class and settings, sized for the gate's hidden width.
+
+    Args:
+        model_config: The model's config (its `rope_parameters`, YaRN included, are kept).
+        rotary_module: The model's rotary embedding module (e.g. `model.model.rotary_emb`); its class is
+            instantiated again on a copy of the config whose `head_dim` is the gate's hidden size.
+        hidden_size: The gate's per-head width.
+
+    Returns:
+        A module called as `rotary(x, position_ids) -> (cos, sin)`, each `[B, P, rotary_dim]`.
+    """
+    config = copy.deepcopy(model_config)
+    config.head_dim = hidden_size
+    return type(rotary_module)(config=config)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` features of `x [B, H, P, F]` (the rest pass through: partial RoPE).
+
+    Uses the rotate-half convention of the Llama family, the one the models' own rotary modules produce.
+    """
+    rd = cos.shape[-1]
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+class AttnGate(nn.Module):
+    """Block-level attention predictor for one attention layer.
+
+    Args:
+        num_heads: Query heads of the layer.
+        num_kv_heads: Key/value heads (GQA: `num_heads % num_kv_heads == 0`).
+        head_dim: Per-head width of the layer's queries and keys.
+        block_size: Tokens per block. Default 64.
+        hidden_size: Per-head projection width. Default 128.
+        q_pooling: Poolings of queries over a block. Default ("avg",).
+        k_pooling: Poolings of keys over a block. Default ("max", "min").
+        rotary: Optional rotary module from `gate_rotary_embedding` (None: no positional encoding).
+        layer_idx: The layer this gate belongs to (for metrics and saving).
+
+    Parameters:
+        q_weight: `[num_heads, head_dim * len(q_pooling), hidden_size]`.
+        k_weight: `[num_kv_heads, head_dim * len(k_pooling), hidden_size]`.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        block_size: int = 64,
+        hidden_size: int = 128,
+        q_pooling: Sequence[str] = ("avg",),
+        k_pooling: Sequence[str] = ("max", "min"),
+        rotary: Optional[nn.Module] = None,
+        layer_idx: int = 0,
+    ):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+        for name, pools in (("q_pooling", q_pooling), ("k_pooling", k_pooling)):
+            if not pools or any(p not in POOLINGS for p in pools):
+                raise ValueError(f"{name}={list(pools)} must name one or more of {', '.join(POOLINGS)}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.block_size, self.hidden_size = block_size, hidden_size
+        self.q_pooling, self.k_pooling = tuple(q_pooling), tuple(k_pooling)
+        self.layer_idx = layer_idx
+        self.q_weight = nn.Parameter(torch.empty(num_heads, head_dim * len(self.q_pooling), hidden_size))
+        self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
+        self.rotary = rotary
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default scale: uniform in +-1/sqrt(fan_in), per head."""
+        for w in (self.q_weight, self.k_weight):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Unnormalised block scores.
+
+        Args:
+            q: pre-RoPE queries `[B, L, num_heads, head_dim]`.
+            k: pre-RoPE keys `[B, L, num_kv_heads, head_dim]`.
+            valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling).
+
+        Returns:
+            float32 `[B, num_heads, nB, nB]` logits (row = query block, column = key block); masking to the
+            causal/document candidates and the softmax are the caller's (see `selection.gate_log_probs`).
+        """
+        if q.shape[2] != self.num_heads or k.shape[2] != self.num_kv_heads:
+            raise ValueError(
+                f"gate of layer {self.layer_idx} expects {self.num_heads} query / {self.num_kv_heads} key heads, "
+                f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        bsz, seq_len = q.shape[:2]
+        nb = num_blocks(seq_len, self.block_size)
+        qp = pool_blocks(q, valid, self.block_size, self.q_pooling)  # [B, nB, Hq, Fq]
+        kp = pool_blocks(k, valid, self.block_size, self.k_pooling)  # [B, nB, Hkv, Fk]
+        qh = torch.einsum("bnhf,hfo->bhno", qp, self.q_weight.float())
+        kh = torch.einsum("bnhf,hfo->bhno", kp, self.k_weight.float())
+        if self.rotary is not None:
+            positions = torch.arange(nb, device=q.device)[None]
+            cos, sin = self.rotary(qh, positions)
+            qh, kh = apply_rotary(qh, cos.float(), sin.float()), apply_rotary(kh, cos.float(), sin.float())
+        group = self.num_heads // self.num_kv_heads
+        qh = qh.view(bsz, self.num_kv_heads, group, nb, self.hidden_size)
+        scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        return scores.reshape(bsz, self.num_heads, nb, nb)
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"block={self.block_size}, hidden={self.hidden_size}, q_pool={list(self.q_pooling)}, "
+            f"k_pool={list(self.k_pooling)}, rope={self.rotary is not None}"
+        )

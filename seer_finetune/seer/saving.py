@@ -1,0 +1,188 @@
+"""Gates as their own small adapter: `seer_gates.safetensors` + `seer_gates.json`, and composing at load time.
+
+The adapter names the base model it was trained on and every setting needed to rebuild the gates (block
+size, hidden size, poolings, head layout). `load_seer_model` composes base + gates (+ LoRA) from a run's
+final folder, or from a base model and a separate gates folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .attention import SeerRuntime, attach_seer_gates, seer_gates
+
+WEIGHTS_NAME = "seer_gates.safetensors"
+CONFIG_NAME = "seer_gates.json"
+FORMAT = "seer-gates"
+VERSION = 1
+
+
+def gates_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The gate weights of `model`, keyed `layers.<layer>.q_weight` / `.k_weight` (detached CPU copies)."""
+    state = {}
+    for gate in seer_gates(model):
+        for name, tensor in gate.state_dict().items():
+            state[f"layers.{gate.layer_idx}.{name}"] = tensor.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def load_gates_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy weights from `gates_state_dict` output into the attached gates; every gate must be covered exactly."""
+    gates = {g.layer_idx: g for g in seer_gates(model)}
+    if not gates:
+        raise ValueError("the model has no seer gates to load into: attach them first")
+    expected = {f"layers.{i}.{n}" for i, g in gates.items() for n in g.state_dict()}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"gate weights do not match the model's gates: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    for i, gate in gates.items():
+        own = {n: state[f"layers.{i}.{n}"] for n in gate.state_dict()}
+        for n, tensor in own.items():
+            current = gate.state_dict()[n]
+            if tensor.shape != current.shape:
+                raise ValueError(f"gate {i} {n}: saved shape {tuple(tensor.shape)} != model's {tuple(current.shape)}")
+        gate.load_state_dict(own)
+
+
+def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The `seer_gates.json` content describing the attached gates."""
+    gates = seer_gates(model)
+    if not gates:
+        raise ValueError("the model has no seer gates to describe")
+    g = gates[0]
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": base_model,
+        "layers": [gate.layer_idx for gate in gates],
+        "num_heads": g.num_heads,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "block_size": g.block_size,
+        "gate_hidden_size": g.hidden_size,
+        "q_pooling": list(g.q_pooling),
+        "k_pooling": list(g.k_pooling),
+        "use_rope": g.rotary is not None,
+        **(extra or {}),
+    }
+
+
+def save_gates(model: nn.Module, out_dir: str | Path, *, base_model: str, extra: Optional[dict[str, Any]] = None) -> Path:
+    """Write `seer_gates.safetensors` and `seer_gates.json` into `out_dir` (created if needed).
+
+    Args:
+        model: A model with gates attached.
+        out_dir: Target folder (e.g. a run's `final` folder, next to the model or LoRA adapter).
+        base_model: Name or path of the base model the gates were trained on (recorded in the json).
+        extra: More json fields (e.g. the training mode and density).
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = gates_config(model, base_model=base_model, extra=extra)
+    save_file(gates_state_dict(model), str(out_dir / WEIGHTS_NAME), metadata={"format": FORMAT})
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def read_gates_config(path: str | Path) -> dict[str, Any]:
+    """The json of a gates folder; a clear error when `path` holds no gates."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path} holds no seer gates ({CONFIG_NAME} and {WEIGHTS_NAME} expected)")
+    config = json.loads((path / CONFIG_NAME).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{path / CONFIG_NAME} is not a seer gates config (format={config.get('format')!r})")
+    return config
+
+
+def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRuntime] = None) -> SeerRuntime:
+    """Load saved gates onto `model`, attaching gates first if it has none.
+
+    Args:
+        model: A transformers causal LM (optionally peft-wrapped) of the architecture the gates were trained on.
+        path: Folder with `seer_gates.safetensors` and `seer_gates.json`.
+        runtime: Settings for newly attached gates (default: `joint` mode without a density, i.e. set one
+            before a sparse forward). Its block size is replaced by the saved one.
+
+    Returns:
+        The runtime shared by the model's gates.
+    """
+    config = read_gates_config(path)
+    gates = seer_gates(model)
+    if not gates:
+        runtime = runtime or SeerRuntime(mode="joint")
+        runtime.block_size = int(config["block_size"])
+        gates = attach_seer_gates(
+            model,
+            runtime,
+            gate_hidden_size=int(config["gate_hidden_size"]),
+            q_pooling=tuple(config["q_pooling"]),
+            k_pooling=tuple(config["k_pooling"]),
+            use_rope=bool(config.get("use_rope", True)),
+        )
+    g = gates[0]
+    for key, have in (
+        ("block_size", g.block_size),
+        ("gate_hidden_size", g.hidden_size),
+        ("q_pooling", list(g.q_pooling)),
+        ("k_pooling", list(g.k_pooling)),
+        ("num_heads", g.num_heads),
+        ("num_kv_heads", g.num_kv_heads),
+        ("head_dim", g.head_dim),
+    ):
+        if config[key] != have:
+            raise ValueError(f"gates in {path} have {key}={config[key]!r} but the model's gates have {have!r}")
+    load_gates_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
+    return g.runtime
+
+
+def load_seer_model(
+    path: str | Path,
+    *,
+    gates_path: Optional[str | Path] = None,
+    runtime: Optional[SeerRuntime] = None,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+):
+    """Compose base model + gates (+ LoRA) for evaluation or inference.
+
+    Args:
+        path: A run's final folder (full model or LoRA adapter, as `modeling.save_final` writes it), or a folder
+            holding only gates, whose json names the base model to load.
+        gates_path: Gates folder when they are not in `path`. Default: `path` itself.
+        runtime: Settings for the gates (mode, density, ...). Default: `joint` without a density (set
+            `runtime.density` or `runtime.threshold` before running sparse).
+        device: Where the model goes. Default CPU.
+        dtype: Weights dtype. Default as saved.
+
+    Returns:
+        `(model, runtime)`: the model in eval mode with gates attached and loaded, and their shared runtime.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..modeling import load_trained, resolve_model_path
+
+    path = Path(path)
+    gates_dir = Path(gates_path) if gates_path is not None else path
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        model = load_trained(path, device=device, dtype=dtype)
+    else:
+        base, builtin = resolve_model_path(read_gates_config(gates_dir)["base_model"])
+        if builtin:
+            raise ValueError(
+                f"the gates in {gates_dir} were trained on a randomly initialised built-in model; load the run's "
+                "final folder (which holds its weights) instead"
+            )
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device).eval()
+    runtime = load_gates(model, gates_dir, runtime=runtime)
+    return model, runtime

@@ -1,0 +1,190 @@
+"""Block candidates, gate probabilities, block selection and realised density.
+
+Candidates are the (query block, key block) pairs that hold at least one allowed token pair: the key block is
+not later than the query block and shares a document with it. Selection keeps a subset of the candidates per
+query-head row; density is always measured against the candidates (the causal/document triangle), so a
+target density d keeps about d of the blocks the dense attention would have visited.
+
+Document ids follow `seer_kernels`: int `[B, L]`, a token attends to a key iff the key is not later and both
+carry the same id. The ids of real tokens are non-decreasing along the sequence (documents are contiguous);
+padding tokens are marked by `valid = False` and carry ids of their own (see `masking.document_ids_from_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .gate import num_blocks
+
+
+def block_candidates(
+    seq_len: int,
+    block_size: int,
+    document_ids: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
+    *,
+    batch_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Which key blocks each query block can attend to at all.
+
+    Args:
+        seq_len: Tokens in the sequence.
+        block_size: Tokens per block.
+        document_ids: Optional int `[B, L]`; real tokens' ids must be non-decreasing along the sequence.
+        valid: Optional bool `[B, L]`, False for padding tokens (which attend only to themselves).
+        batch_size: B when `document_ids` is None. Default 1.
+        device: Device when `document_ids` is None. Default CPU.
+
+    Returns:
+        bool `[B, nB, nB]`: the lower block triangle (diagonal included), restricted to pairs of blocks that
+        share a document among their valid tokens. The diagonal is always a candidate (a token sees itself).
+    """
+    nb = num_blocks(seq_len, block_size)
+    if document_ids is not None:
+        batch_size, device = document_ids.shape[0], document_ids.device
+    eye = torch.eye(nb, dtype=torch.bool, device=device)
+    below = torch.ones(nb, nb, dtype=torch.bool, device=device).tril_(-1)
+    if document_ids is None and valid is None:
+        return (eye | below).expand(batch_size, nb, nb).clone()
+    ids = torch.zeros(batch_size, seq_len, dtype=torch.long, device=device) if document_ids is None else document_ids.long()
+    keep = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
+    pad = nb * block_size - seq_len
+    big = torch.iinfo(torch.long).max
+    # Per block: the smallest and largest document id among its valid tokens (empty blocks never match).
+    lo = torch.nn.functional.pad(ids.masked_fill(~keep, big), (0, pad), value=big).view(batch_size, nb, block_size).amin(-1)
+    hi = torch.nn.functional.pad(ids.masked_fill(~keep, -1), (0, pad), value=-1).view(batch_size, nb, block_size).amax(-1)
+    # With non-decreasing ids, an earlier key block j shares a document with query block i iff its last
+    # document reaches i's first one.
+    shared = hi[:, None, :] >= lo[:, :, None]
+    return eye | (below & shared)
+
+
+def gate_log_probs(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Block-causal (and document-restricted) log-softmax of gate scores over key blocks.
+
+    Args:
+        scores: `[B, H, nB, nB]` gate logits.
+        candidates: bool `[B, nB, nB]` from `block_candidates`.
+
+    Returns:
+        float32 `[B, H, nB, nB]` log-probabilities, -inf outside the candidates (every row has its diagonal).
+    """
+    masked = scores.float().masked_fill(~candidates[:, None], float("-inf"))
+    return torch.log_softmax(masked, dim=-1)
+
+
+def forced_blocks(candidates: torch.Tensor, sink_blocks: int = 0) -> torch.Tensor:
+    """Blocks kept whatever the gate says: the diagonal and the first `sink_blocks` candidates of each row.
+
+    Sink blocks are counted within the row's candidates, so with packed documents they are the leading blocks
+    of the query's own document.
+
+    Args:
+        candidates: bool `[B, nB, nB]`.
+        sink_blocks: Leading candidate key blocks always kept. Default 0.
+
+    Returns:
+        bool `[B, nB, nB]`.
+    """
+    nb = candidates.shape[-1]
+    forced = torch.eye(nb, dtype=torch.bool, device=candidates.device).expand_as(candidates)
+    if sink_blocks > 0:
+        forced = forced | (candidates & (candidates.long().cumsum(-1) <= sink_blocks))
+    return forced & candidates
+
+
+@torch.no_grad()
+def select_blocks(
+    scores: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    density: Optional[float] = None,
+    threshold: Optional[float] = None,
+    sink_blocks: int = 0,
+) -> torch.Tensor:
+    """Choose the key blocks each query head attends to.
+
+    With `density` d, row i keeps round(d * n_i) of its n_i candidate blocks (at least the forced ones) with the
+    highest scores: the per-row count follows the triangle, so the realised density over all candidates
+    matches d up to rounding and the forced diagonal. With `threshold` t, a row keeps the candidates whose gate
+    probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks, are always kept.
+
+    Args:
+        scores: `[B, H, nB, nB]` gate logits or log-probabilities (only their order within a row matters for
+            `density`; `threshold` compares softmax probabilities over the candidates).
+        candidates: bool `[B, nB, nB]` from `block_candidates`.
+        density: Target fraction of candidate blocks kept, in (0, 1].
+        threshold: Minimum gate probability of a kept block, in [0, 1].
+        sink_blocks: Leading candidate blocks always kept. Default 0.
+
+    Returns:
+        bool `[B, H, nB, nB]`, a subset of the candidates.
+    """
+    if (density is None) == (threshold is None):
+        raise ValueError("select_blocks needs exactly one of density or threshold")
+    cand = candidates[:, None].expand_as(scores)
+    forced = forced_blocks(candidates, sink_blocks)[:, None].expand_as(scores)
+    if threshold is not None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold={threshold} must be in [0, 1]")
+        probs = gate_log_probs(scores, candidates).exp()
+        return (cand & (probs >= threshold)) | forced
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density={density} must be in (0, 1]")
+    n_cand = cand.sum(-1, keepdim=True)
+    # round half up (torch.round would round half to even and bias short rows downwards)
+    quota = torch.floor(density * n_cand.double() + 0.5).long()
+    quota = torch.maximum(quota, forced.sum(-1, keepdim=True))
+    # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
+    key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (ranks < quota) & cand
+
+
+def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Fraction of candidate blocks kept, over the batch, heads and rows (a 0-dim float32 tensor).
+
+    Args:
+        block_mask: bool `[B, H, nB, nB]`.
+        candidates: bool `[B, nB, nB]`.
+    """
+    cand = candidates[:, None].expand_as(block_mask)
+    kept = (block_mask & cand).sum(dtype=torch.float32)
+    return kept / cand.sum(dtype=torch.float32).clamp_min(1.0)
+
+
+def gate_loss(
+    log_probs: torch.Tensor,
+    ground_truth: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    kind: str = "kl",
+) -> torch.Tensor:
+    """Distance between the gate's block distribution and the ground truth, averaged over rows.
+
+    Args:
+        log_probs: `[B, H, nQ, nB]` gate log-probabilities (rows of the chosen query blocks).
+        ground_truth: float32 `[B, H, nQ, nB]`, rows summing to 1 (zero outside the allowed blocks).
+        candidates: bool `[B, nQ, nB]` candidate blocks of those rows.
+        kind: `kl` for KL(ground truth || gate) summed over key blocks, or `mse` for the squared error of the
+            probabilities summed over key blocks. Default `kl`.
+
+    Returns:
+        0-dim float32 tensor: the mean over batch, heads and rows.
+    """
+    cand = candidates[:, None].expand_as(log_probs)
+    gt = ground_truth.float()
+    if kind == "kl":
+        # xlogy gives 0 where gt = 0; log q is finite on candidates and gt is 0 elsewhere.
+        logq = log_probs.masked_fill(~cand, 0.0)
+        per_row = (torch.xlogy(gt, gt) - gt * logq).sum(-1)
+    elif kind == "mse":
+        per_row = (log_probs.exp() - gt).pow(2).sum(-1)
+    else:
+        raise ValueError(f"gate loss kind={kind!r} must be kl or mse")
+    return per_row.mean()
