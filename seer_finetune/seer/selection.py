@@ -53,9 +53,15 @@ def block_candidates(
     keep = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid.bool()
     pad = nb * block_size - seq_len
     big = torch.iinfo(torch.long).max
+
+    def per_block(values: torch.Tensor, fill: int) -> torch.Tensor:
+        # Concatenate rather than F.pad: F.pad's float fill value would not hold an int64 extreme exactly.
+        tail = torch.full((batch_size, pad), fill, dtype=torch.long, device=values.device)
+        return torch.cat([values.masked_fill(~keep, fill), tail], dim=1).view(batch_size, nb, block_size)
+
     # Per block: the smallest and largest document id among its valid tokens (empty blocks never match).
-    lo = torch.nn.functional.pad(ids.masked_fill(~keep, big), (0, pad), value=big).view(batch_size, nb, block_size).amin(-1)
-    hi = torch.nn.functional.pad(ids.masked_fill(~keep, -1), (0, pad), value=-1).view(batch_size, nb, block_size).amax(-1)
+    lo = per_block(ids, big).amin(-1)
+    hi = per_block(ids, -1).amax(-1)
     # With non-decreasing ids, an earlier key block j shares a document with query block i iff its last
     # document reaches i's first one.
     shared = hi[:, None, :] >= lo[:, :, None]
@@ -96,6 +102,35 @@ def forced_blocks(candidates: torch.Tensor, sink_blocks: int = 0) -> torch.Tenso
     return forced & candidates
 
 
+def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0) -> torch.Tensor:
+    """How many blocks each query-block row keeps for a target density d.
+
+    Row i gets about d * n_i blocks (n_i: its candidates), at least its forced blocks (diagonal, sinks). The
+    running total of kept blocks follows round(d * running candidate count) wherever that allows: rounding
+    errors do not pile up, and forced blocks beyond a row's share (the short first rows of every document)
+    are paid back by the rows after them. Without this, rounding each row on its own biased the density by
+    +2 points at 32 blocks with four packed documents, and forced diagonals by +2.4 points at 64 blocks and
+    90% sparsity.
+
+    With K_i the kept total after row i, T_i = round(d * C_i) the target total and f_i the forced count:
+    K_i = max(T_i, K_{i-1} + f_i), whose closed form is K_i = F_i + max(0, max_{j<=i} (T_j - F_j)) with
+    F the running forced count; so the quotas need no loop over rows.
+
+    Args:
+        candidates: bool `[B, nB, nB]`.
+        density: Target fraction in (0, 1].
+        sink_blocks: Leading candidate blocks always kept (as in `forced_blocks`). Default 0.
+
+    Returns:
+        int64 `[B, nB]`.
+    """
+    n = candidates.sum(-1).double()
+    target = torch.floor(density * n.cumsum(-1) + 0.5)
+    forced = forced_blocks(candidates, sink_blocks).sum(-1).double().cumsum(-1)
+    kept = forced + torch.cummax(target - forced, dim=-1).values.clamp_min(0.0)
+    return torch.diff(kept, dim=-1, prepend=torch.zeros_like(kept[:, :1])).long()
+
+
 @torch.no_grad()
 def select_blocks(
     scores: torch.Tensor,
@@ -107,9 +142,9 @@ def select_blocks(
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
 
-    With `density` d, row i keeps round(d * n_i) of its n_i candidate blocks (at least the forced ones) with the
-    highest scores: the per-row count follows the triangle, so the realised density over all candidates
-    matches d up to rounding and the forced diagonal. With `threshold` t, a row keeps the candidates whose gate
+    With `density` d, row i keeps about d * n_i of its n_i candidate blocks (`row_quotas`: at least the forced
+    ones, with rounding and forced surpluses balanced over the rows) with the highest scores: the per-row
+    count follows the triangle, so the realised density over all candidates matches d. With `threshold` t, a row keeps the candidates whose gate
     probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks, are always kept.
 
     Args:
@@ -134,10 +169,7 @@ def select_blocks(
         return (cand & (probs >= threshold)) | forced
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]")
-    n_cand = cand.sum(-1, keepdim=True)
-    # round half up (torch.round would round half to even and bias short rows downwards)
-    quota = torch.floor(density * n_cand.double() + 0.5).long()
-    quota = torch.maximum(quota, forced.sum(-1, keepdim=True))
+    quota = row_quotas(candidates, density, sink_blocks)[:, None, :, None]
     # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
     key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)

@@ -1,0 +1,111 @@
+"""AttnGate: pooling, GQA layout, block RoPE from the model's own rotary settings, and input detaching."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from seer_finetune.seer import AttnGate, SeerRuntime, attach_seer_gates, seer_gates
+from seer_finetune.seer.gate import apply_rotary, pool_blocks
+from seer_helpers import random_ids, tiny_model
+
+
+def test_pooling_matches_brute_force_with_partial_block_and_padding():
+    torch.manual_seed(0)
+    x = torch.randn(2, 23, 3, 4)
+    valid = torch.ones(2, 23, dtype=torch.bool)
+    valid[1, :10] = False  # block 0 of row 1 is all padding, block 1 partly
+    got = pool_blocks(x, valid, 8, ("avg", "max", "min"))
+    assert got.shape == (2, 3, 3, 12)
+    for b in range(2):
+        for blk in range(3):
+            idx = [t for t in range(blk * 8, min(23, blk * 8 + 8)) if valid[b, t]]
+            if not idx:
+                assert (got[b, blk] == 0).all()
+                continue
+            chunk = x[b, idx]
+            want = torch.cat([chunk.mean(0), chunk.amax(0), chunk.amin(0)], dim=-1)
+            torch.testing.assert_close(got[b, blk], want)
+    with pytest.raises(ValueError, match="pooling"):
+        pool_blocks(x, None, 8, ("median",))
+
+
+def test_scores_follow_gqa_layout():
+    """Query head h is scored against KV head h // group, as transformers' repeat_kv pairs them."""
+    torch.manual_seed(1)
+    gate = AttnGate(6, 2, 4, block_size=4, hidden_size=8, q_pooling=("avg",), k_pooling=("max",))
+    q, k = torch.randn(1, 16, 6, 4), torch.randn(1, 16, 2, 4)
+    scores = gate(q, k)
+    assert scores.shape == (1, 6, 4, 4)
+    qp = pool_blocks(q, None, 4, ("avg",))
+    kp = pool_blocks(k, None, 4, ("max",))
+    for h in range(6):
+        qh = qp[0, :, h] @ gate.q_weight[h]
+        kh = kp[0, :, h // 3] @ gate.k_weight[h // 3]
+        torch.testing.assert_close(scores[0, h], qh @ kh.T / math.sqrt(8))
+    with pytest.raises(ValueError, match="multiple"):
+        AttnGate(5, 2, 4)
+
+
+def test_block_rope_uses_the_models_yarn_settings():
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny_model("llama", rope_parameters=yarn, max_position_embeddings=256)
+    attach_seer_gates(model, SeerRuntime(mode="gate_distill", block_size=16), gate_hidden_size=32)
+    gate = seer_gates(model)[0]
+    assert type(gate.rotary) is type(model.model.rotary_emb)
+    assert gate.rotary.rope_type == "yarn"
+    reference_config = model.config.__class__(**{**model.config.to_dict(), "head_dim": 32})
+    want_freq, want_scale = ROPE_INIT_FUNCTIONS["yarn"](reference_config, "cpu")
+    torch.testing.assert_close(gate.rotary.inv_freq, want_freq)
+    assert gate.rotary.attention_scaling == pytest.approx(want_scale)
+    default_freq = 1.0 / (10000.0 ** (torch.arange(0, 32, 2).float() / 32))
+    assert not torch.allclose(gate.rotary.inv_freq, default_freq)
+    # RoPE at block positions: gate scores depend only on the block distance for constant pooled inputs
+    q = torch.randn(1, 1, 1, 32).expand(1, 1, 6, 32)
+    cos, sin = gate.rotary(q, torch.arange(6)[None])
+    rq, rk = apply_rotary(q, cos, sin), apply_rotary(q, cos, sin)
+    s = (rq @ rk.transpose(-1, -2))[0, 0]
+    torch.testing.assert_close(s[3, 1], s[5, 3])
+    torch.testing.assert_close(s[2, 2], s[4, 4])
+
+
+def _gate_loss_grads(arch: str, detach: bool):
+    model = tiny_model(arch, sharpen=3.0)
+    model.train()
+    rt = SeerRuntime(mode="gate_distill", block_size=16, detach_gate_inputs=detach)
+    attach_seer_gates(model, rt, gate_hidden_size=16)
+    model(input_ids=random_ids(1, 96), use_cache=False)
+    losses = rt.take_losses()
+    assert sorted(losses) == [0, 1]
+    torch.stack(list(losses.values())).sum().backward()
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_detached_gate_inputs_stop_gradients_at_the_gate(arch):
+    attn = _gate_loss_grads(arch, detach=True).model.layers[1].self_attn
+    assert attn.seer_gate.q_weight.grad is not None and attn.seer_gate.q_weight.grad.abs().sum() > 0
+    assert attn.q_proj.weight.grad is None and attn.k_proj.weight.grad is None
+
+    attn = _gate_loss_grads(arch, detach=False).model.layers[1].self_attn
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
+    assert attn.k_proj.weight.grad.abs().sum() > 0
+    if arch == "qwen3":  # the hooks sit on the per-head norms, which the gate's inputs therefore pass through
+        assert attn.q_norm.weight.grad.abs().sum() > 0
+
+
+def test_hooks_follow_lora_wrapping():
+    """Gates attached before LoRA still see the LoRA-adapted queries."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama")
+    rt = SeerRuntime(mode="gate_distill", block_size=16, detach_gate_inputs=False)
+    attach_seer_gates(model, rt, gate_hidden_size=16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    model(input_ids=random_ids(1, 64), use_cache=False)
+    torch.stack(list(rt.take_losses().values())).sum().backward()
+    lora_b = [p for n, p in model.named_parameters() if "q_proj.lora_B" in n]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)

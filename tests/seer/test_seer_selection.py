@@ -1,0 +1,156 @@
+"""Block candidates, selection by density / threshold, realised density and the gate loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from seer_finetune.seer import SeerRuntime, attach_seer_gates
+from seer_finetune.seer.selection import (
+    row_quotas,
+    block_candidates,
+    forced_blocks,
+    gate_log_probs,
+    gate_loss,
+    realised_density,
+    select_blocks,
+)
+from seer_helpers import packed_position_ids, random_ids, tiny_model
+
+
+def _brute_candidates(doc_ids: torch.Tensor, valid: torch.Tensor, block: int) -> torch.Tensor:
+    """Token-level allowed pairs (causal, same document, padding sees only itself) pooled to blocks."""
+    bsz, length = doc_ids.shape
+    nb = -(-length // block)
+    out = torch.zeros(bsz, nb, nb, dtype=torch.bool)
+    for b in range(bsz):
+        for r in range(length):
+            for c in range(r + 1):
+                same = doc_ids[b, r] == doc_ids[b, c] and (bool(valid[b, r] and valid[b, c]) or r == c)
+                if same:
+                    out[b, r // block, c // block] = True
+    return out
+
+
+def test_candidates_equal_brute_force_with_documents_and_padding():
+    length, block = 70, 8
+    docs = torch.tensor([0] * 20 + [1] * 3 + [2] * 30 + [3] * 17)
+    doc_ids = torch.stack([docs, torch.zeros(length, dtype=torch.long)])
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, :13] = False  # left padding, with ids of their own
+    doc_ids[1, :13] = torch.arange(13) + length
+    got = block_candidates(length, block, doc_ids, valid)
+    assert torch.equal(got, _brute_candidates(doc_ids, valid, block))
+    assert torch.equal(block_candidates(length, block, batch_size=2), torch.ones(2, 9, 9, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("nb", [32, 64, 128])
+@pytest.mark.parametrize("density", [0.5, 0.1])
+def test_realised_density_within_two_points(nb, density):
+    """50% and 90% sparsity at several lengths, with and without packed documents."""
+    block = 16
+    length = nb * block - 5  # a partial last block
+    torch.manual_seed(nb)
+    scores = torch.randn(2, 3, nb, nb)
+    cuts = sorted(torch.randperm(length - 1)[:3].add(1).tolist())
+    bounds = torch.zeros(length, dtype=torch.long)
+    bounds[cuts] = 1
+    doc_ids = torch.stack([torch.zeros(length, dtype=torch.long), bounds.cumsum(0)])
+    cand = block_candidates(length, block, doc_ids)
+    mask = select_blocks(scores, cand, density=density)
+    for b in range(2):
+        got = float(realised_density(mask[b : b + 1], cand[b : b + 1]))
+        assert abs(got - density) <= 0.02, (b, got)
+    # a subset of the candidates, with the diagonal always kept
+    assert not (mask & ~cand[:, None]).any()
+    assert mask.diagonal(dim1=-2, dim2=-1).all()
+    # rows keep about d * n of their n candidates: at most one block above their share, never below the
+    # forced diagonal, and every row's shortfall is what pays for earlier forced surpluses
+    n = cand.sum(-1)[:, None].expand(-1, 3, -1).double()
+    kept = mask.sum(-1).double()
+    assert (kept >= 1).all()
+    assert (kept <= torch.clamp(torch.ceil(density * n), min=1)).all()
+
+
+def test_row_quotas_follow_the_running_total():
+    cand = block_candidates(10 * 4, 4)  # rows have 1..10 candidates
+    quotas = row_quotas(cand, 0.5)[0]
+    assert quotas.sum().item() == round(0.5 * 55)
+    assert ((quotas - 0.5 * torch.arange(1, 11)).abs() < 1).all()
+    # at 10% the first rows' forced diagonals exceed their share; later rows pay it back
+    quotas = row_quotas(block_candidates(40 * 4, 4), 0.1)[0]
+    assert (quotas >= 1).all()
+    assert quotas.sum().item() == round(0.1 * 40 * 41 / 2)
+    # infeasible targets keep the forced blocks only
+    quotas = row_quotas(block_candidates(10 * 4, 4), 0.01, sink_blocks=1)[0]
+    assert quotas.tolist() == [1] + [2] * 9
+
+
+def test_density_keeps_highest_scores_and_sinks():
+    nb = 12
+    cand = block_candidates(nb * 4, 4)
+    scores = torch.arange(nb, dtype=torch.float32).flip(0).expand(1, 1, nb, nb).clone()  # earlier blocks score higher
+    mask = select_blocks(scores, cand, density=0.25)
+    row = mask[0, 0, 11]  # 12 candidates -> 3 kept: the diagonal plus the two best (blocks 0 and 1)
+    assert row.nonzero().flatten().tolist() == [0, 1, 11]
+    scores = torch.arange(nb, dtype=torch.float32).expand(1, 1, nb, nb).clone()  # later blocks score higher
+    mask = select_blocks(scores, cand, density=0.25, sink_blocks=1)
+    quotas = row_quotas(cand, 0.25, sink_blocks=1)[0]
+    assert mask[0, 0, :, 0].all() and mask[0, 0].diagonal().all()
+    for i in range(nb):
+        kept = mask[0, 0, i].nonzero().flatten().tolist()
+        assert len(kept) == quotas[i]
+        # besides the sink and the diagonal, the latest (highest-scoring) blocks are kept
+        extra = sorted(set(kept) - {0, i})
+        assert extra == list(range(i - len(extra), i))
+    forced = forced_blocks(cand, sink_blocks=2)
+    assert forced[0, 11].nonzero().flatten().tolist() == [0, 1, 11]
+
+
+def test_threshold_selection_keeps_probable_blocks():
+    torch.manual_seed(0)
+    nb = 20
+    cand = block_candidates(nb * 8, 8)
+    scores = torch.randn(1, 2, nb, nb) * 3
+    probs = gate_log_probs(scores, cand).exp()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, nb))
+    mask = select_blocks(scores, cand, threshold=0.1)
+    expected = (probs >= 0.1) | torch.eye(nb, dtype=torch.bool)
+    assert torch.equal(mask, expected & cand[:, None])
+    with pytest.raises(ValueError, match="exactly one"):
+        select_blocks(scores, cand)
+    with pytest.raises(ValueError, match="density"):
+        select_blocks(scores, cand, density=1.5)
+
+
+def test_gate_loss_kl_and_mse():
+    torch.manual_seed(1)
+    nb = 6
+    cand = block_candidates(nb * 4, 4)
+    log_q = gate_log_probs(torch.randn(1, 1, nb, nb), cand)
+    gt = gate_log_probs(torch.randn(1, 1, nb, nb), cand).exp()
+    kl = gate_loss(log_q, gt, cand, kind="kl")
+    brute = sum(
+        float(gt[0, 0, i, j] * (gt[0, 0, i, j].log() - log_q[0, 0, i, j])) for i in range(nb) for j in range(i + 1)
+    ) / nb
+    assert abs(float(kl) - brute) < 1e-5
+    assert float(gate_loss(log_q, log_q.exp(), cand)) == pytest.approx(0.0, abs=1e-6)
+    mse = gate_loss(log_q, gt, cand, kind="mse")
+    assert float(mse) == pytest.approx(float(((log_q.exp() - gt) ** 2).sum(-1).mean()), rel=1e-6)
+
+
+def test_model_density_per_layer_within_two_points():
+    """Realised density reported by the model at L = 1024 (64 blocks of 16), with packed documents."""
+    model = tiny_model("llama", max_position_embeddings=2048)
+    for density in (0.5, 0.1):
+        seer = copy.deepcopy(model)
+        rt = SeerRuntime(mode="joint", block_size=16, density=density, compute_loss=False)
+        attach_seer_gates(seer, rt, gate_hidden_size=16)
+        with torch.no_grad():
+            seer(input_ids=random_ids(1, 1024), position_ids=packed_position_ids([300, 724]), use_cache=False)
+        stats = rt.take_stats()
+        assert sorted(stats) == ["density/0", "density/1"]
+        for layer, value in stats.items():
+            assert abs(value - density) <= 0.02, (density, layer, value)
