@@ -4,6 +4,7 @@ Commands:
     train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
     eval    perplexity over long documents at several lengths and densities
     bench   benchmarks (`bench attention`)
+    export  a DeepSpeed checkpoint to a plain Hugging Face folder (same overrides as the training run)
 Add `--print-config` to print the composed configuration and exit.
 """
 
@@ -51,7 +52,16 @@ def _bench(args: list[str]) -> int:
     raise ConfigError(f"unknown benchmark {name!r} (available: attention)")
 
 
-COMMANDS = {"train": _train, "eval": _eval, "bench": _bench}
+def _export(overrides: list[str]) -> int:
+    from .compose import compose_config
+    from .deepspeed_engine import export_checkpoint
+
+    final = export_checkpoint(compose_config(overrides))
+    print(f"[seer-finetune] exported {final}")
+    return 0
+
+
+COMMANDS = {"train": _train, "eval": _eval, "bench": _bench, "export": _export}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,6 +285,20 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`python -m seer_finetune export`: a DeepSpeed checkpoint to a plain Hugging Face folder.
+
+    Attributes:
+        checkpoint: A DeepSpeed checkpoint folder (`<run>/checkpoints/deepspeed`) or one tag inside it
+            (default: the newest checkpoint of `trainer.output_dir`).
+        output: Where to write the folder (default: `<trainer.output_dir>/exported`).
+    """
+
+    checkpoint: Optional[str] = None
+    output: Optional[str] = None
+
+
+@dataclass
 class SeerConfig:
     """The whole run."""
 
@@ -298,6 +312,7 @@ class SeerConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_configs() -> None:

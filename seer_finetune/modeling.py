@@ -160,8 +160,10 @@ def base_model(model: torch.nn.Module) -> PreTrainedModel:
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ZeRO-3 leaves empty placeholders in the module; the real size is in `ds_numel`.
+    size = lambda p: getattr(p, "ds_numel", p.numel())
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     return trainable, total
 
 

@@ -23,7 +23,14 @@ from omegaconf import OmegaConf
 from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import ConfigError, SeerConfig
 from .data import EpochSampler, build_data, collate
-from .evaluation import perplexity
+from .deepspeed_engine import (
+    consolidated_state_dict,
+    load_deepspeed_checkpoint,
+    load_full_state,
+    register_ulysses,
+    save_deepspeed_checkpoint,
+)
+from .distributed import all_reduce_mean, check_parallel_layout, deepspeed_config, init_distributed
 from .extension import TrainingExtension
 from .metrics import MetricsLogger
 from .modeling import (
@@ -87,8 +94,33 @@ def _build_extension(model: torch.nn.Module, cfg: SeerConfig) -> TrainingExtensi
     return build_extension(model, cfg)
 
 
+def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, TrainingExtension]:
+    """Model with rope scaling, the attention extension and LoRA/full trainability, built the same way for
+    training, for the plain copy that receives gathered DeepSpeed weights, and for `export`."""
+    attn = cfg.attention.backend if cfg.attention.backend in ("sdpa", "eager") else "sdpa"
+    model = load_model(cfg.model, cfg.rope, device=device, attn_implementation=attn, seed=cfg.trainer.seed)
+    context = model.config.max_position_embeddings
+    if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's context ({context} tokens); "
+            "extend it with rope=yarn (see +exp=smoke) or shorten the sequences"
+        )
+    extension = _build_extension(model, cfg)
+    if extension.freeze_base:
+        model.requires_grad_(False)
+    else:
+        model = apply_peft(model, cfg.peft)
+    for group in extension.param_groups():
+        for p in group["params"]:
+            p.requires_grad_(True)
+    return model, extension
+
+
 class Trainer:
     """Holds the pieces of one run; `fit()` trains, evaluates and saves.
+
+    Runs in one process, or in several through DeepSpeed (`deepspeed.enabled=true`, launched by `deepspeed`,
+    `torchrun` or `launch/*.sh`) with ZeRO 0-3, CPU offload and Ulysses sequence parallelism.
 
     Args:
         cfg: The validated configuration.
@@ -99,26 +131,14 @@ class Trainer:
         t = cfg.trainer
         self.run_dir = Path(t.output_dir)
         self.device = resolve_device(t.device)
+        self.ctx = init_distributed(cfg, self.device)
+        if self.device.type == "cuda" and self.ctx.distributed:
+            torch.cuda.set_device(self.ctx.local_rank)
+            self.device = torch.device("cuda", self.ctx.local_rank)
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = build_data(cfg.data, self.tokenizer)
-        attn = cfg.attention.backend if cfg.attention.backend in ("sdpa", "eager") else "sdpa"
-        model = load_model(cfg.model, cfg.rope, device=self.device, attn_implementation=attn, seed=t.seed)
-        context = model.config.max_position_embeddings
-        if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
-            raise ConfigError(
-                f"data.seq_len={cfg.data.seq_len} is longer than the model's context ({context} tokens); "
-                "extend it with rope=yarn (see +exp=smoke) or shorten the sequences"
-            )
-        self.extension = _build_extension(model, cfg)
-        if self.extension.freeze_base:
-            model.requires_grad_(False)
-        else:
-            model = apply_peft(model, cfg.peft)
-        for group in self.extension.param_groups():
-            for p in group["params"]:
-                p.requires_grad_(True)
-        self.model = model
+        self.model, self.extension = self._build_model(self.device)
         self.model.train()
         self.optimizer = build_optimizer(self.model, self.extension, cfg)
         o = cfg.optim
@@ -126,73 +146,165 @@ class Trainer:
             self.optimizer,
             lambda step: lr_lambda(step, warmup=o.warmup_steps, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio),
         )
+        self.engine = None
+        if cfg.deepspeed.enabled:
+            self._init_deepspeed()
         self.sampler = EpochSampler(len(self.data.train), t.seed)
         self.step = 0
         self.tokens_seen = 0
         self.history: dict[str, Any] = {}
 
+    def _build_model(self, device: torch.device) -> tuple[torch.nn.Module, TrainingExtension]:
+        return build_model(self.cfg, device)
+
+    def _init_deepspeed(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        text = base_model(self.model).config.get_text_config()
+        check_parallel_layout(cfg, self.ctx.world_size, text.num_attention_heads, text.num_key_value_heads)
+        mpu = None
+        if self.ctx.sp_size > 1:
+            mpu = register_ulysses(self.model, cfg)
+            self.ctx.sp_group = mpu.get_sequence_parallel_group()
+            assert mpu.get_sequence_parallel_rank() == self.ctx.sp_rank
+        dtype = next(self.model.parameters()).dtype
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            config=deepspeed_config(cfg, self.ctx, dtype),
+            mpu=mpu,
+        )
+
     # -- pieces of a step -------------------------------------------------------------------------
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's micro-batch: its data-parallel share of the global batch, its sequence shard under SP."""
+        mb, ctx = self.cfg.trainer.micro_batch_size, self.ctx
+        indices = self.sampler.next_indices(mb * ctx.dp_size)[ctx.dp_rank * mb : (ctx.dp_rank + 1) * mb]
+        return collate([self.data.train[i] for i in indices])
+
+    def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token loss of the batch; under sequence parallelism each rank's share of it, scaled so
+        that averaging gradients over the sequence-parallel ranks gives the full sequence's gradient."""
         input_ids = batch["input_ids"].to(self.device)
-        kwargs = {}
-        if self.cfg.data.attend_within_documents:
-            kwargs["position_ids"] = batch["position_ids"].to(self.device)
-        out = self.model(input_ids=input_ids, labels=input_ids, use_cache=False, **kwargs)
+        position_ids = batch["position_ids"].to(self.device)
+        if not self.cfg.data.attend_within_documents:
+            position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
+        if self.ctx.sp_size == 1:
+            kwargs = {"position_ids": position_ids} if self.cfg.data.attend_within_documents else {}
+            return self.model(input_ids=input_ids, labels=input_ids, use_cache=False, **kwargs).loss
+        # Labels are shifted on the full sequence, then every tensor is cut to this rank's shard.
+        shift_labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+        total_targets = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        chunk = input_ids.shape[1] // self.ctx.sp_size
+        part = slice(self.ctx.sp_rank * chunk, (self.ctx.sp_rank + 1) * chunk)
+        shard_labels = shift_labels[:, part].contiguous()
+        out = self.model(
+            input_ids=input_ids[:, part],
+            position_ids=position_ids[:, part],
+            labels=shard_labels,
+            shift_labels=shard_labels,
+            num_items_in_batch=total_targets / self.ctx.sp_size,
+            use_cache=False,
+        )
+        return out.loss
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        lm_loss = self._lm_loss(batch)
         extra = self.extension.extra_losses()
-        loss = out.loss * self.extension.lm_loss_weight
+        loss = lm_loss * self.extension.lm_loss_weight
         for value in extra.values():
             loss = loss + value
-        parts = {"lm_loss": float(out.loss.detach())}
-        parts.update({name: float(v.detach()) for name, v in extra.items()})
+        # Logged values are the full sequence's: sum the sequence-parallel shares, average the rest.
+        lm_value = float(lm_loss.detach())
+        if self.ctx.sp_size > 1:
+            lm_value = all_reduce_mean(lm_value, self.ctx.sp_group, self.device)
+        parts = {"lm_loss": lm_value}
+        for name, v in extra.items():
+            value = float(v.detach())
+            parts[name] = all_reduce_mean(value, self.ctx.sp_group, self.device) if self.ctx.sp_size > 1 else value
         return loss, parts
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's metrics."""
         t = self.cfg.trainer
         started = time.perf_counter()
+        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}  # this step's
         sums: dict[str, float] = {}
         total = 0.0
         tokens = 0
         for _ in range(t.grad_accum_steps):
-            batch = collate([self.data.train[i] for i in self.sampler.next_indices(t.micro_batch_size)])
+            batch = self._next_batch()
             loss, parts = self._forward_loss(batch)
-            (loss / t.grad_accum_steps).backward()
-            total += float(loss.detach()) / t.grad_accum_steps
+            if self.engine is not None:
+                self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+                self.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
+            else:
+                (loss / t.grad_accum_steps).backward()
+            total += (parts["lm_loss"] * self.extension.lm_loss_weight + sum(v for k, v in parts.items() if k != "lm_loss")) / t.grad_accum_steps
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum_steps
-            tokens += batch["input_ids"].numel()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        if self.cfg.optim.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+            tokens += batch["input_ids"].numel() * self.ctx.dp_size
+        if self.engine is not None:
+            grad_norm = self.engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            total = all_reduce_mean(total, None, self.device) if self.ctx.dp_size > 1 else total
+            sums = {k: all_reduce_mean(v, None, self.device) for k, v in sums.items()} if self.ctx.dp_size > 1 else sums
         else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.cfg.optim.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+            else:
+                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
         metrics = {"loss": total, **sums, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
         metrics.update(lrs)
         metrics.update(self.extension.metrics())
+        if self.device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Perplexity on the evaluation windows (every rank takes part: ZeRO-3 gathers parameters collectively)."""
         if self.data.eval is None:
             return {}
         self.extension.set_training(False)
+        self.model.eval()
+        total_nll, total_tokens = 0.0, 0
         try:
-            result = perplexity(self.model, self.data.eval, device=self.device, batch_size=self.cfg.trainer.micro_batch_size)
+            mb = self.cfg.trainer.micro_batch_size
+            for start in range(0, len(self.data.eval), mb):
+                batch = collate([self.data.eval[i] for i in range(start, min(start + mb, len(self.data.eval)))])
+                targets = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+                loss = float(self._lm_loss(batch))
+                if self.ctx.sp_size > 1:
+                    loss = all_reduce_mean(loss, self.ctx.sp_group, self.device)
+                total_nll += loss * targets
+                total_tokens += targets
         finally:
+            self.model.train()
             self.extension.set_training(True)
+        mean = total_nll / max(total_tokens, 1)
+        result = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
         result.update({f"eval_{k}": v for k, v in self.extension.metrics().items()})
         return result
 
     # -- state ------------------------------------------------------------------------------------
 
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "history": self.history}
+
     def save(self) -> Path:
+        if self.engine is not None:
+            return save_deepspeed_checkpoint(self.engine, self.run_dir, self.step, self._trainer_state(), self.ctx, keep=self.cfg.trainer.keep_checkpoints)
         return save_checkpoint(
             self.run_dir,
             self.step,
@@ -200,49 +312,73 @@ class Trainer:
             optimizer=self.optimizer,
             scheduler=self.scheduler,
             extension_state=self.extension.state_dict(),
-            trainer_state={"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "history": self.history},
+            trainer_state=self._trainer_state(),
             keep=self.cfg.trainer.keep_checkpoints,
         )
 
     def maybe_resume(self) -> bool:
-        clean_partial(self.run_dir)
-        if not self.cfg.trainer.resume:
-            return False
-        checkpoints = list_checkpoints(self.run_dir)
-        if not checkpoints:
-            return False
-        state, extension_state = load_checkpoint(checkpoints[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        if extension_state:
-            self.extension.load_state_dict(extension_state)
-        self.step = state["step"]
+        if self.engine is not None:
+            state = load_deepspeed_checkpoint(self.engine, self.run_dir, self.ctx) if self.cfg.trainer.resume else None
+            if state is None:
+                return False
+            self.step = state["step"]
+        else:
+            if self.ctx.is_main:
+                clean_partial(self.run_dir)
+            if not self.cfg.trainer.resume:
+                return False
+            checkpoints = list_checkpoints(self.run_dir)
+            if not checkpoints:
+                return False
+            state, extension_state = load_checkpoint(checkpoints[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            if extension_state:
+                self.extension.load_state_dict(extension_state)
+            self.step = state["step"]
         self.tokens_seen = state["trainer"]["tokens_seen"]
         self.sampler.load_state_dict(state["trainer"]["sampler"])
         self.history = state["trainer"].get("history", {})
         return True
 
+    def save_final_model(self) -> Path | None:
+        """The final Hugging Face folder. Under DeepSpeed the weights are gathered into a plain copy on rank 0."""
+        cfg = self.cfg
+        model, extension = self.model, self.extension
+        if self.engine is not None:
+            state = consolidated_state_dict(self.engine, cfg.deepspeed.zero_stage)
+            if not self.ctx.is_main:
+                return None
+            model, extension = self._build_model(torch.device("cpu"))
+            load_full_state(model, state)
+        final = save_final(model, self.tokenizer, self.run_dir / "final", model_cfg=cfg.model, peft_cfg=cfg.peft)
+        extension.save_pretrained(final)
+        return final
+
     # -- the run ----------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.trainer
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg, t, main = self.cfg, self.cfg.trainer, self.ctx.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
         run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        (self.run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        logger = MetricsLogger(self.run_dir, cfg.logger, run_config, resume_step=self.step if resumed else None)
+        if main:
+            (self.run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        logger = MetricsLogger(self.run_dir, cfg.logger, run_config, resume_step=self.step if resumed else None, enabled=main)
+        say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
         trainable, total = count_parameters(self.model)
-        print(
+        layout = f", {self.ctx.world_size} processes (data x sequence parallel = {self.ctx.dp_size} x {self.ctx.sp_size}), ZeRO-{cfg.deepspeed.zero_stage}" if self.engine is not None else ""
+        say(
             f"[seer-finetune] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
             f"({cfg.peft.method if not self.extension.freeze_base else 'extension only'}), "
-            f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}"
-            + (f", resumed at step {self.step}" if resumed else ""),
-            flush=True,
+            f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}{layout}"
+            + (f", resumed at step {self.step}" if resumed else "")
         )
         if not resumed and t.eval_before and self.data.eval is not None:
             before = self.evaluate()
             self.history["eval_before"] = before
             logger.log({f"eval/{k}": v for k, v in before.items()}, step=0)
-            print(f"[seer-finetune] eval before training: loss {before['loss']:.4f}, perplexity {before['ppl']:.2f}", flush=True)
-        bar = _progress(t, initial=self.step)
+            say(f"[seer-finetune] eval before training: loss {before['loss']:.4f}, perplexity {before['ppl']:.2f}")
+        bar = _progress(t, initial=self.step) if main else None
         try:
             while self.step < t.max_steps:
                 metrics = self.train_step()
@@ -269,13 +405,14 @@ class Trainer:
             line = f"[seer-finetune] eval after training: loss {after['loss']:.4f}, perplexity {after['ppl']:.2f}"
             if before:
                 line += f" (before: {before['ppl']:.2f})"
-            print(line, flush=True)
+            say(line)
         if t.save_final:
-            final = save_final(self.model, self.tokenizer, self.run_dir / "final", model_cfg=cfg.model, peft_cfg=cfg.peft)
-            self.extension.save_pretrained(final)
-            summary["final_dir"] = str(final)
-            print(f"[seer-finetune] saved {final}", flush=True)
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            final = self.save_final_model()
+            if final is not None:
+                summary["final_dir"] = str(final)
+                say(f"[seer-finetune] saved {final}")
+        if main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         logger.close()
         return summary
