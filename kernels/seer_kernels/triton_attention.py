@@ -10,8 +10,13 @@ Work is driven by lists of blocks (see `indexing.block_mask_to_indices`):
   that kept this key block, so dK/dV are accumulated in registers and written once (no atomics) while K/V stay
   at their own head count.
 Scores are kept in base 2 (`qk * sm_scale * log2(e)`) so the softmax uses exp2; the saved log-sum-exp is in
-the same units. Masking (causal, document, sequence end) is evaluated only on tiles that need it: the
-diagonal block, the last partial block, or any block when document ids are given.
+the same units.
+
+Masking. Without document ids only the diagonal block needs the token-level mask: a causal list of query block
+i holds key blocks <= i, and the one partial block (the last) can only be the diagonal of the last row. Lists
+are ascending, so the diagonal is the last entry of a forward/dQ list and the first of a dK/dV list; the
+kernels run the other entries in an unmasked loop and the diagonal in a masked one (no branch in the hot loop).
+With document ids every tile is masked.
 """
 
 from __future__ import annotations
@@ -27,11 +32,20 @@ import triton.language as tl
 from .indexing import block_mask_to_indices, num_blocks
 
 LOG2E = 1.4426950408889634
+# Below this length the problem is too small for tuning to pay (and tests would compile every candidate).
+AUTOTUNE_MIN_LEN = 4096
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning(seq_len: int) -> bool:
+    """Whether launches of this length pick their tiles by Triton's autotuner (GPU only)."""
+    if interpreting() or os.environ.get("SEER_KERNELS_AUTOTUNE", "1") == "0":
+        return False
+    return seq_len >= AUTOTUNE_MIN_LEN
 
 
 @dataclass(frozen=True)
@@ -44,31 +58,134 @@ class TileConfig:
     num_stages: int
 
 
-def _pick(block: int, head_dim: int, kind: str) -> TileConfig:
-    """Launch settings per kernel, chosen explicitly (autotuning with several configs breaks the interpreter).
+# Candidates per kernel for (block 128 | block 64); the first is also the untuned default. Chosen around the
+# shapes that wgmma likes on Hopper: 64 rows per warpgroup, 64/128-wide key tiles.
+_CANDIDATES = {
+    "fwd": {
+        128: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 3), TileConfig(64, 64, 4, 3)],
+        64: [TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), TileConfig(64, 32, 4, 3)],
+    },
+    "dq": {
+        128: [TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 2)],
+        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3)],
+    },
+    "dkdv": {
+        128: [TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2), TileConfig(32, 128, 4, 2)],
+        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 3)],
+    },
+    # The ground-truth kernel takes whole query blocks (block_m = block); only the key tile varies.
+    "gt": {
+        128: [TileConfig(128, 64, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 3)],
+        64: [TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), TileConfig(64, 64, 8, 3)],
+    },
+}
 
-    The GPU choices were measured on an H200 (see benchmarks/results/); smaller head dims reuse them.
-    """
+
+def candidates(kind: str, block: int) -> list[TileConfig]:
+    """Tile candidates for `kind` in ('fwd', 'dq', 'dkdv', 'gt'), clamped to small blocks (tests)."""
+    table = _CANDIDATES[kind]
+    cands = table.get(block) or [TileConfig(min(64, block), min(64, block), 4, 2)]
+    out = []
+    for c in cands:
+        clamped = TileConfig(min(c.block_m, block), min(c.block_n, block), c.num_warps, c.num_stages)
+        if clamped not in out:
+            out.append(clamped)
+    return out
+
+
+def default_config(kind: str, block: int) -> TileConfig:
+    """The untuned choice: whole blocks in the interpreter (fewest steps), else the first candidate."""
     if interpreting():
         return TileConfig(block, block, 4, 1)
-    cfg = _pick_gpu(block, head_dim, kind)
-    # Small blocks (tests) take the whole block as one tile.
-    return TileConfig(min(cfg.block_m, block), min(cfg.block_n, block), cfg.num_warps, cfg.num_stages)
+    return candidates(kind, block)[0]
 
 
-def _pick_gpu(block: int, head_dim: int, kind: str) -> TileConfig:
-    big = head_dim > 64
-    if kind == "fwd":
-        if block == 128:
-            return TileConfig(128, 64 if big else 128, 8, 3)
-        return TileConfig(64, 64, 4, 3)
-    if kind == "dq":
-        return TileConfig(min(block, 64 if big else 128), min(block, 64), 4 if block == 64 else 8, 2)
-    # dkdv
-    return TileConfig(min(block, 64), min(block, 64 if big else 128), 4 if block == 64 else 8, 2)
+_TUNERS: dict = {}
+
+
+def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwargs: dict, config=None):
+    """Launch `kernel` with an explicit config, or through a per (kernel, block) autotuner on long inputs.
+
+    `grid` maps the tile meta-parameters (`BLOCK_M`, `BLOCK_N`) to the launch grid. The tuners key on the
+    sizes and flags that change the best tile, so a new length or head count is tuned once.
+    """
+    names = ("BLOCK_N",) if kind == "gt" else ("BLOCK_M", "BLOCK_N")
+    if config is None and autotuning(seq_len):
+        key = (kind, block)
+        tuner = _TUNERS.get(key)
+        if tuner is None:
+            configs = [
+                triton.Config(
+                    {n: v for n, v in zip(("BLOCK_M", "BLOCK_N"), (c.block_m, c.block_n)) if n in names},
+                    num_warps=c.num_warps,
+                    num_stages=c.num_stages,
+                )
+                for c in candidates(kind, block)
+            ]
+            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + (["HAS_LSE"] if kind == "gt" else [])
+            tuner = triton.autotune(configs=configs, key=keys)(kernel)
+            _TUNERS[key] = tuner
+        tuner[grid](*args, **kwargs)
+        return
+    cfg = config or default_config(kind, block)
+    meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    kernel[grid(meta)](
+        *args, **kwargs, **{n: meta[n] for n in names}, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+    )
+
+
+def tuned_choices() -> dict:
+    """What the autotuners picked so far, as `{(kind, block): str(config)}` (for benchmark reports)."""
+    return {k: str(getattr(t, "best_config", None)) for k, t in _TUNERS.items()}
 
 
 # --------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, l_i, m_i, q, offs_m, doc_q,
+    k_base, v_base, idx_base, DOC, doc_base,
+    t_start, t_end, m_blk, seq_len,
+    stride_kl, stride_vl, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles)."""
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(t_start, t_end):
+        n_blk = tl.load(idx_base + t // SPLIT_N)
+        offs_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N + offs_n0
+        if MASKED and not EVEN_L:
+            col_ok = offs_n < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+            if HAS_DOCS:
+                doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+                allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with nothing allowed yet has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -107,8 +224,11 @@ def _sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
-        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+        doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
+    else:
+        doc_q = offs_m
 
     row = bh.to(tl.int64) * n_blocks + m_blk
     cnt = tl.load(KV_CNT + row)
@@ -117,36 +237,25 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    # One flat loop over (kept key block, key tile inside it) keeps the loop simple for the pipeliner.
-    for t in range(0, cnt * SPLIT_N):
-        n_blk = tl.load(idx_base + t // SPLIT_N)
-        start_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
-        offs_n = start_n + offs_n0
-        if EVEN_L:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
-        else:
-            col_ok = offs_n < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if HAS_DOCS:
-            doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
-            qk = tl.where(allowed, qk, float("-inf"))
-        else:
-            if (n_blk == m_blk) | (start_n + BLOCK_N > seq_len):
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with nothing allowed yet has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    if HAS_DOCS:
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+    else:
+        last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
+        n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+        acc, l_i, m_i = _fwd_tiles(
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -185,6 +294,48 @@ def _bwd_delta_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dq_tiles(
+    dq, q, do, lse, delta, offs_m, doc_q,
+    k_base, v_base, idx_base, DOC, doc_base,
+    t_start, t_end, seq_len,
+    stride_kl, stride_vl, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dQ accumulation over list entries [t_start, t_end) (in key tiles)."""
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(t_start, t_end):
+        n_blk = tl.load(idx_base + t // SPLIT_N)
+        offs_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N + offs_n0
+        if MASKED and not EVEN_L:
+            col_ok = offs_n < seq_len
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+            if HAS_DOCS:
+                doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+                allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -232,44 +383,91 @@ def _sparse_dq_kernel(
     delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
-        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+        doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
+    else:
+        doc_q = offs_m
 
     row = bh.to(tl.int64) * n_blocks + m_blk
     cnt = tl.load(KV_CNT + row)
     idx_base = KV_IDX + row * n_blocks
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    for t in range(0, cnt * SPLIT_N):
-        n_blk = tl.load(idx_base + t // SPLIT_N)
-        start_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
-        offs_n = start_n + offs_n0
-        if EVEN_L:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
-        else:
-            col_ok = offs_n < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        if HAS_DOCS:
-            doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
-            qk = tl.where(allowed, qk, float("-inf"))
-        else:
-            if (n_blk == m_blk) | (start_n + BLOCK_N > seq_len):
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                qk = tl.where(allowed, qk, float("-inf"))
-        p = tl.math.exp2(qk - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if HAS_DOCS:
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+    else:
+        last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
+        n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+        dq = _dq_tiles(
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
     dq = dq * sm_scale
     tl.store(
         DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
         mask=row_ok[:, None],
     )
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv, k, v, offs_n, doc_k,
+    q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
+    t_start, t_end, seq_len,
+    stride_ql, stride_dol, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """dK/dV accumulation over query-list entries [t_start, t_end) (in query tiles), transposed tiles."""
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(t_start, t_end):
+        m_blk = tl.load(idx_base + t // SPLIT_M)
+        offs_m = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M + offs_m0
+        # The last query block may be partial and shows up in off-diagonal entries too: its missing rows load
+        # as q = dO = lse = delta = 0, which adds exactly 0 to dK and dV.
+        if EVEN_L:
+            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :])
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            row_ok = offs_m < seq_len
+            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        # Transposed tile: rows are this program's keys, columns the visiting queries.
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
+            if HAS_DOCS:
+                doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_len, other=0)
+                allowed = allowed & (doc_k[:, None] == doc_q[None, :])
+            qk_t = tl.where(allowed, qk_t, float("-inf"))
+        p_t = tl.math.exp2(qk_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -314,49 +512,42 @@ def _sparse_dkdv_kernel(
         mask=col_ok[:, None],
         other=0.0,
     )
+    doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
-        doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=col_ok, other=-2)
+        doc_k = tl.load(DOC + doc_base + offs_n, mask=col_ok, other=-2)
+    else:
+        doc_k = offs_n
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    offs_m0 = tl.arange(0, BLOCK_M)
     for g in range(0, group):
         h = hk * group + g
         bh = b * n_heads_q + h
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        lse_base = LSE + bh.to(tl.int64) * seq_len
+        delta_base = DELTA + bh.to(tl.int64) * seq_len
         row = bh.to(tl.int64) * n_blocks + n_blk
         cnt = tl.load(Q_CNT + row)
         idx_base = Q_IDX + row * n_blocks
-        for t in range(0, cnt * SPLIT_M):
-            m_blk = tl.load(idx_base + t // SPLIT_M)
-            start_m = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
-            offs_m = start_m + offs_m0
-            if EVEN_L:
-                q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :])
-                do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :])
-                lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m)
-                delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m)
-            else:
-                row_ok = offs_m < seq_len
-                q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-                do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-                lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-            # Transposed tile: rows are this program's keys, columns the visiting queries.
-            qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
-            if HAS_DOCS:
-                doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=offs_m < seq_len, other=-1)
-                allowed = (offs_n[:, None] <= offs_m[None, :]) & (doc_k[:, None] == doc_q[None, :]) & (offs_m[None, :] < seq_len)
-                qk_t = tl.where(allowed, qk_t, float("-inf"))
-            else:
-                if (n_blk == m_blk) | (start_m + BLOCK_M > seq_len):
-                    allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
-                    qk_t = tl.where(allowed, qk_t, float("-inf"))
-            p_t = tl.math.exp2(qk_t - lse[None, :])
-            dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if HAS_DOCS:
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
+                0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+            )
+        else:
+            first = tl.load(idx_base)
+            n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
+                0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+            )
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
+                n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+            )
     dk = dk * sm_scale
     tl.store(
         DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
@@ -432,19 +623,17 @@ def sparse_attention_forward(
         kv_indices: int32 `[B, Hq, nB, nB]`, kv_counts: int32 `[B, Hq, nB]` from `block_mask_to_indices`.
         document_ids: int32 `[B, L]` contiguous, or None.
         out, lse: optional preallocated outputs (`[B, Hq, L, D]` in q's dtype, float32 `[B, Hq, L]`).
-        config: tile settings (default: `_pick(..., "fwd")`).
+        config: explicit tile settings (default: autotuned on long GPU inputs, else `default_config`).
     Returns:
         `(out, lse)`: lse is the base-2 log-sum-exp of the scaled scores, +inf for rows with no allowed key.
     """
     bsz, hq, seq_len, dim = q.shape
     nb = num_blocks(seq_len, block_size)
-    cfg = config or _pick(block_size, dim, "fwd")
     if out is None:
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    grid = (bsz * hq, nb * (block_size // cfg.block_m))
-    _sparse_fwd_kernel[grid](
+    args = (
         q, k, v, out, lse,
         kv_indices, kv_counts, document_ids if document_ids is not None else kv_counts,
         sm_scale * LOG2E,
@@ -453,15 +642,18 @@ def sparse_attention_forward(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         seq_len, nb, hq, hq // k.shape[1],
+    )
+    kwargs = dict(
         HAS_DOCS=document_ids is not None,
         EVEN_L=seq_len % block_size == 0,
         BLOCK=block_size,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    )
+    launch(
+        _sparse_fwd_kernel, "fwd", block_size, seq_len,
+        lambda meta: (bsz * hq, nb * (block_size // meta["BLOCK_M"])),
+        args, kwargs, config,
     )
     return out, lse
 
@@ -517,8 +709,7 @@ def sparse_attention_backward(
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
     )
-    cfg = dq_config or _pick(block_size, dim, "dq")
-    _sparse_dq_kernel[(bsz * hq, nb * (block_size // cfg.block_m))](
+    dq_args = (
         q, k, v, dout, dq, lse, delta,
         kv_indices, kv_counts, docs,
         sm_scale * LOG2E, sm_scale,
@@ -528,14 +719,13 @@ def sparse_attention_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_len, nb, hq, hq // hkv,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **common,
     )
-    cfg = dkdv_config or _pick(block_size, dim, "dkdv")
-    _sparse_dkdv_kernel[(bsz * hkv, nb * (block_size // cfg.block_n))](
+    launch(
+        _sparse_dq_kernel, "dq", block_size, seq_len,
+        lambda meta: (bsz * hq, nb * (block_size // meta["BLOCK_M"])),
+        dq_args, common, dq_config,
+    )
+    dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta,
         q_indices, q_counts, docs,
         sm_scale * LOG2E, sm_scale,
@@ -546,11 +736,11 @@ def sparse_attention_backward(
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        **common,
+    )
+    launch(
+        _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
+        lambda meta: (bsz * hkv, nb * (block_size // meta["BLOCK_N"])),
+        dkdv_args, common, dkdv_config,
     )
     return dq, dk, dv
 

@@ -27,20 +27,80 @@ from .triton_attention import (
     _last_dim_contiguous,
     _precision,
     check_inputs,
-    interpreting,
+    launch,
     prepare_documents,
     sparse_attention_backward,
     sparse_attention_forward,
 )
 
 
-def _pick_gt(block: int, head_dim: int) -> TileConfig:
-    """Launch settings; `block_m` is always the whole block (the pooling needs all its rows)."""
-    if interpreting():
-        return TileConfig(block, block, 4, 1)
-    if block == 128:
-        return TileConfig(128, 64 if head_dim > 64 else 128, 8, 3)
-    return TileConfig(block, min(block, 64), 4, 3)
+@triton.jit
+def _lse_tiles(
+    m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+    t_start, t_end, seq_len, stride_kl, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for t in range(t_start, t_end):
+        offs_n = t * BLOCK_N + offs_n0
+        if MASKED:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        if MASKED:
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+            if HAS_DOCS:
+                doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+                allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(qk - m_use[:, None]), 1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
+def _pool_blocks(
+    q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+    j_start, j_end, seq_len, stride_kl, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse)."""
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j in range(j_start, j_end):
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_N):
+            offs_n = j * BLOCK + s * BLOCK_N + offs_n0
+            if MASKED:
+                k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+            else:
+                k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            if MASKED:
+                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                if HAS_DOCS:
+                    doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+                    allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+                qk = tl.where(allowed, qk, float("-inf"))
+            best = tl.maximum(best, tl.max(qk, 1))
+        # exp2(-inf - lse) = 0 for rows with nothing allowed in this block; rows past the end count for nothing.
+        val = tl.where(row_ok, tl.math.exp2(best - lse), 0.0)
+        tl.store(out_base + j, tl.max(val, 0))
 
 
 @triton.jit
@@ -77,12 +137,13 @@ def _ground_truth_kernel(
         other=0.0,
     )
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    offs_n0 = tl.arange(0, BLOCK_N)
+    doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
-        doc_q = tl.load(DOC + b.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=-1)
+        doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
         # Key blocks before this one share no document with the query block: their entries stay 0.
         first = tl.load(FIRST_KB + b.to(tl.int64) * n_blocks + m_blk)
     else:
+        doc_q = offs_m
         first = 0
 
     if HAS_LSE:
@@ -90,47 +151,45 @@ def _ground_truth_kernel(
     else:
         m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
-        for t in range(first * SPLIT_N, (m_blk + 1) * SPLIT_N):
-            start_n = t * BLOCK_N
-            offs_n = start_n + offs_n0
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            if HAS_DOCS:
-                doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
-                qk = tl.where(allowed, qk, float("-inf"))
-            else:
-                if (start_n + BLOCK_N > m_blk * BLOCK) | (start_n + BLOCK_N > seq_len):
-                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                    qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(qk - m_use[:, None]), 1)
-            m_i = m_new
-        # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0) get +inf so that
-        # exp2(best - lse) stays 0 instead of NaN before they are dropped below.
+        if HAS_DOCS:
+            m_i, l_i = _lse_tiles(
+                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                first * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+            )
+        else:
+            m_i, l_i = _lse_tiles(
+                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                0, m_blk * SPLIT_N, seq_len, stride_kl, scale_log2,
+                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+            )
+            m_i, l_i = _lse_tiles(
+                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                m_blk * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+            )
+        # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
+        # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
         lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
 
     out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_row.to(tl.int64) * stride_or
-    for j in range(first, m_blk + 1):
-        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_N):
-            start_n = j * BLOCK + s * BLOCK_N
-            offs_n = start_n + offs_n0
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-            if HAS_DOCS:
-                doc_k = tl.load(DOC + b.to(tl.int64) * seq_len + offs_n, mask=offs_n < seq_len, other=-2)
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & (doc_q[:, None] == doc_k[None, :]) & (offs_n[None, :] < seq_len)
-                qk = tl.where(allowed, qk, float("-inf"))
-            else:
-                if (j == m_blk) | (start_n + BLOCK_N > seq_len):
-                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                    qk = tl.where(allowed, qk, float("-inf"))
-            best = tl.maximum(best, tl.max(qk, 1))
-        # exp2(-inf - lse) = 0 for rows with nothing allowed in this block; rows past the end count for nothing.
-        val = tl.where(row_ok, tl.math.exp2(best - lse), 0.0)
-        tl.store(out_base + j, tl.max(val, 0))
+    if HAS_DOCS:
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            first, m_blk + 1, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+    else:
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            0, m_blk, seq_len, stride_kl, scale_log2,
+            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            m_blk, m_blk + 1, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+        )
 
 
 def _first_key_blocks(docs: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -181,8 +240,7 @@ def ground_truth_forward(
     blocks_sorted = query_blocks[order].to(torch.int32).contiguous()
     out_rows = order.to(torch.int32).contiguous()
     first = _first_key_blocks(document_ids, block_size) if document_ids is not None else out_rows
-    cfg = config or _pick_gt(block_size, dim)
-    _ground_truth_kernel[(bsz * hq, nq)](
+    args = (
         q, k, lse if lse is not None else out, out,
         blocks_sorted, out_rows, first, document_ids if document_ids is not None else out_rows,
         sm_scale * LOG2E,
@@ -190,15 +248,15 @@ def ground_truth_forward(
         k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         seq_len, nb, hq, hq // k.shape[1],
+    )
+    kwargs = dict(
         HAS_DOCS=document_ids is not None,
         HAS_LSE=lse is not None,
         BLOCK=block_size,
-        BLOCK_N=cfg.block_n,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
     )
+    launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (bsz * hq, nq), args, kwargs, config)
     out.div_(out.sum(-1, keepdim=True))
     return out
 
