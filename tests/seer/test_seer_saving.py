@@ -1,0 +1,111 @@
+"""Gates save as their own adapter and reload onto a fresh base model (+ LoRA) with identical selections."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from seer_finetune.config import AttentionConfig, ModelConfig, PeftConfig, SeerConfig
+from seer_finetune.modeling import save_final
+from seer_finetune.seer import SeerRuntime, build_extension, load_gates, load_seer_model, seer_gates
+from seer_finetune.seer.saving import CONFIG_NAME, WEIGHTS_NAME
+from seer_helpers import packed_position_ids, random_ids, tiny_model
+from helpers import ASSETS, save_tiny_model
+
+
+def _cfg(name: str, **attention) -> SeerConfig:
+    a = dict(backend="seer", mode="joint", block_size=16, gate_hidden_size=16, density=0.5)
+    a.update(attention)
+    return SeerConfig(model=ModelConfig(name_or_path=name), attention=AttentionConfig(**a))
+
+
+def _selections(model, runtime: SeerRuntime):
+    runtime.record_block_masks, runtime.compute_loss = True, False
+    runtime.block_masks.clear()
+    with torch.no_grad():
+        logits = model(
+            input_ids=random_ids(1, 160, seed=9), position_ids=packed_position_ids([70, 90]), use_cache=False
+        ).logits
+    return {i: m.clone() for i, m in runtime.block_masks.items()}, logits
+
+
+def test_reloaded_gates_select_identical_blocks_on_a_fresh_base(tmp_path):
+    model = tiny_model("qwen2")
+    torch.manual_seed(123)  # gates get their own random init
+    ext = build_extension(model, _cfg("tiny-qwen2"))
+    ext.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert meta["base_model"] == "tiny-qwen2" and meta["block_size"] == 16 and meta["gate_hidden_size"] == 16
+    assert meta["q_pooling"] == ["avg"] and meta["k_pooling"] == ["max", "min"] and meta["layers"] == [0, 1]
+    assert (tmp_path / WEIGHTS_NAME).stat().st_size < 64 * 1024
+    masks, logits = _selections(model, ext.runtime)
+    assert len(masks) == 2
+
+    fresh = tiny_model("qwen2")
+    runtime = load_gates(fresh, tmp_path, runtime=SeerRuntime(mode="joint", density=0.5))
+    fresh_masks, fresh_logits = _selections(fresh, runtime)
+    for layer in masks:
+        assert torch.equal(masks[layer], fresh_masks[layer])
+    torch.testing.assert_close(fresh_logits, logits, rtol=0, atol=0)
+
+    # the comparison can fail: differently initialised gates select other blocks
+    other = tiny_model("qwen2")
+    torch.manual_seed(7)
+    other_ext = build_extension(other, _cfg("tiny-qwen2"))
+    other_masks, _ = _selections(other, other_ext.runtime)
+    assert any(not torch.equal(masks[i], other_masks[i]) for i in masks)
+
+
+def test_mismatched_gates_are_refused(tmp_path):
+    model = tiny_model("llama")
+    build_extension(model, _cfg("tiny")).save_pretrained(tmp_path)
+    other = tiny_model("llama")
+    build_extension(other, _cfg("tiny", block_size=32))
+    with pytest.raises(ValueError, match="block_size"):
+        load_gates(other, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no seer gates"):
+        load_gates(other, tmp_path / "nowhere")
+
+
+def test_extension_state_dict_round_trip():
+    model = tiny_model("mistral")
+    torch.manual_seed(1)
+    ext = build_extension(model, _cfg("m"))
+    state = ext.state_dict()
+    assert sorted(state) == sorted(f"seer_gates.layers.{i}.{n}" for i in (0, 1) for n in ("q_weight", "k_weight"))
+    other = tiny_model("mistral")
+    torch.manual_seed(2)
+    other_ext = build_extension(other, _cfg("m"))
+    assert not torch.equal(seer_gates(other)[0].q_weight, seer_gates(model)[0].q_weight)
+    other_ext.load_state_dict(state)
+    for a, b in zip(seer_gates(model), seer_gates(other)):
+        assert torch.equal(a.q_weight, b.q_weight) and torch.equal(a.k_weight, b.k_weight)
+
+
+def test_compose_base_lora_and_gates_from_a_run_folder(tmp_path):
+    """A LoRA run's final folder (lead's `save_final`) + gates reloads as the same sparse model."""
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = save_tiny_model(tmp_path / "base", "llama", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).float()
+    torch.manual_seed(5)
+    cfg = _cfg(str(base_dir))
+    ext = build_extension(model, cfg)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.eval()
+    masks, logits = _selections(peft_model, ext.runtime)
+    final = save_final(
+        peft_model, AutoTokenizer.from_pretrained(ASSETS), tmp_path / "final",
+        model_cfg=cfg.model, peft_cfg=PeftConfig(method="lora", r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    ext.save_pretrained(final)
+
+    loaded, runtime = load_seer_model(final, runtime=SeerRuntime(mode="joint", density=0.5))
+    assert loaded.get_base_model().config._attn_implementation == "seer"
+    got_masks, got_logits = _selections(loaded, runtime)
+    for layer in masks:
+        assert torch.equal(masks[layer], got_masks[layer])
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)

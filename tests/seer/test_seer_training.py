@@ -1,0 +1,93 @@
+"""The trainer extension: modes, parameter groups, metrics, and a short gate distillation that learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seer_finetune.config import AttentionConfig, ModelConfig, OptimConfig, SeerConfig
+from seer_finetune.seer import build_extension, seer_gates
+from seer_helpers import packed_position_ids, random_ids, tiny_model, topic_ids, topic_model
+
+
+def _cfg(**attention) -> SeerConfig:
+    a = dict(backend="seer", block_size=16, gate_hidden_size=32)
+    a.update(attention)
+    return SeerConfig(
+        model=ModelConfig(name_or_path="tiny"), attention=AttentionConfig(**a), optim=OptimConfig(lr=1e-4, gate_lr=3e-3)
+    )
+
+
+def test_modes_set_weights_freezing_and_groups():
+    distill = build_extension(tiny_model("llama"), _cfg(mode="gate_distill"))
+    assert distill.freeze_base and distill.lm_loss_weight == 0.0
+    (group,) = distill.param_groups()
+    assert group["name"] == "gates" and group["lr"] == 3e-3 and len(group["params"]) == 4
+    joint = build_extension(tiny_model("llama"), _cfg(mode="joint", density=0.5))
+    assert not joint.freeze_base and joint.lm_loss_weight == 1.0
+    dense = build_extension(tiny_model("llama"), _cfg(mode="dense"))
+    assert dense.param_groups() == [] and dense.extra_losses() == {}
+    with pytest.raises(ValueError, match="backend=seer"):
+        build_extension(tiny_model("llama"), _cfg(backend="sdpa"))
+
+
+def test_gate_loss_falls_during_distillation():
+    """Gates distilled on a tiny model with topic-structured attention: the loss on fresh batches falls."""
+    model = topic_model("qwen3")
+    ext = build_extension(model, _cfg(mode="gate_distill", gate_loss_scale=1.0, ground_truth_query_fraction=0.5))
+    model.requires_grad_(False)
+    params = ext.param_groups()[0]["params"]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    losses = []
+    for step in range(40):
+        out = model(input_ids=topic_ids(2, 128, 16, seed=100 + step), use_cache=False)
+        extra = ext.extra_losses()
+        loss = out.logits.sum() * 0.0 * ext.lm_loss_weight + extra["gate_loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(extra["gate_loss"].detach()))
+    metrics = ext.metrics()
+    # the model's output stays dense while distilling: no selection, so no density to report
+    assert set(metrics) == {"seer/gate_loss"}
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+
+
+def test_joint_step_lm_gradient_reaches_model_only_through_sparse_attention():
+    model = tiny_model("llama", sharpen=2.0)
+    ext = build_extension(model, _cfg(mode="joint", density=0.5, gate_loss_scale=0.5))
+    model.train()
+    ids = random_ids(1, 128)
+    out = model(input_ids=ids, labels=ids, position_ids=packed_position_ids([50, 78]), use_cache=False)
+    extra = ext.extra_losses()
+    assert set(extra) == {"gate_loss"} and extra["gate_loss"].requires_grad
+    assert ext.extra_losses() == {}  # cleared after reading
+    out.loss.backward(retain_graph=True)
+    gates = seer_gates(model)
+    # the LM loss does not reach the gates (selection is not differentiable) but reaches the model
+    assert all(g.q_weight.grad is None for g in gates)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    extra["gate_loss"].backward()
+    assert all(g.q_weight.grad.abs().sum() > 0 for g in gates)
+    metrics = ext.metrics()
+    assert abs(metrics["seer/density"] - 0.5) < 0.1
+    # gate_loss_scale weights the returned loss, metrics report the unweighted sum
+    assert float(extra["gate_loss"].detach()) == pytest.approx(0.5 * metrics["seer/gate_loss"], rel=1e-5)
+
+
+def test_ground_truth_subset_and_eval_mode():
+    model = tiny_model("llama")
+    ext = build_extension(model, _cfg(mode="joint", density=0.5, ground_truth_query_fraction=0.25))
+    model.train()
+    model(input_ids=random_ids(1, 128), use_cache=False)
+    assert ext.extra_losses()["gate_loss"].requires_grad
+    ext.set_training(False)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=random_ids(1, 128), use_cache=False)
+    assert not ext.runtime.take_losses()[0].requires_grad
+    assert "seer/gate_loss" in ext.metrics()
