@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=100, help="do_bench warm-up, ms")
     p.add_argument("--rep", type=int, default=400, help="do_bench repetition time, ms")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", action="store_true",
+                   help="also time kernel-only variants: tile configs at each density, exact vs packed exp2")
     p.add_argument("--json", type=Path, default=None, help="write all records here")
     return p.parse_args(argv)
 
@@ -152,6 +154,36 @@ def correctness_check(args, device, records: list) -> None:
         print(f"check ground truth block {gblock}: max abs err {err:.2e}", flush=True)
 
 
+def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
+    """Kernel-only forward times (block lists built outside the timing) for each tile candidate, and the
+    exact vs packed exp2 of the forward and ground-truth kernels. Informs the defaults; not a target."""
+    import os
+
+    import seer_kernels as sk
+    from seer_kernels.triton_attention import candidates, sparse_attention_forward
+    from seer_kernels.triton_ground_truth import ground_truth_forward
+
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for d, mask in masks.items():
+        idx, cnt = sk.block_mask_to_indices(mask)
+        for fast in ("1", "0"):
+            os.environ["SEER_KERNELS_FAST_EXP"] = fast
+            cfgs = candidates("fwd", args.block) if fast == "1" else [None]
+            for cfg in cfgs:
+                ms = bench(lambda cfg=cfg: sparse_attention_forward(
+                    q, k, v, idx, cnt, block_size=args.block, sm_scale=scale, config=cfg), args)
+                rows.append({"variant": "fwd kernel only", "density": d, "fast_exp": fast == "1",
+                             "config": str(cfg) if cfg else "autotuned", "ms": ms})
+                print(rows[-1], flush=True)
+    for gblock in args.gt_blocks:
+        for fast in ("1", "0"):
+            os.environ["SEER_KERNELS_FAST_EXP"] = fast
+            ms = bench(lambda gblock=gblock: ground_truth_forward(q, k, block_size=gblock, sm_scale=scale), args)
+            rows.append({"variant": f"ground truth bs{gblock}", "fast_exp": fast == "1", "ms": ms})
+            print(rows[-1], flush=True)
+    os.environ.pop("SEER_KERNELS_FAST_EXP", None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -218,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         flex = torch.compile(flex_attention, dynamic=False)
 
     nb = math.ceil(L / args.block)
+    variant_rows: list[dict] = []
+    if args.variants:
+        masks = {d: causal_density_mask(bsz, hq, nb, d, device=device, seed=args.seed + int(d * 1000))
+                 for d in args.densities}
+        time_variants(args, q, k, v, masks, variant_rows)
+        del masks
     for d in args.densities:
         mask = causal_density_mask(bsz, hq, nb, d, device=device, seed=args.seed + int(d * 1000))
         rd = real_density(mask)
@@ -272,12 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
 
     tuned = {f"{k}_{b}": c for (k, b), c in tuned_choices().items()}
-    result = {"env": env, "checks": records, "results": rows, "tuned_configs": tuned,
+    result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,
               "wall_s": time.time() - t_start}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     print("tuned configs:", json.dumps(tuned), flush=True)
+    for r in variant_rows:
+        print(f"variant {r['variant']:<18} d={r.get('density', '-')!s:<4} fast_exp={r['fast_exp']!s:<5} "
+              f"{r.get('config', ''):<60} {r['ms']:.3f} ms")
     print_table(rows, records, cudnn)
     return 0
 

@@ -122,7 +122,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
                 )
                 for c in candidates(kind, block)
             ]
-            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + (["HAS_LSE"] if kind == "gt" else [])
+            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM", "FAST_EXP"] + (["HAS_LSE"] if kind == "gt" else [])
             tuner = triton.autotune(configs=configs, key=keys)(kernel)
             _TUNERS[key] = tuner
         tuner[grid](*args, **kwargs)
@@ -143,6 +143,23 @@ def tuned_choices() -> dict:
 
 
 @triton.jit
+def exp2_packed(x, DTYPE: tl.constexpr):
+    """exp2 of float32 `x` rounded to DTYPE (bfloat16 or float16), two lanes per MUFU instruction (sm_90+).
+
+    Exponentials are what limits attention on Hopper besides the matmuls; the packed forms halve their cost.
+    The result is as precise as the 16-bit P that feeds the next matmul anyway.
+    """
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
+        )
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
+        )
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, offs_m, doc_q,
     k_base, v_base, idx_base, DOC, doc_base,
@@ -155,6 +172,7 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -170,20 +188,33 @@ def _fwd_tiles(
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
+            qk = qk * scale_log2
             allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
             if HAS_DOCS:
                 doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
                 allowed = allowed & (doc_q[:, None] == doc_k[None, :])
             qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with nothing allowed yet has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # A row with nothing allowed yet has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            x = qk - m_use[:, None]
+        else:
+            # Every entry is allowed, so the row max is finite; the scale folds into one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_use = m_new
+            x = qk * scale_log2 - m_use[:, None]
+        if FAST_EXP:
+            p_lo = exp2_packed(x, v.dtype)
+            l_ij = tl.sum(p_lo.to(tl.float32), 1)
+        else:
+            p = tl.math.exp2(x)
+            l_ij = tl.sum(p, 1)
+            p_lo = p.to(v.dtype)
         alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + l_ij
+        acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -205,6 +236,7 @@ def _sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -241,7 +273,7 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -249,12 +281,12 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
 
     empty = l_i == 0.0
@@ -309,6 +341,7 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """dQ accumulation over list entries [t_start, t_end) (in key tiles)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -324,17 +357,21 @@ def _dq_tiles(
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        x = qk * scale_log2 - lse[:, None]
         if MASKED:
             allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
             if HAS_DOCS:
                 doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
                 allowed = allowed & (doc_q[:, None] == doc_k[None, :])
-            qk = tl.where(allowed, qk, float("-inf"))
-        p = tl.math.exp2(qk - lse[:, None])
+            x = tl.where(allowed, x, float("-inf"))
+        if FAST_EXP:
+            p = exp2_packed(x, k.dtype).to(tl.float32)
+        else:
+            p = tl.math.exp2(x)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
@@ -356,6 +393,7 @@ def _sparse_dq_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -397,7 +435,7 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -405,12 +443,12 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
     dq = dq * sm_scale
     tl.store(
@@ -433,6 +471,7 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """dK/dV accumulation over query-list entries [t_start, t_end) (in query tiles), transposed tiles."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
@@ -455,18 +494,24 @@ def _dkdv_tiles(
             lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         # Transposed tile: rows are this program's keys, columns the visiting queries.
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        x_t = qk_t * scale_log2 - lse[None, :]
         if MASKED:
             allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
             if HAS_DOCS:
                 doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_len, other=0)
                 allowed = allowed & (doc_k[:, None] == doc_q[None, :])
-            qk_t = tl.where(allowed, qk_t, float("-inf"))
-        p_t = tl.math.exp2(qk_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+            x_t = tl.where(allowed, x_t, float("-inf"))
+        if FAST_EXP:
+            p_lo = exp2_packed(x_t, do.dtype)
+            p_t = p_lo.to(tl.float32)
+        else:
+            p_t = tl.math.exp2(x_t)
+            p_lo = p_t.to(do.dtype)
+        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -489,6 +534,7 @@ def _sparse_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -533,7 +579,7 @@ def _sparse_dkdv_kernel(
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
             )
         else:
             first = tl.load(idx_base)
@@ -541,12 +587,12 @@ def _sparse_dkdv_kernel(
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
             )
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
             )
     dk = dk * sm_scale
     tl.store(
@@ -562,6 +608,13 @@ def _sparse_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
+
+
+def fast_exp(dtype: torch.dtype) -> bool:
+    """Packed 16-bit exp2 on the GPU for 16-bit inputs (the interpreter cannot run inline PTX)."""
+    if interpreting() or os.environ.get("SEER_KERNELS_FAST_EXP", "1") == "0":
+        return False
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -649,6 +702,7 @@ def sparse_attention_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
+        FAST_EXP=fast_exp(q.dtype),
     )
     launch(
         _sparse_fwd_kernel, "fwd", block_size, seq_len,
@@ -708,6 +762,7 @@ def sparse_attention_backward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
+        FAST_EXP=fast_exp(q.dtype),
     )
     dq_args = (
         q, k, v, dout, dq, lse, delta,

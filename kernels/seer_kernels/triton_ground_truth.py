@@ -27,6 +27,8 @@ from .triton_attention import (
     _last_dim_contiguous,
     _precision,
     check_inputs,
+    exp2_packed,
+    fast_exp,
     launch,
     prepare_documents,
     sparse_attention_backward,
@@ -43,6 +45,7 @@ def _lse_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V."""
     offs_n0 = tl.arange(0, BLOCK_N)
@@ -53,18 +56,37 @@ def _lse_tiles(
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
+            qk = qk * scale_log2
             allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
             if HAS_DOCS:
                 doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
                 allowed = allowed & (doc_q[:, None] == doc_k[None, :])
             qk = tl.where(allowed, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(qk - m_use[:, None]), 1)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            x = qk - m_use[:, None]
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
+            m_use = m_new
+            x = qk * scale_log2 - m_use[:, None]
+        if FAST_EXP:
+            # float16 (not bfloat16) keeps 11 bits: the sum, and so the lse, stays within ~1e-3 relative.
+            l_ij = tl.sum(exp2_packed(x, tl.float16).to(tl.float32), 1)
+        else:
+            l_ij = tl.sum(tl.math.exp2(x), 1)
+        l_i = l_i * tl.math.exp2(m_i - m_use) + l_ij
         m_i = m_new
     return m_i, l_i
+
+
+@triton.jit
+def _flush_pooled(row_max, lse, row_ok, ptr, n_valid, CHUNK: tl.constexpr):
+    """Turn per-row block maxima `[BLOCK, CHUNK]` into pooled values and store the first n_valid."""
+    vals = tl.where(row_ok[:, None], tl.math.exp2(row_max - lse[:, None]), 0.0)
+    cols = tl.arange(0, CHUNK)
+    tl.store(ptr + cols, tl.max(vals, 0), mask=cols < n_valid)
 
 
 @triton.jit
@@ -77,11 +99,19 @@ def _pool_blocks(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
-    """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse)."""
+    """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse).
+
+    The max over rows crosses warps (shared memory and a barrier), so it is not done per key block: the
+    per-row maxima of CHUNK consecutive blocks are collected in registers and reduced together.
+    """
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    CHUNK: tl.constexpr = 16
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    slots = tl.arange(0, CHUNK)
+    row_max = tl.full([BLOCK, CHUNK], float("-inf"), dtype=tl.float32)
     for j in range(j_start, j_end):
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for s in tl.static_range(SPLIT_N):
@@ -90,7 +120,7 @@ def _pool_blocks(
                 k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
             else:
                 k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if MASKED:
                 allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
                 if HAS_DOCS:
@@ -98,9 +128,14 @@ def _pool_blocks(
                     allowed = allowed & (doc_q[:, None] == doc_k[None, :])
                 qk = tl.where(allowed, qk, float("-inf"))
             best = tl.maximum(best, tl.max(qk, 1))
-        # exp2(-inf - lse) = 0 for rows with nothing allowed in this block; rows past the end count for nothing.
-        val = tl.where(row_ok, tl.math.exp2(best - lse), 0.0)
-        tl.store(out_base + j, tl.max(val, 0))
+        slot = (j - j_start) % CHUNK
+        # The scale is positive, so it commutes with the max: one multiply per row instead of per score.
+        row_max = tl.where(slots[None, :] == slot, (best * scale_log2)[:, None], row_max)
+        if slot == CHUNK - 1:
+            _flush_pooled(row_max, lse, row_ok, out_base + j - (CHUNK - 1), CHUNK, CHUNK)
+    n_left = (j_end - j_start) % CHUNK
+    if n_left > 0:
+        _flush_pooled(row_max, lse, row_ok, out_base + j_end - n_left, n_left, CHUNK)
 
 
 @triton.jit
@@ -118,6 +153,7 @@ def _ground_truth_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    FAST_EXP: tl.constexpr,
 ):
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     bh = tl.program_id(0)
@@ -155,18 +191,18 @@ def _ground_truth_kernel(
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 first * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
             )
         else:
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 0, m_blk * SPLIT_N, seq_len, stride_kl, scale_log2,
-                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
             )
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 m_blk * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
             )
         # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
@@ -177,18 +213,18 @@ def _ground_truth_kernel(
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             first, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
     else:
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             0, m_blk, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             m_blk, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
         )
 
 
@@ -255,6 +291,7 @@ def ground_truth_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
+        FAST_EXP=fast_exp(q.dtype),
     )
     launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (bsz * hq, nq), args, kwargs, config)
     out.div_(out.sum(-1, keepdim=True))

@@ -108,6 +108,8 @@ GT_CASES = [
     (2, 77, 16, 4, 2, 16, "padded"),
     (1, 200, 64, 4, 1, 64, "packed"),
     (1, 260, 128, 2, 1, 32, None),
+    (1, 330, 16, 2, 1, 16, "packed"),  # > 16 key blocks: the pooled values leave the kernel in chunks of 16
+    (1, 300, 16, 2, 2, 16, None),
 ]
 
 
