@@ -124,6 +124,9 @@ class AttentionConfig:
             ground truth and the gate loss are computed.
         kernel: `auto` (Triton on CUDA, reference on CPU), `reference` or `triton`.
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
+        init_steps: With `mode: joint` and no `gates_path`: first distil the gates for this many steps (base
+            frozen, output in `<output_dir>/gate_init`), then train jointly from them, in one command
+            (`seer_finetune.seer.stages`). 0: a single stage.
     """
 
     backend: str = "sdpa"
@@ -141,6 +144,7 @@ class AttentionConfig:
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     gates_path: Optional[str] = None
+    init_steps: int = 0
 
 
 @dataclass

@@ -43,11 +43,10 @@ def test_gate_loss_falls_during_distillation():
     model.train()
     losses = []
     for step in range(40):
-        out = model(input_ids=topic_ids(2, 128, 16, seed=100 + step), use_cache=False)
+        model(input_ids=topic_ids(2, 128, 16, seed=100 + step), use_cache=False)
         extra = ext.extra_losses()
-        loss = out.logits.sum() * 0.0 * ext.lm_loss_weight + extra["gate_loss"]
         opt.zero_grad()
-        loss.backward()
+        extra["gate_loss"].backward()
         opt.step()
         losses.append(float(extra["gate_loss"].detach()))
     metrics = ext.metrics()

@@ -1,0 +1,201 @@
+"""`python -m seer_finetune eval`: perplexity over long documents at several lengths and densities/thresholds.
+
+Every setting runs the same model through the `seer` attention: density 1.0 is exact dense attention (the
+gates are not consulted), any other density or threshold uses the gates' block selection, and the realised
+density (fraction of causal candidate blocks kept, averaged over layers and windows) is reported next to the
+perplexity. Results go to a JSON file and a printed table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, SeerConfig
+from .attention import SeerRuntime, seer_gates
+
+
+def _settings(cfg: SeerConfig) -> list[tuple[str, float]]:
+    """("density", d) and ("threshold", t) pairs to evaluate, densities first."""
+    settings = [("density", float(d)) for d in cfg.eval.densities] + [("threshold", float(t)) for t in cfg.eval.thresholds]
+    if not settings:
+        raise ConfigError("eval: give eval.densities and/or eval.thresholds to evaluate")
+    for kind, value in settings:
+        if kind == "density" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"eval.densities: {value} must be in (0, 1]")
+        if kind == "threshold" and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"eval.thresholds: {value} must be in [0, 1]")
+    return settings
+
+
+def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerRuntime, str, bool]:
+    """(model, runtime, description of the gates, whether the gates were trained)."""
+    from ..modeling import load_model, resolve_dtype
+    from .saving import load_gates, load_seer_model
+
+    a = cfg.attention
+    runtime = SeerRuntime(mode="joint", block_size=int(a.block_size), kernel=a.kernel, training=False, compute_loss=False)
+    if cfg.eval.model_path:
+        path = Path(cfg.eval.model_path)
+        gates_dir = Path(a.gates_path) if a.gates_path else path
+        if not (gates_dir / "seer_gates.json").is_file():
+            raise ConfigError(f"eval: no seer gates in {gates_dir}; set attention.gates_path to a folder with seer_gates.json")
+        dtype = None if cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype, device)
+        model, runtime = load_seer_model(path, gates_path=gates_dir, runtime=runtime, device=device, dtype=dtype)
+        return model, runtime, str(gates_dir), True
+    model = load_model(cfg.model, cfg.rope, device=device, attn_implementation="sdpa", seed=cfg.trainer.seed)
+    if a.gates_path:
+        load_gates(model, a.gates_path, runtime=runtime)
+        return model.eval(), runtime, str(a.gates_path), True
+    from .attention import attach_seer_gates
+
+    attach_seer_gates(
+        model, runtime, gate_hidden_size=int(a.gate_hidden_size), q_pooling=tuple(a.q_pooling), k_pooling=tuple(a.k_pooling)
+    )
+    return model.eval(), runtime, "untrained (random) gates", False
+
+
+def _windows(cfg: SeerConfig, tokenizer, lengths: list[int]):
+    """Evaluation windows per length, cut from the held-out documents (never across documents)."""
+    from ..data import DocumentWindows, build_corpus, load_documents
+
+    d = cfg.data
+    if d.eval_source is not None:
+        documents = load_documents(d.eval_source, text_field=d.text_field, split=d.split, file_glob=d.file_glob)
+    else:
+        documents = load_documents(d.source, text_field=d.text_field, split=d.split, file_glob=d.file_glob)
+        if d.eval_documents <= 0 or len(documents) <= d.eval_documents:
+            raise ConfigError("eval: give data.eval_source, or data.eval_documents held out from a larger data.source")
+        documents = documents[-d.eval_documents :]
+    corpus = build_corpus(documents, tokenizer, cache_dir=d.cache_dir, num_proc=d.num_proc)
+    out = {}
+    for length in lengths:
+        windows = DocumentWindows(corpus, length, d.max_eval_sequences)
+        if len(windows) == 0:
+            longest = int(max(corpus.doc_starts[i + 1] - corpus.doc_starts[i] for i in range(corpus.num_documents)))
+            raise ConfigError(f"eval: no evaluation document reaches {length} tokens (the longest has {longest})")
+        out[length] = windows
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of eval results (one line per length and setting)."""
+    head = f"{'length':>8} {'setting':>16} {'ppl':>12} {'loss':>9} {'density':>9} {'sparsity':>9} {'windows':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        setting = f"{r['setting']}={r['value']:g}"
+        lines.append(
+            f"{r['length']:>8} {setting:>16} {r['ppl']:>12.3f} {r['loss']:>9.4f} {r['realised_density']:>9.3f} "
+            f"{r['sparsity']:>9.3f} {r['windows']:>8}"
+        )
+    return "\n".join(lines)
+
+
+def run_eval(cfg: SeerConfig) -> dict[str, Any]:
+    """Perplexity of a model + gates at `eval.lengths` for every density in `eval.densities` and threshold in
+    `eval.thresholds`.
+
+    Args:
+        cfg: The composed configuration. `eval.model_path` names a saved run folder (full model or LoRA
+            adapter; gates from the same folder or `attention.gates_path`); without it the configured
+            `model` (with `rope`) is loaded and gates come from `attention.gates_path` (or are untrained).
+            `eval.lengths` defaults to `data.eval_seq_len` or `data.seq_len`; windows come from the held-out
+            documents (`data.eval_source`, or the last `data.eval_documents` of `data.source`), at most
+            `data.max_eval_sequences` per length.
+
+    Returns:
+        The JSON-ready result, also written to `eval.output` (default `<trainer.output_dir>/eval.json`):
+        `{"model", "gates", "gates_trained", "block_size", "results": [{"length", "setting", "value", "ppl",
+        "loss", "tokens", "windows", "realised_density", "sparsity"}, ...]}`.
+    """
+    from ..modeling import load_tokenizer, resolve_device
+
+    torch.manual_seed(cfg.trainer.seed)
+    settings = _settings(cfg)
+    lengths = [int(n) for n in cfg.eval.lengths] or [int(cfg.data.eval_seq_len or cfg.data.seq_len)]
+    device = resolve_device(cfg.trainer.device)
+    model, runtime, gates, trained = _load(cfg, device)
+    if not seer_gates(model):
+        raise ConfigError("eval: the model has no seer gates")
+    tokenizer = load_tokenizer(cfg.model)
+    windows = _windows(cfg, tokenizer, lengths)
+    rows: list[dict[str, Any]] = []
+    print(format_table([]), flush=True)
+    for length in lengths:
+        for result in evaluate_settings(
+            model, runtime, windows[length], settings, device=device, batch_size=cfg.trainer.micro_batch_size
+        ):
+            realised = result["realised_density"]
+            realised = math.nan if realised is None else realised
+            rows.append({"length": length, **result, "windows": len(windows[length]), "realised_density": realised, "sparsity": 1.0 - realised})
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    report = {
+        "model": cfg.eval.model_path or cfg.model.name_or_path,
+        "gates": gates,
+        "gates_trained": trained,
+        "block_size": runtime.block_size,
+        "results": rows,
+    }
+    output = Path(cfg.eval.output) if cfg.eval.output else Path(cfg.trainer.output_dir) / "eval.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n[seer-finetune] eval of {report['model']} with {gates} (block {runtime.block_size})")
+    print(format_table(rows))
+    print(f"[seer-finetune] wrote {output}", flush=True)
+    return report
+
+
+def evaluate_settings(
+    model: torch.nn.Module,
+    runtime: SeerRuntime,
+    dataset,
+    settings: list[tuple[str, float]],
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+) -> list[dict[str, Any]]:
+    """Perplexity and realised density of `model` on `dataset` for each ("density"|"threshold", value).
+
+    Args:
+        model: A model with gates attached (see `attach_seer_gates` / `load_seer_model`).
+        runtime: Its gates' shared runtime; restored to its previous mode/density/threshold afterwards.
+        dataset: Items with `input_ids` and `position_ids` (e.g. `DocumentWindows`).
+        settings: What to evaluate; ("density", 1.0) runs exact dense attention.
+        device: Where the model runs.
+        batch_size: Windows per forward. Default 1.
+
+    Returns:
+        One dict per setting: setting, value, ppl, loss, tokens, realised_density (None if no layer reported).
+    """
+    from ..evaluation import perplexity
+
+    saved = (runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss)
+    out = []
+    try:
+        runtime.training, runtime.compute_loss = False, False
+        for kind, value in settings:
+            dense = kind == "density" and value >= 1.0
+            runtime.mode = "dense" if dense else "joint"
+            runtime.density = value if kind == "density" and not dense else None
+            runtime.threshold = value if kind == "threshold" else None
+            runtime.take_stats()
+            result = perplexity(model, dataset, device=device, batch_size=batch_size)
+            densities = [v for k, v in runtime.take_stats().items() if k.startswith("density/")]
+            realised = 1.0 if dense else (sum(densities) / len(densities) if densities else None)
+            out.append(
+                {
+                    "setting": kind,
+                    "value": value,
+                    "ppl": result["ppl"],
+                    "loss": result["loss"],
+                    "tokens": result["tokens"],
+                    "realised_density": realised,
+                }
+            )
+    finally:
+        runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss = saved
+    return out
