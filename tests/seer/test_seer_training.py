@@ -90,3 +90,23 @@ def test_ground_truth_subset_and_eval_mode():
         model(input_ids=random_ids(1, 128), use_cache=False)
     assert not ext.runtime.take_losses()[0].requires_grad
     assert "seer/gate_loss" in ext.metrics()
+
+
+def test_gradient_checkpointing_recomputes_without_double_counting():
+    """Recomputed forwards re-run the hooks and the gates; grads and recorded metrics stay those of one pass."""
+    ids = random_ids(1, 96)
+    grads = []
+    for checkpointing in (False, True):
+        model = topic_model("llama")
+        torch.manual_seed(3)
+        ext = build_extension(model, _cfg(mode="joint", density=0.5))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        (out.loss + ext.extra_losses()["gate_loss"]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert len(ext.runtime.stats) == 1  # one forward's entries, overwritten (not added) by the recompute
+    assert grads[0].keys() == grads[1].keys() and any("seer_gate" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

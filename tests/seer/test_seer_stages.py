@@ -1,0 +1,72 @@
+"""End to end through the lead's trainer: smoke_seer's two stages (distil, then joint), then `run_eval`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from seer_finetune.compose import compose_config
+from seer_finetune.config import ConfigError
+from seer_finetune.seer.evaluate import run_eval
+from seer_finetune.seer.stages import gate_init_config, run_stages
+
+
+def _smoke(tmp_path, *extra):
+    return compose_config(
+        [
+            "+exp=smoke_seer",
+            f"trainer.output_dir={tmp_path}",
+            "data.seq_len=256",
+            "data.max_eval_sequences=1",
+            "attention.init_steps=3",
+            "trainer.max_steps=2",
+            "trainer.micro_batch_size=1",
+            "trainer.save_every=0",
+            "trainer.eval_before=false",
+            "trainer.progress_bar=false",
+            "eval.lengths=[256]",
+            f"eval.model_path={tmp_path / 'final'}",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
+    cfg = _smoke(tmp_path)
+    init = gate_init_config(cfg)
+    assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and not init.trainer.save_final
+
+    summary = run_stages(cfg)
+    assert summary["steps"] == 2 and summary["gate_init"]["steps"] == 3
+    stage1 = [json.loads(line) for line in (tmp_path / "gate_init" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in stage1 if "train/gate_loss" in r] == [1, 2, 3]
+    assert all(r["train/lm_loss"] > 0 and r["train/loss"] == r["train/gate_loss"] for r in stage1 if "train/gate_loss" in r)
+    stage2 = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    joint_steps = [r for r in stage2 if "train/seer/density" in r]
+    assert len(joint_steps) == 2 and all(abs(r["train/seer/density"] - 0.5) < 0.05 for r in joint_steps)
+    gates = json.loads((tmp_path / "final" / "seer_gates.json").read_text())
+    assert gates["base_model"] == "builtin:tiny_llama" and gates["block_size"] == 32
+
+    report = run_eval(cfg)
+    printed = capsys.readouterr().out
+    rows = report["results"]
+    assert [(r["setting"], r["value"]) for r in rows] == [("density", 1.0), ("density", 0.5), ("density", 0.1)]
+    assert rows[0]["realised_density"] == 1.0 and abs(rows[1]["realised_density"] - 0.5) < 0.05
+    # 8 blocks of 32: the diagonal alone is 8 / 36 of the causal blocks, the floor for any density
+    assert rows[2]["realised_density"] == pytest.approx(8 / 36, abs=1e-6)
+    assert all(r["ppl"] > 1 for r in rows)
+    assert json.loads((tmp_path / "eval.json").read_text())["results"] == rows
+    assert "density=0.1" in printed and "ppl" in printed
+
+    # a rerun reuses the distilled gates instead of distilling again
+    run_stages(cfg)
+    assert "reusing the distilled gates" in capsys.readouterr().out
+
+
+def test_stage_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="mode=joint"):
+        run_stages(_smoke(tmp_path, "attention.mode=gate_distill"))
+    with pytest.raises(ConfigError, match="gates_path"):
+        run_stages(_smoke(tmp_path, "attention.gates_path=/nowhere"))
