@@ -110,3 +110,58 @@ def test_gradients_match_sdpa_at_density_one(arch):
         torch.testing.assert_close(p.grad, ref[name].grad, rtol=1e-4, atol=1e-6, msg=name)
         compared += 1
     assert compared == len(ref)
+
+
+def _block_masked_attention(recorded: dict, block_size: int):
+    """A plain autograd attention that keeps exactly the recorded blocks (per layer), for comparison."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        bsz, hq, length, _ = query.shape
+        group = hq // key.shape[1]
+        k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        blocks = recorded[module.layer_idx]
+        token_blocks = torch.arange(length) // block_size
+        allowed = blocks[:, :, token_blocks][:, :, :, token_blocks]  # [B, Hq, L, L]
+        allowed = allowed & torch.ones(length, length, dtype=torch.bool).tril()
+        if attention_mask is not None:
+            allowed = allowed & (attention_mask[:, None, :, None] == attention_mask[:, None, None, :])
+        scores = (query @ k.transpose(-1, -2)) * scaling
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        return (probs @ v).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sparse_logits_and_gradients_match_a_dense_masked_reference(arch):
+    """At density 0.5 the model equals plain masked attention over the selected blocks, values and gradients."""
+    from transformers import AttentionInterface
+
+    from seer_finetune.seer.masking import seer_mask
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = tiny_model(arch, sharpen=2.0)
+    model.train()
+    seer, rt = _seer_copy(model, density=0.5, record_block_masks=True, compute_loss=False)
+    seer.train()
+    ids = random_ids(2, 144, seed=4)
+    pos = packed_position_ids([60, 84], batch=2)
+    out = seer(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+    out.loss.backward()
+    recorded = {i: m.clone() for i, m in rt.block_masks.items()}
+    assert all(not m.all() for m in recorded.values())  # something was actually dropped
+
+    reference = copy.deepcopy(model)
+    name = "seer_test_block_masked"
+    AttentionInterface.register(name, _block_masked_attention(recorded, 16))
+    AttentionMaskInterface.register(name, seer_mask)
+    reference.set_attn_implementation(name)
+    ref = reference(input_ids=ids, position_ids=pos, labels=ids, use_cache=False)
+    ref.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    ref_params = dict(reference.named_parameters())
+    for pname, p in seer.named_parameters():
+        if "seer_gate" in pname:
+            assert p.grad is None  # the LM loss never reaches the gates
+            continue
+        torch.testing.assert_close(p.grad, ref_params[pname].grad, rtol=1e-4, atol=1e-6, msg=pname)
