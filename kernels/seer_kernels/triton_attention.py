@@ -122,7 +122,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
                 )
                 for c in candidates(kind, block)
             ]
-            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM", "FAST_EXP"] + (["HAS_LSE"] if kind == "gt" else [])
+            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + (["HAS_LSE"] if kind == "gt" else [])
             tuner = triton.autotune(configs=configs, key=keys)(kernel)
             _TUNERS[key] = tuner
         tuner[grid](*args, **kwargs)
@@ -143,23 +143,6 @@ def tuned_choices() -> dict:
 
 
 @triton.jit
-def exp2_packed(x, DTYPE: tl.constexpr):
-    """exp2 of float32 `x` rounded to DTYPE (bfloat16 or float16), two lanes per MUFU instruction (sm_90+).
-
-    Exponentials are what limits attention on Hopper besides the matmuls; the packed forms halve their cost.
-    The result is as precise as the 16-bit P that feeds the next matmul anyway.
-    """
-    if DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [x.to(tl.bfloat16)], dtype=tl.bfloat16, is_pure=True, pack=2
-        )
-    else:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)], dtype=tl.float16, is_pure=True, pack=2
-        )
-
-
-@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, offs_m, doc_q,
     k_base, v_base, idx_base, DOC, doc_base,
@@ -172,7 +155,6 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -205,13 +187,9 @@ def _fwd_tiles(
             m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
             m_use = m_new
             x = qk * scale_log2 - m_use[:, None]
-        if FAST_EXP:
-            p_lo = exp2_packed(x, v.dtype)
-            l_ij = tl.sum(p_lo.to(tl.float32), 1)
-        else:
-            p = tl.math.exp2(x)
-            l_ij = tl.sum(p, 1)
-            p_lo = p.to(v.dtype)
+        p = tl.math.exp2(x)
+        l_ij = tl.sum(p, 1)
+        p_lo = p.to(v.dtype)
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + l_ij
         acc = tl.dot(p_lo, v, acc * alpha[:, None], input_precision=PRECISION)
@@ -236,14 +214,14 @@ def _sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
-    bh = tl.program_id(0)
-    # The last query tiles have the most key blocks under a causal mask: launch them first so the tail of the
-    # grid is made of short programs.
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    # Tiles vary fastest so the programs in flight share one KV head (its K/V stay in L2 even when the kept
+    # blocks are scattered); within a head the last query tiles, which have the most key blocks under a causal
+    # mask, go first so the tail of the grid is made of short programs.
+    bh = tl.program_id(1)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     m_blk = tile // SPLIT_M
     b = bh // n_heads_q
     h = bh % n_heads_q
@@ -273,7 +251,7 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -281,12 +259,12 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
 
     empty = l_i == 0.0
@@ -341,7 +319,6 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     """dQ accumulation over list entries [t_start, t_end) (in key tiles)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -365,10 +342,7 @@ def _dq_tiles(
                 doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
                 allowed = allowed & (doc_q[:, None] == doc_k[None, :])
             x = tl.where(allowed, x, float("-inf"))
-        if FAST_EXP:
-            p = exp2_packed(x, k.dtype).to(tl.float32)
-        else:
-            p = tl.math.exp2(x)
+        p = tl.math.exp2(x)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -393,12 +367,11 @@ def _sparse_dq_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
-    bh = tl.program_id(0)
-    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    bh = tl.program_id(1)
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
     m_blk = tile // SPLIT_M
     b = bh // n_heads_q
     h = bh % n_heads_q
@@ -435,7 +408,7 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -443,12 +416,12 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, FAST_EXP,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
         )
     dq = dq * sm_scale
     tl.store(
@@ -471,7 +444,6 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     """dK/dV accumulation over query-list entries [t_start, t_end) (in query tiles), transposed tiles."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
@@ -502,12 +474,8 @@ def _dkdv_tiles(
                 doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_len, other=0)
                 allowed = allowed & (doc_k[:, None] == doc_q[None, :])
             x_t = tl.where(allowed, x_t, float("-inf"))
-        if FAST_EXP:
-            p_lo = exp2_packed(x_t, do.dtype)
-            p_t = p_lo.to(tl.float32)
-        else:
-            p_t = tl.math.exp2(x_t)
-            p_lo = p_t.to(do.dtype)
+        p_t = tl.math.exp2(x_t)
+        p_lo = p_t.to(do.dtype)
         dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -534,13 +502,13 @@ def _sparse_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
-    bhk = tl.program_id(0)
-    # Early key blocks are visited by the most query blocks: they go first.
-    tile = tl.program_id(1)
+    # Key tiles vary fastest (one KV head's group in flight, see the forward); early key blocks are visited by
+    # the most query blocks, so they go first.
+    bhk = tl.program_id(1)
+    tile = tl.program_id(0)
     n_blk = tile // SPLIT_N
     b = bhk // n_heads_kv
     hk = bhk % n_heads_kv
@@ -579,7 +547,7 @@ def _sparse_dkdv_kernel(
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
             )
         else:
             first = tl.load(idx_base)
@@ -587,12 +555,12 @@ def _sparse_dkdv_kernel(
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
             )
             dk, dv = _dkdv_tiles(
                 dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
                 n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, FAST_EXP,
+                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
             )
     dk = dk * sm_scale
     tl.store(
@@ -608,13 +576,6 @@ def _sparse_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-
-
-def fast_exp(dtype: torch.dtype) -> bool:
-    """Packed 16-bit exp2 on the GPU for 16-bit inputs (the interpreter cannot run inline PTX)."""
-    if interpreting() or os.environ.get("SEER_KERNELS_FAST_EXP", "1") == "0":
-        return False
-    return dtype in (torch.bfloat16, torch.float16)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -702,11 +663,10 @@ def sparse_attention_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        FAST_EXP=fast_exp(q.dtype),
     )
     launch(
         _sparse_fwd_kernel, "fwd", block_size, seq_len,
-        lambda meta: (bsz * hq, nb * (block_size // meta["BLOCK_M"])),
+        lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
         args, kwargs, config,
     )
     return out, lse
@@ -762,7 +722,6 @@ def sparse_attention_backward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        FAST_EXP=fast_exp(q.dtype),
     )
     dq_args = (
         q, k, v, dout, dq, lse, delta,
@@ -777,7 +736,7 @@ def sparse_attention_backward(
     )
     launch(
         _sparse_dq_kernel, "dq", block_size, seq_len,
-        lambda meta: (bsz * hq, nb * (block_size // meta["BLOCK_M"])),
+        lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
         dq_args, common, dq_config,
     )
     dkdv_args = (
@@ -794,7 +753,7 @@ def sparse_attention_backward(
     )
     launch(
         _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
-        lambda meta: (bsz * hkv, nb * (block_size // meta["BLOCK_N"])),
+        lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),
         dkdv_args, common, dkdv_config,
     )
     return dq, dk, dv
