@@ -331,6 +331,10 @@ def attach_seer_gates(
         _install_capture_hooks(attn)
         attn.seer_gate_prehook = attn.register_forward_pre_hook(lambda m, _args: _install_capture_hooks(m))
         gates.append(gate)
+    # The gates are saved as their own adapter (`saving.save_gates`); keep them out of the model's own
+    # save_pretrained so a saved model folder stays loadable as a plain transformers model.
+    gate_keys = {name for name, _ in base.named_parameters() if ".seer_gate." in name}
+    base._keys_to_ignore_on_save = set(getattr(base, "_keys_to_ignore_on_save", None) or ()) | gate_keys
     if getattr(base, "seer_forward_prehook", None) is not None:
         base.seer_forward_prehook.remove()
     base.seer_forward_prehook = base.register_forward_pre_hook(lambda _m, _args: _next_forward(runtime))

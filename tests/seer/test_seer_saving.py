@@ -109,3 +109,22 @@ def test_compose_base_lora_and_gates_from_a_run_folder(tmp_path):
     for layer in masks:
         assert torch.equal(masks[layer], got_masks[layer])
     torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_full_model_folder_excludes_gates_and_composes(tmp_path):
+    """A full-model save holds no gate weights (they live in the adapter) and composes back with them."""
+    from safetensors import safe_open
+
+    model = tiny_model("qwen3")
+    torch.manual_seed(11)
+    ext = build_extension(model, _cfg("tiny-qwen3"))
+    masks, logits = _selections(model, ext.runtime)
+    model.save_pretrained(tmp_path)
+    ext.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("seer_gate" in k for k in keys)
+    loaded, runtime = load_seer_model(tmp_path, runtime=SeerRuntime(mode="joint", density=0.5))
+    got_masks, got_logits = _selections(loaded, runtime)
+    assert all(torch.equal(masks[i], got_masks[i]) for i in masks)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
