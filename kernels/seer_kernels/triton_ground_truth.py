@@ -20,12 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .indexing import block_mask_to_indices, document_block_overlap, num_blocks
+from .indexing import document_block_overlap, num_blocks
 from .triton_attention import (
     LOG2E,
     TileConfig,
     _last_dim_contiguous,
     _precision,
+    block_lists,
     check_inputs,
     launch,
     prepare_documents,
@@ -299,7 +300,7 @@ class AttentionWithGroundTruth(torch.autograd.Function):
         bsz, hq, seq_len, _ = q.shape
         nb = num_blocks(seq_len, block_size)
         full = torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
-        kv_idx, kv_cnt = block_mask_to_indices(full, document_ids=docs, block_size=block_size)
+        kv_idx, kv_cnt = block_lists(full, document_ids=docs, block_size=block_size)
         out, lse = sparse_attention_forward(
             q, k, v, kv_idx, kv_cnt, block_size=block_size, sm_scale=sm_scale, document_ids=docs
         )
@@ -317,7 +318,7 @@ class AttentionWithGroundTruth(torch.autograd.Function):
     def backward(ctx, dout, _dgt):
         q, k, v, out, lse, docs = ctx.saved_tensors
         full, kv_idx, kv_cnt = ctx.lists
-        q_idx, q_cnt = block_mask_to_indices(full, document_ids=docs, block_size=ctx.block_size, transpose=True)
+        q_idx, q_cnt = block_lists(full, document_ids=docs, block_size=ctx.block_size, transpose=True)
         dq, dk, dv = sparse_attention_backward(
             dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,
             block_size=ctx.block_size, sm_scale=ctx.sm_scale, document_ids=docs,
