@@ -106,6 +106,11 @@ def deepspeed_config(cfg: SeerConfig, ctx: DistributedContext, dtype: torch.dtyp
     if ds.zero_stage == 3:
         # Keep gathered full parameters for the final save.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if ds.sequence_parallel_size > 1:
+        # ZeRO's reduce-scatter path averages gradients over every rank, sequence-parallel ranks included;
+        # its all-reduce path sums over them as Ulysses needs (each rank holds a share of one sequence's loss).
+        # Measured in tests/distributed/test_deepspeed.py (gradient norms against one process).
+        zero["reduce_scatter"] = False
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,

@@ -186,8 +186,9 @@ class Trainer:
         return collate([self.data.train[i] for i in indices])
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss of the batch; under sequence parallelism each rank's share of it, scaled so
-        that averaging gradients over the sequence-parallel ranks gives the full sequence's gradient."""
+        """Mean next-token loss of the batch. Under sequence parallelism, this rank's share of it (its tokens'
+        summed loss over the whole sequence's target count): the shares add up to the mean, and DeepSpeed adds
+        the sequence-parallel ranks' gradients (measured: tests/distributed)."""
         input_ids = batch["input_ids"].to(self.device)
         position_ids = batch["position_ids"].to(self.device)
         if not self.cfg.data.attend_within_documents:
@@ -206,25 +207,27 @@ class Trainer:
             position_ids=position_ids[:, part],
             labels=shard_labels,
             shift_labels=shard_labels,
-            num_items_in_batch=total_targets / self.ctx.sp_size,
+            num_items_in_batch=total_targets,
             use_cache=False,
         )
         return out.loss
 
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        sp = self.ctx.sp_size
         lm_loss = self._lm_loss(batch)
         extra = self.extension.extra_losses()
         loss = lm_loss * self.extension.lm_loss_weight
         for value in extra.values():
-            loss = loss + value
-        # Logged values are the full sequence's: sum the sequence-parallel shares, average the rest.
+            # Extension losses are means over this rank's heads; gradients add over sequence-parallel ranks.
+            loss = loss + value / sp
+        # Logged values are the full sequence's: LM shares add up, per-head means average.
         lm_value = float(lm_loss.detach())
-        if self.ctx.sp_size > 1:
-            lm_value = all_reduce_mean(lm_value, self.ctx.sp_group, self.device)
+        if sp > 1:
+            lm_value = all_reduce_mean(lm_value, self.ctx.sp_group, self.device) * sp
         parts = {"lm_loss": lm_value}
         for name, v in extra.items():
             value = float(v.detach())
-            parts[name] = all_reduce_mean(value, self.ctx.sp_group, self.device) if self.ctx.sp_size > 1 else value
+            parts[name] = all_reduce_mean(value, self.ctx.sp_group, self.device) if sp > 1 else value
         return loss, parts
 
     def train_step(self) -> dict[str, float]:
@@ -286,7 +289,7 @@ class Trainer:
                 targets = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
                 loss = float(self._lm_loss(batch))
                 if self.ctx.sp_size > 1:
-                    loss = all_reduce_mean(loss, self.ctx.sp_group, self.device)
+                    loss = all_reduce_mean(loss, self.ctx.sp_group, self.device) * self.ctx.sp_size
                 total_nll += loss * targets
                 total_tokens += targets
         finally:
@@ -415,6 +418,12 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         logger.close()
+        if self.ctx.distributed:
+            # Every rank leaves together: a rank exiting while rank 0 still writes tears down the comm layer.
+            torch.distributed.barrier()
+            if self.engine is not None:
+                self.engine.destroy()
+            torch.distributed.destroy_process_group()
         return summary
 
 

@@ -1,0 +1,24 @@
+"""Run under torchrun: one forward/backward with DeepSpeed-Ulysses, write the averaged gradients (rank 0).
+
+Usage: torchrun --nproc_per_node 2 ulysses_gradients.py OUT.safetensors [overrides...]
+"""
+
+import sys
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+from safetensors.torch import save_file
+
+from seer_finetune.compose import compose_config
+from seer_finetune.trainer import Trainer
+
+out, overrides = sys.argv[1], sys.argv[2:]
+trainer = Trainer(compose_config(overrides))
+loss, parts = trainer._forward_loss(trainer._next_batch())
+trainer.engine.backward(loss)
+# ZeRO keeps gradients in its own partitioned buffers; this gathers each one in full (a collective).
+grads = {name: safe_get_full_grad(p) for name, p in trainer.engine.module.named_parameters() if p.requires_grad}
+if trainer.ctx.is_main:
+    grads = {name: g.detach().clone() for name, g in grads.items() if g is not None}
+    grads["__lm_loss__"] = torch.tensor([parts["lm_loss"]], dtype=torch.float64)
+    save_file(grads, out)
