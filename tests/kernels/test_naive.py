@@ -92,7 +92,7 @@ def test_reference_ground_truth_matches_brute_force(seq_len, block, hq, hkv, doc
     assert not torch.isnan(gt).any()
     torch.testing.assert_close(gt.sum(-1), torch.ones(bsz, hq, nb), atol=1e-5, rtol=0)
     assert torch.count_nonzero(gt.triu(1)) == 0, "a key block after the query block got mass"
-    torch.testing.assert_close(gt.double(), brute_force_ground_truth(q, k, block, doc), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gt.double(), brute_force_ground_truth(q, k, block, doc), atol=2e-5, rtol=1e-4)
 
 
 def test_reference_ground_truth_query_subset_equals_full_rows():
@@ -117,7 +117,7 @@ def test_reference_attention_with_ground_truth():
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = dense_masked_attention(*ref_leaves, None, block, doc)
     torch.testing.assert_close(out, ref, **TOL)
-    torch.testing.assert_close(gt.double(), brute_force_ground_truth(q, k, block, doc), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gt.double(), brute_force_ground_truth(q, k, block, doc), atol=2e-5, rtol=1e-4)
     assert not gt.requires_grad
     grad = torch.randn_like(out)
     out.backward(grad)
