@@ -14,6 +14,7 @@ A rerun after an interruption resumes stage 1 from its checkpoints, or skips it 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ def gate_init_config(cfg: SeerConfig) -> SeerConfig:
     # The frozen base needs no final copy; the gates are saved on their own (see run_stages).
     init.trainer.save_final = False
     return init
+
+
+def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] | None:
+    """Mean training gate loss over the first and the last `window` logged steps of a run (None if unlogged)."""
+    if not metrics_file.is_file():
+        return None
+    values = []
+    for line in metrics_file.read_text().splitlines():
+        record = json.loads(line)
+        if "train/seer/gate_loss" in record:
+            values.append(float(record["train/seer/gate_loss"]))
+    if not values:
+        return None
+    n = min(window, len(values))
+    return sum(values[:n]) / n, sum(values[-n:]) / n
 
 
 def run_stages(cfg: SeerConfig) -> dict[str, Any]:
@@ -63,6 +79,9 @@ def run_stages(cfg: SeerConfig) -> dict[str, Any]:
         stage1 = trainer.fit()
         if getattr(getattr(trainer, "ctx", None), "is_main", True):
             trainer.extension.save_pretrained(gates_dir)
+            trend = gate_loss_trend(Path(init.trainer.output_dir) / "metrics.jsonl")
+            if trend is not None:
+                print(f"[seer-finetune] stage 1/2: gate loss {trend[0]:.5g} (first steps) -> {trend[1]:.5g} (last steps)", flush=True)
     else:
         print(f"[seer-finetune] stage 1/2: reusing the distilled gates in {gates_dir}", flush=True)
     joint = copy.deepcopy(cfg)

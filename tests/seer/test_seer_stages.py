@@ -39,6 +39,7 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and not init.trainer.save_final
 
     summary = run_stages(cfg)
+    assert "gate loss" in capsys.readouterr().out
     assert summary["steps"] == 2 and summary["gate_init"]["steps"] == 3
     stage1 = [json.loads(line) for line in (tmp_path / "gate_init" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stage1 if "train/gate_loss" in r] == [1, 2, 3]
