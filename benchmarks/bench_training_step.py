@@ -1,0 +1,137 @@
+"""One 32k-token joint training step on the GPU: SeerAttention at 90% sparsity against the dense YaRN baseline.
+
+Both runs use the project's trainer end to end (YaRN 8k -> 32k, LoRA + embeddings + norms, gradient
+checkpointing), on a model with SmolLM2-135M's architecture (random weights: `builtin:smollm2_135m_arch`),
+fed with the embedded corpus. For each variant: median step time over a few steps, then one profiled step
+whose GPU kernel time is split into attention (dense SDPA kernels, or this project's block-sparse forward /
+backward and ground-truth kernels) and everything else. Prints a table and writes JSON.
+
+    python benchmarks/bench_training_step.py --out results.json [--steps 3] [--seq-len 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+
+from seer_finetune.compose import compose_config  # noqa: E402
+from seer_finetune.trainer import Trainer  # noqa: E402
+
+# Kernel-name patterns of attention work: PyTorch's SDPA backends, and seer_kernels' Triton kernels.
+ATTENTION_KERNELS = re.compile(r"flash|fmha|sdpa|cudnn.*(attn|attention|sdpa)|_sparse_fwd|_sparse_dq|_sparse_dkdv|_bwd_delta|_block_lists|_ground_truth|_lse_", re.I)
+GROUND_TRUTH_KERNELS = re.compile(r"_ground_truth|_lse_", re.I)
+
+VARIANTS = {
+    "dense (YaRN baseline, SDPA)": ["+exp=yarn32k_dense"],
+    "seer joint, density 0.1": ["+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null"],
+}
+
+
+def overrides(seq_len: int, out_dir: Path) -> list[str]:
+    return [
+        "model.name_or_path=builtin:smollm2_135m_arch",
+        "model.tokenizer=builtin:tiny_llama",
+        "data=embedded_shakespeare",
+        f"data.seq_len={seq_len}",
+        "data.eval_documents=0",
+        "trainer.eval_before=false",
+        "trainer.save_final=false",
+        "trainer.save_every=0",
+        "trainer.grad_accum_steps=1",
+        "trainer.micro_batch_size=1",
+        "trainer.progress_bar=false",
+        "trainer.resume=false",
+        "logger=jsonl",
+        f"trainer.output_dir={out_dir}",
+    ]
+
+
+def profile_step(trainer: Trainer) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        trainer.train_step()
+        torch.cuda.synchronize()
+    total = attention = ground_truth = 0.0
+    for event in prof.key_averages():
+        t = event.device_time_total / 1e3  # us -> ms
+        if t <= 0:
+            continue
+        total += t
+        if ATTENTION_KERNELS.search(event.key):
+            attention += t
+            if GROUND_TRUTH_KERNELS.search(event.key):
+                ground_truth += t
+    return {"gpu_ms": total, "attention_ms": attention, "ground_truth_ms": ground_truth}
+
+
+def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: Path) -> dict:
+    cfg = compose_config([*extra, *overrides(seq_len, workdir / re.sub(r"\W+", "_", name))])
+    trainer = Trainer(cfg)
+    for _ in range(2):  # compile kernels, warm the allocator
+        trainer.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        metrics = trainer.train_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = {
+        "variant": name,
+        "overrides": extra,
+        "step_ms": 1e3 * statistics.median(times),
+        "tokens_per_s": seq_len / statistics.median(times),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "loss": metrics["loss"],
+        "density": metrics.get("seer/density"),
+    }
+    result.update(profile_step(trainer))
+    del trainer
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [run_variant(name, extra, args.seq_len, args.steps, Path(tmp)) for name, extra in VARIANTS.items()]
+    dense = results[0]
+    print(f"\n32k training step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture")
+    print(f"{'variant':32s} {'step ms':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'peak GiB':>9s} {'attn vs dense':>14s}")
+    for r in results:
+        print(
+            f"{r['variant']:32s} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['attention_ms']:9.2f} {r['ground_truth_ms']:8.2f} "
+            f"{r['gpu_ms']:9.1f} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
+        )
+    if args.out:
+        meta = {
+            "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "command": "python benchmarks/bench_training_step.py " + " ".join(argv or sys.argv[1:]),
+        }
+        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
