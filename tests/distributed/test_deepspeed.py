@@ -74,9 +74,19 @@ def _assert_same_curve(got: list[tuple[int, float]], expected: list[tuple[int, f
     assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=rel)
 
 
+GATES_ON = [
+    "attention=seer_joint",
+    "attention.block_size=32",
+    "attention.gate_hidden_size=32",
+    "attention.ground_truth_query_fraction=1.0",
+    "optim.gate_lr=1e-2",
+]
+
+
 @pytest.mark.parametrize("stage, peft", [(2, "lora"), (2, "full"), (3, "lora"), (3, "full")])
 def test_zero_two_processes_match_one_process_with_the_same_global_batch(tmp_path, stage, peft):
-    common = [*BASE, f"peft={peft}", "trainer.max_steps=5", "trainer.save_every=0", "trainer.save_final=false"]
+    """SeerAttention gates on: joint training, block-sparse attention at density 0.5, gate loss."""
+    common = [*BASE, *GATES_ON, f"peft={peft}", "trainer.max_steps=5", "trainer.save_every=0", "trainer.save_final=false"]
     proc = _torchrun(tmp_path, [*common, f"deepspeed=zero{stage}", "trainer.micro_batch_size=1", f"trainer.output_dir={tmp_path / 'ds'}"])
     _single(tmp_path, [*common, "trainer.micro_batch_size=2", f"trainer.output_dir={tmp_path / 'one'}"])
     out = _finish(proc)
@@ -85,10 +95,13 @@ def test_zero_two_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert [s for s, _ in one] == [1, 2, 3, 4, 5]
     _assert_same_curve(ds, one, rel=1e-5)
     assert one[-1][1] < one[0][1]
+    gate_loss = lambda d: [r["train/gate_loss"] for r in read_metrics(d) if "train/gate_loss" in r]
+    assert len(gate_loss(tmp_path / "one")) == 5
+    assert gate_loss(tmp_path / "ds") == pytest.approx(gate_loss(tmp_path / "one"), rel=1e-4)
 
 
 def test_zero3_checkpoint_survives_sigkill_resumes_and_exports(tmp_path):
-    common = [*BASE, "deepspeed=zero3", "trainer.micro_batch_size=1", "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_before=false"]
+    common = [*BASE, *GATES_ON, "deepspeed=zero3", "trainer.micro_batch_size=1", "trainer.max_steps=6", "trainer.save_every=2", "trainer.eval_before=false"]
     reference = _torchrun(tmp_path, [*common, f"trainer.output_dir={tmp_path / 'ref'}"])
     _finish(reference)
 
@@ -118,6 +131,11 @@ def test_zero3_checkpoint_survives_sigkill_resumes_and_exports(tmp_path):
         c = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, c, atol=1e-5, rtol=1e-5)
+    gates_final = load_file(str(run / "final" / "seer_gates.safetensors"))
+    gates_exported = load_file(str(tmp_path / "exported" / "seer_gates.safetensors"))
+    assert gates_final.keys() == gates_exported.keys() and len(gates_final) > 0
+    for name, value in gates_final.items():
+        torch.testing.assert_close(gates_exported[name], value, atol=1e-6, rtol=1e-5)
 
 
 def test_ulysses_degree2_matches_degree1_loss_curve(tmp_path):
