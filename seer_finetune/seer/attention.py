@@ -57,6 +57,9 @@ class SeerRuntime:
         stats: forward id -> {"gate_loss/<layer>", "density/<layer>": detached 0-dim tensors}. Keyed by forward
             so that a gradient-checkpointing recomputation overwrites its forward's entries instead of adding.
         block_masks: layer index -> bool `[B, Hq, nB, nB]` of the last sparse forward (when recorded).
+        ground_truth_cache: layer index -> (forward id, query rows, ground truth) of the last training forward
+            in sparse mode, reused when gradient checkpointing recomputes the layer. (Autograd keeps that
+            tensor for the gate loss anyway when nothing is recomputed.)
         forward_id: Incremented by a pre-hook at every forward of the model.
     """
 
@@ -75,6 +78,7 @@ class SeerRuntime:
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     block_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    ground_truth_cache: dict[int, tuple[int, Optional[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     forward_id: int = 0
 
     @property
@@ -189,7 +193,15 @@ def seer_attention_forward(
             rt.block_masks[gate.layer_idx] = block_mask
         out = seer_kernels.block_sparse_attention(query, key, value, block_mask, **common)
         if rt.compute_loss:
-            ground_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), query_blocks=rows, **common)
+            cached = rt.ground_truth_cache.get(gate.layer_idx)
+            if cached is not None and cached[0] == rt.forward_id:
+                # Gradient checkpointing recomputes this layer during backward: reuse the ground truth (and its
+                # rows) of the original forward instead of paying for it twice.
+                _, rows, ground_truth = cached
+            else:
+                ground_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), query_blocks=rows, **common)
+                if rt.training and torch.is_grad_enabled():
+                    rt.ground_truth_cache[gate.layer_idx] = (rt.forward_id, rows, ground_truth)
     else:
         # Dense output (gate distillation): the ground truth comes from the same fused forward.
         out, ground_truth = seer_kernels.attention_with_ground_truth(query, key, value, query_blocks=rows, **common)
@@ -344,6 +356,7 @@ def attach_seer_gates(
 
 def _next_forward(runtime: SeerRuntime) -> None:
     runtime.forward_id += 1
+    runtime.ground_truth_cache.clear()
 
 
 def seer_gates(model: nn.Module) -> list[AttnGate]:

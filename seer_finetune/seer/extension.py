@@ -59,6 +59,8 @@ class SeerExtension(TrainingExtension):
             load_gates(model, a.gates_path)
         self.lm_loss_weight = 0.0 if a.mode == "gate_distill" else 1.0
         self.freeze_base = a.mode == "gate_distill"
+        if self.freeze_base:
+            _disable_activation_checkpointing(model)
         if a.mode == "dense":
             # The dense baseline never runs the gates: keep them out of the optimizer.
             for gate in self.gates:
@@ -119,6 +121,19 @@ class SeerExtension(TrainingExtension):
 
     def set_training(self, training: bool) -> None:
         self.runtime.training = training
+
+
+def _disable_activation_checkpointing(model: nn.Module) -> None:
+    """With the base frozen nothing of it is saved for backward, so recomputing its layers (to rebuild the
+    small gate graphs inside them) would only repeat every dense forward: switch checkpointing off."""
+    checking = getattr(model, "is_activation_checkpointing", None)
+    if checking is None:
+        checking = getattr(model, "is_gradient_checkpointing", False)
+    if not checking:
+        return
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    disable()
+    print("[seer-finetune] gate_distill: the base is frozen, activation checkpointing switched off", flush=True)
 
 
 def build_extension(model: nn.Module, cfg: SeerConfig) -> SeerExtension:

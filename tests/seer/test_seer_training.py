@@ -25,6 +25,10 @@ def test_modes_set_weights_freezing_and_groups():
     assert group["name"] == "gates" and group["lr"] == 3e-3 and len(group["params"]) == 4
     joint = build_extension(tiny_model("llama"), _cfg(mode="joint", density=0.5))
     assert not joint.freeze_base and joint.lm_loss_weight == 1.0
+    checkpointed = tiny_model("llama")
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    build_extension(checkpointed, _cfg(mode="gate_distill"))
+    assert not checkpointed.model.gradient_checkpointing  # frozen base: recomputation would be pure waste
     dense = build_extension(tiny_model("llama"), _cfg(mode="dense"))
     assert dense.param_groups() == [] and dense.extra_losses() == {}
     with pytest.raises(ValueError, match="backend=seer"):
@@ -92,11 +96,18 @@ def test_ground_truth_subset_and_eval_mode():
     assert "seer/gate_loss" in ext.metrics()
 
 
-def test_gradient_checkpointing_recomputes_without_double_counting():
-    """Recomputed forwards re-run the hooks and the gates; grads and recorded metrics stay those of one pass."""
+def test_gradient_checkpointing_recomputes_without_double_counting(monkeypatch):
+    """Recomputed forwards re-run the hooks and the gates; grads and recorded metrics stay those of one pass,
+    and the ground truth is computed once per layer (reused by the recomputation)."""
+    import seer_kernels
+
+    calls = []
+    original = seer_kernels.attention_ground_truth
+    monkeypatch.setattr(seer_kernels, "attention_ground_truth", lambda *a, **k: calls.append(1) or original(*a, **k))
     ids = random_ids(1, 96)
     grads = []
     for checkpointing in (False, True):
+        calls.clear()
         model = topic_model("llama")
         torch.manual_seed(3)
         ext = build_extension(model, _cfg(mode="joint", density=0.5))
@@ -107,6 +118,7 @@ def test_gradient_checkpointing_recomputes_without_double_counting():
         (out.loss + ext.extra_losses()["gate_loss"]).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         assert len(ext.runtime.stats) == 1  # one forward's entries, overwritten (not added) by the recompute
+        assert len(calls) == 2  # one ground truth per layer, with or without recomputation
     assert grads[0].keys() == grads[1].keys() and any("seer_gate" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
