@@ -195,3 +195,20 @@ def test_impossible_layouts_are_clear_errors(tmp_path):
     assert "error: deepspeed.sequence_parallel_size=3 does not divide the world size 2" in out
     with pytest.raises(ConfigError, match="needs deepspeed.enabled=true"):
         compose_config([*BASE, "deepspeed.sequence_parallel_size=2"])
+
+
+@pytest.mark.parametrize(
+    "world, heads, kv_heads, seq_len, message",
+    [
+        (2, 9, 3, 256, "does not divide the model's 9 attention heads"),
+        (3, 4, 2, 256, "does not divide the world size 3"),
+        (2, 4, 2, 255, "data.seq_len=255 is not divisible"),
+    ],
+)
+def test_parallel_layout_checks(world, heads, kv_heads, seq_len, message):
+    from seer_finetune.distributed import check_parallel_layout
+
+    cfg = compose_config([*BASE, "deepspeed=zero3", "deepspeed.sequence_parallel_size=2"])
+    cfg.data.seq_len = seq_len
+    with pytest.raises(ConfigError, match=message):
+        check_parallel_layout(cfg, world, heads, kv_heads)
