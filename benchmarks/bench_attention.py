@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rep", type=int, default=400, help="do_bench repetition time, ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", action="store_true",
-                   help="also time kernel-only variants: tile configs at each density, exact vs packed exp2")
+                   help="also time kernel-only variants: every tile candidate at each density")
     p.add_argument("--json", type=Path, default=None, help="write all records here")
     return p.parse_args(argv)
 
@@ -155,10 +155,8 @@ def correctness_check(args, device, records: list) -> None:
 
 
 def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
-    """Kernel-only forward times (block lists built outside the timing) for each tile candidate, and the
-    exact vs packed exp2 of the forward and ground-truth kernels. Informs the defaults; not a target."""
-    import os
-
+    """Kernel-only forward times (block lists built outside the timing) for each tile candidate at each
+    density, and each ground-truth tile candidate. Informs the defaults; not a target."""
     import seer_kernels as sk
     from seer_kernels.triton_attention import candidates, sparse_attention_forward
     from seer_kernels.triton_ground_truth import ground_truth_forward
@@ -166,22 +164,17 @@ def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
     scale = 1.0 / math.sqrt(q.shape[-1])
     for d, mask in masks.items():
         idx, cnt = sk.block_mask_to_indices(mask)
-        for fast in ("1", "0"):
-            os.environ["SEER_KERNELS_FAST_EXP"] = fast
-            cfgs = candidates("fwd", args.block) if fast == "1" else [None]
-            for cfg in cfgs:
-                ms = bench(lambda cfg=cfg: sparse_attention_forward(
-                    q, k, v, idx, cnt, block_size=args.block, sm_scale=scale, config=cfg), args)
-                rows.append({"variant": "fwd kernel only", "density": d, "fast_exp": fast == "1",
-                             "config": str(cfg) if cfg else "autotuned", "ms": ms})
-                print(rows[-1], flush=True)
-    for gblock in args.gt_blocks:
-        for fast in ("1", "0"):
-            os.environ["SEER_KERNELS_FAST_EXP"] = fast
-            ms = bench(lambda gblock=gblock: ground_truth_forward(q, k, block_size=gblock, sm_scale=scale), args)
-            rows.append({"variant": f"ground truth bs{gblock}", "fast_exp": fast == "1", "ms": ms})
+        for cfg in candidates("fwd", args.block):
+            ms = bench(lambda cfg=cfg: sparse_attention_forward(
+                q, k, v, idx, cnt, block_size=args.block, sm_scale=scale, config=cfg), args)
+            rows.append({"variant": "fwd kernel only", "density": d, "config": str(cfg), "ms": ms})
             print(rows[-1], flush=True)
-    os.environ.pop("SEER_KERNELS_FAST_EXP", None)
+    for gblock in args.gt_blocks:
+        for cfg in candidates("gt", gblock):
+            ms = bench(lambda gblock=gblock, cfg=cfg: ground_truth_forward(
+                q, k, block_size=gblock, sm_scale=scale, config=cfg), args)
+            rows.append({"variant": f"ground truth bs{gblock}", "config": str(cfg), "ms": ms})
+            print(rows[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=1))
     print("tuned configs:", json.dumps(tuned), flush=True)
     for r in variant_rows:
-        print(f"variant {r['variant']:<18} d={r.get('density', '-')!s:<4} fast_exp={r['fast_exp']!s:<5} "
-              f"{r.get('config', ''):<60} {r['ms']:.3f} ms")
+        print(f"variant {r['variant']:<18} d={r.get('density', '-')!s:<4} {r['config']:<60} {r['ms']:.3f} ms")
     print_table(rows, records, cudnn)
     return 0
 
