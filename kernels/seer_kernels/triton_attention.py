@@ -17,6 +17,11 @@ i holds key blocks <= i, and the one partial block (the last) can only be the di
 are ascending, so the diagonal is the last entry of a forward/dQ list and the first of a dK/dV list; the
 kernels run the other entries in an unmasked loop and the diagonal in a masked one (no branch in the hot loop).
 With document ids every tile is masked.
+
+Tiles. In the interpreter a tile is a whole block. On a GPU, inputs of at least `AUTOTUNE_MIN_LEN` tokens pick
+their tile shape with Triton's autotuner among a few candidates (once per length, head count and flags;
+`SEER_KERNELS_AUTOTUNE=0` turns this off), shorter ones take the first candidate. Grids put tiles on the fastest
+axis so the programs in flight share one KV head, whose K/V then stay in L2 however scattered the kept blocks.
 """
 
 from __future__ import annotations
