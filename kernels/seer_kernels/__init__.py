@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import naive
-from .indexing import block_mask_to_indices, causal_block_mask, num_blocks
+from .indexing import block_mask_to_indices, causal_block_mask, document_ids_from_cu_seqlens, num_blocks
 
 __all__ = [
     "attention_ground_truth",
@@ -21,6 +21,7 @@ __all__ = [
     "block_mask_to_indices",
     "block_sparse_attention",
     "causal_block_mask",
+    "document_ids_from_cu_seqlens",
     "num_blocks",
 ]
 

@@ -91,3 +91,28 @@ def block_mask_to_indices(
     indices = torch.sort(keyed, dim=-1).values.to(torch.int32).contiguous()
     counts = mask.sum(-1, dtype=torch.int32).contiguous()
     return indices, counts
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    """Document ids `[1, L]` for sequences packed back to back, from cumulative lengths (varlen style).
+
+    Args:
+        cu_seqlens: int `[n + 1]`, `0 = c_0 < c_1 < ... < c_n`; document d holds tokens `[c_d, c_{d+1})`.
+        seq_len: total length L (default `c_n`); tokens from `c_n` to L are padding, each with an id of its
+            own (so a padding token attends only to itself).
+    Returns:
+        int64 `[1, L]`.
+    """
+    cu = cu_seqlens.to(torch.int64).flatten()
+    if cu.numel() < 1 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError("cu_seqlens must start at 0 and be non-decreasing")
+    total = int(cu[-1])
+    length = total if seq_len is None else seq_len
+    if length < total:
+        raise ValueError(f"seq_len {length} is shorter than the packed documents ({total})")
+    pos = torch.arange(length, device=cu.device)
+    ids = torch.searchsorted(cu[1:], pos, right=True)  # document of each packed token
+    n_docs = cu.numel() - 1
+    ids = torch.where(pos < total, ids, n_docs + (pos - total))
+    return ids[None]
+

@@ -148,3 +148,27 @@ def test_block_mask_to_indices_drops_blocks_of_other_documents():
     idx, cnt = block_mask_to_indices(mask, document_ids=doc, block_size=16)
     assert cnt.tolist() == [[[1, 2, 1, 2]]]
     assert idx[0, 0, 3, :2].tolist() == [2, 3]
+
+
+def test_document_ids_from_cu_seqlens():
+    from seer_kernels import document_ids_from_cu_seqlens
+
+    ids = document_ids_from_cu_seqlens(torch.tensor([0, 3, 5, 9]), seq_len=12)
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 5]]
+    assert document_ids_from_cu_seqlens(torch.tensor([0, 2, 2, 4])).tolist() == [[0, 0, 2, 2]]  # empty doc 1
+    with pytest.raises(ValueError):
+        document_ids_from_cu_seqlens(torch.tensor([1, 3]))
+    with pytest.raises(ValueError):
+        document_ids_from_cu_seqlens(torch.tensor([0, 5]), seq_len=4)
+    # Packed attention equals attention over each document on its own.
+    q, k, v = make_inputs(1, 2, 1, 9, 16, seed=8)
+    mask = torch.ones(1, 2, 1, 1, dtype=torch.bool)
+    packed = block_sparse_attention(
+        q, k, v, mask, block_size=16, document_ids=document_ids_from_cu_seqlens(torch.tensor([0, 4, 9])),
+        backend="reference",
+    )
+    for a, b in ((0, 4), (4, 9)):
+        alone = block_sparse_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], mask, block_size=16, backend="reference"
+        )
+        torch.testing.assert_close(packed[:, :, a:b], alone, **TOL)
