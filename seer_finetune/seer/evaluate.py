@@ -131,7 +131,15 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
         ):
             realised = result["realised_density"]
             realised = math.nan if realised is None else realised
-            rows.append({"length": length, **result, "windows": len(windows[length]), "realised_density": realised, "sparsity": 1.0 - realised})
+            rows.append(
+                {
+                    "length": length,
+                    **result,
+                    "windows": len(windows[length]),
+                    "realised_density": realised,
+                    "sparsity": 1.0 - realised,
+                }
+            )
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     report = {
         "model": cfg.eval.model_path or cfg.model.name_or_path,
