@@ -161,6 +161,11 @@ def seer_attention_forward(
         raise NotImplementedError("seer attention has no attention dropout: set the model's attention_dropout to 0")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"seer attention expects document ids [B, L] as its mask, got shape {tuple(attention_mask.shape)}")
+    if attention_mask is not None and attention_mask.shape[-1] != query.shape[2]:
+        raise NotImplementedError(
+            f"seer attention got document ids for {attention_mask.shape[-1]} tokens but attends over {query.shape[2]}"
+            " (sequence parallelism with padding or packed documents is not supported)"
+        )
     if query.shape[2] != key.shape[2]:
         raise NotImplementedError("seer attention runs full-sequence forward passes only: call with use_cache=False")
     rt: SeerRuntime = gate.runtime
@@ -178,6 +183,13 @@ def seer_attention_forward(
         return out.transpose(1, 2).contiguous(), None
     if q_pre is None or k_pre is None:
         raise RuntimeError(f"the gate of layer {gate.layer_idx} received no pre-RoPE q/k: its capture hooks did not run")
+    if q_pre.shape[1] != seq_len or q_pre.shape[2] != query.shape[1]:
+        # e.g. sequence parallelism (Ulysses): attention sees all tokens of a head shard, the projections
+        # only a token shard of all heads; the gate would need the same all-to-all.
+        raise NotImplementedError(
+            f"seer gates need the pre-RoPE q of all {seq_len} tokens and {query.shape[1]} heads, got "
+            f"{tuple(q_pre.shape[1:3])} (tokens, heads): sequence parallelism is not supported with gates"
+        )
 
     log_probs = gate_log_probs(gate(q_pre, k_pre, valid), candidates)
     ground_truth = None
