@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AttentionConfig, SeerConfig
+from ..config import AttentionConfig, ConfigError, SeerConfig
 from ..extension import TrainingExtension
 from .attention import SeerRuntime, attach_seer_gates, seer_gates
 from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
@@ -48,15 +48,21 @@ class SeerExtension(TrainingExtension):
         self.cfg = cfg
         self.model = model
         self.runtime = runtime_from_config(a)
-        self.gates = attach_seer_gates(
-            model,
-            self.runtime,
-            gate_hidden_size=int(a.gate_hidden_size),
-            q_pooling=tuple(a.q_pooling),
-            k_pooling=tuple(a.k_pooling),
-        )
+        try:
+            self.gates = attach_seer_gates(
+                model,
+                self.runtime,
+                gate_hidden_size=int(a.gate_hidden_size),
+                q_pooling=tuple(a.q_pooling),
+                k_pooling=tuple(a.k_pooling),
+            )
+        except (NotImplementedError, ValueError) as exc:
+            raise ConfigError(f"attention.backend=seer: {exc}") from None
         if a.gates_path:
-            load_gates(model, a.gates_path)
+            try:
+                load_gates(model, a.gates_path)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"attention.gates_path={a.gates_path}: {exc}") from None
         self.lm_loss_weight = 0.0 if a.mode == "gate_distill" else 1.0
         self.freeze_base = a.mode == "gate_distill"
         if self.freeze_base:

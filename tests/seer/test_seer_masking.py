@@ -84,3 +84,9 @@ def test_sliding_window_models_are_refused():
     model = AutoModelForCausalLM.from_config(tiny_config("mistral", sliding_window=32))
     with pytest.raises(NotImplementedError, match="sliding"):
         attach_seer_gates(model, SeerRuntime(), gate_hidden_size=8)
+    from seer_finetune.config import AttentionConfig, ConfigError, ModelConfig, SeerConfig
+    from seer_finetune.seer import build_extension
+
+    cfg = SeerConfig(model=ModelConfig(name_or_path="m"), attention=AttentionConfig(backend="seer"))
+    with pytest.raises(ConfigError, match="attention.backend=seer: .*sliding"):
+        build_extension(model, cfg)

@@ -68,6 +68,11 @@ def test_mismatched_gates_are_refused(tmp_path):
         load_gates(other, tmp_path)
     with pytest.raises(FileNotFoundError, match="no seer gates"):
         load_gates(other, tmp_path / "nowhere")
+    # through the config: one readable line naming the field
+    from seer_finetune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"attention.gates_path=.*block_size"):
+        build_extension(tiny_model("llama"), _cfg("tiny", block_size=32, gates_path=str(tmp_path)))
 
 
 def test_extension_state_dict_round_trip():
