@@ -35,15 +35,19 @@ def _settings(cfg: SeerConfig) -> list[tuple[str, float]]:
 def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerRuntime, str, bool]:
     """(model, runtime, description of the gates, whether the gates were trained)."""
     from ..modeling import load_model, resolve_dtype
-    from .saving import load_gates, load_seer_model
+    from .saving import CONFIG_NAME, load_gates, load_seer_model
 
     a = cfg.attention
     runtime = SeerRuntime(mode="joint", block_size=int(a.block_size), kernel=a.kernel, training=False, compute_loss=False)
     if cfg.eval.model_path:
         path = Path(cfg.eval.model_path)
-        gates_dir = Path(a.gates_path) if a.gates_path else path
-        if not (gates_dir / "seer_gates.json").is_file():
-            raise ConfigError(f"eval: no seer gates in {gates_dir}; set attention.gates_path to a folder with seer_gates.json")
+        # A trained run's own gates come first: attention.gates_path is where its training *started* from.
+        gates_dir = path if (path / CONFIG_NAME).is_file() else Path(a.gates_path) if a.gates_path else None
+        if gates_dir is None or not (gates_dir / CONFIG_NAME).is_file():
+            raise ConfigError(
+                f"eval: no seer gates in {path}" + (f" nor in {a.gates_path}" if a.gates_path else "")
+                + "; set attention.gates_path to a folder with seer_gates.json"
+            )
         dtype = None if cfg.model.dtype == "auto" else resolve_dtype(cfg.model.dtype, device)
         model, runtime = load_seer_model(path, gates_path=gates_dir, runtime=runtime, device=device, dtype=dtype)
         return model, runtime, str(gates_dir), True

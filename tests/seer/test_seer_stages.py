@@ -50,7 +50,11 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     gates = json.loads((tmp_path / "final" / "seer_gates.json").read_text())
     assert gates["base_model"] == "builtin:tiny_llama" and gates["block_size"] == 32
 
+    # the run's own (jointly trained) gates win over attention.gates_path, where training started from
+    cfg.attention.gates_path = str(tmp_path / "gate_init" / "gates")
     report = run_eval(cfg)
+    cfg.attention.gates_path = None
+    assert report["gates"] == str(tmp_path / "final") and report["gates_trained"]
     printed = capsys.readouterr().out
     rows = report["results"]
     assert [(r["setting"], r["value"]) for r in rows] == [("density", 1.0), ("density", 0.5), ("density", 0.1)]
