@@ -19,13 +19,14 @@ USAGE = __doc__
 
 def _train(overrides: list[str]) -> int:
     from .compose import compose_config, to_yaml
-    from .trainer import train
+    from .seer.stages import run_stages
 
     cfg = compose_config(overrides)
     if "--print-config" in sys.argv:
         print(to_yaml(cfg))
         return 0
-    train(cfg)
+    # One training stage, or gate distillation then joint training when attention.init_steps > 0.
+    run_stages(cfg)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -352,7 +353,17 @@ class Trainer:
                 return None
             model, extension = self._build_model(torch.device("cpu"))
             load_full_state(model, state)
-        final = save_final(model, self.tokenizer, self.run_dir / "final", model_cfg=cfg.model, peft_cfg=cfg.peft)
+        final = self.run_dir / "final"
+        if extension.freeze_base:
+            # Only the extension trained (gate distillation): the base is unchanged, so the folder holds just
+            # the extension's adapter (SeerAttention gates, with the base model's name in their config).
+            tmp = final.with_name(final.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            extension.save_pretrained(tmp)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            return final
+        final = save_final(model, self.tokenizer, final, model_cfg=cfg.model, peft_cfg=cfg.peft)
         extension.save_pretrained(final)
         return final
 
