@@ -62,6 +62,16 @@ def check_parallel_layout(cfg: SeerConfig, world_size: int, num_heads: int, num_
         )
     if cfg.data.seq_len % sp != 0:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is not divisible by deepspeed.sequence_parallel_size={sp}")
+    if sp > 1 and cfg.data.attend_within_documents:
+        raise ConfigError(
+            "data.attend_within_documents with deepspeed.sequence_parallel_size > 1: Ulysses attention keeps no "
+            "document masks (it rebuilds a plain causal mask for the gathered sequence)"
+        )
+    if sp > 1 and cfg.attention.backend == "seer" and num_kv_heads % sp != 0:
+        raise ConfigError(
+            f"seer gates with deepspeed.sequence_parallel_size={sp} need the model's {num_kv_heads} key/value heads "
+            "to split evenly over the sequence-parallel ranks"
+        )
 
 
 def init_distributed(cfg: SeerConfig, device: torch.device) -> DistributedContext:

@@ -171,6 +171,9 @@ def seer_attention_forward(
     rt: SeerRuntime = gate.runtime
     q_pre, k_pre = gate.seer_captured.pop("q", None), gate.seer_captured.pop("k", None)
     bsz, _, seq_len, _ = query.shape
+    head_shard = (0, 1)
+    if q_pre is not None and q_pre.shape[1] != seq_len:
+        q_pre, k_pre, head_shard = _sequence_parallel_gate_inputs(q_pre, k_pre, seq_len)
     doc_ids = attention_mask
     valid = split_document_ids(doc_ids) if doc_ids is not None else None
     candidates = block_candidates(seq_len, rt.block_size, doc_ids, valid, batch_size=bsz, device=query.device)
@@ -191,7 +194,7 @@ def seer_attention_forward(
             f"{tuple(q_pre.shape[1:3])} (tokens, heads): sequence parallelism is not supported with gates"
         )
 
-    log_probs = gate_log_probs(gate(q_pre, k_pre, valid), candidates)
+    log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
     ground_truth = None
     rows = None
     if rt.compute_loss and rt.training:
@@ -224,6 +227,34 @@ def seer_attention_forward(
         rt.losses[gate.layer_idx] = loss if (rt.training and torch.is_grad_enabled()) else loss.detach()
         rt.record(f"gate_loss/{gate.layer_idx}", loss)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sequence_parallel_gate_inputs(
+    q_pre: torch.Tensor, k_pre: torch.Tensor, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Under DeepSpeed-Ulysses, move the gate's inputs the way the attention inputs were moved.
+
+    The projections (where the capture hooks sit) saw this rank's token shard of every head, `[B, L/P, H, D]`,
+    while attention runs on whole sequences of a head shard. The same all-to-all (scatter heads, gather tokens)
+    gives the gate `[B, L, H/P, D]` of exactly the heads this rank attends with.
+
+    Returns:
+        (q `[B, L, Hq/P, D]`, k `[B, L, Hkv/P, D]`, (sequence-parallel rank, degree)).
+    """
+    import deepspeed.runtime.sequence_parallel.parallel_state_sp as sp_state
+    from deepspeed.sequence.layer import _SeqAllToAll
+
+    group = sp_state.get_sequence_parallel_group()
+    degree, rank = sp_state.get_sequence_parallel_world_size(), sp_state.get_sequence_parallel_rank()
+    if q_pre.shape[1] * degree != seq_len or k_pre.shape[2] % degree:
+        raise RuntimeError(
+            f"seer gates under sequence parallelism: captured {q_pre.shape[1]} tokens x {k_pre.shape[2]} key heads "
+            f"cannot be regrouped into {seq_len} tokens over degree {degree}"
+        )
+    # [B, L/P, H, D] -> [B, L, H/P, D]: scatter dim 2 (heads), gather dim 1 (tokens), batch dim 0.
+    q = _SeqAllToAll.apply(group, q_pre.contiguous(), 2, 1, 0)
+    k = _SeqAllToAll.apply(group, k_pre.contiguous(), 2, 1, 0)
+    return q, k, (rank, degree)
 
 
 # -- attaching gates ---------------------------------------------------------------------------------------

@@ -152,37 +152,49 @@ class AttnGate(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+        head_shard: tuple[int, int] = (0, 1),
+    ) -> torch.Tensor:
         """Unnormalised block scores.
 
         Args:
             q: pre-RoPE queries `[B, L, num_heads, head_dim]`.
             k: pre-RoPE keys `[B, L, num_kv_heads, head_dim]`.
             valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling).
+            head_shard: `(index, count)`: `q`/`k` hold shard `index` of `count` equal contiguous shards of the
+                heads (sequence parallelism gives each rank whole sequences of a head shard). Default all heads.
 
         Returns:
-            float32 `[B, num_heads, nB, nB]` logits (row = query block, column = key block); masking to the
+            float32 `[B, num_heads / count, nB, nB]` logits (row = query block, column = key block); masking to the
             causal/document candidates and the softmax are the caller's (see `selection.gate_log_probs`).
         """
-        if q.shape[2] != self.num_heads or k.shape[2] != self.num_kv_heads:
+        index, count = head_shard
+        num_heads, num_kv_heads = self.num_heads // count, self.num_kv_heads // count
+        if q.shape[2] != num_heads or k.shape[2] != num_kv_heads or self.num_kv_heads % count:
             raise ValueError(
-                f"gate of layer {self.layer_idx} expects {self.num_heads} query / {self.num_kv_heads} key heads, "
-                f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+                f"gate of layer {self.layer_idx} expects {num_heads} query / {num_kv_heads} key heads "
+                f"(shard {index} of {count}), got q {tuple(q.shape)} and k {tuple(k.shape)}"
             )
+        q_weight = self.q_weight[index * num_heads : (index + 1) * num_heads]
+        k_weight = self.k_weight[index * num_kv_heads : (index + 1) * num_kv_heads]
         bsz, seq_len = q.shape[:2]
         nb = num_blocks(seq_len, self.block_size)
         qp = pool_blocks(q, valid, self.block_size, self.q_pooling)  # [B, nB, Hq, Fq]
         kp = pool_blocks(k, valid, self.block_size, self.k_pooling)  # [B, nB, Hkv, Fk]
-        qh = torch.einsum("bnhf,hfo->bhno", qp, self.q_weight.float())
-        kh = torch.einsum("bnhf,hfo->bhno", kp, self.k_weight.float())
+        qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight.float())
+        kh = torch.einsum("bnhf,hfo->bhno", kp, k_weight.float())
         if self.rotary is not None:
             positions = torch.arange(nb, device=q.device)[None]
             cos, sin = self.rotary(qh, positions)
             qh, kh = apply_rotary(qh, cos.float(), sin.float()), apply_rotary(kh, cos.float(), sin.float())
         group = self.num_heads // self.num_kv_heads
-        qh = qh.view(bsz, self.num_kv_heads, group, nb, self.hidden_size)
+        qh = qh.view(bsz, num_kv_heads, group, nb, self.hidden_size)
         scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)) / math.sqrt(self.hidden_size)
-        return scores.reshape(bsz, self.num_heads, nb, nb)
+        return scores.reshape(bsz, num_heads, nb, nb)
 
     def extra_repr(self) -> str:
         return (

@@ -138,8 +138,9 @@ def test_zero3_checkpoint_survives_sigkill_resumes_and_exports(tmp_path):
         torch.testing.assert_close(gates_exported[name], value, atol=1e-6, rtol=1e-5)
 
 
-def test_ulysses_degree2_matches_degree1_loss_curve(tmp_path):
-    common = [*BASE, "peft=full", "trainer.micro_batch_size=1", "trainer.max_steps=4", "trainer.save_every=0", "trainer.save_final=false"]
+@pytest.mark.parametrize("gates", [False, True], ids=["sdpa", "seer"])
+def test_ulysses_degree2_matches_degree1_loss_curve(tmp_path, gates):
+    common = [*BASE, *(GATES_ON if gates else []), "peft=full", "trainer.micro_batch_size=1", "trainer.max_steps=4", "trainer.save_every=0", "trainer.save_final=false"]
     proc = _torchrun(tmp_path, [*common, "deepspeed=zero3", "deepspeed.sequence_parallel_size=2", f"trainer.output_dir={tmp_path / 'sp2'}"])
     one = _single(tmp_path, [*common, f"trainer.output_dir={tmp_path / 'sp1'}"])
     out = _finish(proc)
@@ -148,13 +149,17 @@ def test_ulysses_degree2_matches_degree1_loss_curve(tmp_path):
     # Adam hides a uniform gradient scale in the losses; the clipped-norm input does not.
     norms = lambda d: [r["train/grad_norm"] for r in read_metrics(d) if "train/grad_norm" in r]
     assert norms(tmp_path / "sp2") == pytest.approx(norms(tmp_path / "sp1"), rel=1e-4)
+    if gates:
+        gate_loss = lambda d: [r["train/gate_loss"] for r in read_metrics(d) if "train/gate_loss" in r]
+        assert len(gate_loss(tmp_path / "sp1")) == 4
+        assert gate_loss(tmp_path / "sp2") == pytest.approx(gate_loss(tmp_path / "sp1"), rel=1e-4)
     sp2 = json.loads((tmp_path / "sp2" / "summary.json").read_text())
     assert sp2["eval_after"]["loss"] == pytest.approx(one["eval_after"]["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_ulysses_degree2_gradients_match_degree1(tmp_path, stage):
-    common = [*BASE, "peft=full", "trainer.micro_batch_size=1", f"trainer.output_dir={tmp_path / 'g'}"]
+@pytest.mark.parametrize("stage, gates", [(2, True), (3, False)])
+def test_ulysses_degree2_gradients_match_degree1(tmp_path, stage, gates):
+    common = [*BASE, *(GATES_ON if gates else []), "peft=full", "trainer.micro_batch_size=1", f"trainer.output_dir={tmp_path / 'g'}"]
     grads_file = tmp_path / "sp2_grads.safetensors"
     script = [str(ROOT / "tests" / "distributed" / "ulysses_gradients.py"), str(grads_file)]
     proc = _torchrun(tmp_path, [*common, f"deepspeed=zero{stage}", "deepspeed.sequence_parallel_size=2"], script=script)
@@ -170,6 +175,7 @@ def test_ulysses_degree2_gradients_match_degree1(tmp_path, stage):
     assert float(sp2.pop("__lm_loss__")) == pytest.approx(parts["lm_loss"], rel=1e-6)
     expected = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
     assert set(sp2) == set(expected)
+    assert any(".seer_gate." in name for name in expected) == gates
     for name, grad in expected.items():
         torch.testing.assert_close(sp2[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
