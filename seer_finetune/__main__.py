@@ -3,7 +3,7 @@
 Commands:
     train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
     eval    perplexity over long documents at several lengths and densities
-    bench   benchmarks (`bench attention`)
+    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out` (GPU)
     export  a DeepSpeed checkpoint to a plain Hugging Face folder (same overrides as the training run)
 Add `--print-config` to print the composed configuration and exit.
 """
@@ -43,14 +43,11 @@ def _eval(overrides: list[str]) -> int:
 
 
 def _bench(args: list[str]) -> int:
-    if not args:
-        raise ConfigError("bench needs a benchmark name: attention")
-    name, rest = args[0], args[1:]
-    if name == "attention":
-        from .benchmarks import attention_benchmark
+    from .benchmarks import SCRIPTS, run_benchmark
 
-        return attention_benchmark(rest)
-    raise ConfigError(f"unknown benchmark {name!r} (available: attention)")
+    if not args:
+        raise ConfigError(f"bench needs a benchmark name: {', '.join(SCRIPTS)}")
+    return run_benchmark(args[0], args[1:])
 
 
 def _export(overrides: list[str]) -> int:

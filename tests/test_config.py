@@ -99,3 +99,11 @@ def test_print_config_from_another_directory(tmp_path):
     result = run_cli("train", "+exp=smoke", "--print-config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "original_max_position_embeddings: 256" in result.stdout
+
+
+def test_cli_bench_names_and_cpu_refusal(tmp_path):
+    unknown = run_cli("bench", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: unknown benchmark 'nope' (available: attention, training-step, scale-out)"
+    if not __import__("torch").cuda.is_available():
+        attention = run_cli("bench", "attention", cwd=tmp_path)
+        assert attention.returncode == 2 and "needs a CUDA GPU" in attention.stderr
