@@ -256,8 +256,13 @@ def ground_truth_forward(
     if query_blocks is None:
         query_blocks = torch.arange(nb, device=q.device)
     query_blocks = query_blocks.to(device=q.device, dtype=torch.int64)
-    if query_blocks.numel() and (int(query_blocks.min()) < 0 or int(query_blocks.max()) >= nb):
-        raise ValueError(f"query_blocks must lie in [0, {nb})")
+    if query_blocks.numel():
+        in_range = (query_blocks.min() >= 0) & (query_blocks.max() < nb)
+        if query_blocks.is_cuda:
+            # Checked on the device: a host-side check would stall the stream once per layer and step.
+            torch._assert_async(in_range, f"query_blocks must lie in [0, {nb})")
+        elif not bool(in_range):
+            raise ValueError(f"query_blocks must lie in [0, {nb})")
     nq = query_blocks.numel()
     if out is None:
         out = torch.empty(bsz, hq, nq, nb, dtype=torch.float32, device=q.device)
