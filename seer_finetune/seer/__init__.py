@@ -9,7 +9,6 @@
 - `extension`: `build_extension(model, cfg)`, the trainer seam.
 - `evaluate`: `run_eval(cfg)`, perplexity at several lengths and densities.
 - `stages`: two-stage experiments (gate distillation, then joint training) in one command.
-- `bench`: one training step of a whole model timed through SDPA and each seer mode.
 
 Gate inputs are the pre-RoPE queries/keys, captured by forward hooks and detached by default
 (`attention.detach_gate_inputs`): the gate loss trains the gates only, the LM loss reaches the model only through
