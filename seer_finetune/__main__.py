@@ -3,7 +3,7 @@
 Commands:
     train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
     eval    perplexity over long documents at several lengths and densities
-    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out` (GPU)
+    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out`, `bench quality`
     export  a DeepSpeed checkpoint to a plain Hugging Face folder (same overrides as the training run)
 Add `--print-config` to print the composed configuration and exit.
 """

@@ -14,6 +14,7 @@ SCRIPTS = {
     "attention": "bench_attention.py",
     "training-step": "bench_training_step.py",
     "scale-out": "bench_scale_out.py",
+    "quality": "bench_quality.py",
 }
 
 

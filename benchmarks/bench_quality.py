@@ -1,0 +1,335 @@
+"""The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command (issue 6).
+
+Given a base model trained at `--native` tokens (SmolLM2-135M: 8k) and the corpora of
+`../shared/data/get_corpora.sh`, it runs, with the same data, steps and learning rate:
+  (a) the base model at its native length and, YaRN-scaled without training, at the target length;
+  (b) dense YaRN fine-tuning at the target length (`+exp=yarn32k_dense`);
+  (c) gate distillation at the native length with the base frozen (`+exp=gate_init8k`), then joint YaRN
+      fine-tuning from those gates at 50% and 90% sparsity (`+exp=yarn32k_sparsity50/90`).
+Each is evaluated at the target length on two held-out families ("books": austen + shakespeare; "technical":
+hol_light) at its trained sparsity, with realised sparsity; passkey retrieval at 1/4, 1/2 and all of the target
+length for (b) and (c); training throughput of (c, 90%) against (b) from the same invocation. Writes
+`results.json`, `results.md` (the table) and PNG plots (perplexity against sparsity, LM and gate loss curves,
+realised density per layer) under `--out`, and logs every training run to W&B (offline by default).
+Stages whose outputs exist are reused, so an interrupted invocation continues where it stopped.
+
+    python benchmarks/bench_quality.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
+        --corpora ~/.cache/seer-data/corpora --out benchmarks/results/quality_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
+
+from seer_finetune.compose import compose_config  # noqa: E402
+from seer_finetune.config import ConfigError  # noqa: E402
+from seer_finetune.metrics import read_metrics  # noqa: E402
+
+TRAIN_CORPORA = ("spurgeon_treasury_of_david", "bible_web", "acl2", "coq", "linux")
+EVAL_FAMILIES = {"books": ("austen", "shakespeare"), "technical": ("hol_light",)}
+SPARSE_RUNS = {"sparsity50": 0.5, "sparsity90": 0.1}
+
+
+def stage_data(corpora: Path, out: Path, train_mb: float) -> dict[str, Path]:
+    """Symlink the corpora's files into one training folder and one folder per evaluation family.
+
+    At most `train_mb` MB of files are taken from each training corpus (files in sorted order), so tokenising stays
+    proportional to what training reads. Evaluation corpora are never linked into the training folder.
+    """
+    txt = corpora / "txt"
+    folders = {"train": out / "data" / "train", **{f: out / "data" / f for f in EVAL_FAMILIES}}
+    for name, sources in [("train", TRAIN_CORPORA), *EVAL_FAMILIES.items()]:
+        dest = folders[name]
+        if dest.is_dir() and any(dest.rglob("*")):
+            continue
+        for source in sources:
+            if not (txt / source).is_dir():
+                raise ConfigError(f"corpus {txt / source} is missing: run ../shared/data/get_corpora.sh")
+            budget = train_mb * 1e6 if name == "train" else math.inf
+            for path in sorted(p for p in (txt / source).rglob("*") if p.is_file()):
+                if budget <= 0:
+                    break
+                link = dest / source / path.relative_to(txt / source)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+                budget -= path.stat().st_size
+    return folders
+
+
+def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> list[str]:
+    return [
+        f"model.name_or_path={args.model}",
+        f"data.source={folders['train']}",
+        f"data.eval_source={folders['books']}",
+        f"data.seq_len={seq_len}",
+        f"data.max_eval_sequences={args.train_eval_windows}",
+        f"data.num_proc={args.num_proc}",
+        f"rope.original_max_position_embeddings={args.native}",
+        f"optim.lr={args.lr}",
+        f"trainer.max_steps={args.steps}",
+        f"trainer.grad_accum_steps={args.grad_accum}",
+        "trainer.save_every=50",
+        "trainer.progress_bar=false",
+        f"trainer.output_dir={args.out / 'runs' / run}",
+        f"logger={'wandb_offline' if args.wandb == 'offline' else 'wandb' if args.wandb == 'online' else 'jsonl'}",
+        "logger.project=seer-finetune-quality",
+        f"logger.run_name={run}",
+        *args.override,
+    ]
+
+
+def train_runs(args, folders: dict[str, Path]) -> dict[str, Path]:
+    """(b) and (c): train what is not trained yet; returns each run's folder."""
+    from seer_finetune.trainer import train
+
+    target, native = args.seq_len, args.native
+    factor = target // native
+    specs = {
+        "dense": ["+exp=yarn32k_dense", f"rope.factor={factor}", *common_overrides(args, folders, "dense", target)],
+        "gate_init": [
+            "+exp=gate_init8k",
+            *common_overrides(args, folders, "gate_init", native),
+            f"trainer.max_steps={args.init_steps}",
+            f"optim.lr={args.gate_lr}",
+            f"optim.gate_lr={args.gate_lr}",
+        ],
+    }
+    for run, density in SPARSE_RUNS.items():
+        specs[run] = [
+            f"+exp=yarn32k_{run}",
+            f"rope.factor={factor}",
+            *common_overrides(args, folders, run, target),
+            f"attention.gates_path={args.out / 'runs' / 'gate_init' / 'final'}",
+            f"attention.density={density}",
+            f"optim.gate_lr={args.gate_lr}",
+        ]
+    dirs = {}
+    for run, overrides in specs.items():
+        run_dir = args.out / "runs" / run
+        dirs[run] = run_dir
+        if (run_dir / "summary.json").is_file():
+            print(f"[quality] {run}: reusing {run_dir}", flush=True)
+            continue
+        print(f"[quality] training {run}", flush=True)
+        train(compose_config(overrides))
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    return dirs
+
+
+def eval_windows(tokenizer, folder: Path, length: int, max_windows: int, cache: Path):
+    from seer_finetune.data import DocumentWindows, build_corpus, load_documents
+
+    corpus = build_corpus(load_documents(str(folder)), tokenizer, cache_dir=str(cache))
+    windows = DocumentWindows(corpus, length, max_windows)
+    if len(windows) == 0:
+        raise ConfigError(f"no document in {folder} reaches {length} tokens")
+    return windows
+
+
+def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Perplexity on both families at the target length, realised density per layer, passkey retrieval."""
+    from seer_finetune.config import RopeConfig
+    from seer_finetune.evaluation import perplexity
+    from seer_finetune.modeling import load_model, load_tokenizer, load_trained
+    from seer_finetune.passkey import passkey_accuracy
+    from seer_finetune.seer import load_seer_model
+    from seer_finetune.seer.attention import SeerRuntime
+
+    device = torch.device(args.device)
+    cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "dense", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
+    tokenizer = load_tokenizer(cfg.model)
+    cache = args.out / "cache"
+    windows = {
+        (family, length): eval_windows(tokenizer, folders[family], length, args.eval_windows, cache)
+        for family in EVAL_FAMILIES
+        for length in (args.native, args.seq_len)
+    }
+    passkey_lengths = [args.seq_len // 4, args.seq_len // 2, args.seq_len]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+
+    def record(name, model, length, sparsity_target, runtime=None, passkey=False):
+        row: dict[str, Any] = {"run": name, "length": length, "target_sparsity": sparsity_target}
+        per_layer: dict[str, list[float]] = {}
+        for family in EVAL_FAMILIES:
+            if runtime is not None:
+                runtime.take_stats()
+            result = perplexity(model, windows[(family, length)], device=device)
+            row[f"ppl_{family}"] = result["ppl"]
+            row[f"windows_{family}"] = len(windows[(family, length)])
+            if runtime is not None:
+                stats = runtime.take_stats()
+                per_layer[family] = [v for k, v in sorted(stats.items()) if k.startswith("density/")]
+        if runtime is not None and runtime.mode == "joint":
+            layers = [statistics.mean(vals) for vals in zip(*per_layer.values())]
+            row["realised_density_per_layer"] = layers
+            row["realised_sparsity"] = 1.0 - statistics.mean(layers)
+        else:
+            row["realised_sparsity"] = 0.0
+        if passkey:
+            row["passkey"] = {
+                str(n): passkey_accuracy(model, tokenizer, n, trials=args.passkey_trials, device=device)["accuracy"]
+                for n in passkey_lengths
+            }
+        rows.append(row)
+        print(f"[quality] {json.dumps(row)}", flush=True)
+
+    # (a) the base model at its native length, then YaRN-scaled without training at the target length.
+    base_cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "base", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
+    plain_rope = RopeConfig(type="none")
+    with torch.no_grad():
+        model = load_model(base_cfg.model, plain_rope, device=device, seed=0).to(dtype)
+        record("base (native length)", model, args.native, 0.0)
+        del model
+        model = load_model(base_cfg.model, base_cfg.rope, device=device, seed=0).to(dtype)
+        record("base + YaRN, no training", model, args.seq_len, 0.0)
+        del model
+    # (b) dense YaRN fine-tuning.
+    model = load_trained(dirs["dense"] / "final", device=device, dtype=dtype)
+    record("dense YaRN fine-tuning", model, args.seq_len, 0.0, passkey=True)
+    del model
+    # (c) joint YaRN + SeerAttention at each trained sparsity.
+    for run, density in SPARSE_RUNS.items():
+        runtime = SeerRuntime(mode="joint", density=density, training=False, compute_loss=False, block_size=cfg.attention.block_size)
+        model, runtime = load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
+        record(f"seer joint, {round((1 - density) * 100)}% sparsity", model, args.seq_len, 1.0 - density, runtime=runtime, passkey=True)
+        del model
+    return rows
+
+
+def throughput(dirs: dict[str, Path]) -> dict[str, float]:
+    """Median training tokens/s (steps after the first) of the dense and the 90% runs of this invocation."""
+    out = {}
+    for run in ("dense", "sparsity90"):
+        values = [r["train/tokens_per_s"] for r in read_metrics(dirs[run]) if "train/tokens_per_s" in r][1:]
+        out[run] = statistics.median(values) if values else float("nan")
+    return out
+
+
+def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> str:
+    dense = next(r for r in rows if r["run"].startswith("dense"))
+    lines = [
+        "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense | passkey (1/4, 1/2, full) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        rel = lambda fam: "" if r["length"] != seq_len else f"{100 * (r[f'ppl_{fam}'] / dense[f'ppl_{fam}'] - 1):+.2f}%"
+        passkey = ", ".join(f"{v:.2f}" for v in r["passkey"].values()) if "passkey" in r else "-"
+        lines.append(
+            f"| {r['run']} | {r['length']} | {r['target_sparsity']:.2f} | {r['realised_sparsity']:.3f} | "
+            f"{r['ppl_books']:.3f} | {rel('books')} | {r['ppl_technical']:.3f} | {rel('technical')} | {passkey} |"
+        )
+    lines += [
+        "",
+        f"Training throughput at {seq_len} tokens: dense {speed['dense']:.0f} tokens/s, 90% sparsity "
+        f"{speed['sparsity90']:.0f} tokens/s ({speed['sparsity90'] / speed['dense']:.2f}x).",
+    ]
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    trained = [r for r in rows if r["run"].startswith(("dense", "seer"))]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for family in EVAL_FAMILIES:
+        ax.plot([r["realised_sparsity"] for r in trained], [r[f"ppl_{family}"] for r in trained], "o-", label=family)
+    ax.set_xlabel("realised sparsity")
+    ax.set_ylabel("perplexity")
+    ax.set_title("perplexity against sparsity")
+    ax.legend()
+    fig.tight_layout()
+    made.append(out / "ppl_vs_sparsity.png")
+    fig.savefig(made[-1], dpi=120)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for run, run_dir in dirs.items():
+        records = [r for r in read_metrics(run_dir) if "train/lm_loss" in r]
+        steps = [r["step"] for r in records]
+        if run != "gate_init":
+            axes[0].plot(steps, [r["train/lm_loss"] for r in records], label=run)
+        gate = [r.get("train/seer/gate_loss") for r in records]
+        if any(g is not None for g in gate):
+            axes[1].plot(steps, gate, label=run)
+    axes[0].set_title("LM loss")
+    axes[1].set_title("gate loss (KL, summed over layers)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    made.append(out / "loss_curves.png")
+    fig.savefig(made[-1], dpi=120)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for r in rows:
+        if "realised_density_per_layer" in r:
+            ax.plot(r["realised_density_per_layer"], "o-", label=r["run"])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("realised density")
+    ax.set_title("realised density per layer (evaluation)")
+    ax.legend()
+    fig.tight_layout()
+    made.append(out / "density_per_layer.png")
+    fig.savefig(made[-1], dpi=120)
+    plt.close("all")
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="base model folder (e.g. SmolLM2-135M as get_model.sh writes it)")
+    parser.add_argument("--corpora", type=Path, required=True, help="get_corpora.sh's output folder (holds txt/)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--native", type=int, default=8192, help="the base model's trained context")
+    parser.add_argument("--seq-len", type=int, default=32768, help="target context (training and evaluation)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each 32k run")
+    parser.add_argument("--init-steps", type=int, default=100, help="gate distillation steps at the native length")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--gate-lr", type=float, default=1e-3)
+    parser.add_argument("--train-mb", type=float, default=40.0, help="MB of files taken from each training corpus")
+    parser.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per family and length")
+    parser.add_argument("--train-eval-windows", type=int, default=2)
+    parser.add_argument("--passkey-trials", type=int, default=5)
+    parser.add_argument("--num-proc", type=int, default=8)
+    parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every training run")
+    args = parser.parse_args(argv)
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    folders = stage_data(args.corpora, args.out, args.train_mb)
+    dirs = train_runs(args, folders)
+    rows = evaluate_all(args, folders, dirs)
+    speed = throughput(dirs)
+    text = table(rows, speed, args.seq_len)
+    made = plots(rows, dirs, args.out)
+    report = {"command": " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])]), "rows": rows, "throughput": speed}
+    if torch.cuda.is_available():
+        report["gpu"] = torch.cuda.get_device_name()
+    report["torch"] = torch.__version__
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "results.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"[quality] wrote {args.out / 'results.json'}, results.md and {', '.join(p.name for p in made)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

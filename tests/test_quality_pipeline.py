@@ -1,0 +1,102 @@
+"""The issue-6 pipeline (benchmarks/bench_quality.py) end to end on CPU with the embedded model and corpus
+standing in for SmolLM2 and the Debian corpora; and the passkey scorer."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from seer_finetune.passkey import build_trial, passkey_accuracy
+
+from helpers import ASSETS
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAYS = sorted((ROOT / "seer_finetune" / "assets" / "corpus" / "shakespeare").glob("*.txt"))
+
+
+def _fake_corpora(root: Path) -> Path:
+    """get_corpora.sh's layout (txt/<corpus>/...), filled with the shipped plays."""
+    layout = {
+        "spurgeon_treasury_of_david": PLAYS[0:2],
+        "bible_web": PLAYS[2:4],
+        "acl2": PLAYS[4:5],
+        "coq": PLAYS[5:6],
+        "linux": PLAYS[6:8],
+        "austen": PLAYS[8:9],
+        "shakespeare": PLAYS[9:10],
+        "hol_light": PLAYS[10:12],
+    }
+    for name, files in layout.items():
+        (root / "txt" / name).mkdir(parents=True)
+        for f in files:
+            (root / "txt" / name / f.name).write_text(f.read_text())
+    return root
+
+
+@pytest.mark.slow
+def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    monkeypatch.setenv("SEER_CACHE", str(tmp_path / "cache"))
+    corpora = _fake_corpora(tmp_path / "corpora")
+    out = tmp_path / "quality"
+    argv = [
+        "--model", "builtin:tiny_llama", "--corpora", str(corpora), "--out", str(out),
+        "--native", "256", "--seq-len", "1024", "--steps", "2", "--init-steps", "2",
+        "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
+        "--lr", "1e-3", "--device", "cpu", "--override", "attention.gate_hidden_size=32",
+        "trainer.micro_batch_size=1", "trainer.save_every=0",
+    ]
+    assert bench_quality.main(argv) == 0
+    report = json.loads((out / "results.json").read_text())
+    runs = [r["run"] for r in report["rows"]]
+    assert runs == ["base (native length)", "base + YaRN, no training", "dense YaRN fine-tuning",
+                    "seer joint, 50% sparsity", "seer joint, 90% sparsity"]
+    rows = {r["run"]: r for r in report["rows"]}
+    for r in report["rows"]:
+        assert r["ppl_books"] > 1 and r["ppl_technical"] > 1
+    # realised sparsity is what the gates kept at evaluation, close to the trained target
+    assert abs(rows["seer joint, 50% sparsity"]["realised_sparsity"] - 0.5) < 0.05
+    assert abs(rows["seer joint, 90% sparsity"]["realised_sparsity"] - 0.9) < 0.1
+    assert len(rows["seer joint, 90% sparsity"]["realised_density_per_layer"]) == 4
+    assert set(rows["dense YaRN fine-tuning"]["passkey"]) == {"256", "512", "1024"}
+    assert report["throughput"]["dense"] > 0 and report["throughput"]["sparsity90"] > 0
+    for png in ("ppl_vs_sparsity.png", "loss_curves.png", "density_per_layer.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "| seer joint, 90% sparsity | 1024 |" in (out / "results.md").read_text()
+    assert list((out / "runs" / "dense" / "wandb").glob("offline-run-*"))
+    # The training corpora never contain an evaluation family's files.
+    train_files = {p.name for p in (out / "data" / "train").rglob("*.txt")}
+    eval_files = {p.name for f in ("books", "technical") for p in (out / "data" / f).rglob("*.txt")}
+    assert train_files and eval_files and not train_files & eval_files
+    # A second invocation reuses every trained run.
+    before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")}
+    assert bench_quality.main(argv) == 0
+    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")} == before
+
+
+class _Echo(torch.nn.Module):
+    """A 'model' whose logits at position i put all mass on token i + 1 of its input (a perfect reader)."""
+
+    def __init__(self, vocab: int, shift: int = 1):
+        super().__init__()
+        self.vocab, self.shift = vocab, shift
+
+    def forward(self, input_ids, use_cache=False):
+        nxt = torch.roll(input_ids, -self.shift, dims=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+
+
+def test_passkey_trial_layout_and_scoring():
+    tok = AutoTokenizer.from_pretrained(ASSETS)
+    prompt, answer = build_trial(tok, 600, 0.5, 54321)
+    text = tok.decode(prompt)
+    assert "The pass key is 54321" in text and text.endswith("The pass key is")
+    assert abs(len(prompt) + len(answer) - 600) <= 30
+    assert 0.3 < text.index("54321") / len(text) < 0.7
+    assert passkey_accuracy(_Echo(len(tok)), tok, 400, trials=3)["accuracy"] == 1.0
+    assert passkey_accuracy(_Echo(len(tok), shift=2), tok, 400, trials=3)["accuracy"] == 0.0
