@@ -28,7 +28,7 @@ import seer_kernels
 
 from .gate import AttnGate, gate_rotary_embedding, num_blocks
 from .masking import seer_mask, split_document_ids
-from .selection import block_candidates, gate_log_probs, gate_loss, realised_density, select_blocks
+from .selection import block_candidates, gate_log_probs, gate_loss, realised_density, row_quotas, select_blocks
 
 ATTN_NAME = "seer"
 MODES = ("dense", "gate_distill", "joint")
@@ -61,6 +61,8 @@ class SeerRuntime:
             in sparse mode, reused when gradient checkpointing recomputes the layer. (Autograd keeps that
             tensor for the gate loss anyway when nothing is recomputed.)
         forward_id: Incremented by a pre-hook at every forward of the model.
+        per_forward: Values every layer of one forward shares (candidate blocks, row quotas), computed by the
+            first layer and cleared at the next forward: per layer they would be dozens of small launches.
     """
 
     mode: str = "dense"
@@ -80,6 +82,13 @@ class SeerRuntime:
     block_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     ground_truth_cache: dict[int, tuple[int, Optional[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     forward_id: int = 0
+    per_forward: dict[tuple, Any] = field(default_factory=dict)
+
+    def shared(self, key: tuple, compute):
+        """`compute()` once per forward for `key`; later layers (and checkpoint recomputation) reuse it."""
+        if key not in self.per_forward:
+            self.per_forward[key] = compute()
+        return self.per_forward[key]
 
     @property
     def sparse(self) -> bool:
@@ -176,7 +185,12 @@ def seer_attention_forward(
         q_pre, k_pre, head_shard = _sequence_parallel_gate_inputs(q_pre, k_pre, seq_len)
     doc_ids = attention_mask
     valid = split_document_ids(doc_ids) if doc_ids is not None else None
-    candidates = block_candidates(seq_len, rt.block_size, doc_ids, valid, batch_size=bsz, device=query.device)
+    # The document ids are one tensor for all layers of a forward, so its identity keys the shared values.
+    layout = (seq_len, bsz, rt.block_size, None if doc_ids is None else id(doc_ids), query.device)
+    candidates = rt.shared(
+        ("candidates", *layout),
+        lambda: block_candidates(seq_len, rt.block_size, doc_ids, valid, batch_size=bsz, device=query.device),
+    )
     common = dict(block_size=rt.block_size, document_ids=doc_ids, sm_scale=scaling, backend=rt.kernel)
 
     if rt.mode == "dense" or not (rt.sparse or rt.compute_loss):
@@ -187,11 +201,9 @@ def seer_attention_forward(
     if q_pre is None or k_pre is None:
         raise RuntimeError(f"the gate of layer {gate.layer_idx} received no pre-RoPE q/k: its capture hooks did not run")
     if q_pre.shape[1] != seq_len or q_pre.shape[2] != query.shape[1]:
-        # e.g. sequence parallelism (Ulysses): attention sees all tokens of a head shard, the projections
-        # only a token shard of all heads; the gate would need the same all-to-all.
-        raise NotImplementedError(
+        raise RuntimeError(
             f"seer gates need the pre-RoPE q of all {seq_len} tokens and {query.shape[1]} heads, got "
-            f"{tuple(q_pre.shape[1:3])} (tokens, heads): sequence parallelism is not supported with gates"
+            f"{tuple(q_pre.shape[1:3])} (tokens, heads)"
         )
 
     log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
@@ -200,8 +212,11 @@ def seer_attention_forward(
     if rt.compute_loss and rt.training:
         rows = _query_blocks(num_blocks(seq_len, rt.block_size), rt.ground_truth_query_fraction, query.device)
     if rt.sparse:
+        quota = None
+        if rt.density is not None:
+            quota = rt.shared(("quota", *layout, rt.density, rt.sink_blocks), lambda: row_quotas(candidates, rt.density, rt.sink_blocks))
         block_mask = select_blocks(
-            log_probs.detach(), candidates, density=rt.density, threshold=rt.threshold, sink_blocks=rt.sink_blocks
+            log_probs.detach(), candidates, density=rt.density, threshold=rt.threshold, sink_blocks=rt.sink_blocks, quota=quota
         )
         rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
         if rt.record_block_masks:
@@ -400,6 +415,7 @@ def attach_seer_gates(
 def _next_forward(runtime: SeerRuntime) -> None:
     runtime.forward_id += 1
     runtime.ground_truth_cache.clear()
+    runtime.per_forward.clear()
 
 
 def seer_gates(model: nn.Module) -> list[AttnGate]:

@@ -139,6 +139,7 @@ def select_blocks(
     density: Optional[float] = None,
     threshold: Optional[float] = None,
     sink_blocks: int = 0,
+    quota: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
 
@@ -154,6 +155,8 @@ def select_blocks(
         density: Target fraction of candidate blocks kept, in (0, 1].
         threshold: Minimum gate probability of a kept block, in [0, 1].
         sink_blocks: Leading candidate blocks always kept. Default 0.
+        quota: `row_quotas(candidates, density, sink_blocks)` when already computed (it depends on the
+            candidates only, so all layers of a forward share it). Default: computed here.
 
     Returns:
         bool `[B, H, nB, nB]`, a subset of the candidates.
@@ -169,7 +172,7 @@ def select_blocks(
         return (cand & (probs >= threshold)) | forced
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]")
-    quota = row_quotas(candidates, density, sink_blocks)[:, None, :, None]
+    quota = (row_quotas(candidates, density, sink_blocks) if quota is None else quota)[:, None, :, None]
     # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
     key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
