@@ -64,16 +64,18 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
         trainer.train_step()
         torch.cuda.synchronize()
     total = attention = ground_truth = 0.0
+    launches = 0
     for event in prof.key_averages():
-        t = event.device_time_total / 1e3  # us -> ms
+        t = event.self_device_time_total / 1e3  # us -> ms; self time: kernels only, not their CPU-side parents
         if t <= 0:
             continue
+        launches += event.count
         total += t
         if ATTENTION_KERNELS.search(event.key):
             attention += t
             if GROUND_TRUTH_KERNELS.search(event.key):
                 ground_truth += t
-    return {"gpu_ms": total, "attention_ms": attention, "ground_truth_ms": ground_truth}
+    return {"gpu_ms": total, "attention_ms": attention, "ground_truth_ms": ground_truth, "kernel_launches": launches}
 
 
 def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: Path) -> dict:
@@ -117,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_variant(name, extra, args.seq_len, args.steps, Path(tmp)) for name, extra in VARIANTS.items()]
     dense = results[0]
     print(f"\n32k training step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture")
-    print(f"{'variant':32s} {'step ms':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'peak GiB':>9s} {'attn vs dense':>14s}")
+    print(f"{'variant':32s} {'step ms':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
     for r in results:
         print(
             f"{r['variant']:32s} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['attention_ms']:9.2f} {r['ground_truth_ms']:8.2f} "
-            f"{r['gpu_ms']:9.1f} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
+            f"{r['gpu_ms']:9.1f} {r['kernel_launches']:8d} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
         )
     if args.out:
         meta = {
