@@ -209,16 +209,23 @@ def seer_attention_forward(
     log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
     ground_truth = None
     rows = None
-    if rt.compute_loss and rt.training:
+    recomputing = ("block_mask", gate.layer_idx) in rt.per_forward  # gradient checkpointing's second pass
+    if rt.compute_loss and rt.training and not recomputing:
         rows = _query_blocks(num_blocks(seq_len, rt.block_size), rt.ground_truth_query_fraction, query.device)
     if rt.sparse:
-        quota = None
-        if rt.density is not None:
-            quota = rt.shared(("quota", *layout, rt.density, rt.sink_blocks), lambda: row_quotas(candidates, rt.density, rt.sink_blocks))
-        block_mask = select_blocks(
-            log_probs.detach(), candidates, density=rt.density, threshold=rt.threshold, sink_blocks=rt.sink_blocks, quota=quota
-        )
-        rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
+        if recomputing:
+            # The selection is a no-grad function of the same inputs: reuse it instead of selecting again.
+            block_mask = rt.per_forward[("block_mask", gate.layer_idx)]
+        else:
+            quota = None
+            if rt.density is not None:
+                quota = rt.shared(("quota", *layout, rt.density, rt.sink_blocks), lambda: row_quotas(candidates, rt.density, rt.sink_blocks))
+            block_mask = select_blocks(
+                log_probs.detach(), candidates, density=rt.density, threshold=rt.threshold, sink_blocks=rt.sink_blocks, quota=quota
+            )
+            rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
+            if rt.training and torch.is_grad_enabled():
+                rt.per_forward[("block_mask", gate.layer_idx)] = block_mask
         if rt.record_block_masks:
             rt.block_masks[gate.layer_idx] = block_mask
         out = seer_kernels.block_sparse_attention(query, key, value, block_mask, **common)
