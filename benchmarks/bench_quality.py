@@ -41,11 +41,13 @@ EVAL_FAMILIES = {"books": ("austen", "shakespeare"), "technical": ("hol_light",)
 SPARSE_RUNS = {"sparsity50": 0.5, "sparsity90": 0.1}
 
 
-def stage_data(corpora: Path, out: Path, train_mb: float) -> dict[str, Path]:
+def stage_data(corpora: Path, out: Path, train_mb: float, eval_mb: float = math.inf, min_eval_bytes: int = 0) -> dict[str, Path]:
     """Symlink the corpora's files into one training folder and one folder per evaluation family.
 
-    At most `train_mb` MB of files are taken from each training corpus (files in sorted order), so tokenising stays
-    proportional to what training reads. Evaluation corpora are never linked into the training folder.
+    At most `train_mb` MB of files are taken from each training corpus and `eval_mb` MB from each evaluation
+    corpus (files in sorted order; evaluation files smaller than `min_eval_bytes`, too short for one window, are
+    skipped), so tokenising stays proportional to what is read. Evaluation corpora are never linked into the
+    training folder.
     """
     txt = corpora / "txt"
     folders = {"train": out / "data" / "train", **{f: out / "data" / f for f in EVAL_FAMILIES}}
@@ -56,10 +58,12 @@ def stage_data(corpora: Path, out: Path, train_mb: float) -> dict[str, Path]:
         for source in sources:
             if not (txt / source).is_dir():
                 raise ConfigError(f"corpus {txt / source} is missing: run ../shared/data/get_corpora.sh")
-            budget = train_mb * 1e6 if name == "train" else math.inf
+            budget = (train_mb if name == "train" else eval_mb) * 1e6
             for path in sorted(p for p in (txt / source).rglob("*") if p.is_file()):
                 if budget <= 0:
                     break
+                if name != "train" and path.stat().st_size < min_eval_bytes:
+                    continue
                 link = dest / source / path.relative_to(txt / source)
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.symlink_to(path.resolve())
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--train-mb", type=float, default=40.0, help="MB of files taken from each training corpus")
+    parser.add_argument("--eval-mb", type=float, default=math.inf, help="MB of files taken from each evaluation corpus")
     parser.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per family and length")
     parser.add_argument("--train-eval-windows", type=int, default=2)
     parser.add_argument("--passkey-trials", type=int, default=5)
@@ -314,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    folders = stage_data(args.corpora, args.out, args.train_mb)
+    # A file shorter than ~2 bytes per token of the target length cannot hold one evaluation window.
+    folders = stage_data(args.corpora, args.out, args.train_mb, args.eval_mb, min_eval_bytes=2 * args.seq_len)
     dirs = train_runs(args, folders)
     rows = evaluate_all(args, folders, dirs)
     speed = throughput(dirs)
