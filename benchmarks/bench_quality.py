@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -163,8 +164,16 @@ def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[
     passkey_lengths = [args.seq_len // 4, args.seq_len // 2, args.seq_len]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []
+    done = args.out / "evals"
+    done.mkdir(exist_ok=True)
 
-    def record(name, model, length, sparsity_target, runtime=None, passkey=False):
+    def record(name, load, length, sparsity_target, passkey=False):
+        """Evaluate the model `load()` returns as (model, runtime or None); a finished row is reused on rerun."""
+        cache = done / (re.sub(r"\W+", "_", name).strip("_") + ".json")
+        if cache.is_file():
+            rows.append(json.loads(cache.read_text()))
+            return
+        model, runtime = load()
         row: dict[str, Any] = {"run": name, "length": length, "target_sparsity": sparsity_target}
         per_layer: dict[str, list[float]] = {}
         for family in EVAL_FAMILIES:
@@ -187,29 +196,25 @@ def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[
                 str(n): passkey_accuracy(model, tokenizer, n, trials=args.passkey_trials, device=device)["accuracy"]
                 for n in passkey_lengths
             }
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        cache.write_text(json.dumps(row) + "\n")
         rows.append(row)
         print(f"[quality] {json.dumps(row)}", flush=True)
 
     # (a) the base model at its native length, then YaRN-scaled without training at the target length.
     base_cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "base", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
-    plain_rope = RopeConfig(type="none")
-    with torch.no_grad():
-        model = load_model(base_cfg.model, plain_rope, device=device, seed=0).to(dtype)
-        record("base (native length)", model, args.native, 0.0)
-        del model
-        model = load_model(base_cfg.model, base_cfg.rope, device=device, seed=0).to(dtype)
-        record("base + YaRN, no training", model, args.seq_len, 0.0)
-        del model
+    base = lambda rope: (load_model(base_cfg.model, rope, device=device, seed=0).to(dtype).eval(), None)
+    record("base (native length)", lambda: base(RopeConfig(type="none")), args.native, 0.0)
+    record("base + YaRN, no training", lambda: base(base_cfg.rope), args.seq_len, 0.0)
     # (b) dense YaRN fine-tuning.
-    model = load_trained(dirs["dense"] / "final", device=device, dtype=dtype)
-    record("dense YaRN fine-tuning", model, args.seq_len, 0.0, passkey=True)
-    del model
+    record("dense YaRN fine-tuning", lambda: (load_trained(dirs["dense"] / "final", device=device, dtype=dtype), None), args.seq_len, 0.0, passkey=True)
     # (c) joint YaRN + SeerAttention at each trained sparsity.
     for run, density in SPARSE_RUNS.items():
         runtime = SeerRuntime(mode="joint", density=density, training=False, compute_loss=False, block_size=cfg.attention.block_size)
-        model, runtime = load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
-        record(f"seer joint, {round((1 - density) * 100)}% sparsity", model, args.seq_len, 1.0 - density, runtime=runtime, passkey=True)
-        del model
+        load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
+        record(f"seer joint, {round((1 - density) * 100)}% sparsity", load, args.seq_len, 1.0 - density, passkey=True)
     return rows
 
 

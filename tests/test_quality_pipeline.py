@@ -73,10 +73,13 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     train_files = {p.name for p in (out / "data" / "train").rglob("*.txt")}
     eval_files = {p.name for f in ("books", "technical") for p in (out / "data" / f).rglob("*.txt")}
     assert train_files and eval_files and not train_files & eval_files
-    # A second invocation reuses every trained run.
-    before = {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")}
+    # A second invocation reuses every trained run and every finished evaluation.
+    finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
+    assert len(finished) == 4 + 5
+    before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
-    assert {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")} == before
+    assert {p: p.stat().st_mtime for p in finished} == before
+    assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
 
 
 class _Echo(torch.nn.Module):
