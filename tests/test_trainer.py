@@ -178,3 +178,23 @@ def test_wandb_offline_and_jsonl_metrics(tmp_path):
     assert [r["step"] for r in evals] == [0, 3]
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_local_model_and_data_need_no_hub(tmp_path):
+    """With a local model folder and local files, a run succeeds although every hub request would fail:
+    offline mode is off and the hub endpoint points at a closed local port."""
+    model_dir = save_tiny_model(tmp_path / "model", "llama")
+    data = tmp_path / "data.jsonl"
+    plays = sorted((Path(__file__).resolve().parents[1] / "seer_finetune" / "assets" / "corpus" / "shakespeare").glob("*.txt"))
+    data.write_text("".join(json.dumps({"text": p.read_text()}) + "\n" for p in plays[:3]))
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9",
+               SEER_CACHE=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-m", "seer_finetune", "train", f"model.name_or_path={model_dir}", f"data.source={data}",
+         "data.seq_len=256", "data.max_eval_sequences=1", "trainer.max_steps=2", "trainer.progress_bar=false",
+         f"trainer.output_dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
