@@ -138,16 +138,6 @@ def deepspeed_config(cfg: SeerConfig, ctx: DistributedContext, dtype: torch.dtyp
     return config
 
 
-def all_reduce_mean(value: float, group=None, device: torch.device | str = "cpu") -> float:
-    """Mean of a Python float over a process group (identity without one)."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t, group=group)
-    size = torch.distributed.get_world_size(group)
-    return float(t.item()) / size
-
-
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over a process group, returned (no-op without one)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

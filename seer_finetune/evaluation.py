@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -10,7 +11,14 @@ from .data import collate
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, dataset, *, device: torch.device, batch_size: int = 1) -> dict[str, float]:
+def perplexity(
+    model: torch.nn.Module,
+    dataset,
+    *,
+    device: torch.device,
+    batch_size: int = 1,
+    loss_fn: Optional[Callable[[dict[str, torch.Tensor]], torch.Tensor]] = None,
+) -> dict[str, float]:
     """Token-weighted mean negative log-likelihood over `dataset` and its exponential.
 
     Args:
@@ -18,22 +26,30 @@ def perplexity(model: torch.nn.Module, dataset, *, device: torch.device, batch_s
         dataset: Items with `input_ids` and `position_ids` (e.g. `DocumentWindows`).
         device: Where to run.
         batch_size: Windows per forward pass. Default 1.
+        loss_fn: Mean next-token loss of a collated batch (0-dim tensor); default: the model's own loss with
+            the batch's position ids. The trainer passes its own (sequence-parallel shards, DeepSpeed).
 
     Returns:
         {"loss": mean NLL in nats, "ppl": exp(loss), "tokens": number of predicted tokens}
     """
+
+    def model_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(device)
+        return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=input_ids, use_cache=False).loss
+
+    loss_fn = loss_fn or model_loss
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    # Summed on the device and read once at the end: no host synchronisation per window.
+    total_nll = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = 0
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            input_ids = batch["input_ids"].to(device)
-            out = model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=input_ids, use_cache=False)
-            predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
-            total_nll += float(out.loss) * predicted
+            predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+            total_nll += loss_fn(batch).detach().double() * predicted
             total_tokens += predicted
     finally:
         model.train(was_training)
-    loss = total_nll / max(total_tokens, 1)
+    loss = float(total_nll) / max(total_tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": total_tokens}

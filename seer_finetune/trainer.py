@@ -31,7 +31,8 @@ from .deepspeed_engine import (
     register_ulysses,
     save_deepspeed_checkpoint,
 )
-from .distributed import all_reduce_mean, check_parallel_layout, deepspeed_config, init_distributed
+from .distributed import all_reduce_sum, check_parallel_layout, deepspeed_config, init_distributed
+from .evaluation import perplexity
 from .extension import TrainingExtension
 from .metrics import MetricsLogger
 from .modeling import (
@@ -139,7 +140,7 @@ class Trainer:
         seed_everything(t.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = build_data(cfg.data, self.tokenizer)
-        self.model, self.extension = self._build_model(self.device)
+        self.model, self.extension = build_model(self.cfg, self.device)
         self.model.train()
         self.optimizer = build_optimizer(self.model, self.extension, cfg)
         o = cfg.optim
@@ -154,9 +155,6 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: dict[str, Any] = {}
-
-    def _build_model(self, device: torch.device) -> tuple[torch.nn.Module, TrainingExtension]:
-        return build_model(self.cfg, device)
 
     def _init_deepspeed(self) -> None:
         import deepspeed
@@ -213,7 +211,8 @@ class Trainer:
         )
         return out.loss
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to back-propagate, the full sequence's loss terms as detached 0-dim tensors for logging)."""
         sp = self.ctx.sp_size
         lm_loss = self._lm_loss(batch)
         extra = self.extension.extra_losses()
@@ -221,23 +220,27 @@ class Trainer:
         for value in extra.values():
             # Extension losses are means over this rank's heads; gradients add over sequence-parallel ranks.
             loss = loss + value / sp
-        # Logged values are the full sequence's: LM shares add up, per-head means average.
-        lm_value = float(lm_loss.detach())
+        values = torch.stack([lm_loss.detach(), *(v.detach() for v in extra.values())]).double()
         if sp > 1:
-            lm_value = all_reduce_mean(lm_value, self.ctx.sp_group, self.device) * sp
-        parts = {"lm_loss": lm_value}
-        for name, v in extra.items():
-            value = float(v.detach())
-            parts[name] = all_reduce_mean(value, self.ctx.sp_group, self.device) if sp > 1 else value
-        return loss, parts
+            # Logged values are the full sequence's: LM shares add up, per-head means average.
+            all_reduce_sum(values, self.ctx.sp_group)
+            values[1:] /= sp
+        return loss, dict(zip(["lm_loss", *extra], values.unbind()))
+
+    def _sequence_lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The full sequence's mean LM loss (sequence-parallel shares summed), for evaluation."""
+        loss = self._lm_loss(batch).detach()
+        return all_reduce_sum(loss.clone(), self.ctx.sp_group) if self.ctx.sp_size > 1 else loss
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over `grad_accum_steps` micro-batches; returns the step's metrics."""
+        """One optimizer step over `grad_accum_steps` micro-batches; returns the step's metrics.
+
+        Loss terms stay on the device until the end of the step, read in one transfer.
+        """
         t = self.cfg.trainer
         started = time.perf_counter()
         lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}  # this step's
-        sums: dict[str, float] = {}
-        total = 0.0
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(t.grad_accum_steps):
             batch = self._next_batch()
@@ -247,57 +250,51 @@ class Trainer:
                 self.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
             else:
                 (loss / t.grad_accum_steps).backward()
-            total += (parts["lm_loss"] * self.extension.lm_loss_weight + sum(v for k, v in parts.items() if k != "lm_loss")) / t.grad_accum_steps
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum_steps
             tokens += batch["input_ids"].numel() * self.ctx.dp_size
         if self.engine is not None:
             grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            total = all_reduce_mean(total, None, self.device) if self.ctx.dp_size > 1 else total
-            sums = {k: all_reduce_mean(v, None, self.device) for k, v in sums.items()} if self.ctx.dp_size > 1 else sums
+            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64)
         else:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if self.cfg.optim.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
             else:
-                grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+        names = list(sums)
+        values = torch.stack([sums[k] for k in names])
+        if self.engine is not None and self.ctx.dp_size > 1:
+            all_reduce_sum(values, None)
+            values /= self.ctx.world_size
+        values = values.tolist()
+        parts = dict(zip(names, values))
+        total = parts["lm_loss"] * self.extension.lm_loss_weight + sum(v for k, v in parts.items() if k != "lm_loss")
         self.step += 1
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
-        metrics = {"loss": total, **sums, "grad_norm": grad_norm, "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+        metrics = {"loss": total, **parts, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
         metrics.update(lrs)
         metrics.update(self.extension.metrics())
         if self.device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Perplexity on the evaluation windows (every rank takes part: ZeRO-3 gathers parameters collectively)."""
         if self.data.eval is None:
             return {}
         self.extension.set_training(False)
-        self.model.eval()
-        total_nll, total_tokens = 0.0, 0
         try:
-            mb = self.cfg.trainer.micro_batch_size
-            for start in range(0, len(self.data.eval), mb):
-                batch = collate([self.data.eval[i] for i in range(start, min(start + mb, len(self.data.eval)))])
-                targets = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
-                loss = float(self._lm_loss(batch))
-                if self.ctx.sp_size > 1:
-                    loss = all_reduce_mean(loss, self.ctx.sp_group, self.device) * self.ctx.sp_size
-                total_nll += loss * targets
-                total_tokens += targets
+            result = perplexity(
+                self.model, self.data.eval, device=self.device, batch_size=self.cfg.trainer.micro_batch_size,
+                loss_fn=self._sequence_lm_loss,
+            )
         finally:
-            self.model.train()
             self.extension.set_training(True)
-        mean = total_nll / max(total_tokens, 1)
-        result = {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": total_tokens}
         result.update({f"eval_{k}": v for k, v in self.extension.metrics().items()})
         return result
 
@@ -351,7 +348,7 @@ class Trainer:
             state = consolidated_state_dict(self.engine, cfg.deepspeed.zero_stage)
             if not self.ctx.is_main:
                 return None
-            model, extension = self._build_model(torch.device("cpu"))
+            model, extension = build_model(self.cfg, torch.device("cpu"))
             load_full_state(model, state)
         final = self.run_dir / "final"
         if extension.freeze_base:

@@ -20,5 +20,5 @@ trainer.engine.backward(loss)
 grads = {name: safe_get_full_grad(p) for name, p in trainer.engine.module.named_parameters() if p.requires_grad}
 if trainer.ctx.is_main:
     grads = {name: g.detach().clone() for name, g in grads.items() if g is not None}
-    grads["__lm_loss__"] = torch.tensor([parts["lm_loss"]], dtype=torch.float64)
+    grads["__lm_loss__"] = parts["lm_loss"].reshape(1).cpu()
     save_file(grads, out)
