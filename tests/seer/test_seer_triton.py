@@ -1,4 +1,8 @@
-"""The seer path on CUDA through the Triton kernels (`kernel=auto`): skipped without a GPU."""
+"""The whole seer model path on the Triton kernels (`kernel="triton"`) against SDPA and the PyTorch reference.
+
+On CUDA at realistic block sizes; on CPU the same tests run through the Triton interpreter at sizes it affords.
+The bf16 step needs a GPU (the interpreter computes bf16 dots wrongly).
+"""
 
 from __future__ import annotations
 
@@ -10,29 +14,32 @@ import torch
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 from seer_helpers import packed_position_ids, random_ids, tiny_model
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-GPU_SIZES = dict(head_dim=64, max_position_embeddings=8192)
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# (block sizes, sequence length of the SDPA check, lengths of the packed documents of the gradient check)
+SIZES = dict(blocks=(64, 128), length=1000, docs=[700, 1348]) if CUDA else dict(blocks=(32,), length=200, docs=[70, 90])
+MODEL_SIZES = dict(head_dim=64, max_position_embeddings=8192) if CUDA else {}
 
 
 def _pair(arch: str, block: int, dtype=torch.float32, **runtime):
-    model = tiny_model(arch, sharpen=2.0, **GPU_SIZES).to("cuda", dtype)
+    model = tiny_model(arch, sharpen=2.0, **MODEL_SIZES).to(DEVICE, dtype)
     seer = copy.deepcopy(model)
-    rt = SeerRuntime(block_size=block, **runtime)
+    rt = SeerRuntime(block_size=block, kernel="triton", **runtime)
     torch.manual_seed(0)
-    attach_seer_gates(seer, rt, gate_hidden_size=64)
+    attach_seer_gates(seer, rt, gate_hidden_size=64 if CUDA else 16)
     return model, seer, rt
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("block", SIZES["blocks"])
 def test_triton_density_one_matches_sdpa(arch, block):
     model, seer, rt = _pair(arch, block, mode="joint", density=1.0)
-    ids = random_ids(2, 1000).cuda()
+    n = SIZES["length"]
+    ids = random_ids(2, n).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :37] = 0
     mask[1, -90:] = 0
-    pos = packed_position_ids([300, 411, 289], batch=2).cuda()
+    pos = packed_position_ids([n * 3 // 10, n * 4 // 10, n - n * 7 // 10], batch=2).to(DEVICE)
     with torch.no_grad():
         for kwargs, rows in (({"attention_mask": mask}, mask.bool()), ({"position_ids": pos}, torch.ones_like(mask, dtype=torch.bool))):
             ref = model(input_ids=ids, use_cache=False, **kwargs).logits
@@ -42,12 +49,12 @@ def test_triton_density_one_matches_sdpa(arch, block):
 
 
 def test_triton_sparse_matches_reference_backend_values_and_gradients():
-    _, seer, rt = _pair("llama", 64, mode="joint", density=0.5, kernel="triton", compute_loss=True)
+    _, seer, rt = _pair("llama", SIZES["blocks"][0], mode="joint", density=0.5, compute_loss=True)
     seer.train()
     ref_model = copy.deepcopy(seer)
     ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.kernel = "reference"
-    ids = random_ids(1, 2048).cuda()
-    pos = packed_position_ids([700, 1348]).cuda()
+    ids = random_ids(1, sum(SIZES["docs"])).to(DEVICE)
+    pos = packed_position_ids(SIZES["docs"]).to(DEVICE)
     results = []
     for m in (seer, ref_model):
         runtime = m.get_submodule("model.layers.0.self_attn").seer_gate.runtime
@@ -57,18 +64,26 @@ def test_triton_sparse_matches_reference_backend_values_and_gradients():
         results.append((out.logits.detach(), float(gate.detach()), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (lt, gt_, grads_t), (lr, gr, grads_r) = results
     assert ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.kernel == "reference"
-    torch.testing.assert_close(lt, lr, rtol=2e-3, atol=2e-3)
-    assert gt_ == pytest.approx(gr, rel=1e-3, abs=1e-5)
-    assert grads_t.keys() == grads_r.keys()
-    for name in grads_t:
-        scale = grads_r[name].abs().max().clamp_min(1e-6)
-        assert (grads_t[name] - grads_r[name]).abs().max() / scale < 2e-2, name
+    assert grads_t.keys() == grads_r.keys() and any(".seer_gate." in n for n in grads_t)
+    if CUDA:  # Triton's float32 dots run in tf32 on the GPU
+        torch.testing.assert_close(lt, lr, rtol=2e-3, atol=2e-3)
+        assert gt_ == pytest.approx(gr, rel=1e-3, abs=1e-5)
+        for name in grads_t:
+            scale = grads_r[name].abs().max().clamp_min(1e-6)
+            assert (grads_t[name] - grads_r[name]).abs().max() / scale < 2e-2, name
+    else:  # the interpreter computes in full float32
+        torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-4)
+        assert gt_ == pytest.approx(gr, rel=1e-4, abs=1e-6)
+        for name in grads_t:
+            torch.testing.assert_close(grads_t[name], grads_r[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 Triton dots need a GPU: the interpreter computes them wrongly")
 def test_bf16_joint_step_density_on_gpu():
     _, seer, rt = _pair("qwen3", 64, dtype=torch.bfloat16, mode="joint", density=0.1)
     seer.train()
-    ids = random_ids(2, 4096).cuda()
+    ids = random_ids(2, 4096).to(DEVICE)
     out = seer(input_ids=ids, labels=ids, use_cache=False)
     gate = torch.stack(list(rt.take_losses().values())).sum()
     (out.loss + gate).backward()
