@@ -7,7 +7,9 @@ random weights from the run's seed. Anything else is a local folder or a hub nam
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -184,8 +186,6 @@ def save_final(
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     _, builtin = resolve_model_path(model_cfg.name_or_path)
@@ -207,8 +207,6 @@ def save_final(
         # The adapter folder also records the YaRN-extended config so loaders can restore it for any base.
         base.config.save_pretrained(tmp / "extended_config")
         if peft_cfg.merge_on_save:
-            import copy
-
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
@@ -216,8 +214,6 @@ def save_final(
         json.dumps({"base_model": model_cfg.name_or_path, "method": peft_cfg.method}, indent=2) + "\n"
     )
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     if peft_cfg.method == "lora" and builtin:
@@ -230,8 +226,6 @@ def save_final(
 
 def _save_unadapted_base(peft_model, out_dir: Path) -> None:
     """Save the base weights without LoRA deltas or trainable-copy modules (the originals)."""
-    import copy
-
     clone = copy.deepcopy(peft_model)
     base = clone.unload()  # removes LoRA layers without merging; modules_to_save return to the originals
     base.save_pretrained(out_dir, safe_serialization=True)
