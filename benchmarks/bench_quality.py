@@ -94,10 +94,8 @@ def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> 
     ]
 
 
-def train_runs(args, folders: dict[str, Path]) -> dict[str, Path]:
-    """(b) and (c): train what is not trained yet; returns each run's folder."""
-    from seer_finetune.trainer import train
-
+def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
+    """The Hydra overrides of each training run of (b) and (c), in training order."""
     target, native = args.seq_len, args.native
     factor = target // native
     specs = {
@@ -119,6 +117,13 @@ def train_runs(args, folders: dict[str, Path]) -> dict[str, Path]:
             f"attention.density={density}",
             f"optim.gate_lr={args.gate_lr}",
         ]
+    return specs
+
+
+def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
+    """(b) and (c): train what is not trained yet; returns each run's folder."""
+    from seer_finetune.trainer import train
+
     dirs = {}
     for run, overrides in specs.items():
         run_dir = args.out / "runs" / run
@@ -143,8 +148,13 @@ def eval_windows(tokenizer, folder: Path, length: int, max_windows: int, cache: 
     return windows
 
 
-def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[dict[str, Any]]:
-    """Perplexity on both families at the target length, realised density per layer, passkey retrieval."""
+def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Perplexity on both families at the target length, realised density per layer, passkey retrieval.
+
+    Each sparse run is also evaluated with oracle selection (blocks ranked by the true pooled attention
+    instead of the gate, at the same density): the gap between the two rows is what a better gate could win,
+    the gap between the oracle and dense is the cost of block sparsity itself at this density.
+    """
     from seer_finetune.config import RopeConfig
     from seer_finetune.evaluation import perplexity
     from seer_finetune.modeling import load_model, load_tokenizer, load_trained
@@ -184,7 +194,9 @@ def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[
             row[f"windows_{family}"] = len(windows[(family, length)])
             if runtime is not None:
                 stats = runtime.take_stats()
-                per_layer[family] = [v for k, v in sorted(stats.items()) if k.startswith("density/")]
+                # Keys are density/<layer>: order by the layer number, not the string.
+                layer_stats = sorted((int(k.split("/")[1]), v) for k, v in stats.items() if k.startswith("density/"))
+                per_layer[family] = [v for _, v in layer_stats]
         if runtime is not None and runtime.mode == "joint":
             layers = [statistics.mean(vals) for vals in zip(*per_layer.values())]
             row["realised_density_per_layer"] = layers
@@ -210,11 +222,26 @@ def evaluate_all(args, folders: dict[str, Path], dirs: dict[str, Path]) -> list[
     record("base + YaRN, no training", lambda: base(base_cfg.rope), args.seq_len, 0.0)
     # (b) dense YaRN fine-tuning.
     record("dense YaRN fine-tuning", lambda: (load_trained(dirs["dense"] / "final", device=device, dtype=dtype), None), args.seq_len, 0.0, passkey=True)
-    # (c) joint YaRN + SeerAttention at each trained sparsity.
+    # (c) joint YaRN + SeerAttention at each trained sparsity, with the sink and local blocks it trained with;
+    # then the same weights with oracle selection.
     for run, density in SPARSE_RUNS.items():
-        runtime = SeerRuntime(mode="joint", density=density, training=False, compute_loss=False, block_size=cfg.attention.block_size)
-        load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
-        record(f"seer joint, {round((1 - density) * 100)}% sparsity", load, args.seq_len, 1.0 - density, passkey=True)
+        a = compose_config(specs[run]).attention
+        name = f"seer joint, {round((1 - density) * 100)}% sparsity"
+        for oracle in (False, True):
+            runtime = SeerRuntime(
+                mode="joint",
+                density=density,
+                block_size=int(a.block_size),
+                sink_blocks=int(a.sink_blocks),
+                local_blocks=int(a.local_blocks),
+                kernel=a.kernel,
+                oracle=oracle,
+                training=False,
+                compute_loss=False,
+            )
+            load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
+            label = f"{name}, oracle selection" if oracle else name
+            record(label, load, args.seq_len, 1.0 - density, passkey=not oracle)
     return rows
 
 
@@ -255,7 +282,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     import matplotlib.pyplot as plt
 
     made = []
-    trained = [r for r in rows if r["run"].startswith(("dense", "seer"))]
+    trained = [r for r in rows if r["run"].startswith(("dense", "seer")) and "oracle" not in r["run"]]
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for family in EVAL_FAMILIES:
         ax.plot([r["realised_sparsity"] for r in trained], [r[f"ppl_{family}"] for r in trained], "o-", label=family)
@@ -287,7 +314,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
-        if "realised_density_per_layer" in r:
+        if "realised_density_per_layer" in r and "oracle" not in r["run"]:
             ax.plot(r["realised_density_per_layer"], "o-", label=r["run"])
     ax.set_xlabel("layer")
     ax.set_ylabel("realised density")
@@ -326,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     # A file shorter than ~2 bytes per token of the target length cannot hold one evaluation window.
     folders = stage_data(args.corpora, args.out, args.train_mb, args.eval_mb, min_eval_bytes=2 * args.seq_len)
-    dirs = train_runs(args, folders)
-    rows = evaluate_all(args, folders, dirs)
+    specs = run_specs(args, folders)
+    dirs = train_runs(args, specs)
+    rows = evaluate_all(args, folders, specs, dirs)
     speed = throughput(dirs)
     text = table(rows, speed, args.seq_len)
     made = plots(rows, dirs, args.out)

@@ -117,7 +117,9 @@ class AttentionConfig:
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.
         density: Target fraction of causal key blocks kept per query block (0, 1].
         threshold: Alternative to density: keep key blocks whose gate score is at least this.
-        sink_blocks: Leading key blocks always kept.
+        sink_blocks: Leading key blocks always kept (the attention sink; 1 keeps the first block).
+        local_blocks: Key blocks ending at the diagonal always kept (1: the diagonal only; 2 adds the block
+            before it, so every query sees at least its previous block_size tokens).
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
@@ -139,6 +141,7 @@ class AttentionConfig:
     density: Optional[float] = None
     threshold: Optional[float] = None
     sink_blocks: int = 0
+    local_blocks: int = 1
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     ground_truth_query_fraction: float = 1.0
@@ -404,6 +407,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
+    _positive("attention.local_blocks", a.local_blocks)
     if not 0.0 < a.ground_truth_query_fraction <= 1.0:
         raise ConfigError(f"attention.ground_truth_query_fraction={a.ground_truth_query_fraction} must be in (0, 1]")
     if a.density is not None and not 0.0 < a.density <= 1.0:

@@ -44,6 +44,7 @@ class SeerRuntime:
         density: Target fraction of candidate blocks kept (sparse output).
         threshold: Alternative to density: minimum gate probability of a kept block.
         sink_blocks: Leading candidate blocks always kept.
+        local_blocks: Blocks ending at the diagonal always kept (1: the diagonal only).
         loss_kind: `kl` or `mse`.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training.
@@ -52,6 +53,9 @@ class SeerRuntime:
         training: Whether the extension is in training mode (ground truth on a query subset; loss recorded
             with gradient). In evaluation the gate loss is still recorded, without gradient, on every row.
         compute_loss: Compute the ground truth and the gate loss (off for pure evaluation of sparse perplexity).
+        oracle: Select blocks by each layer's true block-pooled attention instead of the gate's scores: what a
+            perfect gate would reach at the same density or threshold (an evaluation upper bound; it costs a
+            ground-truth pass per layer).
         record_block_masks: Keep each layer's last block mask in `block_masks` (for inspection and tests).
         losses: layer index -> gate loss of the last forward (0-dim tensors, with gradient while training).
         stats: forward id -> {"gate_loss/<layer>", "density/<layer>": detached 0-dim tensors}. Keyed by forward
@@ -70,12 +74,14 @@ class SeerRuntime:
     density: Optional[float] = None
     threshold: Optional[float] = None
     sink_blocks: int = 0
+    local_blocks: int = 1
     loss_kind: str = "kl"
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     detach_gate_inputs: bool = True
     training: bool = True
     compute_loss: bool = True
+    oracle: bool = False
     record_block_masks: bool = False
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -223,9 +229,24 @@ def seer_attention_forward(
         else:
             quota = None
             if rt.density is not None:
-                quota = rt.shared(("quota", *layout, rt.density, rt.sink_blocks), lambda: row_quotas(candidates, rt.density, rt.sink_blocks))
+                quota = rt.shared(
+                    ("quota", *layout, rt.density, rt.sink_blocks, rt.local_blocks),
+                    lambda: row_quotas(candidates, rt.density, rt.sink_blocks, rt.local_blocks),
+                )
+            if rt.oracle:
+                # Rank by the true pooled attention: log(0) = -inf only ever ranks a block last.
+                truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **common)
+                selection_scores = torch.log(truth)
+            else:
+                selection_scores = log_probs.detach()
             block_mask = select_blocks(
-                log_probs.detach(), candidates, density=rt.density, threshold=rt.threshold, sink_blocks=rt.sink_blocks, quota=quota
+                selection_scores,
+                candidates,
+                density=rt.density,
+                threshold=rt.threshold,
+                sink_blocks=rt.sink_blocks,
+                local_blocks=rt.local_blocks,
+                quota=quota,
             )
             rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
             if rt.training and torch.is_grad_enabled():

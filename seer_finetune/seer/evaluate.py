@@ -38,7 +38,15 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerR
     from .saving import CONFIG_NAME, load_gates, load_seer_model
 
     a = cfg.attention
-    runtime = SeerRuntime(mode="joint", block_size=int(a.block_size), kernel=a.kernel, training=False, compute_loss=False)
+    runtime = SeerRuntime(
+        mode="joint",
+        block_size=int(a.block_size),
+        kernel=a.kernel,
+        sink_blocks=int(a.sink_blocks),
+        local_blocks=int(a.local_blocks),
+        training=False,
+        compute_loss=False,
+    )
     if cfg.eval.model_path:
         path = Path(cfg.eval.model_path)
         # A trained run's own gates come first: attention.gates_path is where its training *started* from.

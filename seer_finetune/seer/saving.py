@@ -111,7 +111,8 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         model: A transformers causal LM (optionally peft-wrapped) of the architecture the gates were trained on.
         path: Folder with `seer_gates.safetensors` and `seer_gates.json`.
         runtime: Settings for newly attached gates (default: `joint` mode without a density, i.e. set one
-            before a sparse forward). Its block size is replaced by the saved one.
+            before a sparse forward, keeping the sink and local blocks the gates were trained with). Its block
+            size is replaced by the saved one.
 
     Returns:
         The runtime shared by the model's gates.
@@ -119,7 +120,10 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
     config = read_gates_config(path)
     gates = seer_gates(model)
     if not gates:
-        runtime = runtime or SeerRuntime(mode="joint")
+        if runtime is None:
+            runtime = SeerRuntime(
+                mode="joint", sink_blocks=int(config.get("sink_blocks", 0)), local_blocks=int(config.get("local_blocks", 1))
+            )
         runtime.block_size = int(config["block_size"])
         gates = attach_seer_gates(
             model,

@@ -82,27 +82,31 @@ def gate_log_probs(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     return torch.log_softmax(masked, dim=-1)
 
 
-def forced_blocks(candidates: torch.Tensor, sink_blocks: int = 0) -> torch.Tensor:
-    """Blocks kept whatever the gate says: the diagonal and the first `sink_blocks` candidates of each row.
+def forced_blocks(candidates: torch.Tensor, sink_blocks: int = 0, local_blocks: int = 1) -> torch.Tensor:
+    """Blocks kept whatever the gate says: the last `local_blocks` candidates up to the diagonal (the diagonal
+    itself and the blocks right before it) and the first `sink_blocks` candidates of each row.
 
     Sink blocks are counted within the row's candidates, so with packed documents they are the leading blocks
-    of the query's own document.
+    of the query's own document; local blocks never reach into an earlier document either.
 
     Args:
         candidates: bool `[B, nB, nB]`.
         sink_blocks: Leading candidate key blocks always kept. Default 0.
+        local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1 (the diagonal).
 
     Returns:
         bool `[B, nB, nB]`.
     """
     nb = candidates.shape[-1]
-    forced = torch.eye(nb, dtype=torch.bool, device=candidates.device).expand_as(candidates)
+    ones = torch.ones(nb, nb, dtype=torch.bool, device=candidates.device)
+    # Band of width local_blocks ending at the diagonal: key block j with i - local_blocks < j <= i.
+    forced = (ones.tril() & ones.triu(-(max(1, local_blocks) - 1))).expand_as(candidates)
     if sink_blocks > 0:
         forced = forced | (candidates & (candidates.long().cumsum(-1) <= sink_blocks))
     return forced & candidates
 
 
-def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0) -> torch.Tensor:
+def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0, local_blocks: int = 1) -> torch.Tensor:
     """How many blocks each query-block row keeps for a target density d.
 
     Row i gets about d * n_i blocks (n_i: its candidates), at least its forced blocks (diagonal, sinks). The
@@ -120,13 +124,14 @@ def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0) -
         candidates: bool `[B, nB, nB]`.
         density: Target fraction in (0, 1].
         sink_blocks: Leading candidate blocks always kept (as in `forced_blocks`). Default 0.
+        local_blocks: Blocks ending at the diagonal always kept (as in `forced_blocks`). Default 1.
 
     Returns:
         int64 `[B, nB]`.
     """
     n = candidates.sum(-1).double()
     target = torch.floor(density * n.cumsum(-1) + 0.5)
-    forced = forced_blocks(candidates, sink_blocks).sum(-1).double().cumsum(-1)
+    forced = forced_blocks(candidates, sink_blocks, local_blocks).sum(-1).double().cumsum(-1)
     kept = forced + torch.cummax(target - forced, dim=-1).values.clamp_min(0.0)
     return torch.diff(kept, dim=-1, prepend=torch.zeros_like(kept[:, :1])).long()
 
@@ -139,6 +144,7 @@ def select_blocks(
     density: Optional[float] = None,
     threshold: Optional[float] = None,
     sink_blocks: int = 0,
+    local_blocks: int = 1,
     quota: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
@@ -146,7 +152,8 @@ def select_blocks(
     With `density` d, row i keeps about d * n_i of its n_i candidate blocks (`row_quotas`: at least the forced
     ones, with rounding and forced surpluses balanced over the rows) with the highest scores: the per-row
     count follows the triangle, so the realised density over all candidates matches d. With `threshold` t, a row keeps the candidates whose gate
-    probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks, are always kept.
+    probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks and the
+    `local_blocks - 1` blocks before the diagonal, are always kept.
 
     Args:
         scores: `[B, H, nB, nB]` gate logits or log-probabilities (only their order within a row matters for
@@ -155,7 +162,8 @@ def select_blocks(
         density: Target fraction of candidate blocks kept, in (0, 1].
         threshold: Minimum gate probability of a kept block, in [0, 1].
         sink_blocks: Leading candidate blocks always kept. Default 0.
-        quota: `row_quotas(candidates, density, sink_blocks)` when already computed (it depends on the
+        local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1.
+        quota: `row_quotas(candidates, density, sink_blocks, local_blocks)` when already computed (it depends on the
             candidates only, so all layers of a forward share it). Default: computed here.
 
     Returns:
@@ -164,7 +172,7 @@ def select_blocks(
     if (density is None) == (threshold is None):
         raise ValueError("select_blocks needs exactly one of density or threshold")
     cand = candidates[:, None].expand_as(scores)
-    forced = forced_blocks(candidates, sink_blocks)[:, None].expand_as(scores)
+    forced = forced_blocks(candidates, sink_blocks, local_blocks)[:, None].expand_as(scores)
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
@@ -172,7 +180,7 @@ def select_blocks(
         return (cand & (probs >= threshold)) | forced
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]")
-    quota = (row_quotas(candidates, density, sink_blocks) if quota is None else quota)[:, None, :, None]
+    quota = (row_quotas(candidates, density, sink_blocks, local_blocks) if quota is None else quota)[:, None, :, None]
     # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
     key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
