@@ -48,6 +48,8 @@ def test_override_reaches_the_dataclass():
         (["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
         (["deepspeed.offload_optimizer=true"], "needs DeepSpeed"),
         (["attention.density=1.5"], "attention.density"),
+        (["attention=seer_joint", "attention.local_blocks=0"], "attention.local_blocks=0 must be > 0"),
+        (["attention=seer_joint", "attention.sink_blocks=-1"], "attention.sink_blocks=-1 must be >= 0"),
     ],
 )
 def test_bad_values_fail_at_compose_time(overrides, message):

@@ -59,6 +59,19 @@ def test_reloaded_gates_select_identical_blocks_on_a_fresh_base(tmp_path):
     assert any(not torch.equal(masks[i], other_masks[i]) for i in masks)
 
 
+def test_reloaded_gates_keep_their_trained_sink_and_local_blocks(tmp_path):
+    model = tiny_model("llama")
+    ext = build_extension(model, _cfg("tiny-llama", sink_blocks=2, local_blocks=3))
+    assert (ext.runtime.sink_blocks, ext.runtime.local_blocks) == (2, 3)
+    ext.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (meta["sink_blocks"], meta["local_blocks"]) == (2, 3)
+    runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings
+    assert (runtime.sink_blocks, runtime.local_blocks) == (2, 3)
+    runtime = load_gates(tiny_model("llama"), tmp_path, runtime=SeerRuntime(mode="joint"))  # an explicit one wins
+    assert (runtime.sink_blocks, runtime.local_blocks) == (0, 1)
+
+
 def test_mismatched_gates_are_refused(tmp_path):
     model = tiny_model("llama")
     build_extension(model, _cfg("tiny")).save_pretrained(tmp_path)

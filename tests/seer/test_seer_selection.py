@@ -154,3 +154,63 @@ def test_model_density_per_layer_within_two_points():
         assert sorted(stats) == ["density/0", "density/1"]
         for layer, value in stats.items():
             assert abs(value - density) <= 0.02, (density, layer, value)
+
+
+def test_local_blocks_force_a_band_ending_at_the_diagonal():
+    nb = 10
+    cand = block_candidates(nb * 4, 4)
+    forced = forced_blocks(cand, local_blocks=3)
+    for i in range(nb):
+        assert forced[0, i].nonzero().flatten().tolist() == list(range(max(0, i - 2), i + 1))
+    # sink and band together; the band never reaches into an earlier packed document
+    ids = torch.tensor([[0] * 16 + [1] * 24])  # documents of blocks 0-3 and 4-9
+    cand_docs = block_candidates(40, 4, ids)
+    forced = forced_blocks(cand_docs, sink_blocks=1, local_blocks=2)
+    assert forced[0, 5].nonzero().flatten().tolist() == [4, 5]
+    assert forced[0, 8].nonzero().flatten().tolist() == [4, 7, 8]
+    assert forced[0, 4].nonzero().flatten().tolist() == [4]
+    # quotas count the band: with later blocks scoring lowest, the kept blocks are the band plus the best
+    scores = torch.arange(nb, dtype=torch.float32).flip(0).expand(1, 1, nb, nb).clone()
+    mask = select_blocks(scores, cand, density=0.4, local_blocks=2)
+    quotas = row_quotas(cand, 0.4, local_blocks=2)[0]
+    assert quotas.sum().item() == round(0.4 * nb * (nb + 1) / 2)
+    for i in range(nb):
+        kept = mask[0, 0, i].nonzero().flatten().tolist()
+        assert len(kept) == quotas[i] and {max(0, i - 1), i} <= set(kept)
+        extra = sorted(set(kept) - {i - 1, i})
+        assert extra == list(range(len(extra)))
+
+
+def test_oracle_selection_ranks_by_the_true_pooled_attention():
+    """`oracle=True` keeps, per layer, the blocks the model's own block-max-pooled attention ranks highest."""
+    import seer_kernels
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_model("llama", sharpen=3.0, max_position_embeddings=2048)
+    ids = random_ids(1, 512)
+    truth = {}
+
+    def probe(module, q, k, v, mask, **kwargs):
+        truth[module.layer_idx] = seer_kernels.attention_ground_truth(q, k, block_size=16, sm_scale=kwargs.get("scaling"))
+        return sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+
+    AttentionInterface.register("test_probe", probe)
+    model.set_attn_implementation("test_probe")
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    model.set_attn_implementation("sdpa")
+    cand = block_candidates(512, 16)
+    # Layer 0 sees the same input sparse or dense, so its mask must be the top blocks of the dense truth.
+    expected = select_blocks(torch.log(truth[0]), cand, density=0.5, sink_blocks=1, local_blocks=2)
+    rt = SeerRuntime(mode="joint", block_size=16, density=0.5, sink_blocks=1, local_blocks=2, oracle=True,
+                     compute_loss=False, training=False, record_block_masks=True)
+    attach_seer_gates(model, rt, gate_hidden_size=16)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert torch.equal(rt.block_masks[0], expected)
+    # The (random) gates select differently.
+    rt.oracle = False
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert not torch.equal(rt.block_masks[0], expected)
