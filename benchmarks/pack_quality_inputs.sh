@@ -7,6 +7,10 @@
 # On the GPU machine, one call per part carries it (carry: [".transfer/quality.tar.xz.partNN"]) and copies it to
 # /tmp/qi/; then: cat /tmp/qi/quality.tar.xz.part* | xz -d | tar x -C /tmp/qi &&
 #   python3 /tmp/qi/gguf_to_hf.py /tmp/qi/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/qi/hf   (gguf from .whl)
+# Wheels travel in the same calls (64 MiB per call in all): .whl/ from ../shared/device/wheels.sh with wandb's
+# wheel moved to a folder of its own (20 MB), and .whl_otel/ from benchmarks/fetch_wandb_wheels.sh. With parts
+# of 36 MB, three calls suffice: part00 + .whl + .whl_otel, part01 + wandb, part02 + the run
+# (benchmarks/results/quality_smollm2/README.md has the command).
 set -euo pipefail
 root="$(git rev-parse --show-toplevel)"
 train_mb="${1:-8}"; eval_mb="${2:-12}"; part_mb="${3:-24}"
