@@ -282,6 +282,8 @@ class EvalConfig:
         thresholds: Gate-score thresholds to evaluate (instead of or besides densities).
         output: JSON file for the results (default: <trainer.output_dir>/eval.json).
         model_path: A saved run folder to evaluate (default: the configured model).
+        oracle: Also evaluate every sparse setting with oracle selection: blocks ranked by each layer's true
+            pooled attention instead of the gates, the bound a perfect gate would reach.
     """
 
     lengths: list[int] = field(default_factory=list)
@@ -289,6 +291,7 @@ class EvalConfig:
     thresholds: list[float] = field(default_factory=list)
     output: Optional[str] = None
     model_path: Optional[str] = None
+    oracle: bool = False
 
 
 @dataclass

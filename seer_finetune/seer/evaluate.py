@@ -96,13 +96,16 @@ def _windows(cfg: SeerConfig, tokenizer, lengths: list[int]):
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of eval results (one line per length and setting)."""
-    head = f"{'length':>8} {'setting':>16} {'ppl':>12} {'loss':>9} {'density':>9} {'sparsity':>9} {'windows':>8}"
+    head = (
+        f"{'length':>8} {'setting':>16} {'selection':>10} {'ppl':>12} {'loss':>9} {'density':>9} {'sparsity':>9} "
+        f"{'windows':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         setting = f"{r['setting']}={r['value']:g}"
         lines.append(
-            f"{r['length']:>8} {setting:>16} {r['ppl']:>12.3f} {r['loss']:>9.4f} {r['realised_density']:>9.3f} "
-            f"{r['sparsity']:>9.3f} {r['windows']:>8}"
+            f"{r['length']:>8} {setting:>16} {r['selection']:>10} {r['ppl']:>12.3f} {r['loss']:>9.4f} "
+            f"{r['realised_density']:>9.3f} {r['sparsity']:>9.3f} {r['windows']:>8}"
         )
     return "\n".join(lines)
 
@@ -117,12 +120,14 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
             `model` (with `rope`) is loaded and gates come from `attention.gates_path` (or are untrained).
             `eval.lengths` defaults to `data.eval_seq_len` or `data.seq_len`; windows come from the held-out
             documents (`data.eval_source`, or the last `data.eval_documents` of `data.source`), at most
-            `data.max_eval_sequences` per length.
+            `data.max_eval_sequences` per length. With `eval.oracle`, every sparse setting is evaluated a second
+            time with oracle selection (blocks ranked by the true pooled attention instead of the gates).
 
     Returns:
         The JSON-ready result, also written to `eval.output` (default `<trainer.output_dir>/eval.json`):
-        `{"model", "gates", "gates_trained", "block_size", "results": [{"length", "setting", "value", "ppl",
-        "loss", "tokens", "windows", "realised_density", "sparsity"}, ...]}`.
+        `{"model", "gates", "gates_trained", "block_size", "results": [{"length", "setting", "value",
+        "selection", "ppl", "loss", "tokens", "windows", "realised_density", "sparsity"}, ...]}`, `selection`
+        being `dense`, `gate` or `oracle`.
     """
     from ..modeling import load_tokenizer, resolve_device
 
@@ -137,10 +142,16 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
     windows = _windows(cfg, tokenizer, lengths)
     rows: list[dict[str, Any]] = []
     print(format_table([]), flush=True)
+    sparse = [s for s in settings if not (s[0] == "density" and s[1] >= 1.0)]
     for length in lengths:
-        for result in evaluate_settings(
+        results = evaluate_settings(
             model, runtime, windows[length], settings, device=device, batch_size=cfg.trainer.micro_batch_size
-        ):
+        )
+        if cfg.eval.oracle and sparse:
+            results += evaluate_settings(
+                model, runtime, windows[length], sparse, device=device, batch_size=cfg.trainer.micro_batch_size, oracle=True
+            )
+        for result in results:
             realised = result["realised_density"]
             realised = math.nan if realised is None else realised
             rows.append(
@@ -177,6 +188,7 @@ def evaluate_settings(
     *,
     device: torch.device,
     batch_size: int = 1,
+    oracle: bool = False,
 ) -> list[dict[str, Any]]:
     """Perplexity and realised density of `model` on `dataset` for each ("density"|"threshold", value).
 
@@ -187,16 +199,19 @@ def evaluate_settings(
         settings: What to evaluate; ("density", 1.0) runs exact dense attention.
         device: Where the model runs.
         batch_size: Windows per forward. Default 1.
+        oracle: Rank blocks by the true pooled attention instead of the gates (`SeerRuntime.oracle`). Default
+            False.
 
     Returns:
-        One dict per setting: setting, value, ppl, loss, tokens, realised_density (None if no layer reported).
+        One dict per setting: setting, value, selection (`dense`, `gate` or `oracle`), ppl, loss, tokens,
+        realised_density (None if no layer reported).
     """
     from ..evaluation import perplexity
 
-    saved = (runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss)
+    saved = (runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss, runtime.oracle)
     out = []
     try:
-        runtime.training, runtime.compute_loss = False, False
+        runtime.training, runtime.compute_loss, runtime.oracle = False, False, oracle
         for kind, value in settings:
             dense = kind == "density" and value >= 1.0
             runtime.mode = "dense" if dense else "joint"
@@ -210,6 +225,7 @@ def evaluate_settings(
                 {
                     "setting": kind,
                     "value": value,
+                    "selection": "dense" if dense else "oracle" if oracle else "gate",
                     "ppl": result["ppl"],
                     "loss": result["loss"],
                     "tokens": result["tokens"],
@@ -217,5 +233,5 @@ def evaluate_settings(
                 }
             )
     finally:
-        runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss = saved
+        runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss, runtime.oracle = saved
     return out

@@ -68,6 +68,16 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     assert all(r["ppl"] > 1 for r in rows)
     assert json.loads((tmp_path / "eval.json").read_text())["results"] == rows
     assert "density=0.1" in printed and "ppl" in printed
+    assert [r["selection"] for r in rows] == ["dense", "gate", "gate"]
+
+    # eval.oracle adds each sparse setting once more with blocks ranked by the true pooled attention
+    cfg.eval.oracle, cfg.eval.densities = True, [1.0, 0.5]
+    oracle_rows = run_eval(cfg)["results"]
+    cfg.eval.oracle, cfg.eval.densities = False, [1.0, 0.5, 0.1]
+    assert [(r["value"], r["selection"]) for r in oracle_rows] == [(1.0, "dense"), (0.5, "gate"), (0.5, "oracle")]
+    assert oracle_rows[1]["ppl"] == pytest.approx(rows[1]["ppl"])
+    assert abs(oracle_rows[2]["realised_density"] - 0.5) < 0.05 and oracle_rows[2]["ppl"] != oracle_rows[1]["ppl"]
+    assert "oracle" in capsys.readouterr().out
 
     # a rerun reuses the distilled gates instead of distilling again
     run_stages(cfg)
