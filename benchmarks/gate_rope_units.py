@@ -36,17 +36,14 @@ from seer_finetune.seer.attention import SeerRuntime, _rotary_module, attach_see
 from seer_finetune.seer.gate import gate_rotary_embedding  # noqa: E402
 
 
-def rotary_config(model_config, variant: str, block_size: int):
-    """The model config whose rotary settings the gate uses, per variant."""
-    config = copy.deepcopy(model_config)
-    rope = dict(config.rope_parameters)
+def variant_rotary(model_config, rotary, hidden_size: int, block_size: int, variant: str):
+    """The gate's rotary module per variant: `tokens` / `blocks` are `attention.gate_rope_units`; `plain`
+    drops the scaling (the rotary the gates were distilled with)."""
     if variant == "plain":
-        rope = {"rope_type": "default", "rope_theta": rope["rope_theta"]}
-    elif variant == "blocks":
-        rope["original_max_position_embeddings"] = rope["original_max_position_embeddings"] // block_size
-        config.max_position_embeddings = config.max_position_embeddings // block_size
-    config.rope_parameters = rope
-    return config
+        config = copy.deepcopy(model_config)
+        config.rope_parameters = {"rope_type": "default", "rope_theta": config.rope_parameters["rope_theta"]}
+        return gate_rotary_embedding(config, rotary, hidden_size)
+    return gate_rotary_embedding(model_config, rotary, hidden_size, block_size=block_size, units=variant)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,9 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     results = []
     for variant in ("tokens", "blocks", "plain"):
-        config = rotary_config(model.config, variant, args.block_size)
         for gate in seer_gates(model):
-            gate.rotary = gate_rotary_embedding(config, rotary, gate.hidden_size).to(device)
+            gate.rotary = variant_rotary(model.config, rotary, gate.hidden_size, args.block_size, variant).to(device)
         for family, data in windows.items():
             row = {"variant": variant, "family": family}
             runtime.mode, runtime.density, runtime.compute_loss, runtime.oracle = "gate_distill", None, True, False

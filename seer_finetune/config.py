@@ -112,6 +112,9 @@ class AttentionConfig:
             YaRN baseline through the same code path).
         block_size: Tokens per block for gates and sparse attention (64 or 128).
         gate_hidden_size: Per-head projection width of the gate.
+        gate_rope_units: How the gate's RoPE at block positions reads the model's scaling lengths: `tokens`
+            (as they are, the SeerAttention reference) or `blocks` (divided by the block size, so YaRN
+            interpolates the gate's positions as it does the model's).
         q_pooling: Pooling of Q over a block, one or more of avg|max|min.
         k_pooling: Pooling of K over a block, one or more of avg|max|min.
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.
@@ -135,6 +138,7 @@ class AttentionConfig:
     mode: str = "dense"
     block_size: int = 64
     gate_hidden_size: int = 128
+    gate_rope_units: str = "tokens"
     q_pooling: list[str] = field(default_factory=lambda: ["avg"])
     k_pooling: list[str] = field(default_factory=lambda: ["max", "min"])
     detach_gate_inputs: bool = True
@@ -408,6 +412,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         for pool in pools:
             _choice(name, pool, ("avg", "max", "min"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
+    _choice("attention.gate_rope_units", a.gate_rope_units, ("tokens", "blocks"))
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)

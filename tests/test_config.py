@@ -49,6 +49,7 @@ def test_override_reaches_the_dataclass():
         (["deepspeed.offload_optimizer=true"], "needs DeepSpeed"),
         (["attention.density=1.5"], "attention.density"),
         (["attention=seer_joint", "attention.local_blocks=0"], "attention.local_blocks=0 must be > 0"),
+        (["attention=seer_joint", "attention.gate_rope_units=octaves"], "attention.gate_rope_units='octaves' is not one of"),
         (["attention=seer_joint", "attention.sink_blocks=-1"], "attention.sink_blocks=-1 must be >= 0"),
     ],
 )

@@ -373,6 +373,7 @@ def attach_seer_gates(
     q_pooling: tuple[str, ...] = ("avg",),
     k_pooling: tuple[str, ...] = ("max", "min"),
     use_rope: bool = True,
+    rope_units: str = "tokens",
 ) -> list[AttnGate]:
     """Give every attention module of a loaded causal LM a gate and switch it to the `seer` attention.
 
@@ -383,6 +384,8 @@ def attach_seer_gates(
         gate_hidden_size: Per-head gate width. Default 128.
         q_pooling, k_pooling: Block poolings. Defaults avg / max+min.
         use_rope: Apply the model's rotary embedding at block positions inside the gate. Default True.
+        rope_units: `tokens` (the model's rotary settings as they are) or `blocks` (lengths divided by the block
+            size, see `gate.gate_rotary_embedding`). Default `tokens`.
 
     Returns:
         The gates in layer order (they are also `module.seer_gate` of each attention module).
@@ -417,9 +420,14 @@ def attach_seer_gates(
             hidden_size=gate_hidden_size,
             q_pooling=q_pooling,
             k_pooling=k_pooling,
-            rotary=gate_rotary_embedding(config, rotary, gate_hidden_size) if rotary is not None else None,
+            rotary=(
+                gate_rotary_embedding(config, rotary, gate_hidden_size, block_size=runtime.block_size, units=rope_units)
+                if rotary is not None
+                else None
+            ),
             layer_idx=int(attn.layer_idx),
         ).to(device)
+        gate.rope_units = rope_units  # saved in seer_gates.json; the rotary holds no parameters
         # Plain attributes (not parameters/buffers): runtime state that is neither trained nor saved.
         gate.runtime = runtime
         gate.seer_captured = {}

@@ -66,7 +66,12 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerR
     from .attention import attach_seer_gates
 
     attach_seer_gates(
-        model, runtime, gate_hidden_size=int(a.gate_hidden_size), q_pooling=tuple(a.q_pooling), k_pooling=tuple(a.k_pooling)
+        model,
+        runtime,
+        gate_hidden_size=int(a.gate_hidden_size),
+        q_pooling=tuple(a.q_pooling),
+        k_pooling=tuple(a.k_pooling),
+        rope_units=a.gate_rope_units,
     )
     return model.eval(), runtime, "untrained (random) gates", False
 

@@ -56,6 +56,7 @@ class SeerExtension(TrainingExtension):
                 gate_hidden_size=int(a.gate_hidden_size),
                 q_pooling=tuple(a.q_pooling),
                 k_pooling=tuple(a.k_pooling),
+                rope_units=a.gate_rope_units,
             )
         except (NotImplementedError, ValueError) as exc:
             raise ConfigError(f"attention.backend=seer: {exc}") from None

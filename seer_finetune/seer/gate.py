@@ -66,20 +66,45 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
     return torch.cat(pooled, dim=-1)
 
 
-def gate_rotary_embedding(model_config, rotary_module: nn.Module, hidden_size: int) -> nn.Module:
+ROPE_UNITS = ("tokens", "blocks")
+
+
+def gate_rotary_embedding(
+    model_config, rotary_module: nn.Module, hidden_size: int, *, block_size: int = 64, units: str = "tokens"
+) -> nn.Module:
     """A rotary embedding of the model's own class and settings, sized for the gate's hidden width.
+
+    The gate rotates pooled queries and keys at block positions (0, 1, 2, ... per block). With `units="tokens"`
+    the model's scaling settings are kept as they are (as in the SeerAttention reference); they are lengths in
+    tokens, so under YaRN the gate's block positions are interpolated only in dimensions whose wavelength
+    exceeds the original length counted in blocks of tokens. With `units="blocks"` the lengths
+    (`original_max_position_embeddings`, `max_position_embeddings`) are divided by the block size first, so the
+    gate's positions are interpolated the way YaRN interpolates the model's: gates distilled at the native
+    length meet, at 4x the length, the angles they were trained on. On SmolLM2 8k -> 32k this halved the gate
+    loss of 8k-distilled gates at 32k (benchmarks/results/gate_rope_units_h200.md).
 
     Args:
         model_config: The model's config (its `rope_parameters`, YaRN included, are kept).
         rotary_module: The model's rotary embedding module (e.g. `model.model.rotary_emb`); its class is
             instantiated again on a copy of the config whose `head_dim` is the gate's hidden size.
         hidden_size: The gate's per-head width.
+        block_size: Tokens per block (used with `units="blocks"`). Default 64.
+        units: `tokens` or `blocks`, see above. Default `tokens`.
 
     Returns:
         A module called as `rotary(x, position_ids) -> (cos, sin)`, each `[B, P, rotary_dim]`.
     """
+    if units not in ROPE_UNITS:
+        raise ValueError(f"gate rope units {units!r} must be one of {', '.join(ROPE_UNITS)}")
     config = copy.deepcopy(model_config)
     config.head_dim = hidden_size
+    if units == "blocks":
+        rope = dict(getattr(config, "rope_parameters", None) or {})
+        if rope.get("original_max_position_embeddings"):
+            rope["original_max_position_embeddings"] = max(1, int(rope["original_max_position_embeddings"]) // block_size)
+            config.rope_parameters = rope
+        if getattr(config, "max_position_embeddings", None):
+            config.max_position_embeddings = max(1, int(config.max_position_embeddings) // block_size)
     return type(rotary_module)(config=config)
 
 

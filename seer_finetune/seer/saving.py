@@ -69,6 +69,7 @@ def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str,
         "q_pooling": list(g.q_pooling),
         "k_pooling": list(g.k_pooling),
         "use_rope": g.rotary is not None,
+        "rope_units": getattr(g, "rope_units", "tokens"),
         **(extra or {}),
     }
 
@@ -132,6 +133,7 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
             q_pooling=tuple(config["q_pooling"]),
             k_pooling=tuple(config["k_pooling"]),
             use_rope=bool(config.get("use_rope", True)),
+            rope_units=str(config.get("rope_units", "tokens")),
         )
     g = gates[0]
     for key, have in (

@@ -72,6 +72,35 @@ def test_block_rope_uses_the_models_yarn_settings():
     torch.testing.assert_close(s[2, 2], s[4, 4])
 
 
+def test_block_units_interpolate_the_gates_positions_like_yarn_does_the_models():
+    """rope_units=blocks: YaRN's lengths count blocks, so every dimension whose wavelength exceeds the original
+    length in blocks is interpolated by the factor; in token units those dimensions are left (partly) alone."""
+    theta, hidden, block = 100000.0, 128, 64
+    yarn = {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0, "original_max_position_embeddings": 8192}
+    model = tiny_model("llama", rope_parameters=yarn, max_position_embeddings=32768)
+    plain = 1.0 / (theta ** (torch.arange(0, hidden, 2).float() / hidden))
+    wavelength = 2 * math.pi / plain  # in block positions
+    freqs = {}
+    for units in ("tokens", "blocks"):
+        seer = tiny_model("llama", rope_parameters=yarn, max_position_embeddings=32768)
+        attach_seer_gates(seer, SeerRuntime(mode="gate_distill", block_size=block), gate_hidden_size=hidden, rope_units=units)
+        gate = seer_gates(seer)[0]
+        assert gate.rope_units == units and gate.rotary.rope_type == "yarn"
+        freqs[units] = gate.rotary.inv_freq
+    original_blocks = 8192 // block
+    interpolated = wavelength > original_blocks  # beyond YaRN's slow boundary (beta_slow = 1) in block units
+    assert interpolated.sum() >= 10
+    torch.testing.assert_close(freqs["blocks"][interpolated], plain[interpolated] / 4.0)
+    torch.testing.assert_close(freqs["tokens"][wavelength < 8192 / 32], plain[wavelength < 8192 / 32])
+    # the dimensions with wavelengths between 128 and 8192 blocks: interpolated in block units only
+    band = interpolated & (wavelength < 8192 / 32)
+    assert band.any() and (freqs["tokens"][band] > 2 * freqs["blocks"][band]).all()
+    # the model's own rotary is untouched
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 8192
+    with pytest.raises(ValueError, match="rope units"):
+        attach_seer_gates(tiny_model("llama"), SeerRuntime(mode="gate_distill"), rope_units="octaves")
+
+
 def _gate_loss_grads(arch: str, detach: bool):
     model = tiny_model(arch, sharpen=3.0)
     model.train()

@@ -66,10 +66,27 @@ def test_reloaded_gates_keep_their_trained_sink_and_local_blocks(tmp_path):
     ext.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert (meta["sink_blocks"], meta["local_blocks"]) == (2, 3)
+    assert meta["rope_units"] == "tokens"
     runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings
     assert (runtime.sink_blocks, runtime.local_blocks) == (2, 3)
     runtime = load_gates(tiny_model("llama"), tmp_path, runtime=SeerRuntime(mode="joint"))  # an explicit one wins
     assert (runtime.sink_blocks, runtime.local_blocks) == (0, 1)
+
+
+def test_gates_in_block_rope_units_reload_in_block_units(tmp_path):
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 512}
+    model = tiny_model("llama", rope_parameters=yarn, max_position_embeddings=2048)
+    ext = build_extension(model, _cfg("tiny-llama", gate_rope_units="blocks"))
+    ext.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["rope_units"] == "blocks"
+    fresh = tiny_model("llama", rope_parameters=yarn, max_position_embeddings=2048)
+    runtime = load_gates(fresh, tmp_path, runtime=SeerRuntime(mode="joint", density=0.5))
+    for saved, loaded in zip(seer_gates(model), seer_gates(fresh)):
+        assert loaded.rope_units == "blocks"
+        torch.testing.assert_close(loaded.rotary.inv_freq, saved.rotary.inv_freq)
+    masks, _ = _selections(model, ext.runtime)
+    fresh_masks, _ = _selections(fresh, runtime)
+    assert masks and all(torch.equal(masks[i], fresh_masks[i]) for i in masks)
 
 
 def test_mismatched_gates_are_refused(tmp_path):
