@@ -357,6 +357,41 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def validate_rope(r: RopeConfig) -> RopeConfig:
+    """Check a rope section and fill in whichever of `factor` / `max_position_embeddings` is missing (in place).
+
+    Raises:
+        ConfigError: naming the field, for a missing original length, a factor not above 1, or a factor that
+            disagrees with the two lengths.
+    """
+    _choice("rope.type", r.type, ("none", "yarn"))
+    if r.type != "yarn":
+        return r
+    if r.original_max_position_embeddings is None:
+        raise ConfigError(
+            "rope.original_max_position_embeddings is required for YaRN (the length the base model was "
+            "trained at); transformers would otherwise silently take the target length"
+        )
+    _positive("rope.original_max_position_embeddings", r.original_max_position_embeddings)
+    if r.factor is None and r.max_position_embeddings is None:
+        raise ConfigError("rope: set rope.factor or rope.max_position_embeddings for YaRN")
+    if r.factor is None:
+        r.factor = r.max_position_embeddings / r.original_max_position_embeddings
+    if r.max_position_embeddings is None:
+        r.max_position_embeddings = int(round(r.factor * r.original_max_position_embeddings))
+    _positive("rope.factor", r.factor)
+    if r.factor <= 1.0:
+        raise ConfigError(f"rope.factor={r.factor} must be > 1 to extend the context")
+    expected = r.factor * r.original_max_position_embeddings
+    if not math.isclose(expected, r.max_position_embeddings, rel_tol=1e-6):
+        raise ConfigError(
+            f"rope.factor={r.factor} disagrees with the lengths: original_max_position_embeddings="
+            f"{r.original_max_position_embeddings} x factor = {expected:g}, but max_position_embeddings="
+            f"{r.max_position_embeddings}"
+        )
+    return r
+
+
 def validate(cfg: SeerConfig) -> SeerConfig:
     """Check values and cross-field rules; raise ConfigError naming the field on the first problem."""
     m, r, d, a, p, o, t = cfg.model, cfg.rope, cfg.data, cfg.attention, cfg.peft, cfg.optim, cfg.trainer
@@ -367,30 +402,8 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("data.num_proc", d.num_proc)
     _positive("data.eval_documents", d.eval_documents, allow_zero=True)
 
-    _choice("rope.type", r.type, ("none", "yarn"))
+    validate_rope(r)
     if r.type == "yarn":
-        if r.original_max_position_embeddings is None:
-            raise ConfigError(
-                "rope.original_max_position_embeddings is required for YaRN (the length the base model was "
-                "trained at); transformers would otherwise silently take the target length"
-            )
-        _positive("rope.original_max_position_embeddings", r.original_max_position_embeddings)
-        if r.factor is None and r.max_position_embeddings is None:
-            raise ConfigError("rope: set rope.factor or rope.max_position_embeddings for YaRN")
-        if r.factor is None:
-            r.factor = r.max_position_embeddings / r.original_max_position_embeddings
-        if r.max_position_embeddings is None:
-            r.max_position_embeddings = int(round(r.factor * r.original_max_position_embeddings))
-        _positive("rope.factor", r.factor)
-        if r.factor <= 1.0:
-            raise ConfigError(f"rope.factor={r.factor} must be > 1 to extend the context")
-        expected = r.factor * r.original_max_position_embeddings
-        if not math.isclose(expected, r.max_position_embeddings, rel_tol=1e-6):
-            raise ConfigError(
-                f"rope.factor={r.factor} disagrees with the lengths: original_max_position_embeddings="
-                f"{r.original_max_position_embeddings} x factor = {expected:g}, but max_position_embeddings="
-                f"{r.max_position_embeddings}"
-            )
         if d.seq_len > r.max_position_embeddings:
             raise ConfigError(
                 f"data.seq_len={d.seq_len} exceeds the YaRN target length rope.max_position_embeddings="

@@ -8,12 +8,13 @@ transformers silently takes `max_position_embeddings` as the original length whe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .config import ConfigError, RopeConfig
+from .config import ConfigError, RopeConfig, validate_rope
 
 
 def native_context_length(model_config: PretrainedConfig) -> int:
@@ -77,6 +78,8 @@ def apply_rope_scaling(model_config: PretrainedConfig, rope_cfg: RopeConfig) -> 
     """
     if rope_cfg.type == "none":
         return model_config
+    # Fill in a missing factor or target length (and check them) on a copy: callers may skip `validate`.
+    rope_cfg = validate_rope(dataclasses.replace(rope_cfg))
     model_config.rope_parameters = yarn_parameters(rope_cfg, model_config)
     model_config.max_position_embeddings = int(rope_cfg.max_position_embeddings)
     return model_config

@@ -77,3 +77,17 @@ def test_other_rope_scaling_is_refused():
     config = tiny_config("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(ConfigError, match="rope_type='linear'"):
         apply_rope_scaling(config, _configured())
+
+
+def test_unvalidated_rope_sections_are_completed_or_refused():
+    """Callers that build a RopeConfig by hand (skipping `validate`) get the same filling and checks."""
+    rope = RopeConfig(type="yarn", factor=4.0, original_max_position_embeddings=256)
+    config = apply_rope_scaling(tiny_config("llama"), rope)
+    assert config.max_position_embeddings == 1024 and config.rope_parameters["factor"] == 4.0
+    assert rope.max_position_embeddings is None  # the caller's section is left as given
+    config = apply_rope_scaling(tiny_config("llama"), RopeConfig(type="yarn", original_max_position_embeddings=256, max_position_embeddings=512))
+    assert config.rope_parameters["factor"] == 2.0
+    with pytest.raises(ConfigError, match="original_max_position_embeddings is required"):
+        apply_rope_scaling(tiny_config("llama"), RopeConfig(type="yarn", factor=4.0))
+    with pytest.raises(ConfigError, match="set rope.factor or rope.max_position_embeddings"):
+        apply_rope_scaling(tiny_config("llama"), RopeConfig(type="yarn", original_max_position_embeddings=256))
