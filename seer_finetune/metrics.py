@@ -7,7 +7,26 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import LoggerConfig
+from .config import ConfigError, LoggerConfig
+
+
+def require_wandb(cfg: LoggerConfig):
+    """Import wandb for `logger.wandb` online/offline, or raise a one-line ConfigError saying how to proceed.
+
+    Called before any data or model is loaded, so a missing or broken wandb install (wandb 0.31 imports
+    OpenTelemetry, for one) fails a run in seconds rather than after tokenising and loading.
+    Returns the module, or None when W&B is off.
+    """
+    if cfg.wandb == "disabled":
+        return None
+    try:
+        import wandb
+    except Exception as exc:  # ImportError, or whatever a broken install raises while importing
+        raise ConfigError(
+            f"logger.wandb={cfg.wandb} needs the wandb package, which failed to import ({type(exc).__name__}: "
+            f"{exc}); install it (pip install wandb) or log to metrics.jsonl only with logger=jsonl"
+        ) from exc
+    return wandb
 
 
 class MetricsLogger:
@@ -36,9 +55,8 @@ class MetricsLogger:
         elif self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        if cfg.wandb != "disabled":
-            import wandb
-
+        wandb = require_wandb(cfg)
+        if wandb is not None:
             self.wandb_run = wandb.init(
                 project=cfg.project,
                 name=cfg.run_name or Path(run_dir).name,

@@ -34,7 +34,7 @@ from .deepspeed_engine import (
 from .distributed import all_reduce_sum, check_parallel_layout, deepspeed_config, init_distributed
 from .evaluation import perplexity
 from .extension import TrainingExtension
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, require_wandb
 from .modeling import (
     apply_peft,
     base_model,
@@ -138,6 +138,8 @@ class Trainer:
             torch.cuda.set_device(self.ctx.local_rank)
             self.device = torch.device("cuda", self.ctx.local_rank)
         seed_everything(t.seed)
+        if self.ctx.is_main:
+            require_wandb(cfg.logger)
         self.tokenizer = load_tokenizer(cfg.model)
         self.data = build_data(cfg.data, self.tokenizer)
         self.model, self.extension = build_model(self.cfg, self.device)

@@ -58,10 +58,27 @@ def test_bad_values_fail_at_compose_time(overrides, message):
         compose_config(overrides)
 
 
-def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
     )
+
+
+def test_a_broken_wandb_install_fails_the_run_at_once_in_one_line(tmp_path):
+    """A wandb that cannot be imported (as wandb 0.31 without OpenTelemetry) stops `train` before any data or
+    model is loaded, with one line naming the way out."""
+    import os
+
+    fake = tmp_path / "site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'opentelemetry'\", name='opentelemetry')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("train", "+exp=smoke", "logger=wandb_offline", f"trainer.output_dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "logger.wandb=offline needs the wandb package" in errors[0], result.stderr
+    assert "logger=jsonl" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize(
