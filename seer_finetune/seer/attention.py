@@ -28,7 +28,15 @@ import seer_kernels
 
 from .gate import AttnGate, gate_rotary_embedding, num_blocks
 from .masking import seer_mask, split_document_ids
-from .selection import block_candidates, gate_log_probs, gate_loss, realised_density, row_quotas, select_blocks
+from .selection import (
+    block_candidates,
+    forced_blocks,
+    gate_log_probs,
+    gate_loss,
+    realised_density,
+    row_quotas,
+    select_blocks,
+)
 
 ATTN_NAME = "seer"
 MODES = ("dense", "gate_distill", "joint")
@@ -65,7 +73,7 @@ class SeerRuntime:
             in sparse mode, reused when gradient checkpointing recomputes the layer. (Autograd keeps that
             tensor for the gate loss anyway when nothing is recomputed.)
         forward_id: Incremented by a pre-hook at every forward of the model.
-        per_forward: Values every layer of one forward shares (candidate blocks, row quotas), computed by the
+        per_forward: Values every layer of one forward shares (candidate, forced blocks, row quotas), computed by the
             first layer and cleared at the next forward: per layer they would be dozens of small launches.
     """
 
@@ -239,6 +247,10 @@ def seer_attention_forward(
                 selection_scores = torch.log(truth)
             else:
                 selection_scores = log_probs.detach()
+            forced = rt.shared(
+                ("forced", *layout, rt.sink_blocks, rt.local_blocks),
+                lambda: forced_blocks(candidates, rt.sink_blocks, rt.local_blocks),
+            )
             block_mask = select_blocks(
                 selection_scores,
                 candidates,
@@ -247,6 +259,7 @@ def seer_attention_forward(
                 sink_blocks=rt.sink_blocks,
                 local_blocks=rt.local_blocks,
                 quota=quota,
+                forced=forced,
             )
             rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
             if rt.training and torch.is_grad_enabled():

@@ -146,6 +146,7 @@ def select_blocks(
     sink_blocks: int = 0,
     local_blocks: int = 1,
     quota: Optional[torch.Tensor] = None,
+    forced: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
 
@@ -165,6 +166,8 @@ def select_blocks(
         local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1.
         quota: `row_quotas(candidates, density, sink_blocks, local_blocks)` when already computed (it depends on the
             candidates only, so all layers of a forward share it). Default: computed here.
+        forced: `forced_blocks(candidates, sink_blocks, local_blocks)` when already computed (shared likewise).
+            Default: computed here.
 
     Returns:
         bool `[B, H, nB, nB]`, a subset of the candidates.
@@ -172,7 +175,9 @@ def select_blocks(
     if (density is None) == (threshold is None):
         raise ValueError("select_blocks needs exactly one of density or threshold")
     cand = candidates[:, None].expand_as(scores)
-    forced = forced_blocks(candidates, sink_blocks, local_blocks)[:, None].expand_as(scores)
+    if forced is None:
+        forced = forced_blocks(candidates, sink_blocks, local_blocks)
+    forced = forced[:, None].expand_as(scores)
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
