@@ -20,6 +20,7 @@ Stages whose outputs exist are reused, so an interrupted invocation continues wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -160,7 +161,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     from seer_finetune.modeling import load_model, load_tokenizer, load_trained
     from seer_finetune.passkey import passkey_accuracy
     from seer_finetune.seer import load_seer_model
-    from seer_finetune.seer.attention import SeerRuntime
+    from seer_finetune.seer.extension import runtime_from_config
 
     device = torch.device(args.device)
     cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "dense", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
@@ -228,16 +229,8 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         a = compose_config(specs[run]).attention
         name = f"seer joint, {round((1 - density) * 100)}% sparsity"
         for oracle in (False, True):
-            runtime = SeerRuntime(
-                mode="joint",
-                density=density,
-                block_size=int(a.block_size),
-                sink_blocks=int(a.sink_blocks),
-                local_blocks=int(a.local_blocks),
-                kernel=a.kernel,
-                oracle=oracle,
-                training=False,
-                compute_loss=False,
+            runtime = dataclasses.replace(
+                runtime_from_config(a), density=density, oracle=oracle, training=False, compute_loss=False
             )
             load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
             label = f"{name}, oracle selection" if oracle else name

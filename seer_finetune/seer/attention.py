@@ -226,6 +226,7 @@ def seer_attention_forward(
 
     log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
     ground_truth = None
+    oracle_truth = None
     rows = None
     recomputing = ("block_mask", gate.layer_idx) in rt.per_forward  # gradient checkpointing's second pass
     if rt.compute_loss and rt.training and not recomputing:
@@ -243,8 +244,8 @@ def seer_attention_forward(
                 )
             if rt.oracle:
                 # Rank by the true pooled attention: log(0) = -inf only ever ranks a block last.
-                truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **common)
-                selection_scores = torch.log(truth)
+                oracle_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **common)
+                selection_scores = torch.log(oracle_truth)
             else:
                 selection_scores = log_probs.detach()
             forced = rt.shared(
@@ -273,6 +274,9 @@ def seer_attention_forward(
                 # Gradient checkpointing recomputes this layer during backward: reuse the ground truth (and its
                 # rows) of the original forward instead of paying for it twice.
                 _, rows, ground_truth = cached
+            elif oracle_truth is not None:
+                # The oracle already computed every row of it.
+                ground_truth = oracle_truth if rows is None else oracle_truth[:, :, rows]
             else:
                 ground_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), query_blocks=rows, **common)
                 if rt.training and torch.is_grad_enabled():

@@ -8,6 +8,7 @@ perplexity. Results go to a JSON file and a printed table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from ..config import ConfigError, SeerConfig
 from .attention import SeerRuntime, seer_gates
+from .extension import runtime_from_config
 
 
 def _settings(cfg: SeerConfig) -> list[tuple[str, float]]:
@@ -38,14 +40,9 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerR
     from .saving import CONFIG_NAME, load_gates, load_seer_model
 
     a = cfg.attention
-    runtime = SeerRuntime(
-        mode="joint",
-        block_size=int(a.block_size),
-        kernel=a.kernel,
-        sink_blocks=int(a.sink_blocks),
-        local_blocks=int(a.local_blocks),
-        training=False,
-        compute_loss=False,
+    # The configured settings (block size, kernel, sink and local blocks); mode and density change per setting.
+    runtime = dataclasses.replace(
+        runtime_from_config(a), mode="joint", density=None, threshold=None, training=False, compute_loss=False
     )
     if cfg.eval.model_path:
         path = Path(cfg.eval.model_path)

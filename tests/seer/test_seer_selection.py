@@ -214,3 +214,12 @@ def test_oracle_selection_ranks_by_the_true_pooled_attention():
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     assert not torch.equal(rt.block_masks[0], expected)
+    # With a gate loss recorded too, the oracle's ground truth serves it: layer 0's loss is the gate-selection one.
+    losses = {}
+    for oracle in (False, True):
+        rt.oracle, rt.compute_loss = oracle, True
+        rt.take_stats()
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        losses[oracle] = rt.take_stats()["gate_loss/0"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6) and losses[False] > 0
