@@ -1,13 +1,13 @@
 """How much perplexity block sparsity itself costs a model: oracle block selection at several settings.
 
 Ranks each layer's key blocks by the true block-max-pooled attention (what a perfect gate would predict) and
-keeps the top blocks per query block at each density, with `sink_blocks` leading and `local_blocks` trailing
+keeps the top blocks per query block (or per layer, with the `layer` budget) at each density, with `sink_blocks` leading and `local_blocks` trailing
 blocks forced, then prints the perplexity of held-out windows next to dense attention. With `--gates`, the
 same settings also run with those trained gates' selection. Runs on CPU (reference kernels) or CUDA.
 
     python benchmarks/oracle_sparsity.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
         --corpus ~/.cache/seer-data/corpora/txt/austen --length 4096 --windows 2 \
-        --settings 0.1:0:1 0.1:1:1 0.1:1:2
+        --settings 0.1:0:1 0.1:1:1 0.1:1:2 0.1:1:2:layer
 """
 
 from __future__ import annotations
@@ -30,13 +30,17 @@ from seer_finetune.seer.attention import SeerRuntime, attach_seer_gates  # noqa:
 from seer_finetune.seer.saving import load_gates  # noqa: E402
 
 
-def parse_setting(text: str) -> tuple[float, int, int]:
-    """`density:sink_blocks:local_blocks`, e.g. `0.1:1:2`."""
+def parse_setting(text: str) -> tuple[float, int, int, str]:
+    """`density:sink_blocks:local_blocks[:budget]`, e.g. `0.1:1:2` or `0.1:1:2:layer`."""
     try:
-        density, sink, local = text.split(":")
-        return float(density), int(sink), int(local)
+        density, sink, local, *budget = text.split(":")
+        if len(budget) > 1 or (budget and budget[0] not in ("row", "layer")):
+            raise ValueError
+        return float(density), int(sink), int(local), budget[0] if budget else "row"
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not density:sink_blocks:local_blocks (e.g. 0.1:1:2)") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not density:sink_blocks:local_blocks[:row|layer] (e.g. 0.1:1:2 or 0.1:1:2:layer)"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=4096, help="tokens per evaluation window")
     parser.add_argument("--windows", type=int, default=2, help="evaluation windows")
     parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--settings", type=parse_setting, nargs="+", default=[(0.5, 1, 2), (0.1, 1, 2)])
+    parser.add_argument("--settings", type=parse_setting, nargs="+", default=[(0.5, 1, 2, "row"), (0.1, 1, 2, "row")])
     parser.add_argument("--gates", help="trained gates folder: also evaluate each setting with the gates' selection")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -74,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {len(windows)} windows of {args.length} tokens from {args.corpus}, block {args.block_size}")
     run("dense")
     runtime.mode = "joint"
-    for density, sink, local in args.settings:
-        runtime.density, runtime.sink_blocks, runtime.local_blocks = density, sink, local
+    for density, sink, local, budget in args.settings:
+        runtime.density, runtime.sink_blocks, runtime.local_blocks, runtime.budget = density, sink, local, budget
         for oracle in (True, False) if args.gates else (True,):
             runtime.oracle = oracle
-            run(f"density {density} sink {sink} local {local} {'oracle' if oracle else 'gates'}")
+            run(f"density {density} sink {sink} local {local} {budget} {'oracle' if oracle else 'gates'}")
     return 0
 
 

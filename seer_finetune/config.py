@@ -123,6 +123,9 @@ class AttentionConfig:
         sink_blocks: Leading key blocks always kept (the attention sink; 1 keeps the first block).
         local_blocks: Key blocks ending at the diagonal always kept (1: the diagonal only; 2 adds the block
             before it, so every query sees at least its previous block_size tokens).
+        budget: How a density is shared out: `row` (every query-block row keeps that fraction of its key
+            blocks) or `layer` (the layer's total goes to the blocks of highest gate probability across heads
+            and rows, so heads with concentrated attention leave blocks to heads with spread attention).
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
@@ -146,6 +149,7 @@ class AttentionConfig:
     threshold: Optional[float] = None
     sink_blocks: int = 0
     local_blocks: int = 1
+    budget: str = "row"
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     ground_truth_query_fraction: float = 1.0
@@ -429,6 +433,9 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)
+    _choice("attention.budget", a.budget, ("row", "layer"))
+    if a.budget != "row" and a.density is None and a.threshold is not None:
+        raise ConfigError(f"attention.budget={a.budget} shares out a density; with attention.threshold it has no effect")
     if not 0.0 < a.ground_truth_query_fraction <= 1.0:
         raise ConfigError(f"attention.ground_truth_query_fraction={a.ground_truth_query_fraction} must be in (0, 1]")
     if a.density is not None and not 0.0 < a.density <= 1.0:

@@ -53,6 +53,8 @@ class SeerRuntime:
         threshold: Alternative to density: minimum gate probability of a kept block.
         sink_blocks: Leading candidate blocks always kept.
         local_blocks: Blocks ending at the diagonal always kept (1: the diagonal only).
+        budget: With a density: `row` (each query-block row keeps its share) or `layer` (the layer's total
+            share goes to its most probable blocks across heads and rows); see `select_blocks`.
         loss_kind: `kl` or `mse`.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training.
@@ -83,6 +85,7 @@ class SeerRuntime:
     threshold: Optional[float] = None
     sink_blocks: int = 0
     local_blocks: int = 1
+    budget: str = "row"
     loss_kind: str = "kl"
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
@@ -261,6 +264,7 @@ def seer_attention_forward(
                 local_blocks=rt.local_blocks,
                 quota=quota,
                 forced=forced,
+                budget=rt.budget,
             )
             rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
             if rt.training and torch.is_grad_enabled():

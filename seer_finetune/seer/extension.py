@@ -23,6 +23,7 @@ def runtime_from_config(a: AttentionConfig) -> SeerRuntime:
         threshold=a.threshold,
         sink_blocks=int(a.sink_blocks),
         local_blocks=int(a.local_blocks),
+        budget=a.budget,
         loss_kind=a.gate_loss,
         ground_truth_query_fraction=float(a.ground_truth_query_fraction),
         kernel=a.kernel,
@@ -124,7 +125,7 @@ class SeerExtension(TrainingExtension):
             self.model,
             out_dir,
             base_model=self.cfg.model.name_or_path,
-            extra={"trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks},
+            extra={"trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks, "budget": a.budget},
         )
 
     def set_training(self, training: bool) -> None:

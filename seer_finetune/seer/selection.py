@@ -18,6 +18,8 @@ import torch
 
 from .gate import num_blocks
 
+BUDGETS = ("row", "layer")
+
 
 def block_candidates(
     seq_len: int,
@@ -147,13 +149,17 @@ def select_blocks(
     local_blocks: int = 1,
     quota: Optional[torch.Tensor] = None,
     forced: Optional[torch.Tensor] = None,
+    budget: str = "row",
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
 
     With `density` d, row i keeps about d * n_i of its n_i candidate blocks (`row_quotas`: at least the forced
     ones, with rounding and forced surpluses balanced over the rows) with the highest scores: the per-row
-    count follows the triangle, so the realised density over all candidates matches d. With `threshold` t, a row keeps the candidates whose gate
-    probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks and the
+    count follows the triangle, so the realised density over all candidates matches d. With `budget="layer"`
+    the same total count (over heads and rows) goes instead to the blocks of highest gate probability anywhere
+    in the layer: a head or row whose attention is concentrated on few blocks gives its share to those whose
+    attention is spread, which keeps the most probability mass for the same density. With `threshold` t, a row
+    keeps the candidates whose gate probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks and the
     `local_blocks - 1` blocks before the diagonal, are always kept.
 
     Args:
@@ -168,6 +174,9 @@ def select_blocks(
             candidates only, so all layers of a forward share it). Default: computed here.
         forced: `forced_blocks(candidates, sink_blocks, local_blocks)` when already computed (shared likewise).
             Default: computed here.
+        budget: With `density`: `row` (each row keeps its own share) or `layer` (the layer's total share goes
+            to its most probable blocks; `scores` are then compared across rows as probabilities, so rows are
+            log-softmax normalised here first). Default `row`.
 
     Returns:
         bool `[B, H, nB, nB]`, a subset of the candidates.
@@ -185,13 +194,46 @@ def select_blocks(
         return (cand & (probs >= threshold)) | forced
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density} must be in (0, 1]")
-    quota = (row_quotas(candidates, density, sink_blocks, local_blocks) if quota is None else quota)[:, None, :, None]
+    if budget not in BUDGETS:
+        raise ValueError(f"budget={budget!r} must be one of {', '.join(BUDGETS)}")
+    if quota is None:
+        quota = row_quotas(candidates, density, sink_blocks, local_blocks)
+    if budget == "layer":
+        return _select_by_layer_budget(gate_log_probs(scores, candidates), cand, forced, quota)
+    quota = quota[:, None, :, None]
     # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
     key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
     order = torch.argsort(key, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     return (ranks < quota) & cand
+
+
+def _select_by_layer_budget(
+    log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, quota: torch.Tensor
+) -> torch.Tensor:
+    """Forced blocks plus, per batch element, the most probable other candidates across all heads and rows,
+    as many as the row quotas would have kept in total beyond the forced ones.
+
+    Args:
+        log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
+        cand, forced: bool `[B, H, nB, nB]`.
+        quota: int64 `[B, nB]` from `row_quotas` (every row's quota covers its forced blocks).
+
+    Returns:
+        bool `[B, H, nB, nB]`.
+    """
+    bsz, heads = log_probs.shape[:2]
+    # Blocks to hand out per batch element beyond the forced ones: [B].
+    extra = quota.sum(-1) * heads - forced.sum(dim=(1, 2, 3))
+    key = log_probs.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
+    picked = torch.zeros_like(key, dtype=torch.bool)
+    top = int(extra.max().clamp_min(0))
+    if top > 0:
+        index = torch.topk(key, top, dim=-1, sorted=True).indices
+        # Row b keeps only its own first extra[b] picks.
+        picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < extra[:, None])
+    return (picked.view_as(cand) & cand) | forced
 
 
 def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

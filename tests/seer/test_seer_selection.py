@@ -223,3 +223,46 @@ def test_oracle_selection_ranks_by_the_true_pooled_attention():
             model(input_ids=ids, use_cache=False)
         losses[oracle] = rt.take_stats()["gate_loss/0"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-6) and losses[False] > 0
+
+
+def _kept_mass(mask: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    return log_probs.exp().masked_fill(~mask, 0.0).sum()
+
+
+@pytest.mark.parametrize("sink,local", [(0, 1), (1, 2)])
+def test_layer_budget_keeps_the_same_count_and_the_most_mass(sink, local):
+    """`budget="layer"` spends exactly the row quotas' total per batch element, keeps every forced block, and
+    keeps at least the probability mass of the per-row selection (it is the best subset of that size)."""
+    torch.manual_seed(0)
+    length, block, heads = 300, 8, 3  # 38 blocks, the last one partial
+    ids = torch.tensor([[0] * 120 + [1] * 180, [0] * 300])  # packed documents in element 0 only
+    cand = block_candidates(length, block, ids)
+    scores = torch.randn(2, heads, cand.shape[-1], cand.shape[-1]) * 3
+    log_probs = gate_log_probs(scores, cand)
+    forced = forced_blocks(cand, sink, local)[:, None].expand_as(scores)
+    for density in (0.1, 0.5, 1.0):
+        by_row = select_blocks(scores, cand, density=density, sink_blocks=sink, local_blocks=local)
+        by_layer = select_blocks(scores, cand, density=density, sink_blocks=sink, local_blocks=local, budget="layer")
+        assert torch.equal(by_layer.sum(dim=(1, 2, 3)), by_row.sum(dim=(1, 2, 3)))
+        assert not (by_layer & ~cand[:, None]).any() and (by_layer | ~forced).all()
+        for b in range(2):
+            assert _kept_mass(by_layer[b], log_probs[b]) >= _kept_mass(by_row[b], log_probs[b]) - 1e-4
+        if density == 0.5:  # (at 0.1 the forced blocks fill most quotas; at 1.0 everything is kept)
+            assert not torch.equal(by_layer, by_row)
+    # Raw logits and log-probabilities select alike: the layer budget normalises rows itself.
+    assert torch.equal(
+        select_blocks(scores, cand, density=0.3, budget="layer"), select_blocks(log_probs, cand, density=0.3, budget="layer")
+    )
+
+
+def test_layer_budget_moves_blocks_from_concentrated_to_spread_heads():
+    nb = 16
+    cand = block_candidates(nb * 4, 4)
+    scores = torch.zeros(1, 2, nb, nb)
+    scores[0, 0] = torch.eye(nb) * 50.0  # head 0 attends to its diagonal only; head 1 spreads evenly
+    mask = select_blocks(scores, cand, density=0.3, budget="layer")
+    assert torch.equal(mask[0, 0], torch.eye(nb, dtype=torch.bool))
+    quotas = row_quotas(cand, 0.3)
+    assert mask[0, 1].sum() == 2 * quotas.sum() - nb
+    with pytest.raises(ValueError, match="budget"):
+        select_blocks(scores, cand, density=0.3, budget="head")
