@@ -223,18 +223,20 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     record("base + YaRN, no training", lambda: base(base_cfg.rope), args.seq_len, 0.0)
     # (b) dense YaRN fine-tuning.
     record("dense YaRN fine-tuning", lambda: (load_trained(dirs["dense"] / "final", device=device, dtype=dtype), None), args.seq_len, 0.0, passkey=True)
-    # (c) joint YaRN + SeerAttention at each trained sparsity, with the sink and local blocks it trained with;
-    # then the same weights with oracle selection.
+    # (c) joint YaRN + SeerAttention at each trained sparsity, with the sink and local blocks and the budget it
+    # trained with; then the same weights with oracle selection, and with the gate's selection under the other
+    # budget (what the budget alone changes, without retraining).
     for run, density in SPARSE_RUNS.items():
         a = compose_config(specs[run]).attention
         name = f"seer joint, {round((1 - density) * 100)}% sparsity"
-        for oracle in (False, True):
+        other = "row" if a.budget == "layer" else "layer"
+        for label, oracle, budget in ((name, False, a.budget), (f"{name}, oracle selection", True, a.budget),
+                                      (f"{name}, {other} budget", False, other)):
             runtime = dataclasses.replace(
-                runtime_from_config(a), density=density, oracle=oracle, training=False, compute_loss=False
+                runtime_from_config(a), density=density, oracle=oracle, budget=budget, training=False, compute_loss=False
             )
             load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
-            label = f"{name}, oracle selection" if oracle else name
-            record(label, load, args.seq_len, 1.0 - density, passkey=not oracle)
+            record(label, load, args.seq_len, 1.0 - density, passkey=label == name)
     return rows
 
 
@@ -278,8 +280,10 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     # Perplexity relative to the dense YaRN baseline, so that both families share one axis; the oracle rows
     # (same weights, blocks ranked by the true attention) bound what a better gate could reach.
     dense = next(r for r in rows if r["run"].startswith("dense"))
-    gated = [dense, *(r for r in rows if r["run"].startswith("seer") and "oracle" not in r["run"])]
-    oracle = [dense, *(r for r in rows if r["run"].startswith("seer") and "oracle" in r["run"])]
+    # Rows evaluated under the other budget than the run trained with are in the table only.
+    trained = [r for r in rows if r["run"].startswith("seer") and "budget" not in r["run"]]
+    gated = [dense, *(r for r in trained if "oracle" not in r["run"])]
+    oracle = [dense, *(r for r in trained if "oracle" in r["run"])]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, family in enumerate(EVAL_FAMILIES):
         for series, style, label in ((gated, "o-", "gate"), (oracle, "s--", "oracle selection")):
@@ -317,7 +321,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
-        if "realised_density_per_layer" in r and "oracle" not in r["run"]:
+        if "realised_density_per_layer" in r and "oracle" not in r["run"] and "budget" not in r["run"]:
             ax.plot(r["realised_density_per_layer"], "o-", label=r["run"])
     ax.set_xlabel("layer")
     ax.set_ylabel("realised density")

@@ -57,7 +57,9 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     runs = [r["run"] for r in report["rows"]]
     assert runs == ["base (native length)", "base + YaRN, no training", "dense YaRN fine-tuning",
                     "seer joint, 50% sparsity", "seer joint, 50% sparsity, oracle selection",
-                    "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection"]
+                    "seer joint, 50% sparsity, layer budget",
+                    "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
+                    "seer joint, 90% sparsity, layer budget"]
     rows = {r["run"]: r for r in report["rows"]}
     for r in report["rows"]:
         assert r["ppl_books"] > 1 and r["ppl_technical"] > 1
@@ -76,6 +78,10 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert "passkey" not in oracle and oracle["realised_sparsity"] == pytest.approx(floor, abs=1e-6)
     # At 50% the gate chooses among free blocks, and the oracle chooses differently.
     assert rows["seer joint, 50% sparsity, oracle selection"]["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
+    # The other budget (these runs trained with per-row quotas) spends the same number of blocks differently.
+    layer = rows["seer joint, 50% sparsity, layer budget"]
+    assert layer["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
+    assert "passkey" not in layer and layer["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
     assert report["throughput"]["dense"] > 0 and report["throughput"]["sparsity90"] > 0
     for png in ("ppl_vs_sparsity.png", "loss_curves.png", "density_per_layer.png"):
         assert (out / png).stat().st_size > 1000
@@ -87,7 +93,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert train_files and eval_files and not train_files & eval_files
     # A second invocation reuses every trained run and every finished evaluation.
     finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
-    assert len(finished) == 4 + 7
+    assert len(finished) == 4 + 9
     before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before

@@ -230,8 +230,10 @@ def _select_by_layer_budget(
     picked = torch.zeros_like(key, dtype=torch.bool)
     top = int(extra.max().clamp_min(0))
     if top > 0:
-        index = torch.topk(key, top, dim=-1, sorted=True).indices
-        # Row b keeps only its own first extra[b] picks.
+        # One budget for the whole batch (always at B = 1) needs no order among the picks; otherwise element b
+        # keeps only its own first extra[b] of them.
+        same = bool((extra == top).all())
+        index = torch.topk(key, top, dim=-1, sorted=not same).indices
         picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < extra[:, None])
     return (picked.view_as(cand) & cand) | forced
 
