@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each 32k run")
     parser.add_argument("--init-steps", type=int, default=200, help="gate distillation steps at the native length")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every 32k run (model; gates use --gate-lr)")
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--train-mb", type=float, default=40.0, help="MB of files taken from each training corpus")
     parser.add_argument("--eval-mb", type=float, default=math.inf, help="MB of files taken from each evaluation corpus")

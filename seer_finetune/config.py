@@ -125,7 +125,8 @@ class AttentionConfig:
             before it, so every query sees at least its previous block_size tokens).
         budget: How a density is shared out: `row` (every query-block row keeps that fraction of its key
             blocks) or `layer` (the layer's total goes to the blocks of highest gate probability across heads
-            and rows, so heads with concentrated attention leave blocks to heads with spread attention).
+            and rows, so heads with concentrated attention leave blocks to heads with spread attention). A
+            threshold needs no sharing out and ignores it.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
@@ -434,8 +435,6 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)
     _choice("attention.budget", a.budget, ("row", "layer"))
-    if a.budget != "row" and a.density is None and a.threshold is not None:
-        raise ConfigError(f"attention.budget={a.budget} shares out a density; with attention.threshold it has no effect")
     if not 0.0 < a.ground_truth_query_fraction <= 1.0:
         raise ConfigError(f"attention.ground_truth_query_fraction={a.ground_truth_query_fraction} must be in (0, 1]")
     if a.density is not None and not 0.0 < a.density <= 1.0:

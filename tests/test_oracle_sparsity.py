@@ -15,11 +15,14 @@ def test_oracle_sparsity_script_prints_every_setting(tmp_path, capsys, monkeypat
     monkeypatch.setenv("SEER_CACHE", str(tmp_path / "cache"))
     plays = str(ROOT / "seer_finetune" / "assets" / "corpus" / "shakespeare")
     args = ["--model", "builtin:tiny_llama", "--corpus", plays, "--length", "512", "--windows", "1", "--block-size", "32",
-            "--device", "cpu", "--settings", "0.5:1:2", "0.25:0:1"]
+            "--device", "cpu", "--settings", "0.5:1:2", "0.25:0:1", "0.25:0:1:layer"]
     assert oracle_sparsity.main(args) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if " ppl " in line]
     assert [line.split(" ppl ")[0].strip() for line in lines] == [
-        "dense", "density 0.5 sink 1 local 2 oracle", "density 0.25 sink 0 local 1 oracle"]
-    assert all(float(line.split(" ppl ")[1].split()[0]) > 1 for line in lines)
-    with pytest.raises(SystemExit):
-        oracle_sparsity.main([*args[:-2], "0.5"])  # not density:sink:local
+        "dense", "density 0.5 sink 1 local 2 row oracle", "density 0.25 sink 0 local 1 row oracle",
+        "density 0.25 sink 0 local 1 layer oracle"]
+    ppl = [float(line.split(" ppl ")[1].split()[0]) for line in lines]
+    assert all(p > 1 for p in ppl) and ppl[2] != ppl[3]  # the budget changes which blocks are kept
+    for bad in ("0.5", "0.5:1:2:head"):  # not density:sink:local[:row|layer]
+        with pytest.raises(SystemExit):
+            oracle_sparsity.main([*args[:-3], bad])

@@ -57,9 +57,9 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     runs = [r["run"] for r in report["rows"]]
     assert runs == ["base (native length)", "base + YaRN, no training", "dense YaRN fine-tuning",
                     "seer joint, 50% sparsity", "seer joint, 50% sparsity, oracle selection",
-                    "seer joint, 50% sparsity, layer budget",
+                    "seer joint, 50% sparsity, row budget",
                     "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
-                    "seer joint, 90% sparsity, layer budget"]
+                    "seer joint, 90% sparsity, row budget"]
     rows = {r["run"]: r for r in report["rows"]}
     for r in report["rows"]:
         assert r["ppl_books"] > 1 and r["ppl_technical"] > 1
@@ -78,10 +78,10 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert "passkey" not in oracle and oracle["realised_sparsity"] == pytest.approx(floor, abs=1e-6)
     # At 50% the gate chooses among free blocks, and the oracle chooses differently.
     assert rows["seer joint, 50% sparsity, oracle selection"]["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
-    # The other budget (these runs trained with per-row quotas) spends the same number of blocks differently.
-    layer = rows["seer joint, 50% sparsity, layer budget"]
-    assert layer["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
-    assert "passkey" not in layer and layer["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
+    # The other budget (seer_joint trains with the layer budget) spends the same number of blocks per row.
+    per_row = rows["seer joint, 50% sparsity, row budget"]
+    assert per_row["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
+    assert "passkey" not in per_row and per_row["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
     assert report["throughput"]["dense"] > 0 and report["throughput"]["sparsity90"] > 0
     for png in ("ppl_vs_sparsity.png", "loss_curves.png", "density_per_layer.png"):
         assert (out / png).stat().st_size > 1000
