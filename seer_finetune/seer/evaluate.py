@@ -171,12 +171,19 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
         "gates": gates,
         "gates_trained": trained,
         "block_size": runtime.block_size,
+        # What the gates' selection kept whatever their scores, and how a density was shared out.
+        "sink_blocks": runtime.sink_blocks,
+        "local_blocks": runtime.local_blocks,
+        "budget": runtime.budget,
         "results": rows,
     }
     output = Path(cfg.eval.output) if cfg.eval.output else Path(cfg.trainer.output_dir) / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n[seer-finetune] eval of {report['model']} with {gates} (block {runtime.block_size})")
+    print(
+        f"\n[seer-finetune] eval of {report['model']} with {gates} (block {runtime.block_size}, "
+        f"{runtime.sink_blocks} sink and {runtime.local_blocks} local blocks kept, {runtime.budget} budget)"
+    )
     print(format_table(rows))
     print(f"[seer-finetune] wrote {output}", flush=True)
     return report

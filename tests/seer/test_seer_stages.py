@@ -59,6 +59,7 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     report = run_eval(cfg)
     cfg.attention.gates_path = None
     assert report["gates"] == str(tmp_path / "final") and report["gates_trained"]
+    assert (report["sink_blocks"], report["local_blocks"], report["budget"]) == (0, 1, "layer")
     printed = capsys.readouterr().out
     rows = report["results"]
     assert [(r["setting"], r["value"]) for r in rows] == [("density", 1.0), ("density", 0.5), ("density", 0.1)]
