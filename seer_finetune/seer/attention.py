@@ -33,6 +33,7 @@ from .selection import (
     forced_blocks,
     gate_log_probs,
     gate_loss,
+    layer_extra_blocks,
     realised_density,
     row_quotas,
     select_blocks,
@@ -255,6 +256,12 @@ def seer_attention_forward(
                 ("forced", *layout, rt.sink_blocks, rt.local_blocks),
                 lambda: forced_blocks(candidates, rt.sink_blocks, rt.local_blocks),
             )
+            layer_extra = None
+            if rt.density is not None and rt.budget == "layer":
+                layer_extra = rt.shared(
+                    ("layer_extra", *layout, rt.density, rt.sink_blocks, rt.local_blocks, query.shape[1]),
+                    lambda: layer_extra_blocks(quota, forced, query.shape[1]),
+                )
             block_mask = select_blocks(
                 selection_scores,
                 candidates,
@@ -265,6 +272,9 @@ def seer_attention_forward(
                 quota=quota,
                 forced=forced,
                 budget=rt.budget,
+                layer_extra=layer_extra,
+                # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
+                normalized=True,
             )
             rt.record(f"density/{gate.layer_idx}", realised_density(block_mask, candidates))
             if rt.training and torch.is_grad_enabled():

@@ -150,6 +150,8 @@ def select_blocks(
     quota: Optional[torch.Tensor] = None,
     forced: Optional[torch.Tensor] = None,
     budget: str = "row",
+    layer_extra: Optional[list[int]] = None,
+    normalized: bool = False,
 ) -> torch.Tensor:
     """Choose the key blocks each query head attends to.
 
@@ -176,7 +178,12 @@ def select_blocks(
             Default: computed here.
         budget: With `density`: `row` (each row keeps its own share) or `layer` (the layer's total share goes
             to its most probable blocks; `scores` are then compared across rows as probabilities, so rows are
-            log-softmax normalised here first). Default `row`.
+            log-softmax normalised here first unless `normalized`). Default `row`.
+        layer_extra: `layer_extra_blocks(quota, forced, H)` when already computed (shared by all layers of a
+            forward, and computing it reads a count back from the device). Default: computed here.
+        normalized: `scores` are already log-probabilities normalised over each row's candidates (gate log-probs,
+            or the log of the row-normalised ground truth), so the layer budget can compare them as they are.
+            Default False.
 
     Returns:
         bool `[B, H, nB, nB]`, a subset of the candidates.
@@ -199,7 +206,10 @@ def select_blocks(
     if quota is None:
         quota = row_quotas(candidates, density, sink_blocks, local_blocks)
     if budget == "layer":
-        return _select_by_layer_budget(gate_log_probs(scores, candidates), cand, forced, quota)
+        if layer_extra is None:
+            layer_extra = layer_extra_blocks(quota, forced[:, 0], scores.shape[1])
+        log_probs = scores.float() if normalized else gate_log_probs(scores, candidates)
+        return _select_by_layer_budget(log_probs, cand, forced, layer_extra)
     quota = quota[:, None, :, None]
     # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
     key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
@@ -209,32 +219,49 @@ def select_blocks(
     return (ranks < quota) & cand
 
 
+def layer_extra_blocks(quota: torch.Tensor, forced: torch.Tensor, heads: int) -> list[int]:
+    """Per batch element, how many blocks the layer budget hands out beyond the forced ones: the row quotas'
+    total over `heads` heads minus the forced blocks.
+
+    Args:
+        quota: int64 `[B, nB]` from `row_quotas` (every row's quota covers its forced blocks).
+        forced: bool `[B, nB, nB]` from `forced_blocks`.
+        heads: Query heads the layer selects for.
+
+    Returns:
+        B Python ints (one read back from the device; it depends on the candidates only, so once per forward).
+    """
+    extra = (quota.sum(-1) - forced.sum(dim=(1, 2))) * heads
+    return [int(e) for e in extra.clamp_min(0).tolist()]
+
+
 def _select_by_layer_budget(
-    log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, quota: torch.Tensor
+    log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, extra: list[int]
 ) -> torch.Tensor:
-    """Forced blocks plus, per batch element, the most probable other candidates across all heads and rows,
-    as many as the row quotas would have kept in total beyond the forced ones.
+    """Forced blocks plus, per batch element b, the `extra[b]` most probable other candidates across all heads
+    and rows.
 
     Args:
         log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
         cand, forced: bool `[B, H, nB, nB]`.
-        quota: int64 `[B, nB]` from `row_quotas` (every row's quota covers its forced blocks).
+        extra: From `layer_extra_blocks`.
 
     Returns:
         bool `[B, H, nB, nB]`.
     """
-    bsz, heads = log_probs.shape[:2]
-    # Blocks to hand out per batch element beyond the forced ones: [B].
-    extra = quota.sum(-1) * heads - forced.sum(dim=(1, 2, 3))
+    bsz = log_probs.shape[0]
     key = log_probs.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
     picked = torch.zeros_like(key, dtype=torch.bool)
-    top = int(extra.max().clamp_min(0))
+    top = max(extra)
     if top > 0:
-        # One budget for the whole batch (always at B = 1) needs no order among the picks; otherwise element b
-        # keeps only its own first extra[b] of them.
-        same = bool((extra == top).all())
-        index = torch.topk(key, top, dim=-1, sorted=not same).indices
-        picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < extra[:, None])
+        if all(e == top for e in extra):
+            # One budget for the whole batch (always at B = 1): no order among the picks is needed.
+            picked.scatter_(-1, torch.topk(key, top, dim=-1, sorted=False).indices, True)
+        else:
+            # Element b keeps only its own first extra[b] picks.
+            index = torch.topk(key, top, dim=-1, sorted=True).indices
+            limit = torch.tensor(extra, device=key.device)[:, None]
+            picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < limit)
     return (picked.view_as(cand) & cand) | forced
 
 

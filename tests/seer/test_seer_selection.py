@@ -14,6 +14,7 @@ from seer_finetune.seer.selection import (
     forced_blocks,
     gate_log_probs,
     gate_loss,
+    layer_extra_blocks,
     realised_density,
     select_blocks,
 )
@@ -252,6 +253,15 @@ def test_layer_budget_keeps_the_same_count_and_the_most_mass(sink, local):
     # Raw logits and log-probabilities select alike: the layer budget normalises rows itself.
     assert torch.equal(
         select_blocks(scores, cand, density=0.3, budget="layer"), select_blocks(log_probs, cand, density=0.3, budget="layer")
+    )
+    # What the model's forward passes (log-probs marked normalised, the per-forward count precomputed) agrees.
+    quota, forced_b = row_quotas(cand, 0.3, sink, local), forced_blocks(cand, sink, local)
+    extra = layer_extra_blocks(quota, forced_b, heads)
+    assert len(extra) == 2 and extra[0] != extra[1]  # the packed element has fewer candidates
+    assert torch.equal(
+        select_blocks(scores, cand, density=0.3, sink_blocks=sink, local_blocks=local, budget="layer"),
+        select_blocks(log_probs, cand, density=0.3, quota=quota, forced=forced_b, budget="layer", layer_extra=extra,
+                      normalized=True),
     )
 
 
