@@ -118,6 +118,33 @@ def default_config(kind: str, block: int) -> TileConfig:
     return candidates(kind, block)[0]
 
 
+# Kernel variants (constexpr switches), per kind. The defaults are what measured fastest on an H200
+# (benchmarks/explore_attention_variants.py); every variant is exact and tested.
+# - USE_TMA: tiles streamed in the loops come through tensor descriptors (TMA on Hopper) instead of pointer loads.
+# - ONE_LOOP (fwd, dq): one masked loop over the list instead of an unmasked loop plus a masked diagonal one.
+# - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
+# - FLAT (dkdv): one loop over all (query head, entry) pairs of the GQA group instead of two loops per head.
+KERNEL_OPTIONS: dict[str, dict[str, bool]] = {
+    "fwd": {"USE_TMA": False, "ONE_LOOP": False},
+    "dq": {"USE_TMA": False, "ONE_LOOP": False, "FUSE_DELTA": False},
+    "dkdv": {"USE_TMA": False, "FLAT": False},
+    "gt": {"USE_TMA": False},
+}
+
+
+def _alloc_descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def kernel_options(kind: str, device: torch.device) -> dict[str, bool]:
+    """The constexpr switches for a launch of `kind`; installs Triton's scratch allocator when a kernel builds
+    tensor descriptors on a GPU (they live in a small global buffer per launch)."""
+    opts = dict(KERNEL_OPTIONS[kind])
+    if opts.get("USE_TMA") and device.type == "cuda":
+        triton.set_allocator(_alloc_descriptor_scratch)
+    return opts
+
+
 _TUNERS: dict = {}
 
 
@@ -129,7 +156,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
     """
     names = ("BLOCK_N",) if kind == "gt" else ("BLOCK_M", "BLOCK_N")
     if config is None and autotuning(seq_len):
-        key = (kind, block)
+        key = (kind, block, tuple(sorted((n, v) for n, v in kwargs.items() if isinstance(v, bool))))
         tuner = _TUNERS.get(key)
         if tuner is None:
             configs = [
@@ -173,15 +200,22 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles)."""
+    """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles).
+
+    With USE_TMA, `k_base`/`v_base` are tensor descriptors (rows past the end load as zeros)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         n_blk = tl.load(idx_base + t // SPLIT_N)
-        offs_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N + offs_n0
-        if MASKED and not EVEN_L:
+        row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
+        offs_n = row0 + offs_n0
+        if USE_TMA:
+            k = k_base.load([row0, 0])
+            v = v_base.load([row0, 0])
+        elif MASKED and not EVEN_L:
             col_ok = offs_n < seq_len
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -232,6 +266,8 @@ def _sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -252,6 +288,9 @@ def _sparse_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -265,11 +304,13 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_DOCS:
+    if HAS_DOCS or ONE_LOOP:
+        # One masked loop: the causal mask is all-true off the diagonal, so this is exact, and it saves the
+        # second loop's pipeline start on short lists.
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -277,12 +318,12 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
 
     empty = l_i == 0.0
@@ -337,15 +378,20 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """dQ accumulation over list entries [t_start, t_end) (in key tiles)."""
+    """dQ accumulation over list entries [t_start, t_end) (in key tiles); descriptors with USE_TMA."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         n_blk = tl.load(idx_base + t // SPLIT_N)
-        offs_n = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N + offs_n0
-        if MASKED and not EVEN_L:
+        row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
+        offs_n = row0 + offs_n0
+        if USE_TMA:
+            k = k_base.load([row0, 0])
+            v = v_base.load([row0, 0])
+        elif MASKED and not EVEN_L:
             col_ok = offs_n < seq_len
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -369,7 +415,7 @@ def _dq_tiles(
 
 @triton.jit
 def _sparse_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA,  # noqa: N803
+    Q, K, V, DO, DQ, LSE, DELTA, O,  # noqa: N803
     KV_IDX, KV_CNT, DOC,
     scale_log2, sm_scale,
     stride_qb, stride_qh, stride_ql,
@@ -377,6 +423,7 @@ def _sparse_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_dob, stride_doh, stride_dol,
     stride_dqb, stride_dqh, stride_dql,
+    stride_ob, stride_oh, stride_ol,
     seq_len, n_blocks, n_heads_q, group,
     HAS_DOCS: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -385,7 +432,12 @@ def _sparse_dq_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
+    FUSE_DELTA: tl.constexpr,
 ):
+    """dQ for one query tile; with FUSE_DELTA it also computes delta = rowsum(O * dO) and stores it for the
+    dK/dV kernel (no separate pass over O and dO)."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     bh = tl.program_id(1)
@@ -409,9 +461,21 @@ def _sparse_dq_kernel(
         other=0.0,
     )
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    if FUSE_DELTA:
+        o = tl.load(
+            O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
+    else:
+        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -422,11 +486,11 @@ def _sparse_dq_kernel(
     cnt = tl.load(KV_CNT + row)
     idx_base = KV_IDX + row * n_blocks
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_DOCS:
+    if HAS_DOCS or ONE_LOOP:
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -434,12 +498,12 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
     dq = dq * sm_scale
     tl.store(
@@ -450,9 +514,61 @@ def _sparse_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One visiting query tile's contribution to dK/dV, in transposed tiles (rows: this program's keys)."""
+    qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+    x_t = qk_t * scale_log2 - lse[None, :]
+    if MASKED:
+        allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
+        if HAS_DOCS:
+            doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_len, other=0)
+            allowed = allowed & (doc_k[:, None] == doc_q[None, :])
+        x_t = tl.where(allowed, x_t, float("-inf"))
+    p_t = tl.math.exp2(x_t)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _load_query_rows(q_src, do_src, lse_base, delta_base, offs_m, row0, seq_len, stride_ql, stride_dol,
+                     EVEN_L: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """q, dO tiles and lse, delta rows of one visiting query tile.
+
+    The last query block may be partial and shows up in off-diagonal entries too: its missing rows load as
+    q = dO = lse = delta = 0, which adds exactly 0 to dK and dV (descriptors zero-fill them by themselves)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    if EVEN_L:
+        lse = tl.load(lse_base + offs_m)
+        delta = tl.load(delta_base + offs_m)
+    else:
+        row_ok = offs_m < seq_len
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    if USE_TMA:
+        q = q_src.load([row0, 0])
+        do = do_src.load([row0, 0])
+    elif EVEN_L:
+        q = tl.load(q_src + offs_m[:, None] * stride_ql + offs_d[None, :])
+        do = tl.load(do_src + offs_m[:, None] * stride_dol + offs_d[None, :])
+    else:
+        row_ok = offs_m < seq_len
+        q = tl.load(q_src + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_src + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, offs_n, doc_k,
-    q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
+    q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
     t_start, t_end, seq_len,
     stride_ql, stride_dol, scale_log2,
     MASKED: tl.constexpr,
@@ -462,42 +578,23 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """dK/dV accumulation over query-list entries [t_start, t_end) (in query tiles), transposed tiles."""
+    """dK/dV accumulation over one query head's list entries [t_start, t_end) (in query tiles)."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         m_blk = tl.load(idx_base + t // SPLIT_M)
-        offs_m = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M + offs_m0
-        # The last query block may be partial and shows up in off-diagonal entries too: its missing rows load
-        # as q = dO = lse = delta = 0, which adds exactly 0 to dK and dV.
-        if EVEN_L:
-            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :])
-            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :])
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
-        else:
-            row_ok = offs_m < seq_len
-            q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        # Transposed tile: rows are this program's keys, columns the visiting queries.
-        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-        x_t = qk_t * scale_log2 - lse[None, :]
-        if MASKED:
-            allowed = (offs_n[:, None] <= offs_m[None, :]) & (offs_m[None, :] < seq_len)
-            if HAS_DOCS:
-                doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_len, other=0)
-                allowed = allowed & (doc_k[:, None] == doc_q[None, :])
-            x_t = tl.where(allowed, x_t, float("-inf"))
-        p_t = tl.math.exp2(x_t)
-        p_lo = p_t.to(do.dtype)
-        dv = tl.dot(p_lo, do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        row0 = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
+        offs_m = row0 + offs_m0
+        q, do, lse, delta = _load_query_rows(
+            q_src, do_src, lse_base, delta_base, offs_m, row0, seq_len, stride_ql, stride_dol,
+            EVEN_L, HEAD_DIM, USE_TMA,
+        )
+        dk, dv = _dkdv_step(
+            dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
+            MASKED, HAS_DOCS, PRECISION,
+        )
     return dk, dv
 
 
@@ -520,7 +617,14 @@ def _sparse_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    FLAT: tl.constexpr,
+    GROUP_P2: tl.constexpr,
 ):
+    """dK/dV for one key tile of one KV head, summed over the query heads of its group.
+
+    FLAT runs the (query head, list entry) pairs of the whole group as one masked loop instead of two loops
+    per head, so short lists (low density) pay one pipeline start instead of 2 * group."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Key tiles vary fastest (one KV head's group in flight, see the forward); early key blocks are visited by
@@ -551,35 +655,65 @@ def _sparse_dkdv_kernel(
         doc_k = offs_n
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(0, group):
-        h = hk * group + g
-        bh = b * n_heads_q + h
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-        lse_base = LSE + bh.to(tl.int64) * seq_len
-        delta_base = DELTA + bh.to(tl.int64) * seq_len
-        row = bh.to(tl.int64) * n_blocks + n_blk
-        cnt = tl.load(Q_CNT + row)
-        idx_base = Q_IDX + row * n_blocks
-        if HAS_DOCS:
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
-                0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+    if FLAT:
+        gs = tl.arange(0, GROUP_P2)
+        first_bh = b * n_heads_q + hk * group
+        cnts = tl.load(Q_CNT + (first_bh + gs).to(tl.int64) * n_blocks + n_blk, mask=gs < group, other=0)
+        ends = tl.cumsum(cnts, 0)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        for t in range(0, tl.sum(cnts, 0) * SPLIT_M):
+            e = t // SPLIT_M
+            # Head g of the group owns entries [ends[g] - cnts[g], ends[g]).
+            g = tl.sum((ends <= e).to(tl.int32), 0)
+            e_in_g = e - tl.sum(tl.where(gs < g, cnts, 0), 0)
+            h = hk * group + g
+            bh = first_bh + g
+            m_blk = tl.load(Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks + e_in_g)
+            row0 = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
+            offs_m = row0 + offs_m0
+            q, do, lse, delta = _load_query_rows(
+                Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
+                DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
+                offs_m, row0, seq_len, stride_ql, stride_dol, EVEN_L, HEAD_DIM, False,
             )
-        else:
-            first = tl.load(idx_base)
-            n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
-                0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
+            dk, dv = _dkdv_step(
+                dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
+                True, HAS_DOCS, PRECISION,
             )
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_base, do_base, lse_base, delta_base, idx_base, DOC, doc_base,
-                n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION,
-            )
+    else:
+        for g in range(0, group):
+            h = hk * group + g
+            bh = b * n_heads_q + h
+            q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+            do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+            if USE_TMA:
+                q_src = tl.make_tensor_descriptor(q_src, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM])
+                do_src = tl.make_tensor_descriptor(do_src, [seq_len, HEAD_DIM], [stride_dol, 1], [BLOCK_M, HEAD_DIM])
+            lse_base = LSE + bh.to(tl.int64) * seq_len
+            delta_base = DELTA + bh.to(tl.int64) * seq_len
+            row = bh.to(tl.int64) * n_blocks + n_blk
+            cnt = tl.load(Q_CNT + row)
+            idx_base = Q_IDX + row * n_blocks
+            if HAS_DOCS:
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
+                    0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
+                )
+            else:
+                first = tl.load(idx_base)
+                n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
+                    0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
+                )
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
+                    n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
+                )
     dk = dk * sm_scale
     tl.store(
         DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
@@ -761,6 +895,7 @@ def sparse_attention_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
+        **kernel_options("fwd", q.device),
     )
     launch(
         _sparse_fwd_kernel, "fwd", block_size, seq_len,
@@ -804,15 +939,17 @@ def sparse_attention_backward(
     dout = _last_dim_contiguous(dout)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    delta_rows = 64
-    _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        seq_len, hq,
-        BLOCK_M=delta_rows,
-        HEAD_DIM=dim,
-    )
+    dq_options = kernel_options("dq", q.device)
+    if not dq_options["FUSE_DELTA"]:
+        delta_rows = 64
+        _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
+            out, dout, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            seq_len, hq,
+            BLOCK_M=delta_rows,
+            HEAD_DIM=dim,
+        )
     docs = document_ids if document_ids is not None else kv_counts
     common = dict(
         HAS_DOCS=document_ids is not None,
@@ -822,7 +959,7 @@ def sparse_attention_backward(
         PRECISION=_precision(q.dtype),
     )
     dq_args = (
-        q, k, v, dout, dq, lse, delta,
+        q, k, v, dout, dq, lse, delta, out,
         kv_indices, kv_counts, docs,
         sm_scale * LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
@@ -830,12 +967,13 @@ def sparse_attention_backward(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
     launch(
         _sparse_dq_kernel, "dq", block_size, seq_len,
         lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
-        dq_args, common, dq_config,
+        dq_args, {**common, **dq_options}, dq_config,
     )
     dkdv_args = (
         q, k, v, dout, dk, dv, lse, delta,
@@ -849,10 +987,11 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
+    dkdv_kwargs = {**common, **kernel_options("dkdv", q.device), "GROUP_P2": triton.next_power_of_2(hq // hkv)}
     launch(
         _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
         lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),
-        dkdv_args, common, dkdv_config,
+        dkdv_args, dkdv_kwargs, dkdv_config,
     )
     return dq, dk, dv
 

@@ -28,6 +28,7 @@ from .triton_attention import (
     _precision,
     block_lists,
     check_inputs,
+    kernel_options,
     launch,
     prepare_documents,
     sparse_attention_backward,
@@ -44,13 +45,17 @@ def _lse_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V."""
+    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. `k_base` is a tensor
+    descriptor with USE_TMA."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + offs_n0
-        if MASKED:
+        if USE_TMA:
+            k = k_base.load([t * BLOCK_N, 0])
+        elif MASKED:
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
         else:
             k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
@@ -93,6 +98,7 @@ def _pool_blocks(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse).
 
@@ -109,7 +115,9 @@ def _pool_blocks(
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for s in tl.static_range(SPLIT_N):
             offs_n = j * BLOCK + s * BLOCK_N + offs_n0
-            if MASKED:
+            if USE_TMA:
+                k = k_base.load([j * BLOCK + s * BLOCK_N, 0])
+            elif MASKED:
                 k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
             else:
                 k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
@@ -146,6 +154,7 @@ def _ground_truth_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Query blocks vary fastest so the programs in flight share one KV head's K in L2.
@@ -166,6 +175,8 @@ def _ground_truth_kernel(
         other=0.0,
     )
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    if USE_TMA:
+        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -184,18 +195,18 @@ def _ground_truth_kernel(
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 first * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
             )
         else:
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 0, m_blk * SPLIT_N, seq_len, stride_kl, scale_log2,
-                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
             )
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
                 m_blk * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
             )
         # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
@@ -206,18 +217,18 @@ def _ground_truth_kernel(
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             first, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
     else:
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             0, m_blk, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
             m_blk, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
         )
 
 
@@ -289,6 +300,7 @@ def ground_truth_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
+        **kernel_options("gt", q.device),
     )
     launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (nq, bsz * hq), args, kwargs, config)
     out.div_(out.sum(-1, keepdim=True))

@@ -220,3 +220,75 @@ def test_triton_block_list_builder_matches_torch(transpose, docs):
     got = build_block_lists(mask, document_ids=doc, block_size=block, transpose=transpose)
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])  # filler included: every slot is written
+
+
+# Each kernel variant switch on its own, and all of them together (see triton_attention.KERNEL_OPTIONS).
+VARIANTS = {
+    "tma": {"fwd": {"USE_TMA": True}, "dq": {"USE_TMA": True}, "dkdv": {"USE_TMA": True}, "gt": {"USE_TMA": True}},
+    "one_loop": {"fwd": {"ONE_LOOP": True}, "dq": {"ONE_LOOP": True}},
+    "fuse_delta": {"dq": {"FUSE_DELTA": True}},
+    "flat_group": {"dkdv": {"FLAT": True}},
+    "all": {
+        "fwd": {"USE_TMA": True, "ONE_LOOP": True},
+        "dq": {"USE_TMA": True, "ONE_LOOP": True, "FUSE_DELTA": True},
+        "dkdv": {"USE_TMA": True, "FLAT": True},
+        "gt": {"USE_TMA": True},
+    },
+}
+
+
+@pytest.fixture
+def kernel_variant(request, monkeypatch):
+    from seer_kernels import triton_attention
+
+    for kind, opts in VARIANTS[request.param].items():
+        monkeypatch.setitem(triton_attention.KERNEL_OPTIONS, kind, {**triton_attention.KERNEL_OPTIONS[kind], **opts})
+    return request.param
+
+
+@pytest.mark.parametrize("kernel_variant", list(VARIANTS), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "hq,hkv,seq_len,docs,density,tiles",
+    [
+        (4, 1, 110, None, 0.5, [(32, 32), (16, 32), (32, 16)]),  # GQA 4:1, partial last block, split tiles
+        (3, 3, 96, "packed", 0.6, [(32, 32), (16, 16)]),  # MHA, packed documents
+        (4, 2, 128, None, 0.2, [(32, 32)]),  # low density: empty transposed lists for some heads
+    ],
+)
+def test_triton_kernel_variants(kernel_variant, dtype, hq, hkv, seq_len, docs, density, tiles):
+    """Every variant computes the same function: outputs, all gradients and the ground truth vs the reference."""
+    from seer_kernels.triton_attention import TileConfig
+    from seer_kernels.triton_ground_truth import ground_truth_forward
+
+    bsz, dim, block, scale = 2, 16, 32, 0.3
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len + hq)
+    nb = math.ceil(seq_len / block)
+    mask = random_block_mask(bsz, hq, nb, density, keep_diagonal=density > 0.3, seed=seq_len, device=DEVICE)
+    doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
+    doc32 = None if doc is None else doc.to(torch.int32)
+    kv_idx, kv_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block)
+    q_idx, q_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block, transpose=True)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    dout = torch.randn_like(q)
+    ref.backward(dout.float())
+    ref_gt = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    for bm, bn in tiles:
+        cfg = TileConfig(bm, bn, 4, 1)
+        out = torch.full_like(q, float("nan"))
+        out, lse = sparse_attention_forward(
+            q, k, v, kv_idx, kv_cnt, block_size=block, sm_scale=scale, document_ids=doc32, config=cfg, out=out
+        )
+        assert_close_rel(out, ref, dtype, f"out {bm}x{bn}")
+        grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+        sparse_attention_backward(
+            dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_size=block, sm_scale=scale,
+            document_ids=doc32, dq_config=cfg, dkdv_config=cfg, grads=grads,
+        )
+        for name, got, want in zip("qkv", grads, ref_leaves):
+            assert_close_rel(got, want.grad, dtype, f"d{name} {bm}x{bn}")
+        gt = ground_truth_forward(
+            q, k, block_size=block, sm_scale=scale, document_ids=doc32, config=TileConfig(block, bn, 4, 1)
+        )
+        torch.testing.assert_close(gt, ref_gt, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)

@@ -1,0 +1,185 @@
+"""Kernel-only times of the attention kernel variants (triton_attention.KERNEL_OPTIONS) on one GPU.
+
+Chooses the defaults of `KERNEL_OPTIONS` and the first tile candidates; not a target measurement (that is
+bench_attention.py). Same problem as bench_attention: B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768,
+random per-head block masks with the diagonal kept. Block lists are built outside the timing. Each variant's
+results are compared with the base variant's on the same inputs (relative L2 error), so a variant that
+computes something else shows up next to its time.
+
+    PYTHONPATH=.:kernels python benchmarks/explore_attention_variants.py --json variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from bench_attention import causal_density_mask, rel_err  # noqa: E402
+
+# name -> (option overrides per kind, configs to try): fwd configs, (dq, dkdv) config pairs, gt configs.
+FWD_VARIANTS = {
+    "base": ({}, [(128, 128, 8, 3)]),
+    "one_loop": ({"ONE_LOOP": True}, [(128, 128, 8, 3)]),
+    "tma": ({"USE_TMA": True}, [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)]),
+    "tma+one_loop": ({"USE_TMA": True, "ONE_LOOP": True}, [(128, 128, 8, 3)]),
+}
+DQ0, DQ1, DK0, DK1, DK2 = (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)
+BWD_VARIANTS = {
+    "base": ({}, {}, [(DQ0, DK0)]),
+    "fuse_delta": ({"FUSE_DELTA": True}, {}, [(DQ0, DK0)]),
+    "dq_one_loop": ({"ONE_LOOP": True}, {}, [(DQ0, DK0)]),
+    "tma": ({"USE_TMA": True}, {"USE_TMA": True}, [(DQ0, DK0), (DQ1, DK0), (DQ0, DK1)]),
+    "flat": ({}, {"FLAT": True}, [(DQ0, DK0), (DQ0, DK2)]),
+}
+GT_VARIANTS = {
+    "base": ({}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
+    "tma": ({"USE_TMA": True}, {64: [(64, 64, 4, 3), (64, 64, 4, 4)], 128: [(128, 128, 8, 3)]}),
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.5, 0.1])
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--rep", type=int, default=200)
+    p.add_argument("--skip", nargs="*", default=[], help="parts to skip: fwd bwd gt")
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run through the Triton interpreter (small shapes)")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def set_options(kind: str, overrides: dict) -> None:
+    from seer_kernels import triton_attention
+
+    base = {"fwd": {"USE_TMA": False, "ONE_LOOP": False},
+            "dq": {"USE_TMA": False, "ONE_LOOP": False, "FUSE_DELTA": False},
+            "dkdv": {"USE_TMA": False, "FLAT": False},
+            "gt": {"USE_TMA": False}}[kind]
+    triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
+
+
+def main(argv=None) -> int:
+    import triton
+    import triton.testing
+
+    from seer_kernels import block_mask_to_indices
+    from seer_kernels.triton_attention import TileConfig, sparse_attention_backward, sparse_attention_forward
+    from seer_kernels.triton_ground_truth import ground_truth_forward
+
+    args = parse_args(argv)
+    dev = torch.device(args.device)
+    L, hq, hkv, dim, block = args.seq_len, args.heads, args.kv_heads, args.head_dim, args.block
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, h, L, dim, device=dev, generator=gen).to(torch.bfloat16) for h in (hq, hkv, hkv, hq))
+    scale = 1.0 / math.sqrt(dim)
+    nb = math.ceil(L / block)
+    rows: list[dict] = []
+
+    def bench(fn) -> float:
+        if dev.type != "cuda":  # the interpreter: one run, only to exercise the script
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median"))
+
+    def record(**kw):
+        rows.append(kw)
+        print(json.dumps(kw), flush=True)
+
+    for d in args.densities:
+        mask = causal_density_mask(1, hq, nb, d, device=dev, seed=1)
+        idx, cnt = block_mask_to_indices(mask)
+        tidx, tcnt = block_mask_to_indices(mask, transpose=True)
+        out0, lse0 = sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale)
+        if "fwd" not in args.skip:
+            for name, (opts, cfgs) in FWD_VARIANTS.items():
+                set_options("fwd", opts)
+                for c in cfgs:
+                    cfg = TileConfig(*c)
+                    try:
+                        out, lse = sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, config=cfg)
+                        err = rel_err(out, out0)
+                        ms = bench(lambda cfg=cfg: sparse_attention_forward(
+                            q, k, v, idx, cnt, block_size=block, sm_scale=scale, config=cfg))
+                        record(part="fwd", density=d, variant=name, config=str(c), ms=ms, err_vs_base=err)
+                    except Exception as exc:  # a variant that does not compile is a result, not a crash
+                        record(part="fwd", density=d, variant=name, config=str(c), error=repr(exc)[:300])
+            set_options("fwd", {})
+        if "bwd" not in args.skip:
+            ref = None
+            for name, (dq_opts, dk_opts, pairs) in BWD_VARIANTS.items():
+                set_options("dq", dq_opts)
+                set_options("dkdv", dk_opts)
+                for cq, ck in pairs:
+                    cfgq, cfgk = TileConfig(*cq), TileConfig(*ck)
+
+                    def run(cfgq=cfgq, cfgk=cfgk):
+                        return sparse_attention_backward(
+                            dout, q, k, v, out0, lse0, idx, cnt, tidx, tcnt, block_size=block, sm_scale=scale,
+                            dq_config=cfgq, dkdv_config=cfgk)
+                    try:
+                        grads = run()
+                        if ref is None:
+                            ref = [g.clone() for g in grads]
+                        err = max(rel_err(g, r) for g, r in zip(grads, ref))
+                        ms = bench(run)
+                        record(part="bwd", density=d, variant=name, config=f"dq{cq} dkdv{ck}", ms=ms, err_vs_base=err)
+                    except Exception as exc:
+                        record(part="bwd", density=d, variant=name, config=f"dq{cq} dkdv{ck}", error=repr(exc)[:300])
+            set_options("dq", {})
+            set_options("dkdv", {})
+        del mask, idx, cnt, tidx, tcnt, out0, lse0
+    if "gt" not in args.skip:
+        for gblock in (64, 128):
+            ref = None
+            for name, (opts, cfgs) in GT_VARIANTS.items():
+                set_options("gt", opts)
+                for c in cfgs[gblock]:
+                    cfg = TileConfig(*c)
+                    try:
+                        gt = ground_truth_forward(q, k, block_size=gblock, sm_scale=scale, config=cfg)
+                        if ref is None:
+                            ref = gt.clone()
+                        err = float((gt - ref).abs().max())
+                        ms = bench(lambda cfg=cfg, gblock=gblock: ground_truth_forward(
+                            q, k, block_size=gblock, sm_scale=scale, config=cfg))
+                        record(part=f"gt bs{gblock}", variant=name, config=str(c), ms=ms, max_abs_vs_base=err)
+                    except Exception as exc:
+                        record(part=f"gt bs{gblock}", variant=name, config=str(c), error=repr(exc)[:300])
+            set_options("gt", {})
+
+    print("\n| part | density | variant | config | ms | err vs base |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        err = r.get("err_vs_base", r.get("max_abs_vs_base"))
+        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:60]
+        print(f"| {r['part']} | {r.get('density', '')} | {r['variant']} | {r['config']} | {ms} | "
+              f"{'' if err is None else f'{err:.1e}'} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "triton": triton.__version__,
+                                         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
