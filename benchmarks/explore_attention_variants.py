@@ -29,22 +29,21 @@ from bench_attention import causal_density_mask, rel_err  # noqa: E402
 
 # name -> (option overrides per kind, configs to try): fwd configs, (dq, dkdv) config pairs, gt configs.
 FWD_VARIANTS = {
-    "base": ({}, [(128, 128, 8, 3)]),
-    "one_loop": ({"ONE_LOOP": True}, [(128, 128, 8, 3)]),
-    "tma": ({"USE_TMA": True}, [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)]),
-    "tma+one_loop": ({"USE_TMA": True, "ONE_LOOP": True}, [(128, 128, 8, 3)]),
+    "pointers": ({"TMA": 0}, [(128, 128, 8, 3)]),
+    "tma_device": ({"TMA": 1}, [(128, 128, 8, 3)]),
+    "tma_host": ({"TMA": 2}, [(128, 128, 8, 3), (128, 128, 8, 2)]),
 }
-DQ0, DQ1, DK0, DK1, DK2 = (128, 128, 8, 2), (128, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2)
+DQ0, DQ1, DK0, DK1, DK2, DK3 = (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 2), (32, 128, 4, 2)
 BWD_VARIANTS = {
-    "base": ({}, {}, [(DQ0, DK0)]),
-    "fuse_delta": ({"FUSE_DELTA": True}, {}, [(DQ0, DK0)]),
-    "dq_one_loop": ({"ONE_LOOP": True}, {}, [(DQ0, DK0)]),
-    "tma": ({"USE_TMA": True}, {"USE_TMA": True}, [(DQ0, DK0), (DQ1, DK0), (DQ0, DK1)]),
-    "flat": ({}, {"FLAT": True}, [(DQ0, DK0), (DQ0, DK2)]),
+    "pointers": ({"TMA": 0}, {"TMA": 0}, [(DQ0, DK0)]),
+    "tma_device": ({"TMA": 1}, {"TMA": 1}, [(DQ0, DK0)]),
+    "tma_host": ({"TMA": 2}, {"TMA": 2}, [(DQ0, DK0), (DQ1, DK0), (DQ0, DK1), (DQ0, DK2), (DQ0, DK3)]),
+    "tma_host+fuse_delta": ({"TMA": 2, "FUSE_DELTA": 1}, {"TMA": 2}, [(DQ0, DK0)]),
 }
 GT_VARIANTS = {
-    "base": ({}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
-    "tma": ({"USE_TMA": True}, {64: [(64, 64, 4, 3), (64, 64, 4, 4)], 128: [(128, 128, 8, 3)]}),
+    "pointers": ({"TMA": 0}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
+    "tma_device": ({"TMA": 1}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
+    "tma_host": ({"TMA": 2}, {64: [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3)], 128: [(128, 128, 8, 3), (128, 64, 8, 3)]}),
 }
 
 
@@ -67,10 +66,7 @@ def parse_args(argv):
 def set_options(kind: str, overrides: dict) -> None:
     from seer_kernels import triton_attention
 
-    base = {"fwd": {"USE_TMA": False, "ONE_LOOP": False},
-            "dq": {"USE_TMA": False, "ONE_LOOP": False, "FUSE_DELTA": False},
-            "dkdv": {"USE_TMA": False, "FLAT": False},
-            "gt": {"USE_TMA": False}}[kind]
+    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0, "FUSE_DELTA": 0}, "dkdv": {"TMA": 0}, "gt": {"TMA": 0}}[kind]
     triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
 
 
@@ -122,6 +118,19 @@ def main(argv=None) -> int:
                         record(part="fwd", density=d, variant=name, config=str(c), ms=ms, err_vs_base=err)
                     except Exception as exc:  # a variant that does not compile is a result, not a crash
                         record(part="fwd", density=d, variant=name, config=str(c), error=repr(exc)[:300])
+            # The public call (block lists built inside, as bench_attention times it) against the kernel alone,
+            # both with the host-descriptor forward: what list building and Python add.
+            from seer_kernels import block_sparse_attention
+
+            set_options("fwd", {"TMA": 2})
+            with torch.no_grad():
+                ms = bench(lambda: block_sparse_attention(q, k, v, mask, block_size=block, backend="triton"))
+            record(part="fwd public call", density=d, variant="tma_host", config="autotuned", ms=ms)
+            ms = bench(lambda: block_mask_to_indices(mask))
+            record(part="torch list build", density=d, variant="-", config="-", ms=ms)
+            from seer_kernels.triton_attention import build_block_lists
+            ms = bench(lambda: build_block_lists(mask))
+            record(part="triton list build", density=d, variant="-", config="-", ms=ms)
             set_options("fwd", {})
         if "bwd" not in args.skip:
             ref = None
@@ -170,7 +179,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for r in rows:
         err = r.get("err_vs_base", r.get("max_abs_vs_base"))
-        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:60]
+        ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:90]
         print(f"| {r['part']} | {r.get('density', '')} | {r['variant']} | {r['config']} | {ms} | "
               f"{'' if err is None else f'{err:.1e}'} |")
     if args.json:

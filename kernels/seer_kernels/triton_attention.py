@@ -119,16 +119,15 @@ def default_config(kind: str, block: int) -> TileConfig:
 
 
 # Kernel variants (constexpr switches), per kind. The defaults are what measured fastest on an H200
-# (benchmarks/explore_attention_variants.py); every variant is exact and tested.
-# - USE_TMA: tiles streamed in the loops come through tensor descriptors (TMA on Hopper) instead of pointer loads.
-# - ONE_LOOP (fwd, dq): one masked loop over the list instead of an unmasked loop plus a masked diagonal one.
+# (benchmarks/explore_attention_variants.py); every variant computes the same function and is tested.
+# - TMA: how the tiles streamed in the loops are loaded: 0 pointer loads, 1 tensor descriptors made in the kernel,
+#   2 tensor descriptors made on the host (TMA copies on Hopper).
 # - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
-# - FLAT (dkdv): one loop over all (query head, entry) pairs of the GQA group instead of two loops per head.
-KERNEL_OPTIONS: dict[str, dict[str, bool]] = {
-    "fwd": {"USE_TMA": False, "ONE_LOOP": False},
-    "dq": {"USE_TMA": False, "ONE_LOOP": False, "FUSE_DELTA": False},
-    "dkdv": {"USE_TMA": False, "FLAT": False},
-    "gt": {"USE_TMA": False},
+KERNEL_OPTIONS: dict[str, dict[str, int]] = {
+    "fwd": {"TMA": 0},
+    "dq": {"TMA": 0, "FUSE_DELTA": 0},
+    "dkdv": {"TMA": 0},
+    "gt": {"TMA": 0},
 }
 
 
@@ -136,13 +135,40 @@ def _alloc_descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def kernel_options(kind: str, device: torch.device) -> dict[str, bool]:
-    """The constexpr switches for a launch of `kind`; installs Triton's scratch allocator when a kernel builds
-    tensor descriptors on a GPU (they live in a small global buffer per launch)."""
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned base and strides (the last dim contiguous)."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
+
+
+def kernel_options(kind: str, *streamed: torch.Tensor) -> dict[str, int]:
+    """The constexpr switches for a launch of `kind` whose loops stream `streamed` tensors.
+
+    Descriptors fall back to pointer loads for tensors TMA cannot address; kernels that build descriptors on a
+    GPU get Triton's scratch allocator (the descriptors live in a small global buffer)."""
     opts = dict(KERNEL_OPTIONS[kind])
-    if opts.get("USE_TMA") and device.type == "cuda":
+    if opts.get("TMA") and not all(_descriptor_ok(t) for t in streamed):
+        opts["TMA"] = 0
+    if opts.get("TMA") == 1 and streamed[0].is_cuda:
         triton.set_allocator(_alloc_descriptor_scratch)
     return opts
+
+
+def host_descriptor(t: torch.Tensor, rows_key: str):
+    """A `[B, H, L, D]` TMA descriptor of `t` whose tile is `[1, 1, meta[rows_key], D]` (set per launch config)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    desc = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, t.shape[-1]])
+    desc.seer_rows_key = rows_key
+    return desc
+
+
+def _set_descriptor_tiles(nargs: dict) -> None:
+    """Autotuner pre-hook (and explicit-config step): size each host descriptor's tile for the config."""
+    for value in nargs.values():
+        key = getattr(value, "seer_rows_key", None)
+        if key is not None:
+            value.block_shape = [1, 1, nargs[key], value.shape[-1]]
 
 
 _TUNERS: dict = {}
@@ -156,7 +182,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
     """
     names = ("BLOCK_N",) if kind == "gt" else ("BLOCK_M", "BLOCK_N")
     if config is None and autotuning(seq_len):
-        key = (kind, block, tuple(sorted((n, v) for n, v in kwargs.items() if isinstance(v, bool))))
+        key = (kind, block, tuple(sorted((n, v) for n, v in kwargs.items() if isinstance(v, (bool, int)))))
         tuner = _TUNERS.get(key)
         if tuner is None:
             configs = [
@@ -164,6 +190,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
                     {n: v for n, v in zip(("BLOCK_M", "BLOCK_N"), (c.block_m, c.block_n)) if n in names},
                     num_warps=c.num_warps,
                     num_stages=c.num_stages,
+                    pre_hook=_set_descriptor_tiles,
                 )
                 for c in candidates(kind, block)
             ]
@@ -174,6 +201,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
         return
     cfg = config or default_config(kind, block)
     meta = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    _set_descriptor_tiles({**meta, **{str(i): a for i, a in enumerate(args)}})
     kernel[grid(meta)](
         *args, **kwargs, **{n: meta[n] for n in names}, num_warps=cfg.num_warps, num_stages=cfg.num_stages
     )
@@ -188,9 +216,30 @@ def tuned_choices() -> dict:
 
 
 @triton.jit
+def _load_rows(src, desc_b, desc_h, row0, offs, stride, seq_len,
+               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """`[ROWS, HEAD_DIM]` tile (rows `offs` = row0 + arange) of one head of Q/K/V/dO.
+
+    `src` is a pointer to the head (TMA 0), a descriptor of the head made in the kernel (TMA 1), or a host-made
+    descriptor of the whole `[B, H, L, D]` tensor (TMA 2). Descriptors load rows past the end as zeros; pointer
+    loads do so when CHECK_ROWS."""
+    if TMA == 1:
+        tile = src.load([row0, 0])
+    elif TMA == 2:
+        tile = src.load([desc_b, desc_h, row0, 0]).reshape([ROWS, HEAD_DIM])
+    else:
+        offs_d = tl.arange(0, HEAD_DIM)
+        if CHECK_ROWS:
+            tile = tl.load(src + offs[:, None] * stride + offs_d[None, :], mask=(offs < seq_len)[:, None], other=0.0)
+        else:
+            tile = tl.load(src + offs[:, None] * stride + offs_d[None, :])
+    return tile
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, offs_m, doc_q,
-    k_base, v_base, idx_base, DOC, doc_base,
+    k_base, v_base, desc_b, desc_h, idx_base, DOC, doc_base,
     t_start, t_end, m_blk, seq_len,
     stride_kl, stride_vl, scale_log2,
     MASKED: tl.constexpr,
@@ -200,11 +249,10 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles).
-
-    With USE_TMA, `k_base`/`v_base` are tensor descriptors (rows past the end load as zeros)."""
+    """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles); K/V come through
+    `_load_rows`."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -212,16 +260,10 @@ def _fwd_tiles(
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
-        if USE_TMA:
-            k = k_base.load([row0, 0])
-            v = v_base.load([row0, 0])
-        elif MASKED and not EVEN_L:
-            col_ok = offs_n < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                       MASKED and not EVEN_L)
+        v = _load_rows(v_base, desc_b, desc_h, row0, offs_n, stride_vl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                       MASKED and not EVEN_L)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             qk = qk * scale_log2
@@ -266,8 +308,7 @@ def _sparse_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -286,11 +327,15 @@ def _sparse_fwd_kernel(
     row_ok = offs_m < seq_len
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
+    if TMA == 2:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        if TMA == 1:
+            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
+            v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -304,26 +349,24 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_DOCS or ONE_LOOP:
-        # One masked loop: the causal mask is all-true off the diagonal, so this is exact, and it saves the
-        # second loop's pipeline start on short lists.
+    if HAS_DOCS:
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
         n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         acc, l_i, m_i = _fwd_tiles(
-            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
 
     empty = l_i == 0.0
@@ -368,7 +411,7 @@ def _bwd_delta_kernel(
 @triton.jit
 def _dq_tiles(
     dq, q, do, lse, delta, offs_m, doc_q,
-    k_base, v_base, idx_base, DOC, doc_base,
+    k_base, v_base, desc_b, desc_h, idx_base, DOC, doc_base,
     t_start, t_end, seq_len,
     stride_kl, stride_vl, scale_log2,
     MASKED: tl.constexpr,
@@ -378,9 +421,9 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dQ accumulation over list entries [t_start, t_end) (in key tiles); descriptors with USE_TMA."""
+    """dQ accumulation over list entries [t_start, t_end) (in key tiles); K/V come through `_load_rows`."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -388,16 +431,10 @@ def _dq_tiles(
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
-        if USE_TMA:
-            k = k_base.load([row0, 0])
-            v = v_base.load([row0, 0])
-        elif MASKED and not EVEN_L:
-            col_ok = offs_n < seq_len
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :])
+        k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                       MASKED and not EVEN_L)
+        v = _load_rows(v_base, desc_b, desc_h, row0, offs_n, stride_vl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                       MASKED and not EVEN_L)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         x = qk * scale_log2 - lse[:, None]
         if MASKED:
@@ -432,8 +469,7 @@ def _sparse_dq_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    ONE_LOOP: tl.constexpr,
+    TMA: tl.constexpr,
     FUSE_DELTA: tl.constexpr,
 ):
     """dQ for one query tile; with FUSE_DELTA it also computes delta = rowsum(O * dO) and stores it for the
@@ -471,11 +507,15 @@ def _sparse_dq_kernel(
         tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
     else:
         delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-    if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
+    if TMA == 2:
+        k_base = K
+        v_base = V
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        if TMA == 1:
+            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
+            v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -486,24 +526,24 @@ def _sparse_dq_kernel(
     cnt = tl.load(KV_CNT + row)
     idx_base = KV_IDX + row * n_blocks
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_DOCS or ONE_LOOP:
+    if HAS_DOCS:
         dq = _dq_tiles(
-            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
         n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
         dq = _dq_tiles(
-            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         dq = _dq_tiles(
-            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, idx_base, DOC, doc_base,
+            dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     dq = dq * sm_scale
     tl.store(
@@ -538,13 +578,13 @@ def _dkdv_step(
 
 
 @triton.jit
-def _load_query_rows(q_src, do_src, lse_base, delta_base, offs_m, row0, seq_len, stride_ql, stride_dol,
-                     EVEN_L: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+def _load_query_rows(q_src, do_src, desc_b, desc_h, lse_base, delta_base, offs_m, row0, seq_len, stride_ql,
+                     stride_dol, EVEN_L: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     TMA: tl.constexpr):
     """q, dO tiles and lse, delta rows of one visiting query tile.
 
     The last query block may be partial and shows up in off-diagonal entries too: its missing rows load as
     q = dO = lse = delta = 0, which adds exactly 0 to dK and dV (descriptors zero-fill them by themselves)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     if EVEN_L:
         lse = tl.load(lse_base + offs_m)
         delta = tl.load(delta_base + offs_m)
@@ -552,23 +592,15 @@ def _load_query_rows(q_src, do_src, lse_base, delta_base, offs_m, row0, seq_len,
         row_ok = offs_m < seq_len
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-    if USE_TMA:
-        q = q_src.load([row0, 0])
-        do = do_src.load([row0, 0])
-    elif EVEN_L:
-        q = tl.load(q_src + offs_m[:, None] * stride_ql + offs_d[None, :])
-        do = tl.load(do_src + offs_m[:, None] * stride_dol + offs_d[None, :])
-    else:
-        row_ok = offs_m < seq_len
-        q = tl.load(q_src + offs_m[:, None] * stride_ql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_src + offs_m[:, None] * stride_dol + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(q_src, desc_b, desc_h, row0, offs_m, stride_ql, seq_len, BLOCK_M, HEAD_DIM, TMA, not EVEN_L)
+    do = _load_rows(do_src, desc_b, desc_h, row0, offs_m, stride_dol, seq_len, BLOCK_M, HEAD_DIM, TMA, not EVEN_L)
     return q, do, lse, delta
 
 
 @triton.jit
 def _dkdv_tiles(
     dk, dv, k, v, offs_n, doc_k,
-    q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
+    q_src, do_src, desc_b, desc_h, lse_base, delta_base, idx_base, DOC, doc_base,
     t_start, t_end, seq_len,
     stride_ql, stride_dol, scale_log2,
     MASKED: tl.constexpr,
@@ -578,7 +610,7 @@ def _dkdv_tiles(
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dK/dV accumulation over one query head's list entries [t_start, t_end) (in query tiles)."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
@@ -588,8 +620,8 @@ def _dkdv_tiles(
         row0 = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
         offs_m = row0 + offs_m0
         q, do, lse, delta = _load_query_rows(
-            q_src, do_src, lse_base, delta_base, offs_m, row0, seq_len, stride_ql, stride_dol,
-            EVEN_L, HEAD_DIM, USE_TMA,
+            q_src, do_src, desc_b, desc_h, lse_base, delta_base, offs_m, row0, seq_len, stride_ql, stride_dol,
+            EVEN_L, BLOCK_M, HEAD_DIM, TMA,
         )
         dk, dv = _dkdv_step(
             dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
@@ -617,14 +649,9 @@ def _sparse_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    FLAT: tl.constexpr,
-    GROUP_P2: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dK/dV for one key tile of one KV head, summed over the query heads of its group.
-
-    FLAT runs the (query head, list entry) pairs of the whole group as one masked loop instead of two loops
-    per head, so short lists (low density) pay one pipeline start instead of 2 * group."""
+    """dK/dV for one key tile of one KV head, summed over the query heads of its group."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Key tiles vary fastest (one KV head's group in flight, see the forward); early key blocks are visited by
@@ -655,65 +682,42 @@ def _sparse_dkdv_kernel(
         doc_k = offs_n
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    if FLAT:
-        gs = tl.arange(0, GROUP_P2)
-        first_bh = b * n_heads_q + hk * group
-        cnts = tl.load(Q_CNT + (first_bh + gs).to(tl.int64) * n_blocks + n_blk, mask=gs < group, other=0)
-        ends = tl.cumsum(cnts, 0)
-        offs_m0 = tl.arange(0, BLOCK_M)
-        for t in range(0, tl.sum(cnts, 0) * SPLIT_M):
-            e = t // SPLIT_M
-            # Head g of the group owns entries [ends[g] - cnts[g], ends[g]).
-            g = tl.sum((ends <= e).to(tl.int32), 0)
-            e_in_g = e - tl.sum(tl.where(gs < g, cnts, 0), 0)
-            h = hk * group + g
-            bh = first_bh + g
-            m_blk = tl.load(Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks + e_in_g)
-            row0 = m_blk * BLOCK + (t % SPLIT_M) * BLOCK_M
-            offs_m = row0 + offs_m0
-            q, do, lse, delta = _load_query_rows(
-                Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh,
-                DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                LSE + bh.to(tl.int64) * seq_len, DELTA + bh.to(tl.int64) * seq_len,
-                offs_m, row0, seq_len, stride_ql, stride_dol, EVEN_L, HEAD_DIM, False,
-            )
-            dk, dv = _dkdv_step(
-                dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
-                True, HAS_DOCS, PRECISION,
-            )
-    else:
-        for g in range(0, group):
-            h = hk * group + g
-            bh = b * n_heads_q + h
+    for g in range(0, group):
+        h = hk * group + g
+        bh = b * n_heads_q + h
+        if TMA == 2:
+            q_src = Q
+            do_src = DO
+        else:
             q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
             do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-            if USE_TMA:
+            if TMA == 1:
                 q_src = tl.make_tensor_descriptor(q_src, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM])
                 do_src = tl.make_tensor_descriptor(do_src, [seq_len, HEAD_DIM], [stride_dol, 1], [BLOCK_M, HEAD_DIM])
-            lse_base = LSE + bh.to(tl.int64) * seq_len
-            delta_base = DELTA + bh.to(tl.int64) * seq_len
-            row = bh.to(tl.int64) * n_blocks + n_blk
-            cnt = tl.load(Q_CNT + row)
-            idx_base = Q_IDX + row * n_blocks
-            if HAS_DOCS:
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
-                    0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
-                )
-            else:
-                first = tl.load(idx_base)
-                n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
-                    0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
-                )
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, lse_base, delta_base, idx_base, DOC, doc_base,
-                    n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, USE_TMA,
-                )
+        lse_base = LSE + bh.to(tl.int64) * seq_len
+        delta_base = DELTA + bh.to(tl.int64) * seq_len
+        row = bh.to(tl.int64) * n_blocks + n_blk
+        cnt = tl.load(Q_CNT + row)
+        idx_base = Q_IDX + row * n_blocks
+        if HAS_DOCS:
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+            )
+        else:
+            first = tl.load(idx_base)
+            n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+            )
+            dk, dv = _dkdv_tiles(
+                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+            )
     dk = dk * sm_scale
     tl.store(
         DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
@@ -879,8 +883,10 @@ def sparse_attention_forward(
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+    opts = kernel_options("fwd", k, v)
+    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if opts["TMA"] == 2 else (k, v)
     args = (
-        q, k, v, out, lse,
+        q, k_in, v_in, out, lse,
         kv_indices, kv_counts, document_ids if document_ids is not None else kv_counts,
         sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -895,7 +901,7 @@ def sparse_attention_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        **kernel_options("fwd", q.device),
+        **opts,
     )
     launch(
         _sparse_fwd_kernel, "fwd", block_size, seq_len,
@@ -939,7 +945,7 @@ def sparse_attention_backward(
     dout = _last_dim_contiguous(dout)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    dq_options = kernel_options("dq", q.device)
+    dq_options = kernel_options("dq", k, v)
     if not dq_options["FUSE_DELTA"]:
         delta_rows = 64
         _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
@@ -958,8 +964,9 @@ def sparse_attention_backward(
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
     )
+    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if dq_options["TMA"] == 2 else (k, v)
     dq_args = (
-        q, k, v, dout, dq, lse, delta, out,
+        q, k_in, v_in, dout, dq, lse, delta, out,
         kv_indices, kv_counts, docs,
         sm_scale * LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
@@ -975,8 +982,10 @@ def sparse_attention_backward(
         lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
         dq_args, {**common, **dq_options}, dq_config,
     )
+    dkdv_options = kernel_options("dkdv", q, dout)
+    q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] == 2 else (q, dout)
     dkdv_args = (
-        q, k, v, dout, dk, dv, lse, delta,
+        q_in, k, v, do_in, dk, dv, lse, delta,
         q_indices, q_counts, docs,
         sm_scale * LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
@@ -987,7 +996,7 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
-    dkdv_kwargs = {**common, **kernel_options("dkdv", q.device), "GROUP_P2": triton.next_power_of_2(hq // hkv)}
+    dkdv_kwargs = {**common, **dkdv_options}
     launch(
         _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
         lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),

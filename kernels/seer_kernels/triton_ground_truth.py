@@ -27,7 +27,9 @@ from .triton_attention import (
     _last_dim_contiguous,
     _precision,
     block_lists,
+    _load_rows,
     check_inputs,
+    host_descriptor,
     kernel_options,
     launch,
     prepare_documents,
@@ -38,27 +40,21 @@ from .triton_attention import (
 
 @triton.jit
 def _lse_tiles(
-    m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+    m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base,
     t_start, t_end, seq_len, stride_kl, scale_log2,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. `k_base` is a tensor
-    descriptor with USE_TMA."""
+    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `_load_rows`."""
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + offs_n0
-        if USE_TMA:
-            k = k_base.load([t * BLOCK_N, 0])
-        elif MASKED:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+        k = _load_rows(k_base, desc_b, desc_h, t * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             qk = qk * scale_log2
@@ -90,7 +86,7 @@ def _flush_pooled(row_max, lse, row_ok, ptr, n_valid, CHUNK: tl.constexpr):
 
 @triton.jit
 def _pool_blocks(
-    q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, doc_base, out_base,
     j_start, j_end, seq_len, stride_kl, scale_log2,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -98,7 +94,7 @@ def _pool_blocks(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse).
 
@@ -115,12 +111,8 @@ def _pool_blocks(
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         for s in tl.static_range(SPLIT_N):
             offs_n = j * BLOCK + s * BLOCK_N + offs_n0
-            if USE_TMA:
-                k = k_base.load([j * BLOCK + s * BLOCK_N, 0])
-            elif MASKED:
-                k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :])
+            k = _load_rows(k_base, desc_b, desc_h, j * BLOCK + s * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N,
+                           HEAD_DIM, TMA, MASKED)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if MASKED:
                 allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
@@ -154,7 +146,7 @@ def _ground_truth_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Query blocks vary fastest so the programs in flight share one KV head's K in L2.
@@ -174,9 +166,12 @@ def _ground_truth_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    if USE_TMA:
-        k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
+    if TMA == 2:
+        k_base = K
+    else:
+        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        if TMA == 1:
+            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -193,20 +188,20 @@ def _ground_truth_kernel(
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_DOCS:
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
                 first * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         else:
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
                 0, m_blk * SPLIT_N, seq_len, stride_kl, scale_log2,
-                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
                 m_blk * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
@@ -215,20 +210,20 @@ def _ground_truth_kernel(
     out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_row.to(tl.int64) * stride_or
     if HAS_DOCS:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
             first, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
             0, m_blk, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, DOC, doc_base, out_base,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
             m_blk, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, USE_TMA,
+            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
 
 
@@ -285,8 +280,9 @@ def ground_truth_forward(
     blocks_sorted = query_blocks[order].to(torch.int32).contiguous()
     out_rows = order.to(torch.int32).contiguous()
     first = _first_key_blocks(document_ids, block_size) if document_ids is not None else out_rows
+    opts = kernel_options("gt", k)
     args = (
-        q, k, lse if lse is not None else out, out,
+        q, host_descriptor(k, "BLOCK_N") if opts["TMA"] == 2 else k, lse if lse is not None else out, out,
         blocks_sorted, out_rows, first, document_ids if document_ids is not None else out_rows,
         sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
@@ -300,7 +296,7 @@ def ground_truth_forward(
         BLOCK=block_size,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
-        **kernel_options("gt", q.device),
+        **opts,
     )
     launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (nq, bsz * hq), args, kwargs, config)
     out.div_(out.sum(-1, keepdim=True))

@@ -222,18 +222,12 @@ def test_triton_block_list_builder_matches_torch(transpose, docs):
     assert torch.equal(got[0], want[0])  # filler included: every slot is written
 
 
-# Each kernel variant switch on its own, and all of them together (see triton_attention.KERNEL_OPTIONS).
+# Each kernel variant switch on its own (see triton_attention.KERNEL_OPTIONS).
 VARIANTS = {
-    "tma": {"fwd": {"USE_TMA": True}, "dq": {"USE_TMA": True}, "dkdv": {"USE_TMA": True}, "gt": {"USE_TMA": True}},
-    "one_loop": {"fwd": {"ONE_LOOP": True}, "dq": {"ONE_LOOP": True}},
-    "fuse_delta": {"dq": {"FUSE_DELTA": True}},
-    "flat_group": {"dkdv": {"FLAT": True}},
-    "all": {
-        "fwd": {"USE_TMA": True, "ONE_LOOP": True},
-        "dq": {"USE_TMA": True, "ONE_LOOP": True, "FUSE_DELTA": True},
-        "dkdv": {"USE_TMA": True, "FLAT": True},
-        "gt": {"USE_TMA": True},
-    },
+    "tma_device": {kind: {"TMA": 1} for kind in ("fwd", "dq", "dkdv", "gt")},
+    "tma_host": {kind: {"TMA": 2} for kind in ("fwd", "dq", "dkdv", "gt")},
+    "fuse_delta": {"dq": {"FUSE_DELTA": 1}},
+    "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
 }
 
 
@@ -292,3 +286,20 @@ def test_triton_kernel_variants(kernel_variant, dtype, hq, hkv, seq_len, docs, d
             q, k, block_size=block, sm_scale=scale, document_ids=doc32, config=TileConfig(block, bn, 4, 1)
         )
         torch.testing.assert_close(gt, ref_gt, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("kernel_variant", ["tma_host", "tma_device"], indirect=True)
+def test_triton_descriptors_fall_back_on_misaligned_inputs(kernel_variant):
+    """A tensor TMA cannot address (base not 16-byte aligned) takes the pointer path and stays exact."""
+    from seer_kernels.triton_attention import _descriptor_ok
+
+    bsz, hq, hkv, seq_len, dim, block = 1, 2, 1, 64, 16, 32
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=torch.float32, device=DEVICE, seed=5)
+    buf = torch.empty(k.numel() + 1, device=DEVICE)
+    k_off = buf[1:].view_as(k)
+    k_off.copy_(k)
+    assert not _descriptor_ok(k_off) and _descriptor_ok(k)
+    mask = random_block_mask(bsz, hq, seq_len // block, 1.0, seed=5, device=DEVICE)
+    out = block_sparse_attention(q, k_off, v, mask, block_size=block, backend="triton")
+    ref = block_sparse_attention(q, k, v, mask, block_size=block, backend="reference")
+    assert_close_rel(out, ref, torch.float32, "out")
