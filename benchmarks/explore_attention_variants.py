@@ -30,25 +30,22 @@ from bench_attention import causal_density_mask, rel_err  # noqa: E402
 # name -> (option overrides per kind, configs to try): fwd configs, (dq, dkdv) config pairs, gt configs.
 FWD_VARIANTS = {
     "pointers": ({"TMA": 0}, [(128, 128, 8, 3)]),
-    "tma_device": ({"TMA": 1}, [(128, 128, 8, 3), (64, 64, 4, 3)]),
-    "tma_host": ({"TMA": 2}, [(128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3),
-                              (128, 64, 4, 3), (128, 128, 4, 2)]),
+    "tma_host": ({"TMA": 2}, [(128, 128, 8, 3)]),
+    "tma_device+ws": ({"TMA": 1, "WS": 1}, [(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3)]),
+    "tma_host+ws": ({"TMA": 2, "WS": 1}, [(128, 128, 4, 2), (128, 128, 8, 3)]),
 }
 DQ0, DK0 = (128, 128, 8, 2), (64, 64, 4, 2)
 BWD_VARIANTS = {
     "pointers": ({"TMA": 0}, {"TMA": 0}, [(DQ0, (64, 128, 8, 2))]),
-    "tma_device": ({"TMA": 1}, {"TMA": 1}, [(DQ0, DK0), ((64, 64, 4, 2), DK0)]),
-    "tma_host": ({"TMA": 2}, {"TMA": 2}, [
-        (DQ0, DK0), ((64, 64, 4, 2), DK0), ((64, 64, 4, 3), DK0), ((64, 128, 4, 2), DK0), ((128, 64, 4, 2), DK0),
-        (DQ0, (64, 64, 4, 3)), (DQ0, (64, 64, 8, 2)), (DQ0, (32, 64, 4, 2)), (DQ0, (64, 32, 4, 2)),
-    ]),
-    "tma_host+fuse_delta": ({"TMA": 2, "FUSE_DELTA": 1}, {"TMA": 2}, [(DQ0, DK0), ((64, 64, 4, 2), DK0)]),
+    "tma_host": ({"TMA": 2}, {"TMA": 2}, [(DQ0, DK0)]),
+    "tma_host+fuse_delta": ({"TMA": 2, "FUSE_DELTA": 1}, {"TMA": 2}, [(DQ0, DK0)]),
+    "tma_host again": ({"TMA": 2}, {"TMA": 2}, [(DQ0, DK0)]),
+    "tma_host+fuse_delta again": ({"TMA": 2, "FUSE_DELTA": 1}, {"TMA": 2}, [(DQ0, DK0)]),
+    "dq tma_device+ws": ({"TMA": 1, "WS": 1}, {"TMA": 2}, [((128, 128, 4, 2), DK0), ((128, 128, 8, 2), DK0)]),
 }
 GT_VARIANTS = {
     "pointers": ({"TMA": 0}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
-    "tma_device": ({"TMA": 1}, {64: [(64, 64, 4, 2)], 128: [(128, 128, 8, 2)]}),
-    "tma_host": ({"TMA": 2}, {64: [(64, 64, 4, 2), (64, 64, 4, 1), (64, 32, 4, 2), (64, 64, 4, 3)],
-                              128: [(128, 128, 8, 2), (128, 128, 4, 2), (128, 64, 4, 2)]}),
+    "tma_host": ({"TMA": 2}, {64: [(64, 64, 4, 2)], 128: [(128, 128, 4, 2), (128, 128, 4, 3)]}),
 }
 
 
@@ -71,7 +68,8 @@ def parse_args(argv):
 def set_options(kind: str, overrides: dict) -> None:
     from seer_kernels import triton_attention
 
-    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0, "FUSE_DELTA": 0}, "dkdv": {"TMA": 0}, "gt": {"TMA": 0}}[kind]
+    base = {"fwd": {"TMA": 0, "WS": 0}, "dq": {"TMA": 0, "FUSE_DELTA": 0, "WS": 0}, "dkdv": {"TMA": 0},
+            "gt": {"TMA": 0}}[kind]
     triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
 
 

@@ -75,26 +75,18 @@ _CANDIDATES = {
         64: [TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), TileConfig(64, 32, 4, 3)],
     },
     "dq": {
-        128: [
-            TileConfig(128, 128, 8, 2), TileConfig(128, 64, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 128, 4, 2),
-            TileConfig(128, 128, 8, 3), TileConfig(128, 64, 8, 3),
-        ],
+        128: [TileConfig(128, 128, 8, 2), TileConfig(64, 128, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(128, 64, 8, 2)],
         64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 32, 4, 3)],
     },
+    # 4-warp 64 x 64 tiles let two programs share an SM: one's softmax overlaps the other's matmuls.
     "dkdv": {
-        128: [
-            TileConfig(64, 128, 8, 2), TileConfig(64, 64, 4, 3), TileConfig(128, 128, 8, 2), TileConfig(32, 128, 4, 2),
-            TileConfig(64, 128, 8, 3), TileConfig(128, 64, 8, 2),
-        ],
-        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 3)],
+        128: [TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 128, 8, 3)],
+        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 2)],
     },
     # The ground-truth kernel takes whole query blocks (block_m = block); only the key tile varies.
     "gt": {
-        128: [
-            TileConfig(128, 128, 8, 3), TileConfig(128, 128, 8, 2), TileConfig(128, 64, 8, 3), TileConfig(128, 64, 4, 3),
-            TileConfig(128, 128, 8, 4),
-        ],
-        64: [TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4), TileConfig(64, 64, 8, 3)],
+        128: [TileConfig(128, 128, 4, 2), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 2)],
+        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4)],
     },
 }
 
@@ -123,11 +115,12 @@ def default_config(kind: str, block: int) -> TileConfig:
 # - TMA: how the tiles streamed in the loops are loaded: 0 pointer loads, 1 tensor descriptors made in the kernel,
 #   2 tensor descriptors made on the host (TMA copies on Hopper).
 # - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
+# - WS (fwd, dq): Triton's automatic warp specialization of the main loop.
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 0},
-    "dq": {"TMA": 0, "FUSE_DELTA": 0},
-    "dkdv": {"TMA": 0},
-    "gt": {"TMA": 0},
+    "fwd": {"TMA": 2, "WS": 0},
+    "dq": {"TMA": 2, "FUSE_DELTA": 0, "WS": 0},
+    "dkdv": {"TMA": 2},
+    "gt": {"TMA": 2},
 }
 
 
@@ -250,13 +243,13 @@ def _fwd_tiles(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles); K/V come through
-    `_load_rows`."""
+    `_load_rows`. WS asks Triton to warp-specialize the loop (producer/consumer warps)."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, warp_specialize=WS):
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
@@ -309,6 +302,7 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -353,7 +347,7 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -361,12 +355,12 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
 
     empty = l_i == 0.0
@@ -422,12 +416,12 @@ def _dq_tiles(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """dQ accumulation over list entries [t_start, t_end) (in key tiles); K/V come through `_load_rows`."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for t in range(t_start, t_end):
+    for t in tl.range(t_start, t_end, warp_specialize=WS):
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
@@ -471,6 +465,7 @@ def _sparse_dq_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     FUSE_DELTA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """dQ for one query tile; with FUSE_DELTA it also computes delta = rowsum(O * dO) and stores it for the
     dK/dV kernel (no separate pass over O and dO)."""
@@ -530,7 +525,7 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -538,12 +533,12 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
         )
     dq = dq * sm_scale
     tl.store(
