@@ -115,10 +115,9 @@ def default_config(kind: str, block: int) -> TileConfig:
 # - TMA: how the tiles streamed in the loops are loaded: 0 pointer loads, 1 tensor descriptors made in the kernel,
 #   2 tensor descriptors made on the host (TMA copies on Hopper).
 # - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
-# - WS (fwd, dq): Triton's automatic warp specialization of the main loop.
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 2, "WS": 0},
-    "dq": {"TMA": 2, "FUSE_DELTA": 0, "WS": 0},
+    "fwd": {"TMA": 2},
+    "dq": {"TMA": 2, "FUSE_DELTA": 0},
     "dkdv": {"TMA": 2},
     "gt": {"TMA": 2},
 }
@@ -243,13 +242,12 @@ def _fwd_tiles(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """Online-softmax accumulation over list entries [t_start, t_end) (in key tiles); K/V come through
-    `_load_rows`. WS asks Triton to warp-specialize the loop (producer/consumer warps)."""
+    `_load_rows`."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    for t in tl.range(t_start, t_end, warp_specialize=WS):
+    for t in range(t_start, t_end):
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
@@ -302,7 +300,6 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    WS: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -347,7 +344,7 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -355,12 +352,12 @@ def _sparse_fwd_kernel(
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
 
     empty = l_i == 0.0
@@ -416,12 +413,11 @@ def _dq_tiles(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """dQ accumulation over list entries [t_start, t_end) (in key tiles); K/V come through `_load_rows`."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     offs_n0 = tl.arange(0, BLOCK_N)
-    for t in tl.range(t_start, t_end, warp_specialize=WS):
+    for t in range(t_start, t_end):
         n_blk = tl.load(idx_base + t // SPLIT_N)
         row0 = n_blk * BLOCK + (t % SPLIT_N) * BLOCK_N
         offs_n = row0 + offs_n0
@@ -465,7 +461,6 @@ def _sparse_dq_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     FUSE_DELTA: tl.constexpr,
-    WS: tl.constexpr,
 ):
     """dQ for one query tile; with FUSE_DELTA it also computes delta = rowsum(O * dO) and stores it for the
     dK/dV kernel (no separate pass over O and dO)."""
@@ -525,7 +520,7 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
@@ -533,12 +528,12 @@ def _sparse_dq_kernel(
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             n_off * SPLIT_N, cnt * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA, WS,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     dq = dq * sm_scale
     tl.store(
