@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                      "attention_with_ground_truth_fwd_ms": owgt})
         print(rows[-1], flush=True)
 
-    tuned = {f"{k}_{b}": c for (k, b), c in tuned_choices().items()}
+    tuned = tuned_choices()
     result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,
               "wall_s": time.time() - t_start}
     if args.json is not None:

@@ -166,6 +166,12 @@ def _set_descriptor_tiles(nargs: dict) -> None:
 _TUNERS: dict = {}
 
 
+def _tuning_bench(kernel_call, quantiles):
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=50, rep=300, quantiles=quantiles)
+
+
 def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwargs: dict, config=None):
     """Launch `kernel` with an explicit config, or through a per (kernel, block) autotuner on long inputs.
 
@@ -187,7 +193,9 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
                 for c in candidates(kind, block)
             ]
             keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + (["HAS_LSE"] if kind == "gt" else [])
-            tuner = triton.autotune(configs=configs, key=keys)(kernel)
+            # Longer timing than Triton's default (25 ms warm-up, 100 ms): candidates a few percent apart
+            # were otherwise picked by noise on 20 ms kernels.
+            tuner = triton.autotune(configs=configs, key=keys, do_bench=_tuning_bench)(kernel)
             _TUNERS[key] = tuner
         tuner[grid](*args, **kwargs)
         return
@@ -199,9 +207,13 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
     )
 
 
-def tuned_choices() -> dict:
-    """What the autotuners picked so far, as `{(kind, block): str(config)}` (for benchmark reports)."""
-    return {k: str(getattr(t, "best_config", None)) for k, t in _TUNERS.items()}
+def tuned_choices() -> dict[str, str]:
+    """What the autotuners picked so far, as `{"kind bs<block> <flags>": str(config)}` (for benchmark reports)."""
+    out = {}
+    for (kind, block, flags), tuner in _TUNERS.items():
+        name = f"{kind} bs{block} " + ",".join(f"{n}={v}" for n, v in flags if n not in ("BLOCK", "HEAD_DIM"))
+        out[name] = str(getattr(tuner, "best_config", None))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- kernels

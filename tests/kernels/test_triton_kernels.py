@@ -303,3 +303,14 @@ def test_triton_descriptors_fall_back_on_misaligned_inputs(kernel_variant):
     out = block_sparse_attention(q, k_off, v, mask, block_size=block, backend="triton")
     ref = block_sparse_attention(q, k, v, mask, block_size=block, backend="reference")
     assert_close_rel(out, ref, torch.float32, "out")
+
+
+def test_tuned_choices_report(monkeypatch):
+    """The benchmark's report of the autotuners' picks: one readable entry per tuner."""
+    import triton
+
+    from seer_kernels import triton_attention
+
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 16})], key=["seq_len"])(triton_attention._bwd_delta_kernel)
+    monkeypatch.setattr(triton_attention, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 2))): tuner})
+    assert triton_attention.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=2": "None"}
