@@ -35,6 +35,10 @@ GROUND_TRUTH_KERNELS = re.compile(r"_ground_truth|_lse_", re.I)
 VARIANTS = {
     "dense (YaRN baseline, SDPA)": ["+exp=yarn32k_dense"],
     "seer joint, density 0.1": ["+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null"],
+    # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
+    "seer joint, density 0.1, row budget": [
+        "+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null", "attention.budget=row",
+    ],
 }
 
 
@@ -65,6 +69,7 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
         torch.cuda.synchronize()
     total = attention = ground_truth = 0.0
     launches = 0
+    per_kernel = []
     for event in prof.key_averages():
         t = event.self_device_time_total / 1e3  # us -> ms; self time: kernels only, not their CPU-side parents
         if t <= 0:
@@ -72,10 +77,13 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
         launches += event.count
         total += t
         if ATTENTION_KERNELS.search(event.key):
+            per_kernel.append({"kernel": event.key[:120], "ms": t, "launches": event.count})
             attention += t
             if GROUND_TRUTH_KERNELS.search(event.key):
                 ground_truth += t
-    return {"gpu_ms": total, "attention_ms": attention, "ground_truth_ms": ground_truth, "kernel_launches": launches}
+    per_kernel.sort(key=lambda r: -r["ms"])
+    return {"gpu_ms": total, "attention_ms": attention, "ground_truth_ms": ground_truth, "kernel_launches": launches,
+            "attention_kernels": per_kernel}
 
 
 def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: Path) -> dict:
@@ -111,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", default="", help="run only the variants whose name contains this (dense always runs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_variant(name, extra, args.seq_len, args.steps, Path(tmp)) for name, extra in VARIANTS.items()]
+        chosen = {n: e for i, (n, e) in enumerate(VARIANTS.items()) if i == 0 or args.only in n}
+        results = [run_variant(name, extra, args.seq_len, args.steps, Path(tmp)) for name, extra in chosen.items()]
     dense = results[0]
     print(f"\n32k training step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture")
     print(f"{'variant':32s} {'step ms':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
@@ -125,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['variant']:32s} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['attention_ms']:9.2f} {r['ground_truth_ms']:8.2f} "
             f"{r['gpu_ms']:9.1f} {r['kernel_launches']:8d} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
         )
+    for r in results[1:]:
+        print(f"\n{r['variant']}: attention kernels of the profiled step")
+        for k in r["attention_kernels"][:12]:
+            print(f"  {k['ms']:8.2f} ms {k['launches']:6d} x  {k['kernel'][:90]}")
     if args.out:
         meta = {
             "gpu": torch.cuda.get_device_name(),

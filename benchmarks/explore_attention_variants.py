@@ -47,6 +47,20 @@ GT_VARIANTS = {
 }
 
 
+# Block-64 tables (the gate's default block; tiles cannot exceed the block).
+FWD_VARIANTS_64 = {
+    "pointers": ({"TMA": 0}, [(64, 64, 4, 3)]),
+    "tma_device": ({"TMA": 1}, [(64, 64, 4, 3)]),
+    "tma_host": ({"TMA": 2}, [(64, 64, 4, 3), (64, 64, 4, 4)]),
+}
+BWD_VARIANTS_64 = {
+    "pointers": ({"TMA": 0}, {"TMA": 0}, [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 4, 2), (32, 64, 4, 3))]),
+    "tma_device": ({"TMA": 1}, {"TMA": 1}, [((64, 64, 4, 2), (64, 64, 4, 2))]),
+    "tma_host": ({"TMA": 2}, {"TMA": 2}, [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 4, 2), (32, 64, 4, 3))]),
+    "dq tma_host, dkdv pointers": ({"TMA": 2}, {"TMA": 0}, [((64, 64, 4, 2), (64, 64, 4, 2))]),
+}
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
@@ -59,6 +73,8 @@ def parse_args(argv):
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: fwd bwd gt")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run through the Triton interpreter (small shapes)")
+    p.add_argument("--hf-layout", action="store_true",
+                   help="q, k, v as transformers hands them over: [B, L, H, D] storage viewed as [B, H, L, D]")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -82,7 +98,12 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     L, hq, hkv, dim, block = args.seq_len, args.heads, args.kv_heads, args.head_dim, args.block
     gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, h, L, dim, device=dev, generator=gen).to(torch.bfloat16) for h in (hq, hkv, hkv, hq))
+    if args.hf_layout:
+        q, k, v, dout = (torch.randn(1, L, h, dim, device=dev, generator=gen).to(torch.bfloat16).transpose(1, 2)
+                         for h in (hq, hkv, hkv, hq))
+    else:
+        q, k, v, dout = (torch.randn(1, h, L, dim, device=dev, generator=gen).to(torch.bfloat16)
+                         for h in (hq, hkv, hkv, hq))
     scale = 1.0 / math.sqrt(dim)
     nb = math.ceil(L / block)
     rows: list[dict] = []
@@ -106,7 +127,7 @@ def main(argv=None) -> int:
         tidx, tcnt = block_mask_to_indices(mask, transpose=True)
         out0, lse0 = sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale)
         if "fwd" not in args.skip:
-            for name, (opts, cfgs) in FWD_VARIANTS.items():
+            for name, (opts, cfgs) in (FWD_VARIANTS_64 if block == 64 else FWD_VARIANTS).items():
                 set_options("fwd", opts)
                 for c in cfgs:
                     cfg = TileConfig(*c)
@@ -134,7 +155,7 @@ def main(argv=None) -> int:
             set_options("fwd", {})
         if "bwd" not in args.skip:
             ref = None
-            for name, (dq_opts, dk_opts, pairs) in BWD_VARIANTS.items():
+            for name, (dq_opts, dk_opts, pairs) in (BWD_VARIANTS_64 if block == 64 else BWD_VARIANTS).items():
                 set_options("dq", dq_opts)
                 set_options("dkdv", dk_opts)
                 for cq, ck in pairs:
