@@ -73,6 +73,8 @@ def parse_args(argv):
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: fwd bwd gt")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run through the Triton interpreter (small shapes)")
+    p.add_argument("--sink-blocks", type=int, default=0,
+                   help="also keep the first N key blocks in every row (seer_joint's sink): long dK/dV lists")
     p.add_argument("--hf-layout", action="store_true",
                    help="q, k, v as transformers hands them over: [B, L, H, D] storage viewed as [B, H, L, D]")
     p.add_argument("--json", type=Path, default=None)
@@ -123,6 +125,9 @@ def main(argv=None) -> int:
 
     for d in args.densities:
         mask = causal_density_mask(1, hq, nb, d, device=dev, seed=1)
+        if args.sink_blocks:
+            mask[..., : args.sink_blocks] = True
+            mask &= torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
         idx, cnt = block_mask_to_indices(mask)
         tidx, tcnt = block_mask_to_indices(mask, transpose=True)
         out0, lse0 = sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale)
