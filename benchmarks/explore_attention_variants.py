@@ -40,6 +40,7 @@ BWD_VARIANTS = {
     "tma_device": ({"TMA": 1}, {"TMA": 1}, [(DQ0, DK0)]),
     "tma_host": ({"TMA": 2}, {"TMA": 2}, [(DQ0, DK0), (DQ0, (64, 128, 8, 2)), ((64, 128, 4, 2), DK0)]),
     "tma_host+fuse_delta": ({"TMA": 2, "FUSE_DELTA": 1}, {"TMA": 2}, [(DQ0, DK0)]),
+    "tma_host+segments": ({"TMA": 2}, {"TMA": 2, "SEGMENTS": 1}, [(DQ0, DK0)]),
 }
 GT_VARIANTS = {
     "pointers": ({"TMA": 0}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
@@ -58,6 +59,7 @@ BWD_VARIANTS_64 = {
     "tma_device": ({"TMA": 1}, {"TMA": 1}, [((64, 64, 4, 2), (64, 64, 4, 2))]),
     "tma_host": ({"TMA": 2}, {"TMA": 2}, [((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 4, 2), (32, 64, 4, 3))]),
     "dq tma_host, dkdv pointers": ({"TMA": 2}, {"TMA": 0}, [((64, 64, 4, 2), (64, 64, 4, 2))]),
+    "tma_host+segments": ({"TMA": 2}, {"TMA": 2, "SEGMENTS": 1}, [((64, 64, 4, 2), (64, 64, 4, 2))]),
 }
 
 
@@ -73,6 +75,7 @@ def parse_args(argv):
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--skip", nargs="*", default=[], help="parts to skip: fwd bwd gt")
     p.add_argument("--device", default="cuda", help="cpu: a smoke run through the Triton interpreter (small shapes)")
+    p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
     p.add_argument("--sink-blocks", type=int, default=0,
                    help="also keep the first N key blocks in every row (seer_joint's sink): long dK/dV lists")
     p.add_argument("--hf-layout", action="store_true",
@@ -84,7 +87,8 @@ def parse_args(argv):
 def set_options(kind: str, overrides: dict) -> None:
     from seer_kernels import triton_attention
 
-    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0, "FUSE_DELTA": 0}, "dkdv": {"TMA": 0}, "gt": {"TMA": 0}}[kind]
+    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0, "FUSE_DELTA": 0}, "dkdv": {"TMA": 0, "SEGMENTS": 0},
+            "gt": {"TMA": 0}}[kind]
     triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
 
 
@@ -133,6 +137,8 @@ def main(argv=None) -> int:
         out0, lse0 = sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale)
         if "fwd" not in args.skip:
             for name, (opts, cfgs) in (FWD_VARIANTS_64 if block == 64 else FWD_VARIANTS).items():
+                if args.only is not None and name not in args.only:
+                    continue
                 set_options("fwd", opts)
                 for c in cfgs:
                     cfg = TileConfig(*c)
@@ -161,6 +167,8 @@ def main(argv=None) -> int:
         if "bwd" not in args.skip:
             ref = None
             for name, (dq_opts, dk_opts, pairs) in (BWD_VARIANTS_64 if block == 64 else BWD_VARIANTS).items():
+                if args.only is not None and name not in args.only:
+                    continue
                 set_options("dq", dq_opts)
                 set_options("dkdv", dk_opts)
                 for cq, ck in pairs:

@@ -115,10 +115,12 @@ def default_config(kind: str, block: int) -> TileConfig:
 # - TMA: how the tiles streamed in the loops are loaded: 0 pointer loads, 1 tensor descriptors made in the kernel,
 #   2 tensor descriptors made on the host (TMA copies on Hopper).
 # - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
+# - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
+#   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
     "fwd": {"TMA": 2},
     "dq": {"TMA": 2, "FUSE_DELTA": 0},
-    "dkdv": {"TMA": 2},
+    "dkdv": {"TMA": 2, "SEGMENTS": 0},
     "gt": {"TMA": 2},
 }
 
@@ -164,6 +166,33 @@ def _set_descriptor_tiles(nargs: dict) -> None:
 
 
 _TUNERS: dict = {}
+# Float32 dK/dV accumulators and arrival counters of the segmented dK/dV kernel, per (device, stream): all zeros
+# between launches (the kernel restores them), grown when a larger problem comes.
+_SEGMENT_SCRATCH: dict = {}
+# Shortest segment the work list cuts (entries of a group list); shorter lists stay whole.
+MIN_SEGMENT = 16
+
+
+def _segment_scratch(device: torch.device, acc_numel: int, n_counters: int):
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _SEGMENT_SCRATCH.get(key)
+    if buf is None or buf[0].numel() < acc_numel or buf[2].numel() < n_counters:
+        buf = (
+            torch.zeros(acc_numel, dtype=torch.float32, device=device),
+            torch.zeros(acc_numel, dtype=torch.float32, device=device),
+            torch.zeros(n_counters, dtype=torch.int32, device=device),
+        )
+        _SEGMENT_SCRATCH[key] = buf
+    return buf
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent dK/dV kernel: two per multiprocessor (its 4-warp tiles fit two), a few in the
+    interpreter (enough to exercise the shared work counter)."""
+    if device.type != "cuda":
+        return 3
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tuning_bench(kernel_call, quantiles):
@@ -734,6 +763,215 @@ def _sparse_dkdv_kernel(
 
 
 @triton.jit
+def _dkdv_range(
+    dk, dv, k, v, offs_n, doc_k, n_blk, b, hk, e0, e1, cnts, starts, gs,
+    Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
+    stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
+    seq_len, n_blocks, n_heads_q, group, scale_log2,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """dK/dV over entries [e0, e1) of a key block's group list: the lists of the group's query heads one after
+    the other (head g owns entries [starts[g], starts[g] + cnts[g]))."""
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    for g in range(0, group):
+        start_g = tl.sum(tl.where(gs == g, starts, 0), 0)
+        cnt_g = tl.sum(tl.where(gs == g, cnts, 0), 0)
+        lo = tl.minimum(tl.maximum(e0 - start_g, 0), cnt_g)
+        hi = tl.minimum(tl.maximum(e1 - start_g, 0), cnt_g)
+        if hi > lo:
+            h = hk * group + g
+            bh = b * n_heads_q + h
+            if TMA == 2:
+                q_src = Q
+                do_src = DO
+            else:
+                q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+                if TMA == 1:
+                    q_src = tl.make_tensor_descriptor(q_src, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM])
+                    do_src = tl.make_tensor_descriptor(do_src, [seq_len, HEAD_DIM], [stride_dol, 1], [BLOCK_M, HEAD_DIM])
+            lse_base = LSE + bh.to(tl.int64) * seq_len
+            delta_base = DELTA + bh.to(tl.int64) * seq_len
+            idx_base = Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks
+            if HAS_DOCS:
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                    lo * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+                )
+            else:
+                # The diagonal, if kept, is entry 0 of a transposed list: the only one needing the causal mask.
+                first = tl.load(idx_base)
+                n_diag = (first == n_blk).to(tl.int32)
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                    lo * SPLIT_M, tl.minimum(hi, n_diag) * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+                )
+                dk, dv = _dkdv_tiles(
+                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+                    tl.maximum(lo, n_diag) * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+                    False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+                )
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_work_kernel(
+    Q_CNT, ITEMS, META,  # noqa: N803
+    n_blocks, n_heads_q, n_heads_kv, group, n_bhk, n_programs, max_segs,
+    SPLIT_N: tl.constexpr,
+    MIN_SEG: tl.constexpr,
+    TILES_P2: tl.constexpr,
+):
+    """One program: the work list of `_sparse_dkdv_segments_kernel`.
+
+    A tile's group list (the lists of its KV head's query heads, one after the other) is cut into segments of
+    SEG entries, SEG = max(MIN_SEG, total entries / programs): no item is longer than a program's fair share, and
+    lists that fit stay whole. Item = ((b * Hkv + hk) * n_tiles + tile) * max_segs + segment; a tile with an
+    empty list still gets one item (it writes zeros). META = [item count, work counter (0), SEG]."""
+    n_tiles = n_blocks * SPLIT_N
+    t = tl.arange(0, TILES_P2)
+    valid = t < n_tiles
+    n_blk = t // SPLIT_N
+    total = 0
+    for bhk in range(0, n_bhk):
+        b = bhk // n_heads_kv
+        hk = bhk % n_heads_kv
+        for g in range(0, group):
+            bh = b * n_heads_q + hk * group + g
+            total += tl.sum(tl.load(Q_CNT + bh.to(tl.int64) * n_blocks + n_blk, mask=valid, other=0), 0)
+    seg_len = tl.maximum((total + n_programs - 1) // n_programs, MIN_SEG)
+    base = 0
+    for bhk in range(0, n_bhk):
+        b = bhk // n_heads_kv
+        hk = bhk % n_heads_kv
+        tile_total = tl.zeros([TILES_P2], dtype=tl.int32)
+        for g in range(0, group):
+            bh = b * n_heads_q + hk * group + g
+            tile_total += tl.load(Q_CNT + bh.to(tl.int64) * n_blocks + n_blk, mask=valid, other=0)
+        segs = tl.where(valid, tl.maximum((tile_total + seg_len - 1) // seg_len, 1), 0)
+        first = tl.cumsum(segs, 0) - segs
+        for s in range(0, tl.max(segs, 0)):
+            item = (bhk * n_tiles + t) * max_segs + s
+            tl.store(ITEMS + base + first + s, item, mask=valid & (s < segs))
+        base += tl.sum(segs, 0)
+    tl.store(META, base)
+    tl.store(META + 1, 0)
+    tl.store(META + 2, seg_len)
+
+
+@triton.jit
+def _sparse_dkdv_segments_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,  # noqa: N803
+    Q_IDX, Q_CNT, DOC, ITEMS, META, DK_ACC, DV_ACC, ARRIVALS,
+    scale_log2, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_dob, stride_doh, stride_dol,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
+    seq_len, n_blocks, n_heads_q, n_heads_kv, group, max_segs,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+):
+    """dK/dV with long lists split: persistent programs take items of `_dkdv_work_kernel`'s list from a counter.
+
+    A key block that many query blocks kept (an attention sink keeps a whole column) is otherwise one program
+    running group * nB steps while the rest of the GPU idles. A tile whose list is one segment is written
+    directly, as in `_sparse_dkdv_kernel`. The segments of a longer one add their float32 partials into
+    DK_ACC / DV_ACC and count themselves in ARRIVALS; the last to arrive writes dK / dV and zeroes what it used,
+    so the scratch is all zeros again when the kernel ends (it is reused across calls without a memset)."""
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    n_tiles = n_blocks * SPLIT_N
+    n_items = tl.load(META)
+    seg_len = tl.load(META + 2)
+    offs_d = tl.arange(0, HEAD_DIM)
+    gs = tl.arange(0, GROUP_P2)
+    w = tl.atomic_add(META + 1, 1)
+    while w < n_items:
+        # Claim the next item now: the counter's latency overlaps this item's work.
+        w_next = tl.atomic_add(META + 1, 1)
+        item = tl.load(ITEMS + w)
+        seg = item % max_segs
+        tile = (item // max_segs) % n_tiles
+        bhk = item // (max_segs * n_tiles)
+        n_blk = tile // SPLIT_N
+        b = bhk // n_heads_kv
+        hk = bhk % n_heads_kv
+        first_bh = b * n_heads_q + hk * group
+        cnts = tl.load(Q_CNT + (first_bh + gs).to(tl.int64) * n_blocks + n_blk, mask=gs < group, other=0)
+        total = tl.sum(cnts, 0)
+        n_segs = tl.maximum((total + seg_len - 1) // seg_len, 1)
+
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seq_len
+        k = tl.load(
+            K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+            mask=col_ok[:, None],
+            other=0.0,
+        )
+        doc_base = b.to(tl.int64) * seq_len
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + doc_base + offs_n, mask=col_ok, other=-2)
+        else:
+            doc_k = offs_n
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dk, dv = _dkdv_range(
+            dk, dv, k, v, offs_n, doc_k, n_blk, b, hk, seg * seg_len, tl.minimum(total, (seg + 1) * seg_len),
+            cnts, tl.cumsum(cnts, 0) - cnts, gs,
+            Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
+            stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
+            seq_len, n_blocks, n_heads_q, group, scale_log2,
+            HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+        )
+        dk = dk * sm_scale
+        dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
+        dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :]
+        if n_segs == 1:
+            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+        else:
+            # Scratch: [B * Hkv * n_tiles * BLOCK_N, D] float32, tile after tile.
+            acc_rows = (bhk.to(tl.int64) * n_tiles + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc_off = acc_rows[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(DK_ACC + acc_off, dk)
+            tl.atomic_add(DV_ACC + acc_off, dv)
+            # Every thread's partial is in before the count goes up; the counter's acq_rel orders the rest.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(ARRIVALS + bhk.to(tl.int64) * n_tiles + tile, 1)
+            if arrived == n_segs - 1:
+                dk_all = tl.load(DK_ACC + acc_off, cache_modifier=".cg")
+                dv_all = tl.load(DV_ACC + acc_off, cache_modifier=".cg")
+                tl.store(dk_ptrs, dk_all.to(DK.dtype.element_ty), mask=col_ok[:, None])
+                tl.store(dv_ptrs, dv_all.to(DV.dtype.element_ty), mask=col_ok[:, None])
+                tl.store(DK_ACC + acc_off, tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32))
+                tl.store(DV_ACC + acc_off, tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32))
+                tl.store(ARRIVALS + bhk.to(tl.int64) * n_tiles + tile, 0)
+        w = w_next
+
+
+@triton.jit
 def _block_lists_kernel(
     MASK, OVERLAP, IDX, CNT,  # noqa: N803
     stride_mb, stride_mh, stride_mi, stride_mj,
@@ -998,11 +1236,35 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
+    segments = dkdv_options.pop("SEGMENTS", 0)
     dkdv_kwargs = {**common, **dkdv_options}
-    launch(
-        _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
-        lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),
-        dkdv_args, dkdv_kwargs, dkdv_config,
+    if not segments:
+        launch(
+            _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
+            lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),
+            dkdv_args, dkdv_kwargs, dkdv_config,
+        )
+        return dq, dk, dv
+    # Segmented dK/dV: its tiles are fixed (the work list is cut per tile), no autotuning.
+    cfg = dkdv_config or default_config("dkdv", block_size)
+    group = hq // hkv
+    n_tiles = nb * (block_size // cfg.block_n)
+    n_bhk = bsz * hkv
+    max_segs = triton.cdiv(group * nb, MIN_SEGMENT)
+    n_programs = _persistent_programs(q.device)
+    items = torch.empty(n_bhk * n_tiles * max_segs, dtype=torch.int32, device=q.device)
+    meta = torch.empty(3, dtype=torch.int32, device=q.device)
+    _dkdv_work_kernel[(1,)](
+        q_counts, items, meta, nb, hq, hkv, group, n_bhk, n_programs, max_segs,
+        SPLIT_N=block_size // cfg.block_n, MIN_SEG=MIN_SEGMENT, TILES_P2=triton.next_power_of_2(n_tiles), num_warps=4,
+    )
+    dk_acc, dv_acc, arrivals = _segment_scratch(q.device, n_tiles * cfg.block_n * dim * n_bhk, n_bhk * n_tiles)
+    seg_args = dkdv_args[:11] + (items, meta, dk_acc, dv_acc, arrivals) + dkdv_args[11:] + (max_segs,)
+    meta_tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    _set_descriptor_tiles({**meta_tiles, **{str(i): a for i, a in enumerate(seg_args)}})
+    _sparse_dkdv_segments_kernel[(n_programs,)](
+        *seg_args, **dkdv_kwargs, **meta_tiles, GROUP_P2=triton.next_power_of_2(group),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
 

@@ -227,6 +227,8 @@ VARIANTS = {
     "tma_device": {kind: {"TMA": 1} for kind in ("fwd", "dq", "dkdv", "gt")},
     "tma_host": {kind: {"TMA": 2} for kind in ("fwd", "dq", "dkdv", "gt")},
     "fuse_delta": {"dq": {"FUSE_DELTA": 1}},
+    "segments": {"dkdv": {"SEGMENTS": 1}},
+    "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
 }
 
@@ -314,3 +316,41 @@ def test_tuned_choices_report(monkeypatch):
     tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 16})], key=["seq_len"])(triton_attention._bwd_delta_kernel)
     monkeypatch.setattr(triton_attention, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 2))): tuner})
     assert triton_attention.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=2": "None"}
+
+
+@pytest.mark.parametrize("kernel_variant", ["segments", "segments_pointers"], indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("docs", [None, "packed"])
+def test_triton_segmented_dkdv_splits_long_lists(kernel_variant, dtype, docs, monkeypatch):
+    """A sink column (every row keeps key block 0) with short segments: its list is cut across programs, the
+    float32 partials meet in the scratch, the last segment writes dK/dV and leaves the scratch zeroed."""
+    from seer_kernels import triton_attention
+    from seer_kernels.triton_attention import TileConfig
+
+    monkeypatch.setattr(triton_attention, "MIN_SEGMENT", 1)
+    monkeypatch.setattr(triton_attention, "_persistent_programs", lambda device: 40)
+    bsz, hq, hkv, seq_len, dim, block, scale = 2, 4, 2, 150, 16, 16, 0.3
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=11)
+    nb = math.ceil(seq_len / block)
+    mask = random_block_mask(bsz, hq, nb, 0.3, seed=11, device=DEVICE)
+    mask[..., 0] = True
+    doc = make_document_ids(bsz, seq_len, docs, seed=11, device=DEVICE)
+    doc32 = None if doc is None else doc.to(torch.int32)
+    kv_idx, kv_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block)
+    q_idx, q_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block, transpose=True)
+    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
+    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    dout = torch.randn_like(q)
+    ref.backward(dout.float())
+    out, lse = sparse_attention_forward(q, k, v, kv_idx, kv_cnt, block_size=block, sm_scale=scale, document_ids=doc32)
+    for cfg in (TileConfig(16, 16, 4, 1), TileConfig(16, 8, 4, 1)):
+        for _ in range(2):  # the second run starts from the scratch the first one left behind
+            grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+            sparse_attention_backward(
+                dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_size=block, sm_scale=scale,
+                document_ids=doc32, dkdv_config=cfg, grads=grads,
+            )
+            for name, got, want in zip("qkv", grads, ref_leaves):
+                assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
+    (dk_acc, dv_acc, arrivals), = triton_attention._SEGMENT_SCRATCH.values()
+    assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
