@@ -46,6 +46,7 @@ def block_sparse_attention(
     document_ids: torch.Tensor | None = None,
     sm_scale: float | None = None,
     backend: str = "auto",
+    split_long_columns: bool | None = None,
 ) -> torch.Tensor:
     """Exact causal attention restricted to the kept (query block, key block) pairs, with backward.
 
@@ -59,14 +60,21 @@ def block_sparse_attention(
         document_ids: optional int `[B, L]`; keys of another document are masked.
         sm_scale: softmax scale, default `1 / sqrt(D)`.
         backend: `"auto"`, `"reference"` or `"triton"`.
+        split_long_columns: Triton backward only: cut the dK/dV work of key blocks kept by many query blocks
+            into segments spread over the GPU (worth it when a few columns are long, e.g. a sink block every row
+            keeps; it costs time on evenly spread masks). None: `triton_attention.KERNEL_OPTIONS` decides (off).
     Returns:
         `[B, Hq, L, D]` in q's dtype. A query row with no allowed key gives zeros.
     """
     if _use_triton(backend, q):
         from .triton_attention import block_sparse_attention as impl
-    else:
-        impl = naive.block_sparse_attention
-    return impl(q, k, v, block_mask, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale)
+
+        return impl(
+            q, k, v, block_mask, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale,
+            split_long_columns=split_long_columns,
+        )
+    return naive.block_sparse_attention(q, k, v, block_mask, block_size=block_size, document_ids=document_ids,
+                                        sm_scale=sm_scale)
 
 
 def attention_ground_truth(

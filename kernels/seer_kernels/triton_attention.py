@@ -1169,6 +1169,7 @@ def sparse_attention_backward(
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     dq_config: TileConfig | None = None,
     dkdv_config: TileConfig | None = None,
+    dkdv_segments: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (delta, dQ, dK/dV).
 
@@ -1176,6 +1177,7 @@ def sparse_attention_backward(
         dout: `[B, Hq, L, D]`; q, k, v, out, lse as saved by the forward.
         kv_indices/kv_counts: per query block key-block lists; q_indices/q_counts: the transposed lists.
         grads: optional preallocated `(dq, dk, dv)`.
+        dkdv_segments: use the segmented dK/dV kernel (None: `KERNEL_OPTIONS["dkdv"]["SEGMENTS"]`).
     Returns:
         `(dq, dk, dv)` in the inputs' dtypes.
     """
@@ -1236,7 +1238,7 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
-    segments = dkdv_options.pop("SEGMENTS", 0)
+    segments = dkdv_options.pop("SEGMENTS", 0) if dkdv_segments is None else dkdv_segments
     dkdv_kwargs = {**common, **dkdv_options}
     if not segments:
         launch(
@@ -1276,7 +1278,7 @@ class BlockSparseAttention(torch.autograd.Function):
     """Autograd wrapper: the forward saves (out, lse) and the block lists; the backward recomputes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, block_mask, block_size, document_ids, sm_scale):
+    def forward(ctx, q, k, v, block_mask, block_size, document_ids, sm_scale, split_long_columns=None):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         docs = prepare_documents(document_ids, q)
         kv_idx, kv_cnt = block_lists(block_mask, document_ids=docs, block_size=block_size)
@@ -1287,6 +1289,7 @@ class BlockSparseAttention(torch.autograd.Function):
         ctx.lists = (kv_idx, kv_cnt)
         ctx.block_size = block_size
         ctx.sm_scale = sm_scale
+        ctx.split_long_columns = split_long_columns
         return out
 
     @staticmethod
@@ -1297,8 +1300,9 @@ class BlockSparseAttention(torch.autograd.Function):
         dq, dk, dv = sparse_attention_backward(
             dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,
             block_size=ctx.block_size, sm_scale=ctx.sm_scale, document_ids=docs,
+            dkdv_segments=ctx.split_long_columns,
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def block_sparse_attention(
@@ -1310,6 +1314,7 @@ def block_sparse_attention(
     block_size: int = 64,
     document_ids: torch.Tensor | None = None,
     sm_scale: float | None = None,
+    split_long_columns: bool | None = None,
 ) -> torch.Tensor:
     """Triton block-sparse attention (see `seer_kernels.block_sparse_attention` for the contract).
 
@@ -1324,4 +1329,6 @@ def block_sparse_attention(
     if block_mask.shape != (q.shape[0], q.shape[1], nb, nb):
         raise ValueError(f"block_mask must be {(q.shape[0], q.shape[1], nb, nb)}, got {tuple(block_mask.shape)}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return BlockSparseAttention.apply(q, k, v, block_mask.to(q.device), block_size, document_ids, scale)
+    return BlockSparseAttention.apply(
+        q, k, v, block_mask.to(q.device), block_size, document_ids, scale, split_long_columns
+    )

@@ -281,7 +281,10 @@ def seer_attention_forward(
                 rt.per_forward[("block_mask", gate.layer_idx)] = block_mask
         if rt.record_block_masks:
             rt.block_masks[gate.layer_idx] = block_mask
-        out = seer_kernels.block_sparse_attention(query, key, value, block_mask, **common)
+        # A sink block is a column every row keeps: its dK/dV work is cut into segments (one long program else).
+        out = seer_kernels.block_sparse_attention(
+            query, key, value, block_mask, split_long_columns=rt.sink_blocks > 0, **common
+        )
         if rt.compute_loss:
             cached = rt.ground_truth_cache.get(gate.layer_idx)
             if cached is not None and cached[0] == rt.forward_id:

@@ -354,3 +354,26 @@ def test_triton_segmented_dkdv_splits_long_lists(kernel_variant, dtype, docs, mo
                 assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
     (dk_acc, dv_acc, arrivals), = triton_attention._SEGMENT_SCRATCH.values()
     assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
+
+
+def test_split_long_columns_through_the_public_function(monkeypatch):
+    """`split_long_columns=True` reaches the segmented dK/dV kernel and gives the reference gradients."""
+    from seer_kernels import triton_attention
+
+    launches = []
+    programs = triton_attention._persistent_programs
+    monkeypatch.setattr(triton_attention, "_persistent_programs", lambda device: launches.append(1) or programs(device))
+    bsz, hq, hkv, seq_len, dim, block = 1, 4, 2, 96, 16, 16
+    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=torch.float32, device=DEVICE, seed=13)
+    mask = random_block_mask(bsz, hq, seq_len // block, 0.3, seed=13, device=DEVICE)
+    mask[..., 0] = True
+    grads = {}
+    for split in (True, None):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        backend = "triton" if split else "reference"
+        out = block_sparse_attention(*leaves, mask, block_size=block, backend=backend, split_long_columns=split)
+        out.backward(torch.ones_like(out))
+        grads[split] = [t.grad for t in leaves]
+    assert launches == [1]
+    for got, want in zip(grads[True], grads[None]):
+        assert_close_rel(got, want, torch.float32, "grad")
