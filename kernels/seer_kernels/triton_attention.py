@@ -1238,7 +1238,9 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
-    segments = dkdv_options.pop("SEGMENTS", 0) if dkdv_segments is None else dkdv_segments
+    segments = dkdv_options.pop("SEGMENTS", 0)
+    if dkdv_segments is not None:
+        segments = dkdv_segments
     dkdv_kwargs = {**common, **dkdv_options}
     if not segments:
         launch(
