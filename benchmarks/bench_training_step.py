@@ -29,7 +29,7 @@ from seer_finetune.compose import compose_config  # noqa: E402
 from seer_finetune.trainer import Trainer  # noqa: E402
 
 # Kernel-name patterns of attention work: PyTorch's SDPA backends, and seer_kernels' Triton kernels.
-ATTENTION_KERNELS = re.compile(r"flash|fmha|sdpa|cudnn.*(attn|attention|sdpa)|_sparse_fwd|_sparse_dq|_sparse_dkdv|_bwd_delta|_block_lists|_ground_truth|_lse_", re.I)
+ATTENTION_KERNELS = re.compile(r"flash|fmha|sdpa|cudnn.*(attn|attention|sdpa)|_sparse_fwd|_sparse_dq|_sparse_dkdv|_dkdv_work|_bwd_delta|_block_lists|_ground_truth|_lse_", re.I)
 GROUND_TRUTH_KERNELS = re.compile(r"_ground_truth|_lse_", re.I)
 
 VARIANTS = {

@@ -201,6 +201,14 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=50, rep=300, quantiles=quantiles)
 
 
+def check_kernel_kwargs(kernel, kwargs: dict) -> None:
+    """Unknown keyword arguments: the GPU launcher rejects them but the interpreter ignores them, so CPU tests
+    check here."""
+    unknown = set(kwargs) - set(kernel.arg_names)
+    if unknown:
+        raise TypeError(f"{kernel.arg_names[0]}... kernel got unknown arguments {sorted(unknown)}")
+
+
 def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwargs: dict, config=None):
     """Launch `kernel` with an explicit config, or through a per (kernel, block) autotuner on long inputs.
 
@@ -208,6 +216,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
     sizes and flags that change the best tile, so a new length or head count is tuned once.
     """
     names = ("BLOCK_N",) if kind == "gt" else ("BLOCK_M", "BLOCK_N")
+    check_kernel_kwargs(kernel, {**kwargs, **{n: 0 for n in names}})
     if config is None and autotuning(seq_len):
         key = (kind, block, tuple(sorted((n, v) for n, v in kwargs.items() if isinstance(v, (bool, int)))))
         tuner = _TUNERS.get(key)
@@ -1266,10 +1275,9 @@ def sparse_attention_backward(
     seg_args = dkdv_args[:11] + (items, meta, dk_acc, dv_acc, arrivals) + dkdv_args[11:] + (max_segs,)
     meta_tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     _set_descriptor_tiles({**meta_tiles, **{str(i): a for i, a in enumerate(seg_args)}})
-    _sparse_dkdv_segments_kernel[(n_programs,)](
-        *seg_args, **dkdv_kwargs, **meta_tiles, GROUP_P2=triton.next_power_of_2(group),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    seg_kwargs = {**dkdv_kwargs, **meta_tiles, "GROUP_P2": triton.next_power_of_2(group)}
+    check_kernel_kwargs(_sparse_dkdv_segments_kernel, seg_kwargs)
+    _sparse_dkdv_segments_kernel[(n_programs,)](*seg_args, **seg_kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
 
 
