@@ -206,7 +206,8 @@ def check_kernel_kwargs(kernel, kwargs: dict) -> None:
     check here."""
     unknown = set(kwargs) - set(kernel.arg_names)
     if unknown:
-        raise TypeError(f"{kernel.arg_names[0]}... kernel got unknown arguments {sorted(unknown)}")
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        raise TypeError(f"{name} got unknown arguments {sorted(unknown)}")
 
 
 def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwargs: dict, config=None):
