@@ -189,7 +189,6 @@ def main(argv=None) -> int:
                         record(part="bwd", density=d, variant=name, config=f"dq{cq} dkdv{ck}", error=repr(exc)[:300])
             set_options("dq", {})
             set_options("dkdv", {})
-        del mask, idx, cnt, tidx, tcnt, out0, lse0
     if "gt" not in args.skip:
         for gblock in (64, 128):
             ref = None

@@ -51,7 +51,6 @@ def _lse_tiles(
 ):
     """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `_load_rows`."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         offs_n = t * BLOCK_N + offs_n0
         k = _load_rows(k_base, desc_b, desc_h, t * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
@@ -104,7 +103,6 @@ def _pool_blocks(
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     CHUNK: tl.constexpr = 16
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     slots = tl.arange(0, CHUNK)
     row_max = tl.full([BLOCK, CHUNK], float("-inf"), dtype=tl.float32)
     for j in range(j_start, j_end):
