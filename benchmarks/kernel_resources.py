@@ -1,0 +1,113 @@
+"""Registers, spill stack and shared memory of the Triton kernels, compiled for Hopper (sm_90) without a GPU.
+
+Triton compiles ahead of time for a target it is told about, and its wheel ships `ptxas` and `cuobjdump`, so
+this runs on a CPU-only machine: it costs no device time and answers "does this variant spill?" before a GPU run.
+The local Triton may differ from the GPU machine's (3.9 here, 3.6 there): the numbers are indicative.
+
+    python benchmarks/kernel_resources.py                       # the block-128 defaults of bench_attention
+    python benchmarks/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "kernels")]
+
+POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC"}
+POINTERS_I32 = {"KV_IDX", "KV_CNT", "Q_IDX", "Q_CNT", "DOC", "ITEMS", "META", "ARRIVALS", "Q_BLOCKS", "OUT_ROWS", "FIRST_KB"}
+FLOATS = {"scale_log2", "sm_scale"}
+
+
+def kernel_table():
+    from seer_kernels import triton_attention as ta
+    from seer_kernels import triton_ground_truth as tg
+
+    # name -> (kernel, kind for tile candidates, descriptor-streamed tensors, tile key of those, extra constexprs)
+    return {
+        "fwd": (ta._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
+        "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {"FUSE_DELTA": 0}),
+        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
+        "dkdv_segments": (ta._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
+        "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
+    }
+
+
+def signature(kernel, constexprs: dict, descriptors: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in descriptors:
+            sig[name] = descriptors[name]
+        elif name in POINTERS_BF16:
+            sig[name] = "*bf16"
+        elif name in POINTERS_F32:
+            sig[name] = "*fp32"
+        elif name in POINTERS_I32:
+            sig[name] = "*i32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> str:
+    """One line of `cuobjdump --dump-resource-usage` for kernel `name` (REG, STACK, SHARED, ...)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from seer_kernels.triton_attention import default_config
+
+    kernel, kind, streamed, rows_key, extra = kernel_table()[name]
+    cfg = config or default_config(kind, block)
+    tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
+    constexprs = dict(HAS_DOCS=False, BLOCK=block, HEAD_DIM=head_dim, PRECISION="tf32", TMA=tma, **extra)
+    if kind != "gt":
+        constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
+    constexprs["BLOCK_N"] = cfg.block_n
+    descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma == 2 else {}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, constexprs, descriptors), constexprs=constexprs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+    usage = re.sub(r"\s*SHARED.*", "", line.strip())
+    return (f"{name:14s} tiles {cfg.block_m}x{cfg.block_n} warps {cfg.num_warps} stages {cfg.num_stages} TMA {tma}: "
+            f"{usage} dynamic shared {compiled.metadata.shared // 1024} KiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tma", type=int, nargs="+", default=[2], help="load modes to compile (0, 1, 2)")
+    parser.add_argument("--kernels", nargs="+", default=list(kernel_table()), choices=list(kernel_table()))
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)
+    for name in args.kernels:
+        for tma in args.tma:
+            block = 64 if name == "gt" and args.block not in (64, 128) else args.block
+            print(resources(name, block, args.head_dim, tma), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""benchmarks/kernel_resources.py compiles a kernel for sm_90 on this (GPU-less) machine and reports its usage."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernel_resources_reports_registers_and_stack():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--block", "64", "--head-dim", "64",
+         "--kernels", "dkdv"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1]
+    assert line.startswith("dkdv") and "REG:" in line and "STACK:" in line and "dynamic shared" in line
