@@ -35,7 +35,7 @@ def kernel_table():
     # name -> (kernel, kind for tile candidates, descriptor-streamed tensors, tile key of those, extra constexprs)
     return {
         "fwd": (ta._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
-        "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {"FUSE_DELTA": 0}),
+        "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {}),
         "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
         "dkdv_segments": (ta._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
         "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
@@ -76,7 +76,7 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
     if kind != "gt":
         constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
     constexprs["BLOCK_N"] = cfg.block_n
-    descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma == 2 else {}
+    descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
     src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, constexprs, descriptors), constexprs=constexprs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--tma", type=int, nargs="+", default=[2], help="load modes to compile (0, 1, 2)")
+    parser.add_argument("--tma", type=int, nargs="+", default=[1], help="load modes to compile: 1 descriptors, 0 pointers")
     parser.add_argument("--kernels", nargs="+", default=list(kernel_table()), choices=list(kernel_table()))
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)

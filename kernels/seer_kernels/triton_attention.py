@@ -112,21 +112,16 @@ def default_config(kind: str, block: int) -> TileConfig:
 
 # Kernel variants (constexpr switches), per kind. The defaults are what measured fastest on an H200
 # (benchmarks/explore_attention_variants.py); every variant computes the same function and is tested.
-# - TMA: how the tiles streamed in the loops are loaded: 0 pointer loads, 1 tensor descriptors made in the kernel,
-#   2 tensor descriptors made on the host (TMA copies on Hopper).
-# - FUSE_DELTA (dq): delta = rowsum(O * dO) is computed by the dQ kernel instead of its own pass.
+# - TMA: the tiles streamed in the loops come through host-made tensor descriptors (TMA copies on Hopper; 1) or
+#   pointer loads (0). Descriptors made inside the kernels measured no better and were dropped.
 # - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
 #   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 2},
-    "dq": {"TMA": 2, "FUSE_DELTA": 0},
-    "dkdv": {"TMA": 2, "SEGMENTS": 0},
-    "gt": {"TMA": 2},
+    "fwd": {"TMA": 1},
+    "dq": {"TMA": 1},
+    "dkdv": {"TMA": 1, "SEGMENTS": 0},
+    "gt": {"TMA": 1},
 }
-
-
-def _alloc_descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _descriptor_ok(t: torch.Tensor) -> bool:
@@ -136,15 +131,11 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
 
 
 def kernel_options(kind: str, *streamed: torch.Tensor) -> dict[str, int]:
-    """The constexpr switches for a launch of `kind` whose loops stream `streamed` tensors.
-
-    Descriptors fall back to pointer loads for tensors TMA cannot address; kernels that build descriptors on a
-    GPU get Triton's scratch allocator (the descriptors live in a small global buffer)."""
+    """The constexpr switches for a launch of `kind` whose loops stream `streamed` tensors; descriptors fall back
+    to pointer loads for tensors TMA cannot address."""
     opts = dict(KERNEL_OPTIONS[kind])
     if opts.get("TMA") and not all(_descriptor_ok(t) for t in streamed):
         opts["TMA"] = 0
-    if opts.get("TMA") == 1 and streamed[0].is_cuda:
-        triton.set_allocator(_alloc_descriptor_scratch)
     return opts
 
 
@@ -263,12 +254,9 @@ def _load_rows(src, desc_b, desc_h, row0, offs, stride, seq_len,
                ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """`[ROWS, HEAD_DIM]` tile (rows `offs` = row0 + arange) of one head of Q/K/V/dO.
 
-    `src` is a pointer to the head (TMA 0), a descriptor of the head made in the kernel (TMA 1), or a host-made
-    descriptor of the whole `[B, H, L, D]` tensor (TMA 2). Descriptors load rows past the end as zeros; pointer
-    loads do so when CHECK_ROWS."""
-    if TMA == 1:
-        tile = src.load([row0, 0])
-    elif TMA == 2:
+    `src` is a pointer to the head (TMA 0) or a host-made descriptor of the whole `[B, H, L, D]` tensor (TMA 1).
+    Descriptors load rows past the end as zeros; pointer loads do so when CHECK_ROWS."""
+    if TMA:
         tile = src.load([desc_b, desc_h, row0, 0]).reshape([ROWS, HEAD_DIM])
     else:
         offs_d = tl.arange(0, HEAD_DIM)
@@ -369,15 +357,12 @@ def _sparse_fwd_kernel(
     row_ok = offs_m < seq_len
     q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    if TMA == 2:
+    if TMA:
         k_base = K
         v_base = V
     else:
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if TMA == 1:
-            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
-            v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -493,7 +478,7 @@ def _dq_tiles(
 
 @triton.jit
 def _sparse_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, O,  # noqa: N803
+    Q, K, V, DO, DQ, LSE, DELTA,  # noqa: N803
     KV_IDX, KV_CNT, DOC,
     scale_log2, sm_scale,
     stride_qb, stride_qh, stride_ql,
@@ -501,7 +486,6 @@ def _sparse_dq_kernel(
     stride_vb, stride_vh, stride_vl,
     stride_dob, stride_doh, stride_dol,
     stride_dqb, stride_dqh, stride_dql,
-    stride_ob, stride_oh, stride_ol,
     seq_len, n_blocks, n_heads_q, group,
     HAS_DOCS: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -511,10 +495,7 @@ def _sparse_dq_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    FUSE_DELTA: tl.constexpr,
 ):
-    """dQ for one query tile; with FUSE_DELTA it also computes delta = rowsum(O * dO) and stores it for the
-    dK/dV kernel (no separate pass over O and dO)."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     bh = tl.program_id(1)
@@ -538,25 +519,13 @@ def _sparse_dq_kernel(
         other=0.0,
     )
     lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    if FUSE_DELTA:
-        o = tl.load(
-            O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + bh.to(tl.int64) * seq_len + offs_m, delta, mask=row_ok)
-    else:
-        delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
-    if TMA == 2:
+    delta = tl.load(DELTA + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
+    if TMA:
         k_base = K
         v_base = V
     else:
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
-        if TMA == 1:
-            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
-            v_base = tl.make_tensor_descriptor(v_base, [seq_len, HEAD_DIM], [stride_vl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -672,6 +641,112 @@ def _dkdv_tiles(
 
 
 @triton.jit
+def _key_tile(
+    K, V, DOC, b, hk, tile, seq_len,  # noqa: N803
+    stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """The K, V rows (and document ids) of one dK/dV key tile; rows past the end load as zeros."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < seq_len
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+        mask=col_ok[:, None],
+        other=0.0,
+    )
+    doc_base = b.to(tl.int64) * seq_len
+    if HAS_DOCS:
+        doc_k = tl.load(DOC + doc_base + offs_n, mask=col_ok, other=-2)
+    else:
+        doc_k = offs_n
+    return offs_n, col_ok, k, v, doc_base, doc_k
+
+
+@triton.jit
+def _store_key_grads(
+    DK, DV, dk, dv, b, hk, offs_n, col_ok,  # noqa: N803
+    stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
+    HEAD_DIM: tl.constexpr,
+):
+    offs_d = tl.arange(0, HEAD_DIM)
+    tl.store(
+        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+
+
+@triton.jit
+def _dkdv_head(
+    dk, dv, k, v, offs_n, doc_k, n_blk, b, h, lo, hi,
+    Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,  # noqa: N803
+    stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
+    seq_len, n_blocks, n_heads_q, scale_log2,
+    HAS_DOCS: tl.constexpr,
+    EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+    WHOLE_LIST: tl.constexpr,
+):
+    """dK/dV over entries [lo, hi) of query head h's list for key block n_blk (entries are query blocks);
+    WHOLE_LIST when lo = 0 and hi is the list's length."""
+    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
+    bh = b * n_heads_q + h
+    if TMA:
+        q_src = Q
+        do_src = DO
+    else:
+        q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    lse_base = LSE + bh.to(tl.int64) * seq_len
+    delta_base = DELTA + bh.to(tl.int64) * seq_len
+    idx_base = Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks
+    if HAS_DOCS:
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+            lo * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+        )
+    else:
+        # The diagonal, if kept, is entry 0 of a transposed list: the only one needing the causal mask.
+        first = tl.load(idx_base)
+        n_diag = ((hi > 0) & (first == n_blk)).to(tl.int32)
+        if WHOLE_LIST:  # lo = 0
+            diag_end = n_diag
+            rest_start = n_diag
+        else:
+            diag_end = tl.minimum(hi, n_diag)
+            rest_start = tl.maximum(lo, n_diag)
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+            lo * SPLIT_M, diag_end * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+        )
+        dk, dv = _dkdv_tiles(
+            dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
+            rest_start * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
+        )
+    return dk, dv
+
+
+@triton.jit
 def _sparse_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA,  # noqa: N803
     Q_IDX, Q_CNT, DOC,
@@ -693,7 +768,6 @@ def _sparse_dkdv_kernel(
     TMA: tl.constexpr,
 ):
     """dK/dV for one key tile of one KV head, summed over the query heads of its group."""
-    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Key tiles vary fastest (one KV head's group in flight, see the forward); early key blocks are visited by
     # the most query blocks, so they go first.
@@ -702,134 +776,26 @@ def _sparse_dkdv_kernel(
     n_blk = tile // SPLIT_N
     b = bhk // n_heads_kv
     hk = bhk % n_heads_kv
-
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    col_ok = offs_n < seq_len
-    k = tl.load(
-        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-        mask=col_ok[:, None],
-        other=0.0,
+    offs_n, col_ok, k, v, doc_base, doc_k = _key_tile(
+        K, V, DOC, b, hk, tile, seq_len, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        HAS_DOCS, BLOCK_N, HEAD_DIM,
     )
-    v = tl.load(
-        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-        mask=col_ok[:, None],
-        other=0.0,
-    )
-    doc_base = b.to(tl.int64) * seq_len
-    if HAS_DOCS:
-        doc_k = tl.load(DOC + doc_base + offs_n, mask=col_ok, other=-2)
-    else:
-        doc_k = offs_n
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        bh = b * n_heads_q + h
-        if TMA == 2:
-            q_src = Q
-            do_src = DO
-        else:
-            q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-            do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-            if TMA == 1:
-                q_src = tl.make_tensor_descriptor(q_src, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM])
-                do_src = tl.make_tensor_descriptor(do_src, [seq_len, HEAD_DIM], [stride_dol, 1], [BLOCK_M, HEAD_DIM])
-        lse_base = LSE + bh.to(tl.int64) * seq_len
-        delta_base = DELTA + bh.to(tl.int64) * seq_len
-        row = bh.to(tl.int64) * n_blocks + n_blk
-        cnt = tl.load(Q_CNT + row)
-        idx_base = Q_IDX + row * n_blocks
-        if HAS_DOCS:
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                0, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-            )
-        else:
-            first = tl.load(idx_base)
-            n_diag = ((cnt > 0) & (first == n_blk)).to(tl.int32)
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                0, n_diag * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-            )
-            dk, dv = _dkdv_tiles(
-                dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                n_diag * SPLIT_M, cnt * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-            )
-    dk = dk * sm_scale
-    tl.store(
-        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=col_ok[:, None],
+        cnt = tl.load(Q_CNT + (b * n_heads_q + h).to(tl.int64) * n_blocks + n_blk)
+        dk, dv = _dkdv_head(
+            dk, dv, k, v, offs_n, doc_k, n_blk, b, h, 0, cnt,
+            Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
+            stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
+            seq_len, n_blocks, n_heads_q, scale_log2,
+            HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, True,
+        )
+    _store_key_grads(
+        DK, DV, dk * sm_scale, dv, b, hk, offs_n, col_ok,
+        stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl, HEAD_DIM,
     )
-    tl.store(
-        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=col_ok[:, None],
-    )
-
-
-@triton.jit
-def _dkdv_range(
-    dk, dv, k, v, offs_n, doc_k, n_blk, b, hk, e0, e1, cnts, starts, gs,
-    Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
-    stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
-    seq_len, n_blocks, n_heads_q, group, scale_log2,
-    HAS_DOCS: tl.constexpr,
-    EVEN_L: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PRECISION: tl.constexpr,
-    TMA: tl.constexpr,
-):
-    """dK/dV over entries [e0, e1) of a key block's group list: the lists of the group's query heads one after
-    the other (head g owns entries [starts[g], starts[g] + cnts[g]))."""
-    SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
-    for g in range(0, group):
-        start_g = tl.sum(tl.where(gs == g, starts, 0), 0)
-        cnt_g = tl.sum(tl.where(gs == g, cnts, 0), 0)
-        lo = tl.minimum(tl.maximum(e0 - start_g, 0), cnt_g)
-        hi = tl.minimum(tl.maximum(e1 - start_g, 0), cnt_g)
-        if hi > lo:
-            h = hk * group + g
-            bh = b * n_heads_q + h
-            if TMA == 2:
-                q_src = Q
-                do_src = DO
-            else:
-                q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                if TMA == 1:
-                    q_src = tl.make_tensor_descriptor(q_src, [seq_len, HEAD_DIM], [stride_ql, 1], [BLOCK_M, HEAD_DIM])
-                    do_src = tl.make_tensor_descriptor(do_src, [seq_len, HEAD_DIM], [stride_dol, 1], [BLOCK_M, HEAD_DIM])
-            lse_base = LSE + bh.to(tl.int64) * seq_len
-            delta_base = DELTA + bh.to(tl.int64) * seq_len
-            idx_base = Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks
-            if HAS_DOCS:
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                    lo * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-                )
-            else:
-                # The diagonal, if kept, is entry 0 of a transposed list: the only one needing the causal mask.
-                first = tl.load(idx_base)
-                n_diag = (first == n_blk).to(tl.int32)
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                    lo * SPLIT_M, tl.minimum(hi, n_diag) * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-                )
-                dk, dv = _dkdv_tiles(
-                    dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-                    tl.maximum(lo, n_diag) * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
-                    False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-                )
-    return dk, dv
 
 
 @triton.jit
@@ -928,39 +894,35 @@ def _sparse_dkdv_segments_kernel(
         total = tl.sum(cnts, 0)
         n_segs = tl.maximum((total + seg_len - 1) // seg_len, 1)
 
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < seq_len
-        k = tl.load(
-            K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
-            mask=col_ok[:, None],
-            other=0.0,
+        offs_n, col_ok, k, v, doc_base, doc_k = _key_tile(
+            K, V, DOC, b, hk, tile, seq_len, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+            HAS_DOCS, BLOCK_N, HEAD_DIM,
         )
-        v = tl.load(
-            V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
-            mask=col_ok[:, None],
-            other=0.0,
-        )
-        doc_base = b.to(tl.int64) * seq_len
-        if HAS_DOCS:
-            doc_k = tl.load(DOC + doc_base + offs_n, mask=col_ok, other=-2)
-        else:
-            doc_k = offs_n
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-        dk, dv = _dkdv_range(
-            dk, dv, k, v, offs_n, doc_k, n_blk, b, hk, seg * seg_len, tl.minimum(total, (seg + 1) * seg_len),
-            cnts, tl.cumsum(cnts, 0) - cnts, gs,
-            Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
-            stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
-            seq_len, n_blocks, n_heads_q, group, scale_log2,
-            HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
-        )
+        # This item's entries [e0, e1) of the group list: the query heads' lists one after the other.
+        e0 = seg * seg_len
+        e1 = tl.minimum(total, e0 + seg_len)
+        starts = tl.cumsum(cnts, 0) - cnts
+        for g in range(0, group):
+            start_g = tl.sum(tl.where(gs == g, starts, 0), 0)
+            cnt_g = tl.sum(tl.where(gs == g, cnts, 0), 0)
+            lo = tl.minimum(tl.maximum(e0 - start_g, 0), cnt_g)
+            hi = tl.minimum(tl.maximum(e1 - start_g, 0), cnt_g)
+            if hi > lo:
+                dk, dv = _dkdv_head(
+                    dk, dv, k, v, offs_n, doc_k, n_blk, b, hk * group + g, lo, hi,
+                    Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
+                    stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
+                    seq_len, n_blocks, n_heads_q, scale_log2,
+                    HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, False,
+                )
         dk = dk * sm_scale
-        dk_ptrs = DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :]
-        dv_ptrs = DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :]
         if n_segs == 1:
-            tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-            tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+            _store_key_grads(
+                DK, DV, dk, dv, b, hk, offs_n, col_ok,
+                stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl, HEAD_DIM,
+            )
         else:
             # Scratch: [B * Hkv * n_tiles * BLOCK_N, D] float32, tile after tile.
             acc_rows = (bhk.to(tl.int64) * n_tiles + tile) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -971,10 +933,11 @@ def _sparse_dkdv_segments_kernel(
             tl.debug_barrier()
             arrived = tl.atomic_add(ARRIVALS + bhk.to(tl.int64) * n_tiles + tile, 1)
             if arrived == n_segs - 1:
-                dk_all = tl.load(DK_ACC + acc_off, cache_modifier=".cg")
-                dv_all = tl.load(DV_ACC + acc_off, cache_modifier=".cg")
-                tl.store(dk_ptrs, dk_all.to(DK.dtype.element_ty), mask=col_ok[:, None])
-                tl.store(dv_ptrs, dv_all.to(DV.dtype.element_ty), mask=col_ok[:, None])
+                _store_key_grads(
+                    DK, DV, tl.load(DK_ACC + acc_off, cache_modifier=".cg"),
+                    tl.load(DV_ACC + acc_off, cache_modifier=".cg"), b, hk, offs_n, col_ok,
+                    stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl, HEAD_DIM,
+                )
                 tl.store(DK_ACC + acc_off, tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32))
                 tl.store(DV_ACC + acc_off, tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32))
                 tl.store(ARRIVALS + bhk.to(tl.int64) * n_tiles + tile, 0)
@@ -1134,7 +1097,7 @@ def sparse_attention_forward(
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
     opts = kernel_options("fwd", k, v)
-    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if opts["TMA"] == 2 else (k, v)
+    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if opts["TMA"] else (k, v)
     args = (
         q, k_in, v_in, out, lse,
         kv_indices, kv_counts, document_ids if document_ids is not None else kv_counts,
@@ -1197,17 +1160,16 @@ def sparse_attention_backward(
     dout = _last_dim_contiguous(dout)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+    delta_rows = 64
+    _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        seq_len, hq,
+        BLOCK_M=delta_rows,
+        HEAD_DIM=dim,
+    )
     dq_options = kernel_options("dq", k, v)
-    if not dq_options["FUSE_DELTA"]:
-        delta_rows = 64
-        _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
-            out, dout, delta,
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            seq_len, hq,
-            BLOCK_M=delta_rows,
-            HEAD_DIM=dim,
-        )
     docs = document_ids if document_ids is not None else kv_counts
     common = dict(
         HAS_DOCS=document_ids is not None,
@@ -1216,9 +1178,9 @@ def sparse_attention_backward(
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
     )
-    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if dq_options["TMA"] == 2 else (k, v)
+    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if dq_options["TMA"] else (k, v)
     dq_args = (
-        q, k_in, v_in, dout, dq, lse, delta, out,
+        q, k_in, v_in, dout, dq, lse, delta,
         kv_indices, kv_counts, docs,
         sm_scale * LOG2E, sm_scale,
         q.stride(0), q.stride(1), q.stride(2),
@@ -1226,7 +1188,6 @@ def sparse_attention_backward(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
     launch(
@@ -1235,7 +1196,7 @@ def sparse_attention_backward(
         dq_args, {**common, **dq_options}, dq_config,
     )
     dkdv_options = kernel_options("dkdv", q, dout)
-    q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] == 2 else (q, dout)
+    q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] else (q, dout)
     dkdv_args = (
         q_in, k, v, do_in, dk, dv, lse, delta,
         q_indices, q_counts, docs,

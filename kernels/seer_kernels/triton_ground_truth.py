@@ -164,12 +164,10 @@ def _ground_truth_kernel(
         mask=row_ok[:, None],
         other=0.0,
     )
-    if TMA == 2:
+    if TMA:
         k_base = K
     else:
         k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        if TMA == 1:
-            k_base = tl.make_tensor_descriptor(k_base, [seq_len, HEAD_DIM], [stride_kl, 1], [BLOCK_N, HEAD_DIM])
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -280,7 +278,7 @@ def ground_truth_forward(
     first = _first_key_blocks(document_ids, block_size) if document_ids is not None else out_rows
     opts = kernel_options("gt", k)
     args = (
-        q, host_descriptor(k, "BLOCK_N") if opts["TMA"] == 2 else k, lse if lse is not None else out, out,
+        q, host_descriptor(k, "BLOCK_N") if opts["TMA"] else k, lse if lse is not None else out, out,
         blocks_sorted, out_rows, first, document_ids if document_ids is not None else out_rows,
         sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),

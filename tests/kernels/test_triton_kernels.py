@@ -222,11 +222,47 @@ def test_triton_block_list_builder_matches_torch(transpose, docs):
     assert torch.equal(got[0], want[0])  # filler included: every slot is written
 
 
+class LaunchProblem:
+    """Inputs, block lists and float32 reference gradients for tests that call the launchers directly."""
+
+    def __init__(self, bsz, hq, hkv, seq_len, dim, block, density, docs, dtype, seed, *, keep_diagonal=True,
+                 sink=False, scale=0.3):
+        self.block, self.scale = block, scale
+        self.q, self.k, self.v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seed)
+        nb = math.ceil(seq_len / block)
+        self.mask = random_block_mask(bsz, hq, nb, density, keep_diagonal=keep_diagonal, seed=seq_len, device=DEVICE)
+        if sink:
+            self.mask[..., 0] = True
+        self.doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
+        self.doc32 = None if self.doc is None else self.doc.to(torch.int32)
+        self.kv_lists = block_mask_to_indices(self.mask, document_ids=self.doc32, block_size=block)
+        self.q_lists = block_mask_to_indices(self.mask, document_ids=self.doc32, block_size=block, transpose=True)
+        self.ref_leaves = [t.float().clone().requires_grad_() for t in (self.q, self.k, self.v)]
+        self.ref = block_sparse_attention(
+            *self.ref_leaves, self.mask, block_size=block, document_ids=self.doc, sm_scale=scale, backend="reference"
+        )
+        self.dout = torch.randn_like(self.q)
+        self.ref.backward(self.dout.float())
+
+    def forward(self, config=None, out=None):
+        return sparse_attention_forward(
+            self.q, self.k, self.v, *self.kv_lists, block_size=self.block, sm_scale=self.scale,
+            document_ids=self.doc32, config=config, out=out,
+        )
+
+    def backward(self, out, lse, **kwargs):
+        """Gradients into NaN-filled buffers (every element must be written)."""
+        grads = tuple(torch.full_like(t, float("nan")) for t in (self.q, self.k, self.v))
+        sparse_attention_backward(
+            self.dout, self.q, self.k, self.v, out, lse, *self.kv_lists, *self.q_lists, block_size=self.block,
+            sm_scale=self.scale, document_ids=self.doc32, grads=grads, **kwargs,
+        )
+        return grads
+
+
 # Each kernel variant switch on its own (see triton_attention.KERNEL_OPTIONS).
 VARIANTS = {
-    "tma_device": {kind: {"TMA": 1} for kind in ("fwd", "dq", "dkdv", "gt")},
-    "tma_host": {kind: {"TMA": 2} for kind in ("fwd", "dq", "dkdv", "gt")},
-    "fuse_delta": {"dq": {"FUSE_DELTA": 1}},
+    "tma_host": {kind: {"TMA": 1} for kind in ("fwd", "dq", "dkdv", "gt")},
     "segments": {"dkdv": {"SEGMENTS": 1}},
     "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
@@ -257,40 +293,25 @@ def test_triton_kernel_variants(kernel_variant, dtype, hq, hkv, seq_len, docs, d
     from seer_kernels.triton_attention import TileConfig
     from seer_kernels.triton_ground_truth import ground_truth_forward
 
-    bsz, dim, block, scale = 2, 16, 32, 0.3
-    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len + hq)
-    nb = math.ceil(seq_len / block)
-    mask = random_block_mask(bsz, hq, nb, density, keep_diagonal=density > 0.3, seed=seq_len, device=DEVICE)
-    doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
-    doc32 = None if doc is None else doc.to(torch.int32)
-    kv_idx, kv_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block)
-    q_idx, q_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block, transpose=True)
-    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
-    dout = torch.randn_like(q)
-    ref.backward(dout.float())
-    ref_gt = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    block = 32
+    pb = LaunchProblem(2, hq, hkv, seq_len, 16, block, density, docs, dtype, seq_len + hq, keep_diagonal=density > 0.3)
+    ref_gt = attention_ground_truth(
+        pb.q.float(), pb.k.float(), block_size=block, document_ids=pb.doc, sm_scale=pb.scale, backend="reference"
+    )
     for bm, bn in tiles:
         cfg = TileConfig(bm, bn, 4, 1)
-        out = torch.full_like(q, float("nan"))
-        out, lse = sparse_attention_forward(
-            q, k, v, kv_idx, kv_cnt, block_size=block, sm_scale=scale, document_ids=doc32, config=cfg, out=out
-        )
-        assert_close_rel(out, ref, dtype, f"out {bm}x{bn}")
-        grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-        sparse_attention_backward(
-            dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_size=block, sm_scale=scale,
-            document_ids=doc32, dq_config=cfg, dkdv_config=cfg, grads=grads,
-        )
-        for name, got, want in zip("qkv", grads, ref_leaves):
+        out, lse = pb.forward(config=cfg, out=torch.full_like(pb.q, float("nan")))
+        assert_close_rel(out, pb.ref, dtype, f"out {bm}x{bn}")
+        grads = pb.backward(out, lse, dq_config=cfg, dkdv_config=cfg)
+        for name, got, want in zip("qkv", grads, pb.ref_leaves):
             assert_close_rel(got, want.grad, dtype, f"d{name} {bm}x{bn}")
         gt = ground_truth_forward(
-            q, k, block_size=block, sm_scale=scale, document_ids=doc32, config=TileConfig(block, bn, 4, 1)
+            pb.q, pb.k, block_size=block, sm_scale=pb.scale, document_ids=pb.doc32, config=TileConfig(block, bn, 4, 1)
         )
         torch.testing.assert_close(gt, ref_gt, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("kernel_variant", ["tma_host", "tma_device"], indirect=True)
+@pytest.mark.parametrize("kernel_variant", ["tma_host"], indirect=True)
 def test_triton_descriptors_fall_back_on_misaligned_inputs(kernel_variant):
     """A tensor TMA cannot address (base not 16-byte aligned) takes the pointer path and stays exact."""
     from seer_kernels.triton_attention import _descriptor_ok
@@ -314,8 +335,8 @@ def test_tuned_choices_report(monkeypatch):
     from seer_kernels import triton_attention
 
     tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 16})], key=["seq_len"])(triton_attention._bwd_delta_kernel)
-    monkeypatch.setattr(triton_attention, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 2))): tuner})
-    assert triton_attention.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=2": "None"}
+    monkeypatch.setattr(triton_attention, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 1))): tuner})
+    assert triton_attention.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=1": "None"}
 
 
 @pytest.mark.parametrize("kernel_variant", ["segments", "segments_pointers"], indirect=True)
@@ -329,28 +350,12 @@ def test_triton_segmented_dkdv_splits_long_lists(kernel_variant, dtype, docs, mo
 
     monkeypatch.setattr(triton_attention, "MIN_SEGMENT", 1)
     monkeypatch.setattr(triton_attention, "_persistent_programs", lambda device: 40)
-    bsz, hq, hkv, seq_len, dim, block, scale = 2, 4, 2, 150, 16, 16, 0.3
-    q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=11)
-    nb = math.ceil(seq_len / block)
-    mask = random_block_mask(bsz, hq, nb, 0.3, seed=11, device=DEVICE)
-    mask[..., 0] = True
-    doc = make_document_ids(bsz, seq_len, docs, seed=11, device=DEVICE)
-    doc32 = None if doc is None else doc.to(torch.int32)
-    kv_idx, kv_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block)
-    q_idx, q_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block, transpose=True)
-    ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
-    dout = torch.randn_like(q)
-    ref.backward(dout.float())
-    out, lse = sparse_attention_forward(q, k, v, kv_idx, kv_cnt, block_size=block, sm_scale=scale, document_ids=doc32)
+    pb = LaunchProblem(2, 4, 2, 150, 16, 16, 0.3, docs, dtype, 11, sink=True)
+    out, lse = pb.forward()
     for cfg in (TileConfig(16, 16, 4, 1), TileConfig(16, 8, 4, 1)):
         for _ in range(2):  # the second run starts from the scratch the first one left behind
-            grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-            sparse_attention_backward(
-                dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt, block_size=block, sm_scale=scale,
-                document_ids=doc32, dkdv_config=cfg, grads=grads,
-            )
-            for name, got, want in zip("qkv", grads, ref_leaves):
+            grads = pb.backward(out, lse, dkdv_config=cfg)
+            for name, got, want in zip("qkv", grads, pb.ref_leaves):
                 assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
     (dk_acc, dv_acc, arrivals), = triton_attention._SEGMENT_SCRATCH.values()
     assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
