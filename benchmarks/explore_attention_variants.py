@@ -186,6 +186,8 @@ def main(argv=None) -> int:
         for gblock in (64, 128):
             ref = None
             for name, (opts, cfgs) in GT_VARIANTS.items():
+                if args.only is not None and name not in args.only:
+                    continue
                 set_options("gt", opts)
                 for c in cfgs[gblock]:
                     cfg = TileConfig(*c)
