@@ -82,8 +82,14 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
     cfg = config or default_config(kind, block)
     tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     constexprs = dict(HAS_DOCS=False, BLOCK=block, HEAD_DIM=head_dim, PRECISION="tf32", TMA=tma, **extra)
+    from seer_kernels.triton_attention import KERNEL_OPTIONS
+
     if kind != "gt":
         constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
+    else:
+        constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
+    if "LAST_MASKED" in KERNEL_OPTIONS[kind]:
+        constexprs["LAST_MASKED"] = KERNEL_OPTIONS[kind]["LAST_MASKED"]
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
     sig = signature(kernel, constexprs, descriptors)

@@ -15,7 +15,8 @@ the same units.
 Masking. Without document ids only the diagonal block needs the token-level mask: a causal list of query block
 i holds key blocks <= i, and the one partial block (the last) can only be the diagonal of the last row. Lists
 are ascending, so the diagonal is the last entry of a forward/dQ list and the first of a dK/dV list; the
-kernels run the other entries in an unmasked loop and the diagonal in a masked one (no branch in the hot loop).
+kernels run the other entries in an unmasked loop and the diagonal (forward/dQ: the last entry, see
+`LAST_MASKED`) in a masked one (no branch in the hot loop).
 With document ids every tile is masked.
 
 Tiles. In the interpreter a tile is a whole block. On a GPU, inputs of at least `AUTOTUNE_MIN_LEN` tokens pick
@@ -83,10 +84,11 @@ _CANDIDATES = {
         128: [TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 2), TileConfig(32, 64, 4, 2), TileConfig(64, 128, 8, 3)],
         64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(32, 64, 4, 2)],
     },
-    # The ground-truth kernel takes whole query blocks (block_m = block); only the key tile varies.
+    # The ground-truth kernel takes whole query blocks (block_m = block, see KERNEL_OPTIONS["gt"]["ROWS"]); only
+    # the key tile varies, up to two key blocks wide.
     "gt": {
         128: [TileConfig(128, 128, 4, 2), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 2)],
-        64: [TileConfig(64, 64, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(64, 64, 4, 4)],
+        64: [TileConfig(64, 128, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 4, 3)],
     },
 }
 
@@ -95,9 +97,10 @@ def candidates(kind: str, block: int) -> list[TileConfig]:
     """Tile candidates for `kind` in ('fwd', 'dq', 'dkdv', 'gt'), clamped to small blocks (tests)."""
     table = _CANDIDATES[kind]
     cands = table.get(block) or [TileConfig(min(64, block), min(64, block), 4, 2)]
+    widest = 2 * block if kind == "gt" else block  # a ground-truth key tile may span two key blocks
     out = []
     for c in cands:
-        clamped = TileConfig(min(c.block_m, block), min(c.block_n, block), c.num_warps, c.num_stages)
+        clamped = TileConfig(min(c.block_m, block), min(c.block_n, widest), c.num_warps, c.num_stages)
         if clamped not in out:
             out.append(clamped)
     return out
@@ -114,13 +117,18 @@ def default_config(kind: str, block: int) -> TileConfig:
 # (benchmarks/explore_attention_variants.py); every variant computes the same function and is tested.
 # - TMA: the tiles streamed in the loops come through host-made tensor descriptors (TMA copies on Hopper; 1) or
 #   pointer loads (0). Descriptors made inside the kernels measured no better and were dropped.
+# - LAST_MASKED (fwd, dq): the last entry of every list goes through the masked loop (1), whether or not it is
+#   the diagonal, so a program starts its loop without first loading that entry's block number; or only when it
+#   is the diagonal (0). Masking a block below the diagonal changes nothing.
 # - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
 #   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
+# - ROWS (gt): rows per ground-truth program: max(1, ROWS // block) query blocks share one tile, so block 64 runs
+#   on the 128-row tiles that wgmma likes (one program per 64-row block measured 7% slower than block 128).
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 1},
-    "dq": {"TMA": 1},
+    "fwd": {"TMA": 1, "LAST_MASKED": 1},
+    "dq": {"TMA": 1, "LAST_MASKED": 1},
     "dkdv": {"TMA": 1, "SEGMENTS": 0},
-    "gt": {"TMA": 1},
+    "gt": {"TMA": 1, "ROWS": 128},
 }
 
 
@@ -339,6 +347,7 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    LAST_MASKED: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -383,8 +392,11 @@ def _sparse_fwd_kernel(
             True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
-        last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
-        n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        if LAST_MASKED:
+            n_off = tl.maximum(cnt - 1, 0)
+        else:
+            last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
+            n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
@@ -495,6 +507,7 @@ def _sparse_dq_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    LAST_MASKED: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -543,8 +556,11 @@ def _sparse_dq_kernel(
             True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
-        last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
-        n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        if LAST_MASKED:
+            n_off = tl.maximum(cnt - 1, 0)
+        else:
+            last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
+            n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,

@@ -2,7 +2,8 @@
 
 For row r and key block j the pooled value is exp(m_rj - lse_r), with m_rj the largest score of row r inside
 block j; the entry for query block i is the max of that over the rows of block i. So one program per
-(batch, query head, query block) does:
+(batch, query head, query block) -- or per few query blocks, for small blocks, see `KERNEL_OPTIONS["gt"]["ROWS"]`
+-- does:
 - pass 1 (skipped when the caller already has the row log-sum-exps): QK^T with the online max/sum only, no PV;
 - pass 2: QK^T again, the row maxima inside each key block combined with the now-known lse in registers, and
   the max over the block's rows written straight into the pooled map.
@@ -76,41 +77,48 @@ def _lse_tiles(
 
 
 @triton.jit
-def _flush_pooled(row_max, lse, row_ok, ptr, n_valid, CHUNK: tl.constexpr):
-    """Turn per-row block maxima `[BLOCK, CHUNK]` into pooled values and store the first n_valid."""
+def _flush_pooled(row_max, lse, row_ok, out_rows, j0, n_valid,
+                  QB: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Per-row block maxima `[QB * BLOCK, CHUNK]` of key blocks j0.. -> pooled values, the max over each query
+    block's rows, stored into the QB output rows (`out_rows`: pointers `[QB]`) for the first n_valid blocks."""
     vals = tl.where(row_ok[:, None], tl.math.exp2(row_max - lse[:, None]), 0.0)
+    pooled = tl.max(tl.reshape(vals, [QB, BLOCK, CHUNK]), 1)
     cols = tl.arange(0, CHUNK)
-    tl.store(ptr + cols, tl.max(vals, 0), mask=cols < n_valid)
+    tl.store(out_rows[:, None] + j0 + cols[None, :], pooled, mask=(cols < n_valid)[None, :])
 
 
 @triton.jit
 def _pool_blocks(
-    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, doc_base, out_base,
-    j_start, j_end, seq_len, stride_kl, scale_log2,
+    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, doc_base, out_rows,
+    g_start, g_end, n_blocks, seq_len, stride_kl, scale_log2,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    QB: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Pass 2: for key blocks [j_start, j_end) write max over rows of exp2(row max in block - lse).
+    """Pass 2: pooled values of the key blocks in groups [g_start, g_end), written to the output rows.
 
-    The max over rows crosses warps (shared memory and a barrier), so it is not done per key block: the
-    per-row maxima of CHUNK consecutive blocks are collected in registers and reduced together.
+    A group is what one step reads: one key block in BLOCK // BLOCK_N tiles, or two key blocks in one tile of
+    BLOCK_N = 2 * BLOCK. The max over rows crosses warps (shared memory and a barrier), so it is not done per
+    group: the per-row maxima of CHUNK consecutive key blocks are collected in registers and reduced together.
     """
-    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
+    KB: tl.constexpr = 2 if BLOCK_N > BLOCK else 1  # key blocks per group
+    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N if BLOCK_N < BLOCK else 1  # tiles per group
+    ROWS: tl.constexpr = QB * BLOCK
     CHUNK: tl.constexpr = 16
     offs_n0 = tl.arange(0, BLOCK_N)
     slots = tl.arange(0, CHUNK)
-    row_max = tl.full([BLOCK, CHUNK], float("-inf"), dtype=tl.float32)
-    for j in range(j_start, j_end):
-        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        for s in tl.static_range(SPLIT_N):
-            offs_n = j * BLOCK + s * BLOCK_N + offs_n0
-            k = _load_rows(k_base, desc_b, desc_h, j * BLOCK + s * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N,
-                           HEAD_DIM, TMA, MASKED)
+    row_max = tl.full([ROWS, CHUNK], float("-inf"), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        slot = ((g - g_start) * KB) % CHUNK
+        if KB == 2:
+            offs_n = g * BLOCK_N + offs_n0
+            k = _load_rows(k_base, desc_b, desc_h, g * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                           MASKED)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             if MASKED:
                 allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
@@ -118,15 +126,34 @@ def _pool_blocks(
                     doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
                     allowed = allowed & (doc_q[:, None] == doc_k[None, :])
                 qk = tl.where(allowed, qk, float("-inf"))
-            best = tl.maximum(best, tl.max(qk, 1))
-        slot = (j - j_start) % CHUNK
-        # The scale is positive, so it commutes with the max: one multiply per row instead of per score.
-        row_max = tl.where(slots[None, :] == slot, (best * scale_log2)[:, None], row_max)
-        if slot == CHUNK - 1:
-            _flush_pooled(row_max, lse, row_ok, out_base + j - (CHUNK - 1), CHUNK, CHUNK)
-    n_left = (j_end - j_start) % CHUNK
+            # [ROWS, 2]: the row maxima of the tile's two key blocks.
+            best0, best1 = tl.split(tl.max(tl.reshape(qk, [ROWS, 2, BLOCK]), 2))
+            # The scale is positive, so it commutes with the max: one multiply per row instead of per score.
+            row_max = tl.where(slots[None, :] == slot, (best0 * scale_log2)[:, None], row_max)
+            row_max = tl.where(slots[None, :] == slot + 1, (best1 * scale_log2)[:, None], row_max)
+        else:
+            best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_N):
+                row0 = g * BLOCK + s * BLOCK_N
+                offs_n = row0 + offs_n0
+                k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
+                               MASKED)
+                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                if MASKED:
+                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+                    if HAS_DOCS:
+                        doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+                        allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+                    qk = tl.where(allowed, qk, float("-inf"))
+                best = tl.maximum(best, tl.max(qk, 1))
+            row_max = tl.where(slots[None, :] == slot, (best * scale_log2)[:, None], row_max)
+        if slot + KB == CHUNK:
+            j0 = (g + 1) * KB - CHUNK
+            _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, CHUNK), QB, BLOCK, CHUNK)
+    n_left = ((g_end - g_start) * KB) % CHUNK
     if n_left > 0:
-        _flush_pooled(row_max, lse, row_ok, out_base + j_end - n_left, n_left, CHUNK)
+        j0 = g_end * KB - n_left
+        _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, n_left), QB, BLOCK, CHUNK)
 
 
 @triton.jit
@@ -142,21 +169,36 @@ def _ground_truth_kernel(
     HAS_LSE: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    QB: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
-    # Query blocks vary fastest so the programs in flight share one KV head's K in L2.
+    """One program: QB query blocks (consecutive entries of the descending Q_BLOCKS list) of one head, as one
+    tile of QB * BLOCK rows, so that small blocks still make wgmma-sized tiles. Each query block's pooled row
+    goes to its own output row (OUT_ROWS)."""
+    # Programs vary fastest so the programs in flight share one KV head's K in L2.
     bh = tl.program_id(1)
     p = tl.program_id(0)
     b = bh // n_heads_q
     h = bh % n_heads_q
     hk = h // group
-    m_blk = tl.load(Q_BLOCKS + p)
-    out_row = tl.load(OUT_ROWS + p)
+    ROWS: tl.constexpr = QB * BLOCK
+    G: tl.constexpr = BLOCK_N if BLOCK_N > BLOCK else BLOCK  # tokens per pass-2 group
 
-    offs_m = m_blk * BLOCK + tl.arange(0, BLOCK)
+    sub = tl.arange(0, QB)
+    m_blks = tl.load(Q_BLOCKS + p * QB + sub)  # descending: the first is the highest
+    out_rows = tl.load(OUT_ROWS + p * QB + sub)
+    m_hi = tl.max(m_blks, 0)
+    m_lo = tl.min(m_blks, 0)
+    r = tl.arange(0, ROWS)
+    # Row r belongs to query block m_blks[r // BLOCK].
+    if QB == 1:
+        offs_m = m_hi * BLOCK + r
+    elif QB == 2:
+        offs_m = tl.where(r < BLOCK, m_hi, m_lo) * BLOCK + r % BLOCK
+    else:
+        offs_m = tl.sum(tl.where((r // BLOCK)[:, None] == sub[None, :], m_blks[None, :], 0), 1) * BLOCK + r % BLOCK
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     q = tl.load(
@@ -171,55 +213,58 @@ def _ground_truth_kernel(
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
-        # Key blocks before this one share no document with the query block: their entries stay 0.
-        first = tl.load(FIRST_KB + b.to(tl.int64) * n_blocks + m_blk)
+        # Key blocks before the lowest query block's first one share no document with any row: they stay 0.
+        start = tl.load(FIRST_KB + b.to(tl.int64) * n_blocks + m_lo) * BLOCK
     else:
         doc_q = offs_m
-        first = 0
+        start = 0
+    # Keys before the lowest query block are allowed for every row (no docs): the unmasked part.
+    free = m_lo * BLOCK
+    end = (m_hi + 1) * BLOCK
 
     if HAS_LSE:
         lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     else:
-        m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
         if HAS_DOCS:
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
-                first * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
+                start // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
                 True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         else:
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
-                0, m_blk * SPLIT_N, seq_len, stride_kl, scale_log2,
+                0, free // BLOCK_N, seq_len, stride_kl, scale_log2,
                 False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
             m_i, l_i = _lse_tiles(
                 m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
-                m_blk * SPLIT_N, (m_blk + 1) * SPLIT_N, seq_len, stride_kl, scale_log2,
+                free // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
                 True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
         lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
 
-    out_base = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_row.to(tl.int64) * stride_or
+    out_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_rows.to(tl.int64) * stride_or
     if HAS_DOCS:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
-            first, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            start // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
-            0, m_blk, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            0, free // G, n_blocks, seq_len, stride_kl, scale_log2,
+            False, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_base,
-            m_blk, m_blk + 1, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            free // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
 
 
@@ -271,12 +316,18 @@ def ground_truth_forward(
     out.zero_()
     if nq == 0:
         return out
-    # Longest rows first (a causal row i costs i + 1 key blocks); each program knows its output row.
+    # Longest rows first (a causal row i costs i + 1 key blocks); each program takes QB consecutive entries
+    # (padded by repeating the last: the repeat rewrites the same values) and knows their output rows.
+    opts = kernel_options("gt", k)
+    qb = max(1, opts.pop("ROWS") // block_size)
     order = torch.argsort(query_blocks, descending=True)
+    n_programs = triton.cdiv(nq, qb)
+    pad = n_programs * qb - nq
+    if pad:
+        order = torch.cat([order, order[-1:].expand(pad)])
     blocks_sorted = query_blocks[order].to(torch.int32).contiguous()
     out_rows = order.to(torch.int32).contiguous()
     first = _first_key_blocks(document_ids, block_size) if document_ids is not None else out_rows
-    opts = kernel_options("gt", k)
     args = (
         q, host_descriptor(k, "BLOCK_N") if opts["TMA"] else k, lse if lse is not None else out, out,
         blocks_sorted, out_rows, first, document_ids if document_ids is not None else out_rows,
@@ -290,11 +341,12 @@ def ground_truth_forward(
         HAS_DOCS=document_ids is not None,
         HAS_LSE=lse is not None,
         BLOCK=block_size,
+        QB=qb,
         HEAD_DIM=dim,
         PRECISION=_precision(q.dtype),
         **opts,
     )
-    launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (nq, bsz * hq), args, kwargs, config)
+    launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (n_programs, bsz * hq), args, kwargs, config)
     out.div_(out.sum(-1, keepdim=True))
     return out
 

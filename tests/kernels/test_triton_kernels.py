@@ -135,6 +135,35 @@ def test_triton_ground_truth(bsz, seq_len, block, hq, hkv, dim, docs, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("docs", [None, "packed"])
+@pytest.mark.parametrize("rows_per_program,key_tile", [(16, 32), (32, 16), (32, 32), (64, 32), (64, 8)])
+def test_triton_ground_truth_program_shapes(rows_per_program, key_tile, docs, dtype, monkeypatch):
+    """Several query blocks per program (KERNEL_OPTIONS["gt"]["ROWS"]) and key tiles of two blocks, on a length
+    that leaves a partial last block, with an odd query-block subset (the last program's pair is padded)."""
+    from seer_kernels import triton_attention
+    from seer_kernels.triton_attention import TileConfig
+    from seer_kernels.triton_ground_truth import ground_truth_forward
+
+    monkeypatch.setitem(triton_attention.KERNEL_OPTIONS, "gt", {**triton_attention.KERNEL_OPTIONS["gt"],
+                                                                 "ROWS": rows_per_program})
+    bsz, hq, hkv, seq_len, dim, block = 2, 4, 2, 150, 16, 16
+    q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=41)
+    doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
+    scale = 1.0 / math.sqrt(dim)
+    nb = math.ceil(seq_len / block)
+    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, backend="reference")
+    doc32 = None if doc is None else doc.to(torch.int32).contiguous()
+    cfg = TileConfig(block, key_tile, 4, 1)
+    out = torch.full((bsz, hq, nb, nb), float("nan"), device=DEVICE)
+    gt = ground_truth_forward(q, k, block_size=block, sm_scale=scale, document_ids=doc32, out=out, config=cfg)
+    torch.testing.assert_close(gt, ref, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
+    subset = torch.tensor([3, nb - 1, 0, 5, 4], device=DEVICE)
+    part = ground_truth_forward(q, k, block_size=block, sm_scale=scale, document_ids=doc32, query_blocks=subset,
+                                config=cfg)
+    torch.testing.assert_close(part, ref[:, :, subset], atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("docs", [None, "packed"])
 def test_triton_attention_with_ground_truth(docs, dtype):
     bsz, hq, hkv, seq_len, dim, block = 2, 4, 1, 90, 32, 32
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=21)
@@ -266,6 +295,8 @@ VARIANTS = {
     "segments": {"dkdv": {"SEGMENTS": 1}},
     "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
+    "diagonal_by_block_number": {kind: {"LAST_MASKED": 0} for kind in ("fwd", "dq")},
+    "gt_one_block_per_program": {"gt": {"ROWS": 1}},
 }
 
 
