@@ -33,21 +33,17 @@ from bench_attention import causal_density_mask, rel_err  # noqa: E402
 FWD_VARIANTS = {
     "pointers": ({"TMA": 0}, [(128, 128, 8, 3)]),
     "tma_host": ({"TMA": 1}, [(128, 128, 8, 3), (128, 128, 8, 2)]),
-    "tma_host+last_masked": ({"TMA": 1, "LAST_MASKED": 1}, [(128, 128, 8, 3), (128, 128, 8, 2)]),
 }
 DQ0, DK0 = (128, 128, 8, 2), (64, 64, 4, 2)
 BWD_VARIANTS = {
     "pointers": ({"TMA": 0}, {"TMA": 0}, [(DQ0, (64, 128, 8, 2))]),
     "tma_host": ({"TMA": 1}, {"TMA": 1}, [(DQ0, DK0), (DQ0, (64, 128, 8, 2)), ((64, 128, 4, 2), DK0)]),
     "tma_host+segments": ({"TMA": 1}, {"TMA": 1, "SEGMENTS": 1}, [(DQ0, DK0)]),
-    "tma_host+last_masked": ({"TMA": 1, "LAST_MASKED": 1}, {"TMA": 1}, [(DQ0, DK0)]),
 }
 GT_VARIANTS = {
     "pointers": ({"TMA": 0}, {64: [(64, 64, 4, 3)], 128: [(128, 128, 8, 3)]}),
-    "tma_host": ({"TMA": 1, "ROWS": 64}, {64: [(64, 64, 4, 2)], 128: [(128, 128, 4, 2)]}),
-    # Two 64-row query blocks per program (ROWS 128), key tiles of one or two blocks.
-    "tma_host+rows128": ({"TMA": 1, "ROWS": 128}, {64: [(64, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2),
-                                                       (64, 128, 4, 3)], 128: [(128, 128, 4, 2)]}),
+    "tma_host": ({"TMA": 1, "ROWS": 128}, {64: [(64, 128, 4, 2), (64, 64, 4, 2)], 128: [(128, 128, 4, 2)]}),
+    "tma_host+rows64": ({"TMA": 1, "ROWS": 64}, {64: [(64, 64, 4, 2)], 128: []}),
 }
 # Block-64 tables (the gate's default block; tiles cannot exceed the block).
 FWD_VARIANTS_64 = {
@@ -86,8 +82,7 @@ def parse_args(argv):
 def set_options(kind: str, overrides: dict) -> None:
     from seer_kernels import triton_attention
 
-    base = {"fwd": {"TMA": 0, "LAST_MASKED": 0}, "dq": {"TMA": 0, "LAST_MASKED": 0},
-            "dkdv": {"TMA": 0, "SEGMENTS": 0}, "gt": {"TMA": 0, "ROWS": 128}}[kind]
+    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0}, "dkdv": {"TMA": 0, "SEGMENTS": 0}, "gt": {"TMA": 0, "ROWS": 128}}[kind]
     triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
 
 

@@ -88,8 +88,6 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
         constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
     else:
         constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
-    if "LAST_MASKED" in KERNEL_OPTIONS[kind]:
-        constexprs["LAST_MASKED"] = KERNEL_OPTIONS[kind]["LAST_MASKED"]
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
     sig = signature(kernel, constexprs, descriptors)

@@ -15,8 +15,8 @@ the same units.
 Masking. Without document ids only the diagonal block needs the token-level mask: a causal list of query block
 i holds key blocks <= i, and the one partial block (the last) can only be the diagonal of the last row. Lists
 are ascending, so the diagonal is the last entry of a forward/dQ list and the first of a dK/dV list; the
-kernels run the other entries in an unmasked loop and the diagonal (forward/dQ: the last entry, see
-`LAST_MASKED`) in a masked one (no branch in the hot loop).
+kernels run the other entries in an unmasked loop and the diagonal in a masked one (no branch in the hot loop);
+forward and dQ mask their last entry whether or not it is the diagonal (one load less before the loop).
 With document ids every tile is masked.
 
 Tiles. In the interpreter a tile is a whole block. On a GPU, inputs of at least `AUTOTUNE_MIN_LEN` tokens pick
@@ -117,16 +117,13 @@ def default_config(kind: str, block: int) -> TileConfig:
 # (benchmarks/explore_attention_variants.py); every variant computes the same function and is tested.
 # - TMA: the tiles streamed in the loops come through host-made tensor descriptors (TMA copies on Hopper; 1) or
 #   pointer loads (0). Descriptors made inside the kernels measured no better and were dropped.
-# - LAST_MASKED (fwd, dq): the last entry of every list goes through the masked loop (1), whether or not it is
-#   the diagonal, so a program starts its loop without first loading that entry's block number; or only when it
-#   is the diagonal (0). Masking a block below the diagonal changes nothing.
 # - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
 #   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
 # - ROWS (gt): rows per ground-truth program: max(1, ROWS // block) query blocks share one tile, so block 64 runs
-#   on the 128-row tiles that wgmma likes (one program per 64-row block measured 7% slower than block 128).
+#   on the 128-row tiles that wgmma likes (16.3 ms against 17.5 with one 64-row block per program, sweep 9).
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 1, "LAST_MASKED": 1},
-    "dq": {"TMA": 1, "LAST_MASKED": 1},
+    "fwd": {"TMA": 1},
+    "dq": {"TMA": 1},
     "dkdv": {"TMA": 1, "SEGMENTS": 0},
     "gt": {"TMA": 1, "ROWS": 128},
 }
@@ -347,7 +344,6 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    LAST_MASKED: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -392,11 +388,9 @@ def _sparse_fwd_kernel(
             True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
-        if LAST_MASKED:
-            n_off = tl.maximum(cnt - 1, 0)
-        else:
-            last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
-            n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        # The last entry (the diagonal, when kept) goes through the masked loop whatever its block: masking a
+        # block below the diagonal changes nothing, and the loop need not wait for a load of its block number.
+        n_off = tl.maximum(cnt - 1, 0)
         acc, l_i, m_i = _fwd_tiles(
             acc, l_i, m_i, q, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, m_blk, seq_len, stride_kl, stride_vl, scale_log2,
@@ -507,7 +501,6 @@ def _sparse_dq_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    LAST_MASKED: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -556,11 +549,9 @@ def _sparse_dq_kernel(
             True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
-        if LAST_MASKED:
-            n_off = tl.maximum(cnt - 1, 0)
-        else:
-            last = tl.load(idx_base + tl.maximum(cnt - 1, 0))
-            n_off = cnt - ((cnt > 0) & (last == m_blk)).to(tl.int32)
+        # The last entry (the diagonal, when kept) goes through the masked loop whatever its block: masking a
+        # block below the diagonal changes nothing, and the loop need not wait for a load of its block number.
+        n_off = tl.maximum(cnt - 1, 0)
         dq = _dq_tiles(
             dq, q, do, lse, delta, offs_m, doc_q, k_base, v_base, b, hk, idx_base, DOC, doc_base,
             0, n_off * SPLIT_N, seq_len, stride_kl, stride_vl, scale_log2,

@@ -295,7 +295,6 @@ VARIANTS = {
     "segments": {"dkdv": {"SEGMENTS": 1}},
     "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
-    "diagonal_by_block_number": {kind: {"LAST_MASKED": 0} for kind in ("fwd", "dq")},
     "gt_one_block_per_program": {"gt": {"ROWS": 1}},
 }
 
