@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -28,3 +29,12 @@ for path in (ROOT, ROOT / "kernels", ROOT / "tests"):
         sys.path.insert(0, str(path))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision_highest():
+    """Reference checks compare float32 math at ~1e-5: a library that lowers the global float32 matmul precision
+    (tf32 / bf16 passes, also on CPUs with bf16 units) must not leak into later tests of the same worker."""
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision("highest")
