@@ -33,7 +33,6 @@ from bench_attention import causal_density_mask, rel_err  # noqa: E402
 FWD_VARIANTS = {
     "pointers": ({"TMA": 0}, [(128, 128, 8, 3)]),
     "tma_host": ({"TMA": 1}, [(128, 128, 8, 3), (128, 128, 8, 2)]),
-    "tma_host+q": ({"TMA": 1, "TMA_Q": 1}, [(128, 128, 8, 3), (128, 128, 8, 2)]),
 }
 DQ0, DK0 = (128, 128, 8, 2), (64, 64, 4, 2)
 BWD_VARIANTS = {
@@ -85,7 +84,7 @@ def parse_args(argv):
 def set_options(kind: str, overrides: dict) -> None:
     from seer_kernels import triton_attention
 
-    base = {"fwd": {"TMA": 0, "TMA_Q": 0}, "dq": {"TMA": 0}, "dkdv": {"TMA": 0, "SEGMENTS": 0}, "gt": {"TMA": 0, "ROWS": 128}}[kind]
+    base = {"fwd": {"TMA": 0}, "dq": {"TMA": 0}, "dkdv": {"TMA": 0, "SEGMENTS": 0}, "gt": {"TMA": 0, "ROWS": 128}}[kind]
     triton_attention.KERNEL_OPTIONS[kind] = {**base, **overrides}
 
 

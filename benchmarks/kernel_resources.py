@@ -90,10 +90,6 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
         constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
-    if kind == "fwd":
-        constexprs["TMA_Q"] = KERNEL_OPTIONS["fwd"]["TMA_Q"] if tma else 0
-        if constexprs["TMA_Q"]:
-            descriptors["Q"] = f"tensordesc<bf16[1,1,{cfg.block_m},{head_dim}]>"
     sig = signature(kernel, constexprs, descriptors)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility(kernel, sig))
     with warnings.catch_warnings():

@@ -117,13 +117,12 @@ def default_config(kind: str, block: int) -> TileConfig:
 # (benchmarks/explore_attention_variants.py); every variant computes the same function and is tested.
 # - TMA: the tiles streamed in the loops come through host-made tensor descriptors (TMA copies on Hopper; 1) or
 #   pointer loads (0). Descriptors made inside the kernels measured no better and were dropped.
-# - TMA_Q (fwd): the program's query tile comes through a host-made descriptor too (1) instead of pointer loads.
 # - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
 #   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
 # - ROWS (gt): rows per ground-truth program: max(1, ROWS // block) query blocks share one tile, so block 64 runs
 #   on the 128-row tiles that wgmma likes (16.3 ms against 17.5 with one 64-row block per program, sweep 9).
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
-    "fwd": {"TMA": 1, "TMA_Q": 1},
+    "fwd": {"TMA": 1},
     "dq": {"TMA": 1},
     "dkdv": {"TMA": 1, "SEGMENTS": 0},
     "gt": {"TMA": 1, "ROWS": 128},
@@ -136,14 +135,12 @@ def _descriptor_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1])
 
 
-def kernel_options(kind: str, *streamed: torch.Tensor, rows: torch.Tensor | None = None) -> dict[str, int]:
-    """The constexpr switches for a launch of `kind` whose loops stream `streamed` tensors (and whose programs load
-    their own `rows` once, with TMA_Q); descriptors fall back to pointer loads for tensors TMA cannot address."""
+def kernel_options(kind: str, *streamed: torch.Tensor) -> dict[str, int]:
+    """The constexpr switches for a launch of `kind` whose loops stream `streamed` tensors; descriptors fall back
+    to pointer loads for tensors TMA cannot address."""
     opts = dict(KERNEL_OPTIONS[kind])
     if opts.get("TMA") and not all(_descriptor_ok(t) for t in streamed):
         opts["TMA"] = 0
-    if opts.get("TMA_Q") and not (rows is not None and _descriptor_ok(rows)):
-        opts["TMA_Q"] = 0
     return opts
 
 
@@ -347,7 +344,6 @@ def _sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    TMA_Q: tl.constexpr,
 ):
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
@@ -361,17 +357,11 @@ def _sparse_fwd_kernel(
     h = bh % n_heads_q
     hk = h // group
 
-    row = bh.to(tl.int64) * n_blocks + m_blk
-    cnt = tl.load(KV_CNT + row)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    if TMA_Q:
-        # Straight into shared memory, where the QK^T matmul reads it (rows past the end arrive as zeros).
-        q = Q.load([b, h, tile * BLOCK_M, 0]).reshape([BLOCK_M, HEAD_DIM])
-    else:
-        q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     if TMA:
         k_base = K
         v_base = V
@@ -384,6 +374,8 @@ def _sparse_fwd_kernel(
     else:
         doc_q = offs_m
 
+    row = bh.to(tl.int64) * n_blocks + m_blk
+    cnt = tl.load(KV_CNT + row)
     idx_base = KV_IDX + row * n_blocks
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -1111,11 +1103,10 @@ def sparse_attention_forward(
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    opts = kernel_options("fwd", k, v, rows=q)
+    opts = kernel_options("fwd", k, v)
     k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if opts["TMA"] else (k, v)
-    q_in = host_descriptor(q, "BLOCK_M") if opts["TMA_Q"] else q
     args = (
-        q_in, k_in, v_in, out, lse,
+        q, k_in, v_in, out, lse,
         kv_indices, kv_counts, document_ids if document_ids is not None else kv_counts,
         sm_scale * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
