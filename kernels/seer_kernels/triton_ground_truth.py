@@ -40,6 +40,30 @@ from .triton_attention import (
 
 
 @triton.jit
+def _tile_scores(
+    q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, row0, seq_len, stride_kl,
+    MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Unscaled scores `[rows, BLOCK_N]` of the query rows against keys row0.. (K through `_load_rows`); when
+    MASKED, -inf where the causal/document mask (or the end of the sequence) forbids the pair."""
+    offs_n = row0 + tl.arange(0, BLOCK_N)
+    k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if MASKED:
+        allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+        if HAS_DOCS:
+            doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
+            allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+        qk = tl.where(allowed, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
 def _lse_tiles(
     m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base,
     t_start, t_end, seq_len, stride_kl, scale_log2,
@@ -51,18 +75,11 @@ def _lse_tiles(
     TMA: tl.constexpr,
 ):
     """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `_load_rows`."""
-    offs_n0 = tl.arange(0, BLOCK_N)
     for t in range(t_start, t_end):
-        offs_n = t * BLOCK_N + offs_n0
-        k = _load_rows(k_base, desc_b, desc_h, t * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, t * BLOCK_N, seq_len, stride_kl,
+                          MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
         if MASKED:
             qk = qk * scale_log2
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-            if HAS_DOCS:
-                doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
-                allowed = allowed & (doc_q[:, None] == doc_k[None, :])
-            qk = tl.where(allowed, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             x = qk - m_use[:, None]
@@ -110,22 +127,13 @@ def _pool_blocks(
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N if BLOCK_N < BLOCK else 1  # tiles per group
     ROWS: tl.constexpr = QB * BLOCK
     CHUNK: tl.constexpr = 16
-    offs_n0 = tl.arange(0, BLOCK_N)
     slots = tl.arange(0, CHUNK)
     row_max = tl.full([ROWS, CHUNK], float("-inf"), dtype=tl.float32)
     for g in range(g_start, g_end):
         slot = ((g - g_start) * KB) % CHUNK
         if KB == 2:
-            offs_n = g * BLOCK_N + offs_n0
-            k = _load_rows(k_base, desc_b, desc_h, g * BLOCK_N, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
-                           MASKED)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if MASKED:
-                allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                if HAS_DOCS:
-                    doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
-                    allowed = allowed & (doc_q[:, None] == doc_k[None, :])
-                qk = tl.where(allowed, qk, float("-inf"))
+            qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, g * BLOCK_N, seq_len,
+                              stride_kl, MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
             # [ROWS, 2]: the row maxima of the tile's two key blocks.
             best0, best1 = tl.split(tl.max(tl.reshape(qk, [ROWS, 2, BLOCK]), 2))
             # The scale is positive, so it commutes with the max: one multiply per row instead of per score.
@@ -134,17 +142,8 @@ def _pool_blocks(
         else:
             best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
             for s in tl.static_range(SPLIT_N):
-                row0 = g * BLOCK + s * BLOCK_N
-                offs_n = row0 + offs_n0
-                k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA,
-                               MASKED)
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                if MASKED:
-                    allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-                    if HAS_DOCS:
-                        doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
-                        allowed = allowed & (doc_q[:, None] == doc_k[None, :])
-                    qk = tl.where(allowed, qk, float("-inf"))
+                qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, g * BLOCK + s * BLOCK_N,
+                                  seq_len, stride_kl, MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
                 best = tl.maximum(best, tl.max(qk, 1))
             row_max = tl.where(slots[None, :] == slot, (best * scale_log2)[:, None], row_max)
         if slot + KB == CHUNK:
