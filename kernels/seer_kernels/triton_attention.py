@@ -255,6 +255,18 @@ def tuned_choices() -> dict[str, str]:
 
 
 @triton.jit
+def _head(X, b, h, stride_b, stride_h):  # noqa: N803
+    """Pointer to head h of batch element b of a `[B, H, ...]` tensor (64-bit offsets: large tensors)."""
+    return X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _row_ptrs(head, offs, stride_l, HEAD_DIM: tl.constexpr):
+    """Pointers `[len(offs), HEAD_DIM]` to rows `offs` of one head (`_head`)."""
+    return head + offs[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
 def _load_rows(src, desc_b, desc_h, row0, offs, stride, seq_len,
                ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """`[ROWS, HEAD_DIM]` tile (rows `offs` = row0 + arange) of one head of Q/K/V/dO.
@@ -263,12 +275,10 @@ def _load_rows(src, desc_b, desc_h, row0, offs, stride, seq_len,
     Descriptors load rows past the end as zeros; pointer loads do so when CHECK_ROWS."""
     if TMA:
         tile = src.load([desc_b, desc_h, row0, 0]).reshape([ROWS, HEAD_DIM])
+    elif CHECK_ROWS:
+        tile = tl.load(_row_ptrs(src, offs, stride, HEAD_DIM), mask=(offs < seq_len)[:, None], other=0.0)
     else:
-        offs_d = tl.arange(0, HEAD_DIM)
-        if CHECK_ROWS:
-            tile = tl.load(src + offs[:, None] * stride + offs_d[None, :], mask=(offs < seq_len)[:, None], other=0.0)
-        else:
-            tile = tl.load(src + offs[:, None] * stride + offs_d[None, :])
+        tile = tl.load(_row_ptrs(src, offs, stride, HEAD_DIM))
     return tile
 
 
@@ -358,16 +368,15 @@ def _sparse_fwd_kernel(
     hk = h // group
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :]
+    q_ptrs = _row_ptrs(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_ql, HEAD_DIM)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     if TMA:
         k_base = K
         v_base = V
     else:
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        k_base = _head(K, b, hk, stride_kb, stride_kh)
+        v_base = _head(V, b, hk, stride_vb, stride_vh)
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -406,7 +415,7 @@ def _sparse_fwd_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
+    o_ptrs = _row_ptrs(_head(O, b, h, stride_ob, stride_oh), offs_m, stride_ol, HEAD_DIM)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
 
@@ -425,15 +434,14 @@ def _bwd_delta_kernel(
     b = bh // n_heads_q
     h = bh % n_heads_q
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     o = tl.load(
-        O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :],
+        _row_ptrs(_head(O, b, h, stride_ob, stride_oh), offs_m, stride_ol, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
     do = tl.load(
-        DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dl + offs_d[None, :],
+        _row_ptrs(_head(DO, b, h, stride_db, stride_dh), offs_m, stride_dl, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
@@ -512,15 +520,14 @@ def _sparse_dq_kernel(
     hk = h // group
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        _row_ptrs(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_ql, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
     do = tl.load(
-        DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dol + offs_d[None, :],
+        _row_ptrs(_head(DO, b, h, stride_dob, stride_doh), offs_m, stride_dol, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
@@ -530,8 +537,8 @@ def _sparse_dq_kernel(
         k_base = K
         v_base = V
     else:
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+        k_base = _head(K, b, hk, stride_kb, stride_kh)
+        v_base = _head(V, b, hk, stride_vb, stride_vh)
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -564,7 +571,7 @@ def _sparse_dq_kernel(
         )
     dq = dq * sm_scale
     tl.store(
-        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :],
+        _row_ptrs(_head(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dql, HEAD_DIM),
         dq.to(DQ.dtype.element_ty),
         mask=row_ok[:, None],
     )
@@ -657,15 +664,14 @@ def _key_tile(
 ):
     """The K, V rows (and document ids) of one dK/dV key tile; rows past the end load as zeros."""
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < seq_len
     k = tl.load(
-        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :],
+        _row_ptrs(_head(K, b, hk, stride_kb, stride_kh), offs_n, stride_kl, HEAD_DIM),
         mask=col_ok[:, None],
         other=0.0,
     )
     v = tl.load(
-        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl + offs_d[None, :],
+        _row_ptrs(_head(V, b, hk, stride_vb, stride_vh), offs_n, stride_vl, HEAD_DIM),
         mask=col_ok[:, None],
         other=0.0,
     )
@@ -683,14 +689,13 @@ def _store_key_grads(
     stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
     HEAD_DIM: tl.constexpr,
 ):
-    offs_d = tl.arange(0, HEAD_DIM)
     tl.store(
-        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :],
+        _row_ptrs(_head(DK, b, hk, stride_dkb, stride_dkh), offs_n, stride_dkl, HEAD_DIM),
         dk.to(DK.dtype.element_ty),
         mask=col_ok[:, None],
     )
     tl.store(
-        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :],
+        _row_ptrs(_head(DV, b, hk, stride_dvb, stride_dvh), offs_n, stride_dvl, HEAD_DIM),
         dv.to(DV.dtype.element_ty),
         mask=col_ok[:, None],
     )
@@ -719,8 +724,8 @@ def _dkdv_head(
         q_src = Q
         do_src = DO
     else:
-        q_src = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-        do_src = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+        q_src = _head(Q, b, h, stride_qb, stride_qh)
+        do_src = _head(DO, b, h, stride_dob, stride_doh)
     lse_base = LSE + bh.to(tl.int64) * seq_len
     delta_base = DELTA + bh.to(tl.int64) * seq_len
     idx_base = Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks
@@ -968,7 +973,7 @@ def _block_lists_kernel(
     h = bh % n_heads
     j = tl.arange(0, NB_POW2)
     valid = j < n_blocks
-    base = MASK + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+    base = _head(MASK, b, h, stride_mb, stride_mh)
     ov_base = OVERLAP + b.to(tl.int64) * n_blocks * n_blocks
     if TRANSPOSE:
         # Row i lists the query blocks j >= i that kept key block i.

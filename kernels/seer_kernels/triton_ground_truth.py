@@ -25,8 +25,10 @@ from .indexing import document_block_overlap, num_blocks
 from .triton_attention import (
     LOG2E,
     TileConfig,
+    _head,
     _last_dim_contiguous,
     _precision,
+    _row_ptrs,
     block_lists,
     _load_rows,
     check_inputs,
@@ -198,17 +200,16 @@ def _ground_truth_kernel(
         offs_m = tl.where(r < BLOCK, m_hi, m_lo) * BLOCK + r % BLOCK
     else:
         offs_m = tl.sum(tl.where((r // BLOCK)[:, None] == sub[None, :], m_blks[None, :], 0), 1) * BLOCK + r % BLOCK
-    offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < seq_len
     q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :],
+        _row_ptrs(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_ql, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
     if TMA:
         k_base = K
     else:
-        k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+        k_base = _head(K, b, hk, stride_kb, stride_kh)
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -247,7 +248,7 @@ def _ground_truth_kernel(
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
         lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
 
-    out_ptrs = OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + out_rows.to(tl.int64) * stride_or
+    out_ptrs = _head(OUT, b, h, stride_ob, stride_oh) + out_rows.to(tl.int64) * stride_or
     if HAS_DOCS:
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
