@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -303,8 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
 
     tuned = tuned_choices()
+    from seer_kernels import gluon_attention
+
+    # Which forward / dQ kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton.
+    gluon_used = {"forward_and_dq": gluon_attention.gluon_supported(q, k, v, 128, None) and q.shape[-1] == 128
+                  and os.environ.get("SEER_KERNELS_GLUON", "1") != "0",
+                  "import_error": gluon_attention.GLUON_IMPORT_ERROR}
+    print("gluon kernels:", json.dumps(gluon_used), flush=True)
     result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,
-              "wall_s": time.time() - t_start}
+              "gluon": gluon_used, "wall_s": time.time() - t_start}
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

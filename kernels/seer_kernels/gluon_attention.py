@@ -1,19 +1,27 @@
-"""Block-sparse attention forward for Hopper in Gluon: the softmax of one key tile runs while the tensor cores
-multiply the previous tile's probabilities by V.
+"""Block-sparse attention forward and dQ for Hopper in Gluon, warp-specialized.
 
-Why a second forward next to `triton_attention._sparse_fwd_kernel`: Triton's compiler waits for every score
-matmul before the softmax that reads it, and puts no other matmul in flight meanwhile, so per key tile the
-tensor cores and the softmax take turns (about 450-480 TFLOP/s at head_dim 128 on an H200). Gluon states the
-waits by hand: tile j's scores are waited for with tile j-1's P V product still running (`warpgroup_mma_wait(1)`),
-so the exponentials of tile j overlap that product.
+Why these next to the Triton kernels of `triton_attention`: in Triton the two warpgroups of a 128-row program run
+in lockstep and every matrix product is waited for before the softmax that reads it, so the tensor cores and
+the exponentials take turns. Here each program is split by `gl.warp_specialize` into
+- a producer warp that streams K and V tiles through two-slot shared-memory rings (TMA, full/empty mbarriers),
+- two consumer warpgroups, each owning 64 of the 128 query rows, in separate partitions: they never wait for
+  each other, so one's exponentials run while the other's products are on the tensor cores.
+On an H200 (B=1, 32/8 heads, head_dim 128, L=32768) the forward runs 1.12-1.16x faster than the Triton forward
+(benchmarks/results/kernel_variants_h200/sweep13c).
 
-Scope: CUDA Hopper (sm_90), bf16/fp16, head_dim 64 or 128, block 64 or 128, lengths that are multiples of the
-block, no document ids, inputs whose (batch, head, position) dims collapse into one row index. Anything else
-(and the CPU interpreter, which cannot run Gluon) goes through the Triton forward, which computes the same
-function; `gluon_forward_supported` says which.
+Scope: CUDA Hopper (sm_90), bf16/fp16, block 64 or 128 (one or two consumer warpgroups: at block 64 two programs
+share a multiprocessor instead), head_dim 64 or 128, lengths that are multiples of the block, no document ids,
+`[B, H, L, D]` inputs whose (batch, head, position) dims collapse into one row index.
+Anything else (and the CPU interpreter, which cannot run Gluon) goes through the Triton kernels, which compute
+the same functions; `gluon_supported` says which. `SEER_KERNELS_GLUON=0` turns these kernels off.
 
-Layers: `_gluon_sparse_fwd_kernel` (kernel), `gluon_attention_forward` (host launcher with the same contract as
-`triton_attention.sparse_attention_forward`).
+Notes from building them (sweep 13): P reaches the second product through shared memory, not registers: a wgmma
+reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas then waits for the
+wgmma before the softmax reuses them. A single partition of two warpgroups (same overlap, CTA-wide barriers)
+measured no faster than Triton.
+
+Layers: `_gluon_sparse_fwd_kernel` / `_gluon_sparse_dq_kernel` (kernels, with their partitions), and the host
+launchers `gluon_attention_forward` / `gluon_attention_dq` (same contracts as the Triton launchers).
 """
 
 from __future__ import annotations
@@ -42,15 +50,15 @@ except Exception as err:  # pragma: no cover - depends on the installed Triton
 from .indexing import num_blocks
 
 LOG2E = 1.4426950408889634
+ROWS = 64  # query rows per consumer warpgroup (one wgmma M): block 128 has two consumers, block 64 one
+# Registers per thread of the second consumer warpgroup (the first gets what is left, the producer warp 24).
+CONSUMER_REGS = 232
 
 
-def gluon_forward_supported(
+def gluon_supported(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, document_ids: torch.Tensor | None
 ) -> bool:
-    """Whether `gluon_attention_forward` handles these inputs (else use the Triton forward).
-
-    `SEER_KERNELS_GLUON=0` turns the Gluon forward off.
-    """
+    """Whether the Gluon kernels handle these inputs (else the Triton ones run)."""
     if gluon is None or os.environ.get("SEER_KERNELS_GLUON", "1") == "0":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or not q.is_cuda:
@@ -59,29 +67,35 @@ def gluon_forward_supported(
         return False
     if document_ids is not None or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.shape[-1] not in (64, 128) or block_size not in (64, 128) or q.shape[2] % block_size:
+    if block_size not in (64, 128) or q.shape[-1] not in (64, 128) or q.shape[2] % block_size:
         return False
-    return all(_rows_collapse(t) for t in (q, k, v))
+    return all(rows_collapse(t) for t in (q, k, v))
 
 
-def _rows_collapse(t: torch.Tensor) -> bool:
+def rows_collapse(t: torch.Tensor) -> bool:
     """`[B, H, L, D]` with D contiguous and (B, H, L) addressable as one row index of stride D."""
     bsz, heads, seq_len, dim = t.shape
     st = t.stride()
-    return st[3] == 1 and st[2] == dim and (heads == 1 or st[1] == seq_len * dim) and (
-        bsz == 1 or st[0] == heads * seq_len * dim
-    ) and t.data_ptr() % 16 == 0
+    return (
+        st[3] == 1
+        and st[2] == dim
+        and (heads == 1 or st[1] == seq_len * dim)
+        and (bsz == 1 or st[0] == heads * seq_len * dim)
+        and t.data_ptr() % 16 == 0
+    )
 
 
 if gluon is not None:
 
+    WG_ROWS = gl.constexpr(ROWS)
+
     @gluon.jit
     def _scores_to_probs(s, m_i, l_i, offs_m, n_blk, seq_len, scale_log2, masked,
-                         BLOCK: gl.constexpr, s_layout: gl.constexpr):
-        """Online-softmax step on one `[BLOCK, BLOCK]` score tile (raw q.k): probabilities in base 2 against the
-        new running max, the new max and sum, and the factor that rescales what was accumulated before."""
+                         BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """Online-softmax step on one score tile (raw q.k): probabilities in base 2 against the new running max,
+        the new max and sum, and the factor that rescales what was accumulated before."""
         if masked:
-            offs_n = n_blk * BLOCK + gl.arange(0, BLOCK, layout=gl.SliceLayout(0, s_layout))
+            offs_n = n_blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
             s = gl.where(allowed, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
@@ -93,178 +107,82 @@ if gluon is not None:
         return p, m_new, l_new, alpha
 
     @gluon.jit
-    def _issue_tile(desc, bar, smem, row, pred, NBYTES: gl.constexpr):
-        mbarrier.expect(bar, NBYTES, pred=pred)
-        tma.async_copy_global_to_shared(desc, [row, 0], bar, smem, pred=pred)
-
-    @gluon.jit
-    def _gluon_sparse_fwd_kernel(
-        q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT,  # noqa: N803
-        scale_log2, seq_len, n_blocks, n_heads_q, group,
-        BLOCK: gl.constexpr,
-        HEAD_DIM: gl.constexpr,
-        Q_IN_REGISTERS: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        dtype: gl.constexpr = q_desc.dtype
-        # Scores [BLOCK, BLOCK] and output [BLOCK, HEAD_DIM] accumulate in wgmma layouts (16 rows per warp, so
-        # each warpgroup owns 64 rows). P goes through shared memory: a wgmma reading P from registers leaves
-        # those registers to the allocator once issued, and ptxas then waits for it before the softmax reuses
-        # them, which serializes exactly what should overlap.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        TILE_BYTES: gl.constexpr = BLOCK * HEAD_DIM * 2
-
-        # Query blocks vary fastest and the last (longest causal lists) go first, as in the Triton forward.
-        bh = gl.program_id(1)
-        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
-        b = bh // n_heads_q
-        hk = (bh % n_heads_q) // group
-        q_row = bh * seq_len + m_blk * BLOCK
-        kv_row = (b * (n_heads_q // group) + hk) * seq_len
-        list_row = bh.to(gl.int64) * n_blocks + m_blk
-        cnt = gl.load(KV_CNT + list_row)
-        idx = KV_IDX + list_row * n_blocks
-
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK, HEAD_DIM], q_desc.layout)
-        # Two slots each for K and V: slot j % 2 holds tile j; K_{j+2} and V_{j+1} are loaded once tile j is done.
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], v_desc.layout)
-        p_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, BLOCK], gl.NVMMASharedLayout.get_default_for(
-            [BLOCK, BLOCK], dtype))
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for slot0 in gl.static_range(2):
-            mbarrier.init(k_bars.index(slot0), count=1)
-            mbarrier.init(v_bars.index(slot0), count=1)
-        fence_async_shared()
-
-        n0 = gl.load(idx, mask=cnt > 0, other=0)
-        n1 = gl.load(idx + 1, mask=cnt > 1, other=0)
-        n2 = gl.load(idx + 2, mask=cnt > 2, other=0)
-        _issue_tile(q_desc, q_bar, q_smem, q_row, cnt > 0, TILE_BYTES)
-        _issue_tile(k_desc, k_bars.index(0), k_smem.index(0), kv_row + n0 * BLOCK, cnt > 0, TILE_BYTES)
-        _issue_tile(v_desc, v_bars.index(0), v_smem.index(0), kv_row + n0 * BLOCK, cnt > 0, TILE_BYTES)
-        _issue_tile(k_desc, k_bars.index(1), k_smem.index(1), kv_row + n1 * BLOCK, cnt > 1, TILE_BYTES)
-
-        offs_m = m_blk * BLOCK + gl.arange(0, BLOCK, layout=row_s)
-        m_i = gl.full([BLOCK], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([BLOCK], gl.float32, layout=row_s)
-        acc = gl.zeros([BLOCK, HEAD_DIM], gl.float32, layout=o_layout)
-        s_init = gl.zeros([BLOCK, BLOCK], gl.float32, layout=s_layout)
-        if cnt > 0:
-            # Tile 0: scores and probabilities (the last list entry, the diagonal when kept, is masked).
-            mbarrier.wait(q_bar, 0)
-            if Q_IN_REGISTERS:
-                # Q as the register operand of every score product: one shared-memory read instead of one per tile.
-                q_op = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-            else:
-                q_op = q_smem
-            mbarrier.wait(k_bars.index(0), 0)
-            s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=[s_tok])
-            p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n0, seq_len, scale_log2, cnt == 1,
-                                                  BLOCK, s_layout)
-            p_smem.index(0).store(p.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # P_0 is written; every warpgroup is done with K_0: its slot takes K_2
-            _issue_tile(k_desc, k_bars.index(0), k_smem.index(0), kv_row + n2 * BLOCK, cnt > 2, TILE_BYTES)
-            _issue_tile(v_desc, v_bars.index(1), v_smem.index(1), kv_row + n1 * BLOCK, cnt > 1, TILE_BYTES)
-            n_cur = n1
-            n_next = n2
-            n_after = gl.load(idx + 3, mask=cnt > 3, other=0)
-            for j in range(1, cnt):
+    def _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row,
+                      V_LAGS: gl.constexpr):
+        """Producer: K_j and V_j of each list entry j into slot j % 2 once the consumers freed that slot.
+        V_LAGS: step j loads K_j and V_{j-1} (the forward uses V one tile after K); else K_j and V_j."""
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        TILE_BYTES: gl.constexpr = k_desc.block_type.nbytes
+        n_prev = gl.load(idx)
+        for j in range(0, cnt + V_LAGS):
+            if j < cnt:
+                n_blk = gl.load(idx + j)
                 slot = j % 2
-                prev = 1 - slot
-                # Scores of tile j, then P_{j-1} V_{j-1}; wait for the scores only, so that product runs on
-                # the tensor cores while the exponentials of tile j are computed.
-                mbarrier.wait(k_bars.index(slot), (j // 2) & 1)
-                s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
-                                      is_async=True)
-                mbarrier.wait(v_bars.index(prev), ((j - 1) // 2) & 1)
-                acc_tok = warpgroup_mma(p_smem.index(prev), v_smem.index(prev), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s_tok])
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_cur, seq_len, scale_log2,
-                                                      j == cnt - 1, BLOCK, s_layout)
-                p_smem.index(slot).store(p.to(dtype))
-                fence_async_shared()
-                acc = warpgroup_mma_wait(0, deps=[acc_tok])
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                gl.thread_barrier()  # P_j is written; K_j, V_{j-1} and P_{j-1} are free in every warpgroup
-                _issue_tile(k_desc, k_bars.index(slot), k_smem.index(slot), kv_row + n_after * BLOCK, j + 2 < cnt,
-                            TILE_BYTES)
-                _issue_tile(v_desc, v_bars.index(prev), v_smem.index(prev), kv_row + n_next * BLOCK, j + 1 < cnt,
-                            TILE_BYTES)
-                # Block numbers are read a tile ahead of their use, so no warp waits on a load here.
-                n_far = gl.load(idx + j + 3, mask=j + 3 < cnt, other=0)
-                n_cur = n_next
-                n_next = n_after
-                n_after = n_far
-            last = (cnt - 1) % 2
-            mbarrier.wait(v_bars.index(last), ((cnt - 1) // 2) & 1)
-            acc_tok = warpgroup_mma(p_smem.index(last), v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=[acc_tok])
-
-        empty = l_i == 0.0
-        out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
-        # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
-        lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
-        gl.thread_barrier()  # every warpgroup's last score product has read Q: its buffer takes the output
-        q_smem.store(out.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
-        gl.store(LSE + bh.to(gl.int64) * seq_len + offs_m, lse)
-        tma.store_wait(0)
-        mbarrier.invalidate(q_bar)
-        for slot0 in gl.static_range(2):
-            mbarrier.invalidate(k_bars.index(slot0))
-            mbarrier.invalidate(v_bars.index(slot0))
-
-
-    # ------------------------------------------------------------------ warp-specialized variant
-    # One producer warp streams K and V through two-slot rings (full/empty mbarriers); two consumer
-    # warpgroups, each owning 64 query rows, run in separate partitions, so they never wait for each other
-    # and one's exponentials naturally overlap the other's matrix products.
+                # The slot's previous tile (j - 2) must have been released by both consumer warpgroups.
+                mbarrier.wait(k_empty.index(slot), ((j // 2) - 1) & 1, pred=j >= 2)
+                mbarrier.expect(k_full.index(slot), TILE_BYTES)
+                tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK_N, 0], k_full.index(slot),
+                                                k_smem.index(slot))
+            else:
+                n_blk = n_prev
+            jv = j - V_LAGS
+            if jv >= 0:
+                n_v = n_prev if V_LAGS else n_blk
+                vslot = jv % 2
+                mbarrier.wait(v_empty.index(vslot), ((jv // 2) - 1) & 1, pred=jv >= 2)
+                mbarrier.expect(v_full.index(vslot), TILE_BYTES)
+                tma.async_copy_global_to_shared(v_desc, [kv_row + n_v * BLOCK_N, 0], v_full.index(vslot),
+                                                v_smem.index(vslot))
+            n_prev = n_blk
 
     @gluon.jit
-    def _ws_consumer(q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                     idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, WG: gl.constexpr):
-        dtype: gl.constexpr = q_desc.dtype
-        BLOCK: gl.constexpr = k_smem.shape[1]
+    def _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG: gl.constexpr):  # noqa: N803
+        mbarrier.init(q_bar, count=1)
+        for slot in gl.static_range(2):
+            mbarrier.init(k_full.index(slot), count=1)
+            mbarrier.init(v_full.index(slot), count=1)
+            mbarrier.init(k_empty.index(slot), count=NUM_WG)  # one arrival per consumer warpgroup
+            mbarrier.init(v_empty.index(slot), count=NUM_WG)
+        fence_async_shared()
+
+    # ------------------------------------------------------------------------------------------- forward
+
+    @gluon.jit
+    def _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
+                      v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, WG: gl.constexpr):
+        """Rows [64 WG, 64 WG + 64) of the query block. Tile j: scores S_j, then P_{j-1} V_{j-1}; only S_j is
+        waited for before the softmax of tile j, so that product overlaps the exponentials."""
+        dtype: gl.constexpr = k_smem.dtype
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
-        ROWS: gl.constexpr = 64
+        # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK, 16])
+                                                           instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        offs_m = m_blk * BLOCK + WG * ROWS + gl.arange(0, ROWS, layout=row_s)
-        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([ROWS], gl.float32, layout=row_s)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-        s_init = gl.zeros([ROWS, BLOCK], gl.float32, layout=s_layout)
+        offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
+        m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, layout=row_s)
+        l_i = gl.zeros([WG_ROWS], gl.float32, layout=row_s)
+        acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
         my_q = q_smem.index(WG)
-        # Block number of the last entry: the only one masked (the diagonal when it is kept).
+        # The last entry is the only one masked (the diagonal, when kept, is last).
         n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
         if cnt > 0:
             mbarrier.wait(q_bar, 0)
+            # Q is the register operand of every score product: read from shared memory once.
             q_op = my_q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
             mbarrier.wait(k_full.index(0), 0)
             s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=[s_tok])
             mbarrier.arrive(k_empty.index(0), count=1)
             p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2, cnt == 1,
-                                                  BLOCK, s_layout)
+                                                  BLOCK_N, s_layout)
             p_smem.index(WG * 2).store(p.to(dtype))
             fence_async_shared()
-            gl.thread_barrier()
+            gl.thread_barrier()  # partition-wide: this warpgroup's P_0 is written
             for j in range(1, cnt):
                 slot = j % 2
                 prev = 1 - slot
@@ -276,13 +194,13 @@ if gluon is not None:
                 s = warpgroup_mma_wait(1, deps=[s_tok])
                 mbarrier.arrive(k_empty.index(slot), count=1)
                 p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2,
-                                                      j == cnt - 1, BLOCK, s_layout)
+                                                      j == cnt - 1, BLOCK_N, s_layout)
                 p_smem.index(WG * 2 + slot).store(p.to(dtype))
                 fence_async_shared()
                 acc = warpgroup_mma_wait(0, deps=[acc_tok])
                 mbarrier.arrive(v_empty.index(prev), count=1)
                 acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                gl.thread_barrier()  # this warpgroup's P_j is complete before its product is issued
+                gl.thread_barrier()  # P_j is written before its product is issued
             last = (cnt - 1) % 2
             mbarrier.wait(v_full.index(last), ((cnt - 1) // 2) & 1)
             acc_tok = warpgroup_mma(p_smem.index(WG * 2 + last), v_smem.index(last), acc, is_async=True)
@@ -290,108 +208,247 @@ if gluon is not None:
             mbarrier.arrive(v_empty.index(last), count=1)
         empty = l_i == 0.0
         out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
+        # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
         lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
         # This warpgroup's Q rows went to registers at the start: their buffer takes the output.
         my_q.store(out.to(dtype))
         fence_async_shared()
         gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [q_row + WG * ROWS, 0], my_q)
+        tma.async_copy_shared_to_global(o_desc, [q_row + WG * WG_ROWS, 0], my_q)
         gl.store(LSE + lse_row + offs_m, lse)
         tma.store_wait(0)
 
     @gluon.jit
-    def _ws_consumer_0(q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
-                       v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
-        _ws_consumer(q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 0)
+    def _fwd_consumer_0(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
+                        v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
+        _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx,
+                      cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 0)
 
     @gluon.jit
-    def _ws_consumer_1(q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
-                       v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
-        _ws_consumer(q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 1)
+    def _fwd_consumer_1(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
+                        v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
+        _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx,
+                      cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 1)
 
     @gluon.jit
-    def _ws_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                     idx, cnt, q_row, kv_row):
-        BLOCK: gl.constexpr = k_smem.shape[1]
-        TILE_BYTES: gl.constexpr = k_desc.block_type.nbytes
-        mbarrier.expect(q_bar, TILE_BYTES, pred=cnt > 0)
-        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem.index(0), pred=cnt > 0)
-        tma.async_copy_global_to_shared(q_desc, [q_row + 64, 0], q_bar, q_smem.index(1), pred=cnt > 0)
-        n_prev = gl.load(idx)
-        # Step j loads K_j and V_{j-1}: keys run one tile ahead of values, as the consumers use them.
-        for j in range(0, cnt + 1):
-            if j < cnt:
-                n_blk = gl.load(idx + j)
-                slot = j % 2
-                mbarrier.wait(k_empty.index(slot), ((j // 2) - 1) & 1, pred=j >= 2)
-                mbarrier.expect(k_full.index(slot), TILE_BYTES)
-                tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK, 0], k_full.index(slot),
-                                                k_smem.index(slot))
-            else:
-                n_blk = n_prev
-            if j >= 1:
-                vslot = (j - 1) % 2
-                mbarrier.wait(v_empty.index(vslot), (((j - 1) // 2) - 1) & 1, pred=j >= 3)
-                mbarrier.expect(v_full.index(vslot), TILE_BYTES)
-                tma.async_copy_global_to_shared(v_desc, [kv_row + n_prev * BLOCK, 0], v_full.index(vslot),
-                                                v_smem.index(vslot))
-            n_prev = n_blk
+    def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                      idx, cnt, q_row, kv_row):
+        NUM_WG: gl.constexpr = q_smem.shape[0]
+        mbarrier.expect(q_bar, NUM_WG * q_desc.block_type.nbytes, pred=cnt > 0)
+        for wg in gl.static_range(NUM_WG):
+            tma.async_copy_global_to_shared(q_desc, [q_row + wg * WG_ROWS, 0], q_bar, q_smem.index(wg), pred=cnt > 0)
+        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, 1)
 
     @gluon.jit
-    def _gluon_ws_fwd_kernel(
+    def _gluon_sparse_fwd_kernel(
         q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT,  # noqa: N803
         scale_log2, seq_len, n_blocks, n_heads_q, group,
-        BLOCK: gl.constexpr,
-        HEAD_DIM: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
     ):
         dtype: gl.constexpr = k_desc.dtype
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+        # Query blocks vary fastest and the last (longest causal lists) go first, as in the Triton forward.
         bh = gl.program_id(1)
         m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
         b = bh // n_heads_q
         hk = (bh % n_heads_q) // group
-        q_row = bh * seq_len + m_blk * BLOCK
+        q_row = bh * seq_len + m_blk * BLOCK_N
         kv_row = (b * (n_heads_q // group) + hk) * seq_len
         list_row = bh.to(gl.int64) * n_blocks + m_blk
         cnt = gl.load(KV_CNT + list_row)
         idx = KV_IDX + list_row * n_blocks
         lse_row = bh.to(gl.int64) * seq_len
 
-        q_smem = gl.allocate_shared_memory(dtype, [2, 64, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK, HEAD_DIM], v_desc.layout)
-        p_smem = gl.allocate_shared_memory(dtype, [4, 64, BLOCK], gl.NVMMASharedLayout.get_default_for(
-            [64, BLOCK], dtype))
+        NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        # Two P slots per consumer warpgroup: P_j is written while P_{j-1} V_{j-1} still reads the other.
+        p_smem = gl.allocate_shared_memory(dtype, [2 * NUM_WG, WG_ROWS, BLOCK_N],
+                                           gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for slot0 in gl.static_range(2):
-            mbarrier.init(k_full.index(slot0), count=1)
-            mbarrier.init(v_full.index(slot0), count=1)
-            mbarrier.init(k_empty.index(slot0), count=2)  # one arrival per consumer warpgroup
-            mbarrier.init(v_empty.index(slot0), count=2)
+        _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG)
+        consumer_args = (o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                         idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2)
+        producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
+                         idx, cnt, q_row, kv_row)
+        if NUM_WG == 2:
+            gl.warp_specialize([(_fwd_consumer_0, consumer_args), (_fwd_consumer_1, consumer_args),
+                                (_fwd_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
+        else:  # block 64: one consumer warpgroup; two programs share a multiprocessor instead
+            gl.warp_specialize([(_fwd_consumer_0, consumer_args), (_fwd_producer, producer_args)], [1], [24])
+
+    # ------------------------------------------------------------------------------------------------ dQ
+
+    @gluon.jit
+    def _scores_to_ds(s, dp, lse, delta, offs_m, n_blk, seq_len, scale_log2, masked,
+                      BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
+        """dS = P (dP - delta) of one tile, P recomputed from the raw scores and the forward's base-2 lse."""
+        x = s * scale_log2 - lse[:, None]
+        if masked:
+            offs_n = n_blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+            x = gl.where(allowed, x, float("-inf"))
+        return gl.exp2(x) * (dp - delta[:, None])
+
+    @gluon.jit
+    def _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty,  # noqa: N803
+                     v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale,
+                     WG: gl.constexpr):
+        """dQ of rows [64 WG, 64 WG + 64): per tile S = q K^T and dP = dO V^T, dS = P (dP - delta), then
+        dQ += dS K issued without waiting (it completes under the next tile's products)."""
+        dtype: gl.constexpr = k_smem.dtype
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
+        lse = gl.load(LSE + lse_row + offs_m)
+        delta = gl.load(DELTA + lse_row + offs_m)
+        s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        dq = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        my_q = q_smem.index(WG)
+        my_do = do_smem.index(WG)
+        my_ds = ds_smem.index(WG)
+        n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
+        if cnt > 0:
+            mbarrier.wait(q_bar, 0)
+            # Tile 0 (peeled: no dQ product in flight yet).
+            mbarrier.wait(k_full.index(0), 0)
+            mbarrier.wait(v_full.index(0), 0)
+            s_tok = warpgroup_mma(my_q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(my_do, v_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
+            mbarrier.arrive(v_empty.index(0), count=1)
+            ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, cnt == 1, BLOCK_N, s_layout)
+            my_ds.store(ds.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # dS_0 is written before its product is issued
+            for j in range(1, cnt):
+                slot = j % 2
+                prev = 1 - slot
+                mbarrier.wait(k_full.index(slot), (j // 2) & 1)
+                mbarrier.wait(v_full.index(slot), (j // 2) & 1)
+                s_tok = warpgroup_mma(my_q, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                      is_async=True)
+                dp_tok = warpgroup_mma(my_do, v_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                       is_async=True)
+                # dQ += dS_{j-1} K_{j-1} goes last: waiting for all but one group completes S_j and dP_j while
+                # it runs under the dS_j arithmetic.
+                dq_tok = warpgroup_mma(my_ds, k_smem.index(prev), dq, is_async=True)
+                s, dp = warpgroup_mma_wait(1, deps=[s_tok, dp_tok])
+                mbarrier.arrive(v_empty.index(slot), count=1)
+                ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, j == cnt - 1, BLOCK_N,
+                                   s_layout)
+                dq = warpgroup_mma_wait(0, deps=[dq_tok])
+                mbarrier.arrive(k_empty.index(prev), count=1)
+                my_ds.store(ds.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()  # dS_j is written before its product is issued
+            last = (cnt - 1) % 2
+            dq_tok = warpgroup_mma(my_ds, k_smem.index(last), dq, is_async=True)
+            dq = warpgroup_mma_wait(0, deps=[dq_tok])
+            mbarrier.arrive(k_empty.index(last), count=1)
+        # This warpgroup's q rows are no longer read: their buffer takes dQ.
+        my_q.store((dq * sm_scale).to(dtype))
         fence_async_shared()
-        consumer_args = (q_desc, o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,
-                         v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2)
-        gl.warp_specialize([
-            (_ws_consumer_0, consumer_args),
-            (_ws_consumer_1, consumer_args),
-            (_ws_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full,
-                            v_empty, idx, cnt, q_row, kv_row)),
-        ], [4, 1], [CONSUMER_REGS, 24])
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dq_desc, [q_row + WG * WG_ROWS, 0], my_q)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _dq_consumer_0(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full,  # noqa: N803
+                       k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale):
+        _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty, v_full,
+                     v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale, 0)
+
+    @gluon.jit
+    def _dq_consumer_1(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full,  # noqa: N803
+                       k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale):
+        _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty, v_full,
+                     v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale, 1)
+
+    @gluon.jit
+    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, k_empty,
+                     v_full, v_empty, idx, cnt, q_row, kv_row):
+        NUM_WG: gl.constexpr = q_smem.shape[0]
+        mbarrier.expect(q_bar, 2 * NUM_WG * q_desc.block_type.nbytes, pred=cnt > 0)
+        for wg in gl.static_range(NUM_WG):
+            tma.async_copy_global_to_shared(q_desc, [q_row + wg * WG_ROWS, 0], q_bar, q_smem.index(wg), pred=cnt > 0)
+            tma.async_copy_global_to_shared(do_desc, [q_row + wg * WG_ROWS, 0], q_bar, do_smem.index(wg),
+                                            pred=cnt > 0)
+        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, 0)
+
+    @gluon.jit
+    def _gluon_sparse_dq_kernel(
+        q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, KV_IDX, KV_CNT,  # noqa: N803
+        scale_log2, sm_scale, seq_len, n_blocks, n_heads_q, group,
+        CONSUMER_REGS: gl.constexpr,
+    ):
+        dtype: gl.constexpr = k_desc.dtype
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+        bh = gl.program_id(1)
+        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
+        b = bh // n_heads_q
+        hk = (bh % n_heads_q) // group
+        q_row = bh * seq_len + m_blk * BLOCK_N
+        kv_row = (b * (n_heads_q // group) + hk) * seq_len
+        list_row = bh.to(gl.int64) * n_blocks + m_blk
+        cnt = gl.load(KV_CNT + list_row)
+        idx = KV_IDX + list_row * n_blocks
+        lse_row = bh.to(gl.int64) * seq_len
+
+        NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
+        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, BLOCK_N],
+                                            gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG)
+        consumer_args = (dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale)
+        producer_args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, k_empty,
+                         v_full, v_empty, idx, cnt, q_row, kv_row)
+        if NUM_WG == 2:
+            gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_consumer_1, consumer_args),
+                                (_dq_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_producer, producer_args)], [1], [24])
 
 
-def _row_descriptor(t: torch.Tensor, block: int):
-    """A 2-D `[B * H * L, D]` TMA descriptor of `t` with `[block, D]` tiles."""
-    rows = t.shape[0] * t.shape[1] * t.shape[2]
+def _row_descriptor(t: torch.Tensor, rows: int):
+    """A 2-D `[B * H * L, D]` TMA descriptor of `t` with `[rows, D]` tiles."""
     dim = t.shape[3]
     dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([block, dim], dtype)
-    return TensorDescriptor(t, [rows, dim], [dim, 1], [block, dim], layout)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, dim], dtype)
+    return TensorDescriptor(t, [t.shape[0] * t.shape[1] * t.shape[2], dim], [dim, 1], [rows, dim], layout)
+
+
+def _launch_registers(block_size: int) -> dict:
+    """Block 64 runs one consumer warpgroup (232 registers) and the producer (24): a 128-register launch cap
+    lets two programs share a multiprocessor, whose warpgroups then overlap like block 128's two consumers."""
+    return {"maxnreg": 128} if block_size == 64 else {}
+
+
+def _check_output(t: torch.Tensor, like: torch.Tensor, name: str) -> None:
+    if t.shape != like.shape or t.dtype != like.dtype or not rows_collapse(t):
+        raise ValueError(f"{name} must be a contiguous {tuple(like.shape)} {like.dtype} tensor for the Gluon kernels")
 
 
 def gluon_attention_forward(
@@ -405,39 +462,60 @@ def gluon_attention_forward(
     sm_scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    variant: str = "ws",
-    consumer_regs: int = 232,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the Gluon forward (same contract as `triton_attention.sparse_attention_forward`, no documents).
+    """Launch the Gluon forward (contract of `triton_attention.sparse_attention_forward`, no documents).
 
     Args:
-        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`, each passing `gluon_forward_supported`.
+        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`, passing `gluon_supported`.
         kv_indices: int32 `[B, Hq, nB, nB]`, kv_counts: int32 `[B, Hq, nB]` (`block_mask_to_indices`).
-        out, lse: optional preallocated outputs (`[B, Hq, L, D]` like q, contiguous; float32 `[B, Hq, L]`).
+        out, lse: optional preallocated outputs (contiguous `[B, Hq, L, D]` like q; float32 `[B, Hq, L]`).
     Returns:
         `(out, lse)`, lse in base 2, +inf for rows with no allowed key.
     """
-    bsz, hq, seq_len, dim = q.shape
+    bsz, hq, seq_len, _ = q.shape
     nb = num_blocks(seq_len, block_size)
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    if not _rows_collapse(out):
-        raise ValueError("out must be contiguous for the Gluon forward")
-    if variant == "ws" and block_size == 128:
-        q_d, o_d = _row_descriptor(q, 64), _row_descriptor(out, 64)
-        k_d, v_d = _row_descriptor(k, block_size), _row_descriptor(v, block_size)
-        _gluon_ws_fwd_kernel[(nb, bsz * hq)](
-            q_d, k_d, v_d, o_d, lse, kv_indices, kv_counts,
-            sm_scale * LOG2E, seq_len, nb, hq, hq // k.shape[1],
-            BLOCK=block_size, HEAD_DIM=dim, CONSUMER_REGS=consumer_regs, num_warps=4,
-        )
-    else:
-        descs = [_row_descriptor(t, block_size) for t in (q, k, v, out)]
-        _gluon_sparse_fwd_kernel[(nb, bsz * hq)](
-            *descs, lse, kv_indices, kv_counts,
-            sm_scale * LOG2E, seq_len, nb, hq, hq // k.shape[1],
-            BLOCK=block_size, HEAD_DIM=dim, Q_IN_REGISTERS=variant != "simple", num_warps=block_size // 16,
-        )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device) if lse is None else lse
+    _check_output(out, q, "out")
+    _gluon_sparse_fwd_kernel[(nb, bsz * hq)](
+        _row_descriptor(q, ROWS), _row_descriptor(k, block_size), _row_descriptor(v, block_size),
+        _row_descriptor(out, ROWS), lse, kv_indices, kv_counts,
+        sm_scale * LOG2E, seq_len, nb, hq, hq // k.shape[1],
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **_launch_registers(block_size),
+    )
     return out, lse
+
+
+def gluon_attention_dq(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    dq: torch.Tensor,
+    *,
+    block_size: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    """Launch the Gluon dQ kernel into `dq` (the dQ part of `triton_attention.sparse_attention_backward`).
+
+    Args:
+        q, dout, dq: `[B, Hq, L, D]` (dq contiguous); k, v: `[B, Hkv, L, D]`; all passing `gluon_supported`.
+        lse: float32 `[B, Hq, L]` from the forward; delta: float32 `[B, Hq, L]`, rowsum(out * dout).
+        kv_indices / kv_counts: the forward's block lists.
+    Returns:
+        `dq`.
+    """
+    bsz, hq, seq_len, _ = q.shape
+    nb = num_blocks(seq_len, block_size)
+    _check_output(dq, q, "dq")
+    _gluon_sparse_dq_kernel[(nb, bsz * hq)](
+        _row_descriptor(q, ROWS), _row_descriptor(k, block_size), _row_descriptor(v, block_size),
+        _row_descriptor(dout, ROWS), _row_descriptor(dq, ROWS), lse, delta, kv_indices, kv_counts,
+        sm_scale * LOG2E, sm_scale, seq_len, nb, hq, hq // k.shape[1],
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **_launch_registers(block_size),
+    )
+    return dq

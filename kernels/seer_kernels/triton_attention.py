@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_attention
 from .indexing import block_mask_to_indices, document_block_overlap, num_blocks
 
 LOG2E = 1.4426950408889634
@@ -1077,6 +1078,21 @@ def prepare_documents(document_ids: torch.Tensor | None, q: torch.Tensor) -> tor
     return document_ids.to(device=q.device, dtype=torch.int32).contiguous()
 
 
+def _pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs) -> bool:
+    """Whether a launch goes to the Gluon kernels: forced by `use_gluon`, else when they support the inputs,
+    the given outputs are contiguous and no Triton tile config was asked for."""
+    if use_gluon is False:
+        return False
+    supported = gluon_attention.gluon_supported(q, k, v, block_size, document_ids) and all(
+        t is None or gluon_attention.rows_collapse(t) for t in outputs
+    )
+    if use_gluon and not supported:
+        reason = gluon_attention.GLUON_IMPORT_ERROR or "inputs outside its scope (see gluon_attention)"
+        raise ValueError(f"the Gluon kernels cannot run here: {reason}")
+    # Unforced, only at head_dim 128, where they measured faster (at head_dim 64 they were 6-10% slower, sweep 13e).
+    return supported and (bool(use_gluon) or (config is None and q.shape[-1] == 128))
+
+
 def sparse_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1090,6 +1106,7 @@ def sparse_attention_forward(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     config: TileConfig | None = None,
+    use_gluon: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
@@ -1099,6 +1116,8 @@ def sparse_attention_forward(
         document_ids: int32 `[B, L]` contiguous, or None.
         out, lse: optional preallocated outputs (`[B, Hq, L, D]` in q's dtype, float32 `[B, Hq, L]`).
         config: explicit tile settings (default: autotuned on long GPU inputs, else `default_config`).
+        use_gluon: run the warp-specialized Gluon forward (`gluon_attention`); None: when it supports the inputs
+            (Hopper, block 64/128, no documents, ...), head_dim is 128 and no Triton `config` is given.
     Returns:
         `(out, lse)`: lse is the base-2 log-sum-exp of the scaled scores, +inf for rows with no allowed key.
     """
@@ -1108,6 +1127,10 @@ def sparse_attention_forward(
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
+    if _pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, out):
+        return gluon_attention.gluon_attention_forward(
+            q, k, v, kv_indices, kv_counts, block_size=block_size, sm_scale=sm_scale, out=out, lse=lse
+        )
     opts = kernel_options("fwd", k, v)
     k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if opts["TMA"] else (k, v)
     args = (
@@ -1155,6 +1178,7 @@ def sparse_attention_backward(
     dq_config: TileConfig | None = None,
     dkdv_config: TileConfig | None = None,
     dkdv_segments: bool | None = None,
+    use_gluon: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (delta, dQ, dK/dV).
 
@@ -1163,6 +1187,7 @@ def sparse_attention_backward(
         kv_indices/kv_counts: per query block key-block lists; q_indices/q_counts: the transposed lists.
         grads: optional preallocated `(dq, dk, dv)`.
         dkdv_segments: use the segmented dK/dV kernel (None: `KERNEL_OPTIONS["dkdv"]["SEGMENTS"]`).
+        use_gluon: compute dQ with the warp-specialized Gluon kernel (None: as for the forward, with `dq_config`).
     Returns:
         `(dq, dk, dv)` in the inputs' dtypes.
     """
@@ -1202,11 +1227,16 @@ def sparse_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
-    launch(
-        _sparse_dq_kernel, "dq", block_size, seq_len,
-        lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
-        dq_args, {**common, **dq_options}, dq_config,
-    )
+    if _pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
+        gluon_attention.gluon_attention_dq(
+            q, k, v, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
+        )
+    else:
+        launch(
+            _sparse_dq_kernel, "dq", block_size, seq_len,
+            lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
+            dq_args, {**common, **dq_options}, dq_config,
+        )
     dkdv_options = kernel_options("dkdv", q, dout)
     q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] else (q, dout)
     dkdv_args = (
