@@ -5,7 +5,8 @@ repeated in memory). `nB = ceil(L / block_size)`. `document_ids [B, L]` (int, op
 key iff the key is not later and both carry the same id (packed sequences; padding gets an id of its own).
 
 Each op has two backends: `"reference"` (pure PyTorch, `seer_kernels.naive`) and `"triton"`; `"auto"` picks
-Triton for CUDA tensors and the reference otherwise.
+Triton for CUDA tensors and the reference otherwise. Within `"triton"`, Hopper GPUs at head_dim 128 run the
+sparse forward and dQ as warp-specialized Gluon kernels (`gluon_attention`; `SEER_KERNELS_GLUON=0` turns them off).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gluon kernels (forward, dQ) against the Triton ones on one GPU: same block lists, outputs compared, both timed.
 
-    python benchmarks/gluon_forward_check.py [--json out.json] [--quick]
+    python benchmarks/gluon_check.py [--json out.json] [--quick]
 
 Each case runs `sparse_attention_forward` / `sparse_attention_backward` with `use_gluon=True` and `False`
 (the backward differs only in its dQ kernel), checks the forward against the float32 reference on two heads and
