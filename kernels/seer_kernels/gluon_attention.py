@@ -12,8 +12,9 @@ On an H200 (B=1, 32/8 heads, head_dim 128, L=32768) the forward runs 1.12-1.16x 
 Scope: CUDA Hopper (sm_90), bf16/fp16, block 64 or 128 (one or two consumer warpgroups: at block 64 two programs
 share a multiprocessor instead), head_dim 64 or 128, lengths that are multiples of the block, no document ids,
 `[B, H, L, D]` inputs whose (batch, head, position) dims collapse into one row index.
-Anything else (and the CPU interpreter, which cannot run Gluon) goes through the Triton kernels, which compute
-the same functions; `gluon_supported` says which. `SEER_KERNELS_GLUON=0` turns these kernels off.
+Also only with Triton 3.6, the release they were built and tested with (Gluon's API changed after it). Anything
+else (and the CPU interpreter, which cannot run Gluon) goes through the Triton kernels, which compute the same
+functions; `gluon_supported` says which. `SEER_KERNELS_GLUON=0` turns these kernels off.
 
 Notes from building them (sweep 13): P reaches the second product through shared memory, not registers: a wgmma
 reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas then waits for the
@@ -30,7 +31,14 @@ import os
 
 import torch
 
-try:  # Gluon is experimental: absent from older Triton, and its API moves between releases.
+import triton
+
+# Gluon is experimental and its API moves between releases (Triton 3.9 renamed or removed several of the calls
+# below), so the kernels run only on the release they were built and tested with; elsewhere Triton's run.
+TESTED_TRITON = "3.6."
+try:
+    if not triton.__version__.startswith(TESTED_TRITON):
+        raise ImportError(f"the Gluon kernels are tested with Triton {TESTED_TRITON}x only, found {triton.__version__}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
