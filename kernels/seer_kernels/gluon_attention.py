@@ -98,14 +98,19 @@ if gluon is not None:
     WG_ROWS = gl.constexpr(ROWS)
 
     @gluon.jit
+    def _causal_mask(x, offs_m, n_blk, seq_len, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # noqa: N803
+        """-inf where key block n_blk's keys come after the row's query or past the end of the sequence."""
+        offs_n = n_blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
+        return gl.where(allowed, x, float("-inf"))
+
+    @gluon.jit
     def _scores_to_probs(s, m_i, l_i, offs_m, n_blk, seq_len, scale_log2, masked,
                          BLOCK_N: gl.constexpr, s_layout: gl.constexpr):
         """Online-softmax step on one score tile (raw q.k): probabilities in base 2 against the new running max,
         the new max and sum, and the factor that rescales what was accumulated before."""
         if masked:
-            offs_n = n_blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-            s = gl.where(allowed, s, float("-inf"))
+            s = _causal_mask(s, offs_m, n_blk, seq_len, BLOCK_N, s_layout)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale_log2)
         # A row with nothing allowed so far has m_new = -inf: subtract 0 instead so exp2 gives 0, not NaN.
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -126,7 +131,7 @@ if gluon is not None:
             if j < cnt:
                 n_blk = gl.load(idx + j)
                 slot = j % 2
-                # The slot's previous tile (j - 2) must have been released by both consumer warpgroups.
+                # The slot's previous tile (j - 2) must have been released by every consumer warpgroup.
                 mbarrier.wait(k_empty.index(slot), ((j // 2) - 1) & 1, pred=j >= 2)
                 mbarrier.expect(k_full.index(slot), TILE_BYTES)
                 tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK_N, 0], k_full.index(slot),
@@ -144,14 +149,37 @@ if gluon is not None:
             n_prev = n_blk
 
     @gluon.jit
-    def _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG: gl.constexpr):  # noqa: N803
+    def _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q, group, BLOCK_N: gl.constexpr):  # noqa: N803
+        """This program's query block (the last, longest causal lists, go first, as in the Triton kernels), its
+        first rows in the `[B * H * L, D]` views of Q and K/V, its lse/delta row offset and its key-block list."""
+        bh = gl.program_id(1)
+        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
+        hk = (bh % n_heads_q) // group
+        q_row = bh * seq_len + m_blk * BLOCK_N
+        kv_row = ((bh // n_heads_q) * (n_heads_q // group) + hk) * seq_len
+        list_row = bh.to(gl.int64) * n_blocks + m_blk
+        cnt = gl.load(KV_CNT + list_row)
+        return m_blk, q_row, kv_row, bh.to(gl.int64) * seq_len, cnt, KV_IDX + list_row * n_blocks
+
+    @gluon.jit
+    def _kv_rings(k_desc, v_desc, NUM_WG: gl.constexpr):  # noqa: N803
+        """Two-slot K and V rings with their full/empty mbarriers (empty: one arrival per consumer warpgroup),
+        and the mbarrier of the per-program query tiles."""
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
         for slot in gl.static_range(2):
             mbarrier.init(k_full.index(slot), count=1)
             mbarrier.init(v_full.index(slot), count=1)
-            mbarrier.init(k_empty.index(slot), count=NUM_WG)  # one arrival per consumer warpgroup
+            mbarrier.init(k_empty.index(slot), count=NUM_WG)
             mbarrier.init(v_empty.index(slot), count=NUM_WG)
         fence_async_shared()
+        return k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
 
     # ------------------------------------------------------------------------------------------- forward
 
@@ -256,31 +284,14 @@ if gluon is not None:
         dtype: gl.constexpr = k_desc.dtype
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-        # Query blocks vary fastest and the last (longest causal lists) go first, as in the Triton forward.
-        bh = gl.program_id(1)
-        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
-        b = bh // n_heads_q
-        hk = (bh % n_heads_q) // group
-        q_row = bh * seq_len + m_blk * BLOCK_N
-        kv_row = (b * (n_heads_q // group) + hk) * seq_len
-        list_row = bh.to(gl.int64) * n_blocks + m_blk
-        cnt = gl.load(KV_CNT + list_row)
-        idx = KV_IDX + list_row * n_blocks
-        lse_row = bh.to(gl.int64) * seq_len
-
         NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
+        m_blk, q_row, kv_row, lse_row, cnt, idx = _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q,
+                                                                group, BLOCK_N)
         q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
         # Two P slots per consumer warpgroup: P_j is written while P_{j-1} V_{j-1} still reads the other.
         p_smem = gl.allocate_shared_memory(dtype, [2 * NUM_WG, WG_ROWS, BLOCK_N],
                                            gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG)
+        k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
         consumer_args = (o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
                          idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2)
         producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
@@ -299,9 +310,7 @@ if gluon is not None:
         """dS = P (dP - delta) of one tile, P recomputed from the raw scores and the forward's base-2 lse."""
         x = s * scale_log2 - lse[:, None]
         if masked:
-            offs_n = n_blk * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
-            x = gl.where(allowed, x, float("-inf"))
+            x = _causal_mask(x, offs_m, n_blk, seq_len, BLOCK_N, s_layout)
         return gl.exp2(x) * (dp - delta[:, None])
 
     @gluon.jit
@@ -405,30 +414,14 @@ if gluon is not None:
         dtype: gl.constexpr = k_desc.dtype
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-        bh = gl.program_id(1)
-        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
-        b = bh // n_heads_q
-        hk = (bh % n_heads_q) // group
-        q_row = bh * seq_len + m_blk * BLOCK_N
-        kv_row = (b * (n_heads_q // group) + hk) * seq_len
-        list_row = bh.to(gl.int64) * n_blocks + m_blk
-        cnt = gl.load(KV_CNT + list_row)
-        idx = KV_IDX + list_row * n_blocks
-        lse_row = bh.to(gl.int64) * seq_len
-
         NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
+        m_blk, q_row, kv_row, lse_row, cnt, idx = _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q,
+                                                                group, BLOCK_N)
         q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
         ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, BLOCK_N],
                                             gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        _init_rings(k_full, k_empty, v_full, v_empty, q_bar, NUM_WG)
+        k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
         consumer_args = (dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty,
                          v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale)
         producer_args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, k_empty,
