@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -305,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tuned = tuned_choices()
     from seer_kernels import gluon_attention
+    from seer_kernels.triton_attention import pick_gluon
 
     # Which forward / dQ kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton.
-    gluon_used = {"forward_and_dq": gluon_attention.gluon_supported(q, k, v, 128, None) and q.shape[-1] == 128
-                  and os.environ.get("SEER_KERNELS_GLUON", "1") != "0",
+    gluon_used = {"forward_and_dq": pick_gluon(None, None, q, k, v, 128, None),
                   "import_error": gluon_attention.GLUON_IMPORT_ERROR}
     print("gluon kernels:", json.dumps(gluon_used), flush=True)
     result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,

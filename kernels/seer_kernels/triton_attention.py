@@ -1078,7 +1078,7 @@ def prepare_documents(document_ids: torch.Tensor | None, q: torch.Tensor) -> tor
     return document_ids.to(device=q.device, dtype=torch.int32).contiguous()
 
 
-def _pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs) -> bool:
+def pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs) -> bool:
     """Whether a launch goes to the Gluon kernels: forced by `use_gluon`, else when they support the inputs,
     the given outputs are contiguous and no Triton tile config was asked for."""
     if use_gluon is False:
@@ -1127,7 +1127,7 @@ def sparse_attention_forward(
         out = torch.empty_like(q)
     if lse is None:
         lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    if _pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, out):
+    if pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, out):
         return gluon_attention.gluon_attention_forward(
             q, k, v, kv_indices, kv_counts, block_size=block_size, sm_scale=sm_scale, out=out, lse=lse
         )
@@ -1227,7 +1227,7 @@ def sparse_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
-    if _pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
+    if pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
         gluon_attention.gluon_attention_dq(
             q, k, v, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
         )
