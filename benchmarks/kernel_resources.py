@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels")]
 
 POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC"}
+POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC", "DQ_ACC"}
 POINTERS_I32 = {"KV_IDX", "KV_CNT", "Q_IDX", "Q_CNT", "DOC", "ITEMS", "META", "ARRIVALS", "Q_BLOCKS", "OUT_ROWS", "FIRST_KB"}
 FLOATS = {"scale_log2", "sm_scale"}
 # Integer arguments that are not multiples of 16 at the benchmark's shape; the JIT specializes the others (and
@@ -39,7 +39,8 @@ def kernel_table():
     return {
         "fwd": (ta._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
         "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {}),
-        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
+        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"FUSED_DQ": False, "DQ_TMA": False}),
+        "dkdv_fused_dq": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"FUSED_DQ": True}),
         "dkdv_segments": (ta._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
         "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
     }
@@ -90,6 +91,10 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
         constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
+    if constexprs.get("FUSED_DQ"):  # dQ partials reduce-added by TMA with descriptors, else element atomics
+        constexprs["DQ_TMA"] = bool(tma)
+        if tma:
+            descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{head_dim}]>"
     sig = signature(kernel, constexprs, descriptors)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility(kernel, sig))
     with warnings.catch_warnings():
@@ -114,12 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tma", type=int, nargs="+", default=[1], help="load modes to compile: 1 descriptors, 0 pointers")
     parser.add_argument("--kernels", nargs="+", default=list(kernel_table()), choices=list(kernel_table()))
+    parser.add_argument("--tiles", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
+                        help="compile this tile config instead of each kernel's default")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
     for name in args.kernels:
         for tma in args.tma:
             block = 64 if name == "gt" and args.block not in (64, 128) else args.block
-            print(resources(name, block, args.head_dim, tma), flush=True)
+            config = None
+            if args.tiles:
+                from seer_kernels.triton_attention import TileConfig
+
+                config = TileConfig(*args.tiles)
+            print(resources(name, block, args.head_dim, tma, config), flush=True)
     return 0
 
 
