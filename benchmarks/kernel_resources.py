@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels")]
 
 POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
-POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC", "DQ_ACC"}
+POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC"}
 POINTERS_I32 = {"KV_IDX", "KV_CNT", "Q_IDX", "Q_CNT", "DOC", "ITEMS", "META", "ARRIVALS", "Q_BLOCKS", "OUT_ROWS", "FIRST_KB"}
 FLOATS = {"scale_log2", "sm_scale"}
 # Integer arguments that are not multiples of 16 at the benchmark's shape; the JIT specializes the others (and
@@ -39,8 +39,7 @@ def kernel_table():
     return {
         "fwd": (ta._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
         "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {}),
-        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"FUSED_DQ": False, "DQ_TMA": False}),
-        "dkdv_fused_dq": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"FUSED_DQ": True}),
+        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
         "dkdv_segments": (ta._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
         "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
     }
@@ -91,10 +90,6 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
         constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
-    if constexprs.get("FUSED_DQ"):  # dQ partials reduce-added by TMA with descriptors, else element atomics
-        constexprs["DQ_TMA"] = bool(tma)
-        if tma:
-            descriptors["DQ_ACC"] = f"tensordesc<fp32[1,1,{cfg.block_m},{head_dim}]>"
     sig = signature(kernel, constexprs, descriptors)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility(kernel, sig))
     with warnings.catch_warnings():

@@ -120,15 +120,12 @@ def default_config(kind: str, block: int) -> TileConfig:
 #   pointer loads (0). Descriptors made inside the kernels measured no better and were dropped.
 # - SEGMENTS (dkdv): persistent dK/dV programs over a work list that cuts long key-block lists into segments
 #   (`_sparse_dkdv_segments_kernel`), so a column kept by every row (a sink block) does not become one long program.
-# - FUSED_DQ (dkdv): the dK/dV kernel also computes dQ (dS K per visited query tile, added into a float32
-#   accumulator: by TMA bulk reduce-add with TMA, else element atomics), instead of a separate dQ kernel that
-#   recomputes the scores and dP: 5 matrix products per tile pair instead of 7.
 # - ROWS (gt): rows per ground-truth program: max(1, ROWS // block) query blocks share one tile, so block 64 runs
 #   on the 128-row tiles that wgmma likes (16.3 ms against 17.5 with one 64-row block per program, sweep 9).
 KERNEL_OPTIONS: dict[str, dict[str, int]] = {
     "fwd": {"TMA": 1},
     "dq": {"TMA": 1},
-    "dkdv": {"TMA": 1, "SEGMENTS": 0, "FUSED_DQ": 0},
+    "dkdv": {"TMA": 1, "SEGMENTS": 0},
     "gt": {"TMA": 1, "ROWS": 128},
 }
 
@@ -158,15 +155,11 @@ def host_descriptor(t: torch.Tensor, rows_key: str):
 
 
 def _set_descriptor_tiles(nargs: dict) -> None:
-    """Autotuner pre-hook (and explicit-config step) before every launch: size each host descriptor's tile for
-    the config, and zero the accumulators the kernel adds into (marked `seer_zero_before_launch`; the tuner
-    launches a kernel several times on the same arguments)."""
+    """Autotuner pre-hook (and explicit-config step): size each host descriptor's tile for the config."""
     for value in nargs.values():
         key = getattr(value, "seer_rows_key", None)
         if key is not None:
             value.block_shape = [1, 1, nargs[key], value.shape[-1]]
-        if getattr(value, "seer_zero_before_launch", False):
-            getattr(value, "base", value).zero_()
 
 
 _TUNERS: dict = {}
@@ -586,35 +579,13 @@ def _sparse_dq_kernel(
 
 
 @triton.jit
-def _add_dq_partial(dq_dst, desc_b, desc_h, row0, offs_m, stride_l, seq_len, part,
-                    EVEN_L: tl.constexpr, HEAD_DIM: tl.constexpr, DQ_TMA: tl.constexpr):
-    """Add a float32 `[rows, HEAD_DIM]` dQ partial into rows `offs_m` of the float32 dQ accumulator.
-
-    `dq_dst` is a descriptor of the whole `[B, Hq, L, D]` accumulator (DQ_TMA: one bulk reduce-add per tile,
-    done in L2) or a pointer to this head of it (element atomics; rows past the end masked)."""
-    if DQ_TMA:
-        dq_dst.atomic_add([desc_b, desc_h, row0, 0], part.reshape([1, 1, part.shape[0], HEAD_DIM]))
-    elif EVEN_L:
-        tl.atomic_add(_row_ptrs(dq_dst, offs_m, stride_l, HEAD_DIM), part, sem="relaxed")
-    else:
-        tl.atomic_add(_row_ptrs(dq_dst, offs_m, stride_l, HEAD_DIM), part, mask=(offs_m < seq_len)[:, None],
-                      sem="relaxed")
-
-
-@triton.jit
 def _dkdv_step(
     dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
-    dq_dst, desc_b, desc_h, row0, stride_dqal, sm_scale,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
-    EVEN_L: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
-    """One visiting query tile's contribution to dK/dV, in transposed tiles (rows: this program's keys); with
-    FUSED_DQ also its key tile's share of dQ (dS K), added into the float32 dQ accumulator."""
+    """One visiting query tile's contribution to dK/dV, in transposed tiles (rows: this program's keys)."""
     qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
     x_t = qk_t * scale_log2 - lse[None, :]
     if MASKED:
@@ -626,11 +597,8 @@ def _dkdv_step(
     p_t = tl.math.exp2(x_t)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-    if FUSED_DQ:
-        dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION) * sm_scale
-        _add_dq_partial(dq_dst, desc_b, desc_h, row0, offs_m, stride_dqal, seq_len, dq_part, EVEN_L, HEAD_DIM, DQ_TMA)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -660,7 +628,6 @@ def _dkdv_tiles(
     q_src, do_src, desc_b, desc_h, lse_base, delta_base, idx_base, DOC, doc_base,
     t_start, t_end, seq_len,
     stride_ql, stride_dol, scale_log2,
-    dq_dst, stride_dqal, sm_scale,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -669,8 +636,6 @@ def _dkdv_tiles(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
     """dK/dV accumulation over one query head's list entries [t_start, t_end) (in query tiles)."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
@@ -685,8 +650,7 @@ def _dkdv_tiles(
         )
         dk, dv = _dkdv_step(
             dk, dv, k, v, offs_n, doc_k, q, do, lse, delta, offs_m, DOC, doc_base, seq_len, scale_log2,
-            dq_dst, desc_b, desc_h, row0, stride_dqal, sm_scale,
-            MASKED, HAS_DOCS, EVEN_L, HEAD_DIM, PRECISION, FUSED_DQ, DQ_TMA,
+            MASKED, HAS_DOCS, PRECISION,
         )
     return dk, dv
 
@@ -744,7 +708,6 @@ def _dkdv_head(
     Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,  # noqa: N803
     stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
     seq_len, n_blocks, n_heads_q, scale_log2,
-    DQ_ACC, stride_dqab, stride_dqah, stride_dqal, sm_scale,  # noqa: N803
     HAS_DOCS: tl.constexpr,
     EVEN_L: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -753,8 +716,6 @@ def _dkdv_head(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
     WHOLE_LIST: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
     """dK/dV over entries [lo, hi) of query head h's list for key block n_blk (entries are query blocks);
     WHOLE_LIST when lo = 0 and hi is the list's length."""
@@ -769,15 +730,11 @@ def _dkdv_head(
     lse_base = LSE + bh.to(tl.int64) * seq_len
     delta_base = DELTA + bh.to(tl.int64) * seq_len
     idx_base = Q_IDX + (bh.to(tl.int64) * n_blocks + n_blk) * n_blocks
-    if DQ_TMA:
-        dq_dst = DQ_ACC
-    else:
-        dq_dst = _head(DQ_ACC, b, h, stride_dqab, stride_dqah)
     if HAS_DOCS:
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-            lo * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2, dq_dst, stride_dqal, sm_scale,
-            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, FUSED_DQ, DQ_TMA,
+            lo * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
         )
     else:
         # The diagonal, if kept, is entry 0 of a transposed list: the only one needing the causal mask.
@@ -791,13 +748,13 @@ def _dkdv_head(
             rest_start = tl.maximum(lo, n_diag)
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-            lo * SPLIT_M, diag_end * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2, dq_dst, stride_dqal,
-            sm_scale, True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, FUSED_DQ, DQ_TMA,
+            lo * SPLIT_M, diag_end * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            True, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
         )
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, offs_n, doc_k, q_src, do_src, b, h, lse_base, delta_base, idx_base, DOC, doc_base,
-            rest_start * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2, dq_dst, stride_dqal,
-            sm_scale, False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, FUSED_DQ, DQ_TMA,
+            rest_start * SPLIT_M, hi * SPLIT_M, seq_len, stride_ql, stride_dol, scale_log2,
+            False, HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA,
         )
     return dk, dv
 
@@ -814,7 +771,6 @@ def _sparse_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkl,
     stride_dvb, stride_dvh, stride_dvl,
     seq_len, n_blocks, n_heads_q, n_heads_kv, group,
-    DQ_ACC, stride_dqab, stride_dqah, stride_dqal,  # noqa: N803
     HAS_DOCS: tl.constexpr,
     EVEN_L: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -823,11 +779,8 @@ def _sparse_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
-    FUSED_DQ: tl.constexpr,
-    DQ_TMA: tl.constexpr,
 ):
-    """dK/dV for one key tile of one KV head, summed over the query heads of its group; with FUSED_DQ also every
-    visited query tile's dQ share, added into the float32 accumulator DQ_ACC (then no dQ kernel runs)."""
+    """dK/dV for one key tile of one KV head, summed over the query heads of its group."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Key tiles vary fastest (one KV head's group in flight, see the forward); early key blocks are visited by
     # the most query blocks, so they go first.
@@ -850,8 +803,7 @@ def _sparse_dkdv_kernel(
             Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
             stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
             seq_len, n_blocks, n_heads_q, scale_log2,
-            DQ_ACC, stride_dqab, stride_dqah, stride_dqal, sm_scale,
-            HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, True, FUSED_DQ, DQ_TMA,
+            HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, True,
         )
     _store_key_grads(
         DK, DV, dk * sm_scale, dv, b, hk, offs_n, col_ok,
@@ -976,8 +928,7 @@ def _sparse_dkdv_segments_kernel(
                     Q, DO, LSE, DELTA, Q_IDX, DOC, doc_base,
                     stride_qb, stride_qh, stride_ql, stride_dob, stride_doh, stride_dol,
                     seq_len, n_blocks, n_heads_q, scale_log2,
-                    DK_ACC, 0, 0, 0, sm_scale,  # no fused dQ here
-                    HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, False, False, False,
+                    HAS_DOCS, EVEN_L, BLOCK, BLOCK_M, HEAD_DIM, PRECISION, TMA, False,
                 )
         dk = dk * sm_scale
         if n_segs == 1:
@@ -1228,7 +1179,6 @@ def sparse_attention_backward(
     dkdv_config: TileConfig | None = None,
     dkdv_segments: bool | None = None,
     use_gluon: bool | None = None,
-    fused_dq: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels (delta, dQ, dK/dV).
 
@@ -1238,8 +1188,6 @@ def sparse_attention_backward(
         grads: optional preallocated `(dq, dk, dv)`.
         dkdv_segments: use the segmented dK/dV kernel (None: `KERNEL_OPTIONS["dkdv"]["SEGMENTS"]`).
         use_gluon: compute dQ with the warp-specialized Gluon kernel (None: as for the forward, with `dq_config`).
-        fused_dq: compute dQ inside the dK/dV kernel (float32 accumulator, atomic adds) instead of its own kernel
-            (None: `KERNEL_OPTIONS["dkdv"]["FUSED_DQ"]`); not with the segmented dK/dV kernel.
     Returns:
         `(dq, dk, dv)` in the inputs' dtypes.
     """
@@ -1279,24 +1227,7 @@ def sparse_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
-    dkdv_options = kernel_options("dkdv", q, dout)
-    segments = dkdv_options.pop("SEGMENTS", 0)
-    if dkdv_segments is not None:
-        segments = dkdv_segments
-    fused = dkdv_options.pop("FUSED_DQ", 0)
-    if fused_dq is not None:
-        fused = fused_dq
-    if fused and segments:
-        raise ValueError("fused_dq does not run with the segmented dK/dV kernel (dkdv_segments)")
-    if fused:
-        # Float32 [B, Hq, L, D], zeroed right before the launch (see _set_descriptor_tiles).
-        dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dq_acc.seer_zero_before_launch = True
-        dq_tma = bool(dkdv_options["TMA"]) and not interpreting()  # the interpreter has no bulk reduce-add
-        dq_acc_in = host_descriptor(dq_acc, "BLOCK_M") if dq_tma else dq_acc
-        if dq_tma:
-            dq_acc_in.seer_zero_before_launch = True
-    elif pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
+    if pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
         gluon_attention.gluon_attention_dq(
             q, k, v, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
         )
@@ -1306,6 +1237,7 @@ def sparse_attention_backward(
             lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
             dq_args, {**common, **dq_options}, dq_config,
         )
+    dkdv_options = kernel_options("dkdv", q, dout)
     q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] else (q, dout)
     dkdv_args = (
         q_in, k, v, do_in, dk, dv, lse, delta,
@@ -1319,17 +1251,16 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
+    segments = dkdv_options.pop("SEGMENTS", 0)
+    if dkdv_segments is not None:
+        segments = dkdv_segments
     dkdv_kwargs = {**common, **dkdv_options}
     if not segments:
-        dq_acc_args = (dq_acc_in, *dq_acc.stride()[:3]) if fused else (dk, 0, 0, 0)
         launch(
             _sparse_dkdv_kernel, "dkdv", block_size, seq_len,
             lambda meta: (nb * (block_size // meta["BLOCK_N"]), bsz * hkv),
-            dkdv_args + dq_acc_args, {**dkdv_kwargs, "FUSED_DQ": bool(fused), "DQ_TMA": bool(fused) and dq_tma},
-            dkdv_config,
+            dkdv_args, dkdv_kwargs, dkdv_config,
         )
-        if fused:
-            dq.copy_(dq_acc)
         return dq, dk, dv
     # Segmented dK/dV: its tiles are fixed (the work list is cut per tile), no autotuning.
     cfg = dkdv_config or default_config("dkdv", block_size)

@@ -296,8 +296,6 @@ VARIANTS = {
     "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
     "gt_one_block_per_program": {"gt": {"ROWS": 1}},
-    "fused_dq": {"dkdv": {"FUSED_DQ": 1}},
-    "fused_dq_pointers": {"dkdv": {"FUSED_DQ": 1, "TMA": 0}},
 }
 
 
