@@ -7,7 +7,9 @@ the exponentials take turns. Here each program is split by `gl.warp_specialize` 
 - two consumer warpgroups, each owning 64 of the 128 query rows, in separate partitions: they never wait for
   each other, so one's exponentials run while the other's products are on the tensor cores.
 On an H200 (B=1, 32/8 heads, head_dim 128, L=32768) the forward runs 1.12-1.16x faster than the Triton forward
-(benchmarks/results/kernel_variants_h200/sweep13c).
+(benchmarks/results/kernel_variants_h200/sweep13c). Where block == head_dim a program takes several query blocks
+(`ITEMS_PER_PROGRAM`), pairing long causal lists with short ones, so the next block's loads overlap the current
+block's last tiles and output store (another 2-5%, sweep 15).
 
 Scope: CUDA Hopper (sm_90), bf16/fp16, block 64 or 128 (one or two consumer warpgroups: at block 64 two programs
 share a multiprocessor instead), head_dim 64 or 128, lengths that are multiples of the block, no document ids,
@@ -61,6 +63,11 @@ LOG2E = 1.4426950408889634
 ROWS = 64  # query rows per consumer warpgroup (one wgmma M): block 128 has two consumers, block 64 one
 # Registers per thread of the second consumer warpgroup (the first gets what is left, the producer warp 24).
 CONSUMER_REGS = 232
+# Query blocks per program, per kernel. With several, a program pairs long and short causal lists and its producer
+# loads the next block's rows and first K/V tiles while the consumers finish the current one, instead of a new
+# program paying its start-up (launch, first loads) and its output store in the open. Fastest on an H200
+# (sweep 15): forward 4 (d=0.1: 1.68 ms against 1.76 with one), dQ 2 (2.47 against 2.57-2.68; 4 measured 2.58).
+ITEMS_PER_PROGRAM = {"fwd": 4, "dq": 2}
 
 
 def gluon_supported(
@@ -120,77 +127,96 @@ if gluon is not None:
         return p, m_new, l_new, alpha
 
     @gluon.jit
-    def _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row,
+    def _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, base,
                       V_LAGS: gl.constexpr):
-        """Producer: K_j and V_j of each list entry j into slot j % 2 once the consumers freed that slot.
-        V_LAGS: step j loads K_j and V_{j-1} (the forward uses V one tile after K); else K_j and V_j."""
+        """Producer: K and V of each list entry j into ring slot g % 2, g = base + j the program's running tile
+        count, once the consumers freed that slot. V_LAGS: step j loads K_j and V_{j-1} (the forward uses V one
+        tile after K); else K_j and V_j."""
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         TILE_BYTES: gl.constexpr = k_desc.block_type.nbytes
         n_prev = gl.load(idx)
         for j in range(0, cnt + V_LAGS):
             if j < cnt:
                 n_blk = gl.load(idx + j)
-                slot = j % 2
-                # The slot's previous tile (j - 2) must have been released by every consumer warpgroup.
-                mbarrier.wait(k_empty.index(slot), ((j // 2) - 1) & 1, pred=j >= 2)
-                mbarrier.expect(k_full.index(slot), TILE_BYTES)
-                tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK_N, 0], k_full.index(slot),
-                                                k_smem.index(slot))
+                g = base + j
+                # The slot's previous tile (g - 2) must have been released by every consumer warpgroup.
+                mbarrier.wait(k_empty.index(g % 2), ((g // 2) - 1) & 1, pred=g >= 2)
+                mbarrier.expect(k_full.index(g % 2), TILE_BYTES)
+                tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK_N, 0], k_full.index(g % 2),
+                                                k_smem.index(g % 2))
             else:
                 n_blk = n_prev
             jv = j - V_LAGS
             if jv >= 0:
                 n_v = n_prev if V_LAGS else n_blk
-                vslot = jv % 2
-                mbarrier.wait(v_empty.index(vslot), ((jv // 2) - 1) & 1, pred=jv >= 2)
-                mbarrier.expect(v_full.index(vslot), TILE_BYTES)
-                tma.async_copy_global_to_shared(v_desc, [kv_row + n_v * BLOCK_N, 0], v_full.index(vslot),
-                                                v_smem.index(vslot))
+                gv = base + jv
+                mbarrier.wait(v_empty.index(gv % 2), ((gv // 2) - 1) & 1, pred=gv >= 2)
+                mbarrier.expect(v_full.index(gv % 2), TILE_BYTES)
+                tma.async_copy_global_to_shared(v_desc, [kv_row + n_v * BLOCK_N, 0], v_full.index(gv % 2),
+                                                v_smem.index(gv % 2))
             n_prev = n_blk
 
     @gluon.jit
-    def _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q, group, BLOCK_N: gl.constexpr):  # noqa: N803
-        """This program's query block (the last, longest causal lists, go first, as in the Triton kernels), its
-        first rows in the `[B * H * L, D]` views of Q and K/V, its lse/delta row offset and its key-block list."""
+    def _item_rows(KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group,  # noqa: N803
+                   BLOCK_N: gl.constexpr, ITEMS: gl.constexpr):
+        """Query block `item` of this program (of ITEMS), its first rows in the `[B * H * L, D]` views of Q and
+        K/V, its lse/delta row offset, its key-block list and count, and whether it exists.
+
+        One block per program: the last blocks (longest causal lists) go first, as in the Triton kernels. Several:
+        program t takes entries t * ITEMS + i of the order last, first, second last, second, ... so each pairs a
+        long list with a short one and all programs have about the same work."""
         bh = gl.program_id(1)
-        m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
+        if ITEMS == 1:
+            m_blk = gl.num_programs(0) - 1 - gl.program_id(0)
+            valid = m_blk >= 0
+        else:
+            k = gl.program_id(0) * ITEMS + item
+            m_blk = gl.where(k % 2 == 0, n_blocks - 1 - k // 2, k // 2)
+            valid = k < n_blocks
+            m_blk = gl.where(valid, m_blk, 0)
         hk = (bh % n_heads_q) // group
         q_row = bh * seq_len + m_blk * BLOCK_N
         kv_row = ((bh // n_heads_q) * (n_heads_q // group) + hk) * seq_len
         list_row = bh.to(gl.int64) * n_blocks + m_blk
-        cnt = gl.load(KV_CNT + list_row)
-        return m_blk, q_row, kv_row, bh.to(gl.int64) * seq_len, cnt, KV_IDX + list_row * n_blocks
+        cnt = gl.where(valid, gl.load(KV_CNT + list_row), 0)
+        return m_blk, q_row, kv_row, bh.to(gl.int64) * seq_len, cnt, KV_IDX + list_row * n_blocks, valid
 
     @gluon.jit
     def _kv_rings(k_desc, v_desc, NUM_WG: gl.constexpr):  # noqa: N803
         """Two-slot K and V rings with their full/empty mbarriers (empty: one arrival per consumer warpgroup),
-        and the mbarrier of the per-program query tiles."""
+        and the full/empty mbarriers of the query tiles (one phase per item of the program)."""
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_empty, count=NUM_WG)
         for slot in gl.static_range(2):
             mbarrier.init(k_full.index(slot), count=1)
             mbarrier.init(v_full.index(slot), count=1)
             mbarrier.init(k_empty.index(slot), count=NUM_WG)
             mbarrier.init(v_empty.index(slot), count=NUM_WG)
         fence_async_shared()
-        return k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty
+        return k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty
 
     # ------------------------------------------------------------------------------------------- forward
 
     @gluon.jit
-    def _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
-                      v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, WG: gl.constexpr):
-        """Rows [64 WG, 64 WG + 64) of the query block. Tile j: scores S_j, then P_{j-1} V_{j-1}; only S_j is
-        waited for before the softmax of tile j, so that product overlaps the exponentials."""
+    def _fwd_consumer(o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full,  # noqa: N803
+                      k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                      ITEMS: gl.constexpr, WG: gl.constexpr):
+        """Rows [64 WG, 64 WG + 64) of each query block of the program. Tile j: scores S_j, then P_{j-1} V_{j-1};
+        only S_j is waited for before the softmax of tile j, so that product overlaps the exponentials."""
         dtype: gl.constexpr = k_smem.dtype
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        # The output tile leaves through a free P slot when it has P's shape (then the Q slot can already take the
+        # next item's rows), else through the Q slot (one item per program).
+        OUT_IN_P: gl.constexpr = BLOCK_N == HEAD_DIM
         # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -198,104 +224,146 @@ if gluon is not None:
                                                            instr_shape=[16, HEAD_DIM, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
-        m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, layout=row_s)
-        l_i = gl.zeros([WG_ROWS], gl.float32, layout=row_s)
-        acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
         my_q = q_smem.index(WG)
-        # The last entry is the only one masked (the diagonal, when kept, is last).
-        n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
-        if cnt > 0:
-            mbarrier.wait(q_bar, 0)
-            # Q is the register operand of every score product: read from shared memory once.
-            q_op = my_q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-            mbarrier.wait(k_full.index(0), 0)
-            s_tok = warpgroup_mma(q_op, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(0, deps=[s_tok])
-            mbarrier.arrive(k_empty.index(0), count=1)
-            p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2, cnt == 1,
-                                                  BLOCK_N, s_layout)
-            p_smem.index(WG * 2).store(p.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # partition-wide: this warpgroup's P_0 is written
-            for j in range(1, cnt):
-                slot = j % 2
-                prev = 1 - slot
-                mbarrier.wait(k_full.index(slot), (j // 2) & 1)
-                s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+        base = 0  # tiles this program consumed before the current item: ring slot and phase of each tile
+        for item in range(ITEMS):
+            m_blk, q_row, kv_row, lse_row, cnt, idx, valid = _item_rows(
+                KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group, BLOCK_N, ITEMS)
+            offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
+            m_i = gl.full([WG_ROWS], float("-inf"), gl.float32, layout=row_s)
+            l_i = gl.zeros([WG_ROWS], gl.float32, layout=row_s)
+            acc = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+            # The last entry is the only one masked (the diagonal, when kept, is last).
+            n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
+            mbarrier.wait(q_bar, item & 1)
+            if cnt > 0:
+                # Q is the register operand of every score product: read from shared memory once, and its slot
+                # handed back so the producer can load the next item's rows during this one.
+                q_op = my_q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+                if OUT_IN_P:
+                    gl.thread_barrier()
+                    mbarrier.arrive(q_empty, count=1)
+                mbarrier.wait(k_full.index(base % 2), (base // 2) & 1)
+                s_tok = warpgroup_mma(q_op, k_smem.index(base % 2).permute((1, 0)), s_init, use_acc=False,
                                       is_async=True)
-                mbarrier.wait(v_full.index(prev), ((j - 1) // 2) & 1)
-                acc_tok = warpgroup_mma(p_smem.index(WG * 2 + prev), v_smem.index(prev), acc, is_async=True)
-                s = warpgroup_mma_wait(1, deps=[s_tok])
-                mbarrier.arrive(k_empty.index(slot), count=1)
-                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2,
-                                                      j == cnt - 1, BLOCK_N, s_layout)
-                p_smem.index(WG * 2 + slot).store(p.to(dtype))
+                s = warpgroup_mma_wait(0, deps=[s_tok])
+                mbarrier.arrive(k_empty.index(base % 2), count=1)
+                p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2, cnt == 1,
+                                                      BLOCK_N, s_layout)
+                # The previous item's output may still be leaving through this P slot.
+                tma.store_wait(0)
+                gl.thread_barrier()
+                p_smem.index(WG * 2 + base % 2).store(p.to(dtype))
                 fence_async_shared()
+                gl.thread_barrier()  # partition-wide: this warpgroup's P_0 is written
+                for j in range(1, cnt):
+                    g = base + j
+                    slot = g % 2
+                    prev = 1 - slot
+                    mbarrier.wait(k_full.index(slot), (g // 2) & 1)
+                    s_tok = warpgroup_mma(q_op, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                          is_async=True)
+                    mbarrier.wait(v_full.index(prev), ((g - 1) // 2) & 1)
+                    acc_tok = warpgroup_mma(p_smem.index(WG * 2 + prev), v_smem.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=[s_tok])
+                    mbarrier.arrive(k_empty.index(slot), count=1)
+                    p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2,
+                                                          j == cnt - 1, BLOCK_N, s_layout)
+                    p_smem.index(WG * 2 + slot).store(p.to(dtype))
+                    fence_async_shared()
+                    acc = warpgroup_mma_wait(0, deps=[acc_tok])
+                    mbarrier.arrive(v_empty.index(prev), count=1)
+                    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                    gl.thread_barrier()  # P_j is written before its product is issued
+                g_last = base + cnt - 1
+                mbarrier.wait(v_full.index(g_last % 2), (g_last // 2) & 1)
+                acc_tok = warpgroup_mma(p_smem.index(WG * 2 + g_last % 2), v_smem.index(g_last % 2), acc,
+                                        is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc_tok])
-                mbarrier.arrive(v_empty.index(prev), count=1)
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                gl.thread_barrier()  # P_j is written before its product is issued
-            last = (cnt - 1) % 2
-            mbarrier.wait(v_full.index(last), ((cnt - 1) // 2) & 1)
-            acc_tok = warpgroup_mma(p_smem.index(WG * 2 + last), v_smem.index(last), acc, is_async=True)
-            acc = warpgroup_mma_wait(0, deps=[acc_tok])
-            mbarrier.arrive(v_empty.index(last), count=1)
-        empty = l_i == 0.0
-        out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
-        # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
-        lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
-        # This warpgroup's Q rows went to registers at the start: their buffer takes the output.
-        my_q.store(out.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [q_row + WG * WG_ROWS, 0], my_q)
-        gl.store(LSE + lse_row + offs_m, lse)
+                mbarrier.arrive(v_empty.index(g_last % 2), count=1)
+            elif OUT_IN_P:
+                mbarrier.arrive(q_empty, count=1)
+            empty = l_i == 0.0
+            out = acc / gl.convert_layout(gl.where(empty, 1.0, l_i), row_o)[:, None]
+            # +inf for an empty row makes every recomputed probability of that row 0 in the backward.
+            lse = gl.where(empty, float("inf"), m_i + gl.log2(gl.where(empty, 1.0, l_i)))
+            base += cnt
+            if valid:
+                if OUT_IN_P:
+                    # Both P slots are free now; the next item writes its first P into this one after the store.
+                    out_smem = p_smem.index(WG * 2 + base % 2)
+                    tma.store_wait(0)
+                    gl.thread_barrier()
+                else:  # this warpgroup's Q rows went to registers at the start: their buffer takes the output
+                    out_smem = my_q
+                out_smem.store(out.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                tma.async_copy_shared_to_global(o_desc, [q_row + WG * WG_ROWS, 0], out_smem)
+                gl.store(LSE + lse_row + offs_m, lse)
         tma.store_wait(0)
 
     @gluon.jit
-    def _fwd_consumer_0(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
-                        v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
-        _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx,
-                      cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 0)
+    def _fwd_consumer_0(o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full,  # noqa: N803
+                        k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, ITEMS: gl.constexpr):
+        _fwd_consumer(o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full, k_empty,
+                      v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, ITEMS, 0)
 
     @gluon.jit
-    def _fwd_consumer_1(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full,  # noqa: N803
-                        v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2):
-        _fwd_consumer(o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty, idx,
-                      cnt, q_row, lse_row, m_blk, seq_len, scale_log2, 1)
+    def _fwd_consumer_1(o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full,  # noqa: N803
+                        k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, ITEMS: gl.constexpr):
+        _fwd_consumer(o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full, k_empty,
+                      v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, ITEMS, 1)
 
     @gluon.jit
-    def _fwd_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                      idx, cnt, q_row, kv_row):
-        NUM_WG: gl.constexpr = q_smem.shape[0]
-        mbarrier.expect(q_bar, NUM_WG * q_desc.block_type.nbytes, pred=cnt > 0)
-        for wg in gl.static_range(NUM_WG):
-            tma.async_copy_global_to_shared(q_desc, [q_row + wg * WG_ROWS, 0], q_bar, q_smem.index(wg), pred=cnt > 0)
-        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, 1)
+    def _load_query_tiles(descs, smems, q_bar, q_empty, item, cnt, q_row):
+        """Producer: the item's query-side tiles (`descs` into `smems`, one `[64, D]` tile per consumer warpgroup)
+        once the consumers are done with the previous item's; the phase completes without a load when the item
+        has nothing to compute."""
+        NUM_WG: gl.constexpr = smems[0].shape[0]
+        mbarrier.wait(q_empty, (item - 1) & 1, pred=item > 0)
+        mbarrier.expect(q_bar, len(descs) * NUM_WG * descs[0].block_type.nbytes, pred=cnt > 0)
+        for t in gl.static_range(len(descs)):
+            for wg in gl.static_range(NUM_WG):
+                tma.async_copy_global_to_shared(descs[t], [q_row + wg * WG_ROWS, 0], q_bar, smems[t].index(wg),
+                                                pred=cnt > 0)
+        mbarrier.arrive(q_bar, count=1, pred=cnt == 0)
+
+    @gluon.jit
+    def _fwd_producer(q_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, q_bar, q_empty, k_full,  # noqa: N803
+                      k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, ITEMS: gl.constexpr):
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        base = 0
+        for item in range(ITEMS):
+            m_blk, q_row, kv_row, lse_row, cnt, idx, valid = _item_rows(
+                KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group, BLOCK_N, ITEMS)
+            _load_query_tiles((q_desc,), (q_smem,), q_bar, q_empty, item, cnt, q_row)
+            _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, base,
+                          1)
+            base += cnt
 
     @gluon.jit
     def _gluon_sparse_fwd_kernel(
         q_desc, k_desc, v_desc, o_desc, LSE, KV_IDX, KV_CNT,  # noqa: N803
         scale_log2, seq_len, n_blocks, n_heads_q, group,
         CONSUMER_REGS: gl.constexpr,
+        ITEMS: gl.constexpr,
     ):
         dtype: gl.constexpr = k_desc.dtype
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
         NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
-        m_blk, q_row, kv_row, lse_row, cnt, idx = _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q,
-                                                                group, BLOCK_N)
+        gl.static_assert(ITEMS == 1 or BLOCK_N == HEAD_DIM, "several items per program need block == head_dim")
         q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
         # Two P slots per consumer warpgroup: P_j is written while P_{j-1} V_{j-1} still reads the other.
         p_smem = gl.allocate_shared_memory(dtype, [2 * NUM_WG, WG_ROWS, BLOCK_N],
                                            gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
-        k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
-        consumer_args = (o_desc, LSE, q_smem, k_smem, v_smem, p_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                         idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2)
-        producer_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty,
-                         idx, cnt, q_row, kv_row)
+        k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
+        consumer_args = (o_desc, LSE, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, p_smem, q_bar, q_empty, k_full, k_empty,
+                         v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, ITEMS)
+        producer_args = (q_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, k_smem, v_smem, q_bar, q_empty, k_full,
+                         k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, ITEMS)
         if NUM_WG == 2:
             gl.warp_specialize([(_fwd_consumer_0, consumer_args), (_fwd_consumer_1, consumer_args),
                                 (_fwd_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
@@ -314,118 +382,155 @@ if gluon is not None:
         return gl.exp2(x) * (dp - delta[:, None])
 
     @gluon.jit
-    def _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty,  # noqa: N803
-                     v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale,
-                     WG: gl.constexpr):
-        """dQ of rows [64 WG, 64 WG + 64): per tile S = q K^T and dP = dO V^T, dS = P (dP - delta), then
-        dQ += dS K issued without waiting (it completes under the next tile's products)."""
+    def _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
+                     q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                     sm_scale, ITEMS: gl.constexpr, WG: gl.constexpr):
+        """dQ of rows [64 WG, 64 WG + 64) of each query block of the program: per tile S = q K^T and dP = dO V^T,
+        dS = P (dP - delta), then dQ += dS K issued without waiting (it completes under the next tile's
+        products)."""
         dtype: gl.constexpr = k_smem.dtype
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        # dQ leaves through the dS slot when it has dS's shape (then the q/dO slots can already take the next
+        # item's rows once the last S and dP are computed), else through the q slot (one item per program).
+        OUT_IN_DS: gl.constexpr = BLOCK_N == HEAD_DIM
         # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, HEAD_DIM, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
-        lse = gl.load(LSE + lse_row + offs_m)
-        delta = gl.load(DELTA + lse_row + offs_m)
         s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
-        dq = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         my_q = q_smem.index(WG)
         my_do = do_smem.index(WG)
         my_ds = ds_smem.index(WG)
-        n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
-        if cnt > 0:
-            mbarrier.wait(q_bar, 0)
-            # Tile 0 (peeled: no dQ product in flight yet).
-            mbarrier.wait(k_full.index(0), 0)
-            mbarrier.wait(v_full.index(0), 0)
-            s_tok = warpgroup_mma(my_q, k_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            dp_tok = warpgroup_mma(my_do, v_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
-            mbarrier.arrive(v_empty.index(0), count=1)
-            ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, cnt == 1, BLOCK_N, s_layout)
-            my_ds.store(ds.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # dS_0 is written before its product is issued
-            for j in range(1, cnt):
-                slot = j % 2
-                prev = 1 - slot
-                mbarrier.wait(k_full.index(slot), (j // 2) & 1)
-                mbarrier.wait(v_full.index(slot), (j // 2) & 1)
-                s_tok = warpgroup_mma(my_q, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+        base = 0  # tiles this program consumed before the current item: ring slot and phase of each tile
+        for item in range(ITEMS):
+            m_blk, q_row, kv_row, lse_row, cnt, idx, valid = _item_rows(
+                KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group, BLOCK_N, ITEMS)
+            offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
+            lse = gl.load(LSE + lse_row + offs_m)
+            delta = gl.load(DELTA + lse_row + offs_m)
+            dq = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+            n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
+            mbarrier.wait(q_bar, item & 1)
+            if cnt > 0:
+                # Tile 0 (peeled: no dQ product in flight yet).
+                mbarrier.wait(k_full.index(base % 2), (base // 2) & 1)
+                mbarrier.wait(v_full.index(base % 2), (base // 2) & 1)
+                s_tok = warpgroup_mma(my_q, k_smem.index(base % 2).permute((1, 0)), s_init, use_acc=False,
                                       is_async=True)
-                dp_tok = warpgroup_mma(my_do, v_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                dp_tok = warpgroup_mma(my_do, v_smem.index(base % 2).permute((1, 0)), s_init, use_acc=False,
                                        is_async=True)
-                # dQ += dS_{j-1} K_{j-1} goes last: waiting for all but one group completes S_j and dP_j while
-                # it runs under the dS_j arithmetic.
-                dq_tok = warpgroup_mma(my_ds, k_smem.index(prev), dq, is_async=True)
-                s, dp = warpgroup_mma_wait(1, deps=[s_tok, dp_tok])
-                mbarrier.arrive(v_empty.index(slot), count=1)
-                ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, j == cnt - 1, BLOCK_N,
+                s, dp = warpgroup_mma_wait(0, deps=[s_tok, dp_tok])
+                mbarrier.arrive(v_empty.index(base % 2), count=1)
+                # The last tile's S and dP are done: the q/dO slots can take the next item's rows.
+                if OUT_IN_DS:
+                    mbarrier.arrive(q_empty, count=1, pred=cnt == 1)
+                ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, cnt == 1, BLOCK_N,
                                    s_layout)
-                dq = warpgroup_mma_wait(0, deps=[dq_tok])
-                mbarrier.arrive(k_empty.index(prev), count=1)
+                # The previous item's dQ may still be leaving through this dS slot.
+                tma.store_wait(0)
+                gl.thread_barrier()
                 my_ds.store(ds.to(dtype))
                 fence_async_shared()
-                gl.thread_barrier()  # dS_j is written before its product is issued
-            last = (cnt - 1) % 2
-            dq_tok = warpgroup_mma(my_ds, k_smem.index(last), dq, is_async=True)
-            dq = warpgroup_mma_wait(0, deps=[dq_tok])
-            mbarrier.arrive(k_empty.index(last), count=1)
-        # This warpgroup's q rows are no longer read: their buffer takes dQ.
-        my_q.store((dq * sm_scale).to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(dq_desc, [q_row + WG * WG_ROWS, 0], my_q)
+                gl.thread_barrier()  # dS_0 is written before its product is issued
+                for j in range(1, cnt):
+                    g = base + j
+                    slot = g % 2
+                    prev = 1 - slot
+                    mbarrier.wait(k_full.index(slot), (g // 2) & 1)
+                    mbarrier.wait(v_full.index(slot), (g // 2) & 1)
+                    s_tok = warpgroup_mma(my_q, k_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                          is_async=True)
+                    dp_tok = warpgroup_mma(my_do, v_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                           is_async=True)
+                    # dQ += dS_{j-1} K_{j-1} goes last: waiting for all but one group completes S_j and dP_j
+                    # while it runs under the dS_j arithmetic.
+                    dq_tok = warpgroup_mma(my_ds, k_smem.index(prev), dq, is_async=True)
+                    s, dp = warpgroup_mma_wait(1, deps=[s_tok, dp_tok])
+                    mbarrier.arrive(v_empty.index(slot), count=1)
+                    if OUT_IN_DS:
+                        mbarrier.arrive(q_empty, count=1, pred=j == cnt - 1)
+                    ds = _scores_to_ds(s, dp, lse, delta, offs_m, n_last, seq_len, scale_log2, j == cnt - 1,
+                                       BLOCK_N, s_layout)
+                    dq = warpgroup_mma_wait(0, deps=[dq_tok])
+                    mbarrier.arrive(k_empty.index(prev), count=1)
+                    my_ds.store(ds.to(dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()  # dS_j is written before its product is issued
+                g_last = base + cnt - 1
+                dq_tok = warpgroup_mma(my_ds, k_smem.index(g_last % 2), dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=[dq_tok])
+                mbarrier.arrive(k_empty.index(g_last % 2), count=1)
+            elif OUT_IN_DS:
+                mbarrier.arrive(q_empty, count=1)
+            base += cnt
+            if valid:
+                if OUT_IN_DS:
+                    out_smem = my_ds  # its last product has completed
+                    tma.store_wait(0)
+                    gl.thread_barrier()
+                else:  # this warpgroup's q rows are no longer read: their buffer takes dQ
+                    out_smem = my_q
+                out_smem.store((dq * sm_scale).to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                tma.async_copy_shared_to_global(dq_desc, [q_row + WG * WG_ROWS, 0], out_smem)
         tma.store_wait(0)
 
     @gluon.jit
-    def _dq_consumer_0(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full,  # noqa: N803
-                       k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale):
-        _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty, v_full,
-                     v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale, 0)
+    def _dq_consumer_0(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
+                       q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                       sm_scale, ITEMS: gl.constexpr):
+        _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
+                     k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
+                     ITEMS, 0)
 
     @gluon.jit
-    def _dq_consumer_1(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full,  # noqa: N803
-                       k_empty, v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale):
-        _dq_consumer(dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty, v_full,
-                     v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale, 1)
+    def _dq_consumer_1(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
+                       q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                       sm_scale, ITEMS: gl.constexpr):
+        _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
+                     k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
+                     ITEMS, 1)
 
     @gluon.jit
-    def _dq_producer(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, k_empty,
-                     v_full, v_empty, idx, cnt, q_row, kv_row):
-        NUM_WG: gl.constexpr = q_smem.shape[0]
-        mbarrier.expect(q_bar, 2 * NUM_WG * q_desc.block_type.nbytes, pred=cnt > 0)
-        for wg in gl.static_range(NUM_WG):
-            tma.async_copy_global_to_shared(q_desc, [q_row + wg * WG_ROWS, 0], q_bar, q_smem.index(wg), pred=cnt > 0)
-            tma.async_copy_global_to_shared(do_desc, [q_row + wg * WG_ROWS, 0], q_bar, do_smem.index(wg),
-                                            pred=cnt > 0)
-        _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, 0)
+    def _dq_producer(q_desc, do_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, q_bar,  # noqa: N803
+                     q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group,
+                     ITEMS: gl.constexpr):
+        BLOCK_N: gl.constexpr = k_smem.shape[1]
+        base = 0
+        for item in range(ITEMS):
+            m_blk, q_row, kv_row, lse_row, cnt, idx, valid = _item_rows(
+                KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group, BLOCK_N, ITEMS)
+            _load_query_tiles((q_desc, do_desc), (q_smem, do_smem), q_bar, q_empty, item, cnt, q_row)
+            _load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_full, k_empty, v_full, v_empty, idx, cnt, kv_row, base,
+                          0)
+            base += cnt
 
     @gluon.jit
     def _gluon_sparse_dq_kernel(
         q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, KV_IDX, KV_CNT,  # noqa: N803
         scale_log2, sm_scale, seq_len, n_blocks, n_heads_q, group,
         CONSUMER_REGS: gl.constexpr,
+        ITEMS: gl.constexpr,
     ):
         dtype: gl.constexpr = k_desc.dtype
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
         NUM_WG: gl.constexpr = BLOCK_N // WG_ROWS
-        m_blk, q_row, kv_row, lse_row, cnt, idx = _program_rows(KV_IDX, KV_CNT, seq_len, n_blocks, n_heads_q,
-                                                                group, BLOCK_N)
+        gl.static_assert(ITEMS == 1 or BLOCK_N == HEAD_DIM, "several items per program need block == head_dim")
         q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], q_desc.layout)
         ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, BLOCK_N],
                                             gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
-        k_smem, v_smem, q_bar, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
-        consumer_args = (dq_desc, LSE, DELTA, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, idx, cnt, q_row, lse_row, m_blk, seq_len, scale_log2, sm_scale)
-        producer_args = (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, q_bar, k_full, k_empty,
-                         v_full, v_empty, idx, cnt, q_row, kv_row)
+        k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
+        consumer_args = (dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
+                         k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
+                         ITEMS)
+        producer_args = (q_desc, do_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, q_bar,
+                         q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, ITEMS)
         if NUM_WG == 2:
             gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_consumer_1, consumer_args),
                                 (_dq_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
@@ -447,6 +552,16 @@ def _launch_registers(block_size: int) -> dict:
     return {"maxnreg": 128} if block_size == 64 else {}
 
 
+def program_items(kind: str, items: int | None, block_size: int, head_dim: int) -> int:
+    """Query blocks per program of kernel `kind` ('fwd' or 'dq'; `ITEMS_PER_PROGRAM[kind]` unless given): more
+    than one only where block == head_dim (the output tile then leaves through a P / dS slot while the next
+    block's rows load into the Q slot)."""
+    items = ITEMS_PER_PROGRAM[kind] if items is None else items
+    if items < 1:
+        raise ValueError(f"items per program must be >= 1, got {items}")
+    return items if block_size == head_dim else 1
+
+
 def _check_output(t: torch.Tensor, like: torch.Tensor, name: str) -> None:
     if t.shape != like.shape or t.dtype != like.dtype or not rows_collapse(t):
         raise ValueError(f"{name} must be a contiguous {tuple(like.shape)} {like.dtype} tensor for the Gluon kernels")
@@ -463,6 +578,7 @@ def gluon_attention_forward(
     sm_scale: float,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    items: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the Gluon forward (contract of `triton_attention.sparse_attention_forward`, no documents).
 
@@ -470,6 +586,7 @@ def gluon_attention_forward(
         q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`, passing `gluon_supported`.
         kv_indices: int32 `[B, Hq, nB, nB]`, kv_counts: int32 `[B, Hq, nB]` (`block_mask_to_indices`).
         out, lse: optional preallocated outputs (contiguous `[B, Hq, L, D]` like q; float32 `[B, Hq, L]`).
+        items: query blocks per program (see `program_items`; default `ITEMS_PER_PROGRAM`).
     Returns:
         `(out, lse)`, lse in base 2, +inf for rows with no allowed key.
     """
@@ -478,11 +595,12 @@ def gluon_attention_forward(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device) if lse is None else lse
     _check_output(out, q, "out")
-    _gluon_sparse_fwd_kernel[(nb, bsz * hq)](
+    items = program_items("fwd", items, block_size, q.shape[-1])
+    _gluon_sparse_fwd_kernel[(triton.cdiv(nb, items), bsz * hq)](
         _row_descriptor(q, ROWS), _row_descriptor(k, block_size), _row_descriptor(v, block_size),
         _row_descriptor(out, ROWS), lse, kv_indices, kv_counts,
         sm_scale * LOG2E, seq_len, nb, hq, hq // k.shape[1],
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **_launch_registers(block_size),
+        CONSUMER_REGS=CONSUMER_REGS, ITEMS=items, num_warps=4, **_launch_registers(block_size),
     )
     return out, lse
 
@@ -500,6 +618,7 @@ def gluon_attention_dq(
     *,
     block_size: int,
     sm_scale: float,
+    items: int | None = None,
 ) -> torch.Tensor:
     """Launch the Gluon dQ kernel into `dq` (the dQ part of `triton_attention.sparse_attention_backward`).
 
@@ -507,16 +626,18 @@ def gluon_attention_dq(
         q, dout, dq: `[B, Hq, L, D]` (dq contiguous); k, v: `[B, Hkv, L, D]`; all passing `gluon_supported`.
         lse: float32 `[B, Hq, L]` from the forward; delta: float32 `[B, Hq, L]`, rowsum(out * dout).
         kv_indices / kv_counts: the forward's block lists.
+        items: query blocks per program (see `program_items`; default `ITEMS_PER_PROGRAM`).
     Returns:
         `dq`.
     """
     bsz, hq, seq_len, _ = q.shape
     nb = num_blocks(seq_len, block_size)
     _check_output(dq, q, "dq")
-    _gluon_sparse_dq_kernel[(nb, bsz * hq)](
+    items = program_items("dq", items, block_size, q.shape[-1])
+    _gluon_sparse_dq_kernel[(triton.cdiv(nb, items), bsz * hq)](
         _row_descriptor(q, ROWS), _row_descriptor(k, block_size), _row_descriptor(v, block_size),
         _row_descriptor(dout, ROWS), _row_descriptor(dq, ROWS), lse, delta, kv_indices, kv_counts,
         sm_scale * LOG2E, sm_scale, seq_len, nb, hq, hq // k.shape[1],
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **_launch_registers(block_size),
+        CONSUMER_REGS=CONSUMER_REGS, ITEMS=items, num_warps=4, **_launch_registers(block_size),
     )
     return dq

@@ -38,6 +38,14 @@ def test_dispatch_falls_back_to_triton_off_hopper():
         ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=128, sm_scale=0.125, use_gluon=True)
 
 
+def test_program_items_only_where_block_equals_head_dim():
+    assert ga.program_items("fwd", None, 128, 128) == ga.ITEMS_PER_PROGRAM["fwd"]
+    assert ga.program_items("dq", 3, 64, 64) == 3
+    assert ga.program_items("dq", 3, 128, 64) == 1  # the output tile would not fit the dS slot
+    with pytest.raises(ValueError, match=">= 1"):
+        ga.program_items("fwd", 0, 128, 128)
+
+
 def test_rows_collapse_rejects_strided_views():
     contiguous = torch.empty(2, 4, 256, 64)
     assert ga.rows_collapse(contiguous)
@@ -53,15 +61,21 @@ CASES = [
     (1, 512, 128, 2, 2, 128, 1.0, False),  # dense causal
     (1, 640, 128, 4, 2, 128, 0.4, True),  # rows with no key: zero output, zero dQ
     (1, 128, 128, 2, 1, 64, 1.0, False),  # a single block
+    (1, 896, 128, 2, 1, 128, 1.0, False),  # an odd number of blocks: a program's last item may not exist
     (1, 1024, 64, 4, 1, 128, 0.5, False),  # block 64: one consumer warpgroup
     (2, 576, 64, 3, 3, 64, 0.3, True),  # block 64, head_dim 64, rows with no key
 ]
 
 
 @needs_hopper
+@pytest.mark.parametrize("items", [1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bsz,seq_len,block,hq,hkv,dim,density,empty_rows", CASES)
-def test_gluon_forward_and_dq_against_reference(bsz, seq_len, block, hq, hkv, dim, density, empty_rows, dtype):
+def test_gluon_forward_and_dq_against_reference(bsz, seq_len, block, hq, hkv, dim, density, empty_rows, dtype, items,
+                                                monkeypatch):
+    """Forward and dQ against the float32 reference and the Triton kernels, with 1-3 query blocks per program
+    (more than one runs where block == head_dim)."""
+    monkeypatch.setattr(ga, "ITEMS_PER_PROGRAM", {"fwd": items, "dq": items})
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len)
     nb = seq_len // block
     mask = random_block_mask(bsz, hq, nb, density, seed=seq_len, device=DEVICE)
