@@ -68,6 +68,10 @@ CONSUMER_REGS = 232
 # program paying its start-up (launch, first loads) and its output store in the open. Fastest on an H200
 # (sweep 15): forward 4 (d=0.1: 1.68 ms against 1.76 with one), dQ 2 (2.47 against 2.57-2.68; 4 measured 2.58).
 ITEMS_PER_PROGRAM = {"fwd": 4, "dq": 2}
+# Query tiles (Q, dO, lse, delta of 64 rows) in flight per dK/dV program: four hide the producer's load latency
+# (H200, backward at d=0.1 / 1.0: 5.59 / 51.5 ms with four, 6.09 / 57.4 with two, against 5.79 / 54.3 for the
+# Triton kernels in the same call); four fill the shared memory at block 128 and head_dim 128.
+DKDV_STAGES = 4
 
 
 def gluon_supported(
@@ -238,17 +242,21 @@ if gluon is not None:
             n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
             mbarrier.wait(q_bar, item & 1)
             if cnt > 0:
-                # Q is the register operand of every score product: read from shared memory once, and its slot
-                # handed back so the producer can load the next item's rows during this one.
+                # Q is the register operand of every score product: read from shared memory once.
                 q_op = my_q.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-                if OUT_IN_P:
-                    gl.thread_barrier()
-                    mbarrier.arrive(q_empty, count=1)
                 mbarrier.wait(k_full.index(base % 2), (base // 2) & 1)
                 s_tok = warpgroup_mma(q_op, k_smem.index(base % 2).permute((1, 0)), s_init, use_acc=False,
                                       is_async=True)
                 s = warpgroup_mma_wait(0, deps=[s_tok])
                 mbarrier.arrive(k_empty.index(base % 2), count=1)
+                if OUT_IN_P:
+                    # Hand the Q slot back for the next item's rows (TMA) only now: the product above consumed
+                    # every warp's registers, so the shared-memory reads that filled them are complete, and the
+                    # fence orders them before the asynchronous proxy's writes (released earlier, a row was seen
+                    # to pick up the next item's Q on an H200).
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    mbarrier.arrive(q_empty, count=1)
                 p, m_i, l_i, alpha = _scores_to_probs(s, m_i, l_i, offs_m, n_last, seq_len, scale_log2, cnt == 1,
                                                       BLOCK_N, s_layout)
                 # The previous item's output may still be leaving through this P slot.
@@ -538,6 +546,220 @@ if gluon is not None:
             gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_producer, producer_args)], [1], [24])
 
 
+    # --------------------------------------------------------------------------------------------- dK/dV
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _transposed_grads(st, dpt, lse_slot, delta_slot, t, starts, diag_ends, offs_k, offs_q0, scale_log2,
+                          s_layout: gl.constexpr):
+        """P^T and dS^T = P^T (dP^T - delta) of step t from S^T, dP^T and the query rows' lse and delta (`[64]` in
+        shared memory); causal mask when the step is one of a diagonal block's query tiles."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        lse = lse_slot.load(col_s)
+        delta = delta_slot.load(col_s)
+        x = st * scale_log2 - lse[None, :]
+        in_diag = (t >= starts) & (t < diag_ends)
+        if gl.sum(in_diag.to(gl.int32), 0) > 0:
+            offs_q = offs_q0 + (t - gl.sum(gl.where(in_diag, starts, 0), 0)) * offs_k.shape[0]
+            x = gl.where(offs_k[:, None] <= offs_q[None, :], x, float("-inf"))
+        pt = gl.exp2(x)
+        return pt, pt * (dpt - delta[None, :])
+
+    @gluon.jit
+    def _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
+                       dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, WG: gl.constexpr):
+        """dK/dV of keys [64 WG, 64 WG + 64) of the key block, summed over every 64-row query tile that kept it
+        (the group's query heads one after the other). Per tile, in transposed form (rows: keys): S^T = K Q^T and
+        dP^T = V dO^T, P^T and dS^T; then dV += P^T dO and dK += dS^T Q, issued after the next tile's S^T and
+        dP^T so that they run under its exponentials."""
+        dtype: gl.constexpr = k_smem.dtype
+        HEAD_DIM: gl.constexpr = k_smem.shape[2]
+        NUM_WG: gl.constexpr = k_smem.shape[0]
+        BLOCK: gl.constexpr = NUM_WG * WG_ROWS
+        SUB: gl.constexpr = BLOCK // WG_ROWS  # 64-row query tiles per query block
+        NS: gl.constexpr = qt_smem.shape[0]
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, WG_ROWS, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        g_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        # Steps per query head (64-row tiles of its list) and whether its list starts with the diagonal block, the
+        # only one that needs the causal mask (the producer put the lists' lengths and first entries in shared
+        # memory before K/V arrived); each step then finds its head by prefix sums.
+        mbarrier.wait(kv_bar, 0)
+        cnts = cnt_smem.load(g_layout)
+        firsts = first_smem.load(g_layout)
+        steps = cnts * SUB
+        starts = gl.associative_scan(steps, 0, _add) - steps
+        diag_ends = gl.where(firsts == n_blk, starts + SUB, starts)  # steps [start, diag_end) are the diagonal's
+        total = gl.sum(steps, 0)
+        offs_k = n_blk * BLOCK + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
+        offs_q0 = n_blk * BLOCK + gl.arange(0, WG_ROWS, layout=col_s)
+        s_init = gl.zeros([WG_ROWS, WG_ROWS], gl.float32, layout=s_layout)
+        dk = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+        my_k = k_smem.index(WG)
+        my_v = v_smem.index(WG)
+        my_pt = pt_smem.index(WG)
+        my_dst = dst_smem.index(WG)
+        if total > 0:
+            # Tile 0 (peeled: no dK/dV product in flight yet).
+            mbarrier.wait(full.index(0), 0)
+            st_tok = warpgroup_mma(my_k, qt_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            dpt_tok = warpgroup_mma(my_v, dot_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok])
+            pt, dst = _transposed_grads(st, dpt, lse_smem.index(0), delta_smem.index(0), 0, starts, diag_ends, offs_k, offs_q0,
+                                        scale_log2, s_layout)
+            my_pt.store(pt.to(dtype))
+            my_dst.store(dst.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # P^T and dS^T are written before their products are issued
+            for t in range(1, total):
+                slot = t % NS
+                prev = (t - 1) % NS
+                mbarrier.wait(full.index(slot), (t // NS) & 1)
+                st_tok = warpgroup_mma(my_k, qt_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                       is_async=True)
+                dpt_tok = warpgroup_mma(my_v, dot_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
+                                        is_async=True)
+                # The previous tile's dV += P^T dO and dK += dS^T Q go after this tile's products: waiting for
+                # all but these two completes S^T and dP^T while they run under the arithmetic below.
+                dv_tok = warpgroup_mma(my_pt, dot_smem.index(prev), dv, is_async=True)
+                dk_tok = warpgroup_mma(my_dst, qt_smem.index(prev), dk, is_async=True)
+                st, dpt = warpgroup_mma_wait(2, deps=[st_tok, dpt_tok])
+                pt, dst = _transposed_grads(st, dpt, lse_smem.index(slot), delta_smem.index(slot), t, starts, diag_ends, offs_k, offs_q0,
+                                            scale_log2, s_layout)
+                dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+                mbarrier.arrive(empty.index(prev), count=1)
+                my_pt.store(pt.to(dtype))
+                my_dst.store(dst.to(dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+            last = (total - 1) % NS
+            dv_tok = warpgroup_mma(my_pt, dot_smem.index(last), dv, is_async=True)
+            dk_tok = warpgroup_mma(my_dst, qt_smem.index(last), dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
+            mbarrier.arrive(empty.index(last), count=1)
+        # K and V of these keys are no longer read: their buffers take dK and dV.
+        my_k.store((dk * sm_scale).to(dtype))
+        my_v.store(dv.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dk_desc, [kv_row + n_blk * BLOCK + WG * WG_ROWS, 0], my_k)
+        tma.async_copy_shared_to_global(dv_desc, [kv_row + n_blk * BLOCK + WG * WG_ROWS, 0], my_v)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _dkdv_consumer_0(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
+                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem, dst_smem,
+                       kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 0)
+
+    @gluon.jit
+    def _dkdv_consumer_1(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
+                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem, dst_smem,
+                       kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 1)
+
+    @gluon.jit
+    def _dkdv_producer(k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,  # noqa: N803
+                       dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row, seq_len, n_blocks,
+                       group):
+        """The group's list lengths and first entries (into `cnt_smem`, `first_smem`) and K/V of the key block once, then per
+        visited 64-row query tile its Q and dO rows (TMA) and its lse and delta (loaded and written to shared
+        memory here) into ring slot t % NS."""
+        NUM_WG: gl.constexpr = k_smem.shape[0]
+        BLOCK: gl.constexpr = NUM_WG * WG_ROWS
+        SUB: gl.constexpr = BLOCK // WG_ROWS
+        NS: gl.constexpr = qt_smem.shape[0]
+        stat_layout: gl.constexpr = gl.BlockedLayout([2], [32], [1], [0])
+        gs = gl.arange(0, cnt_smem.shape[0], layout=gl.BlockedLayout([1], [32], [1], [0]))
+        rows = (bh0 + gs).to(gl.int64) * n_blocks + n_blk
+        cnts = gl.load(Q_CNT + rows, mask=gs < group, other=0)
+        cnt_smem.store(cnts)
+        first_smem.store(gl.load(Q_IDX + rows * n_blocks, mask=cnts > 0, other=-1))
+        # The arrival of this expect publishes the two rows above to the consumers with K/V.
+        mbarrier.expect(kv_bar, 2 * NUM_WG * k_desc.block_type.nbytes)
+        for wg in gl.static_range(NUM_WG):
+            tma.async_copy_global_to_shared(k_desc, [kv_row + n_blk * BLOCK + wg * WG_ROWS, 0], kv_bar,
+                                            k_smem.index(wg))
+            tma.async_copy_global_to_shared(v_desc, [kv_row + n_blk * BLOCK + wg * WG_ROWS, 0], kv_bar,
+                                            v_smem.index(wg))
+        offs = gl.arange(0, WG_ROWS, layout=stat_layout)
+        t = 0
+        for g in range(0, group):
+            bh = bh0 + g
+            list_row = bh.to(gl.int64) * n_blocks + n_blk
+            cnt = gl.load(Q_CNT + list_row)
+            for e in range(0, cnt * SUB):
+                m_blk = gl.load(Q_IDX + list_row * n_blocks + e // SUB)
+                row = bh.to(gl.int64) * seq_len + m_blk * BLOCK + (e % SUB) * WG_ROWS
+                slot = t % NS
+                mbarrier.wait(empty.index(slot), ((t // NS) - 1) & 1, pred=t >= NS)
+                lse_smem.index(slot).store(gl.load(LSE + row + offs))
+                delta_smem.index(slot).store(gl.load(DELTA + row + offs))
+                mbarrier.expect(full.index(slot), 2 * q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [row.to(gl.int32), 0], full.index(slot),
+                                                qt_smem.index(slot))
+                tma.async_copy_global_to_shared(do_desc, [row.to(gl.int32), 0], full.index(slot),
+                                                dot_smem.index(slot))
+                t += 1
+
+    @gluon.jit
+    def _gluon_sparse_dkdv_kernel(
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, Q_IDX, Q_CNT,  # noqa: N803
+        scale_log2, sm_scale, seq_len, n_blocks, n_heads_q, n_heads_kv, group,
+        CONSUMER_REGS: gl.constexpr,
+        NUM_WG: gl.constexpr,
+        GROUP_P2: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """dK/dV of one key block (NUM_WG * 64 keys) of one KV head; all descriptors have `[64, D]` tiles."""
+        dtype: gl.constexpr = k_desc.dtype
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
+        n_blk = gl.program_id(0)
+        bhk = gl.program_id(1)
+        bh0 = (bhk // n_heads_kv) * n_heads_q + (bhk % n_heads_kv) * group
+        kv_row = bhk * seq_len
+        tile_layout: gl.constexpr = q_desc.layout
+        k_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], tile_layout)
+        v_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, HEAD_DIM], tile_layout)
+        qt_smem = gl.allocate_shared_memory(dtype, [STAGES, WG_ROWS, HEAD_DIM], tile_layout)
+        dot_smem = gl.allocate_shared_memory(dtype, [STAGES, WG_ROWS, HEAD_DIM], tile_layout)
+        vector: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, WG_ROWS], vector)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, WG_ROWS], vector)
+        # List lengths and first entries of the group's query heads (GROUP_P2 >= group, padded with 0 / -1).
+        cnt_smem = gl.allocate_shared_memory(gl.int32, [GROUP_P2], vector)
+        first_smem = gl.allocate_shared_memory(gl.int32, [GROUP_P2], vector)
+        square: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_ROWS, WG_ROWS], dtype)
+        pt_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, WG_ROWS], square)
+        dst_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, WG_ROWS], square)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for slot in gl.static_range(STAGES):
+            mbarrier.init(full.index(slot), count=1)
+            mbarrier.init(empty.index(slot), count=NUM_WG)
+        fence_async_shared()
+        consumer_args = (dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
+                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale)
+        producer_args = (k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,
+                         dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row, seq_len, n_blocks,
+                         group)
+        if NUM_WG == 2:
+            gl.warp_specialize([(_dkdv_consumer_0, consumer_args), (_dkdv_consumer_1, consumer_args),
+                                (_dkdv_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
+        else:
+            gl.warp_specialize([(_dkdv_consumer_0, consumer_args), (_dkdv_producer, producer_args)], [1], [24])
+
+
 def _row_descriptor(t: torch.Tensor, rows: int):
     """A 2-D `[B * H * L, D]` TMA descriptor of `t` with `[rows, D]` tiles."""
     dim = t.shape[3]
@@ -641,3 +863,45 @@ def gluon_attention_dq(
         CONSUMER_REGS=CONSUMER_REGS, ITEMS=items, num_warps=4, **_launch_registers(block_size),
     )
     return dq
+
+
+def gluon_attention_dkdv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dout: torch.Tensor,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    q_indices: torch.Tensor,
+    q_counts: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    *,
+    block_size: int,
+    sm_scale: float,
+    stages: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the Gluon dK/dV kernel into `dk`, `dv` (the dK/dV part of `triton_attention.sparse_attention_backward`).
+
+    Args:
+        q, dout: `[B, Hq, L, D]`; k, v, dk, dv: `[B, Hkv, L, D]` (dk, dv contiguous); all passing `gluon_supported`.
+        lse, delta: float32 `[B, Hq, L]` (forward's base-2 lse; rowsum(out * dout)).
+        q_indices / q_counts: the transposed block lists (`block_mask_to_indices(..., transpose=True)`).
+        stages: query tiles in flight per program (default `DKDV_STAGES`).
+    Returns:
+        `(dk, dv)`.
+    """
+    bsz, hq, seq_len, _ = q.shape
+    hkv = k.shape[1]
+    nb = num_blocks(seq_len, block_size)
+    _check_output(dk, k, "dk")
+    _check_output(dv, v, "dv")
+    group = hq // hkv
+    _gluon_sparse_dkdv_kernel[(nb, bsz * hkv)](
+        _row_descriptor(q, ROWS), _row_descriptor(k, ROWS), _row_descriptor(v, ROWS), _row_descriptor(dout, ROWS),
+        _row_descriptor(dk, ROWS), _row_descriptor(dv, ROWS), lse, delta, q_indices, q_counts,
+        sm_scale * LOG2E, sm_scale, seq_len, nb, hq, hkv, group,
+        CONSUMER_REGS=CONSUMER_REGS, NUM_WG=block_size // ROWS, GROUP_P2=triton.next_power_of_2(group),
+        STAGES=stages or DKDV_STAGES, num_warps=4, **_launch_registers(block_size),
+    )
+    return dk, dv

@@ -1187,7 +1187,8 @@ def sparse_attention_backward(
         kv_indices/kv_counts: per query block key-block lists; q_indices/q_counts: the transposed lists.
         grads: optional preallocated `(dq, dk, dv)`.
         dkdv_segments: use the segmented dK/dV kernel (None: `KERNEL_OPTIONS["dkdv"]["SEGMENTS"]`).
-        use_gluon: compute dQ with the warp-specialized Gluon kernel (None: as for the forward, with `dq_config`).
+        use_gluon: compute dQ and dK/dV with the warp-specialized Gluon kernels (None: as for the forward, with
+            `dq_config` / `dkdv_config`; dK/dV at block 128 only unless forced, and not with `dkdv_segments`).
     Returns:
         `(dq, dk, dv)` in the inputs' dtypes.
     """
@@ -1254,6 +1255,14 @@ def sparse_attention_backward(
     segments = dkdv_options.pop("SEGMENTS", 0)
     if dkdv_segments is not None:
         segments = dkdv_segments
+    # Unforced at block 128 only: at block 64 its shared memory leaves one program per multiprocessor.
+    if not segments and (use_gluon or block_size == 128) and pick_gluon(
+        use_gluon, dkdv_config, q, k, v, block_size, document_ids, dk, dv, dout
+    ):
+        gluon_attention.gluon_attention_dkdv(
+            q, k, v, dout, lse, delta, q_indices, q_counts, dk, dv, block_size=block_size, sm_scale=sm_scale
+        )
+        return dq, dk, dv
     dkdv_kwargs = {**common, **dkdv_options}
     if not segments:
         launch(
