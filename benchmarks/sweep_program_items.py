@@ -68,17 +68,17 @@ def main(argv=None) -> int:
         idx, cnt = ta.build_block_lists(mask)
         out0, lse0 = ga.gluon_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, items=1)
         delta = (out0.float() * dout.float()).sum(-1)
-        dq0 = ga.gluon_attention_dq(q, k, v, dout, lse0, delta, idx, cnt, torch.empty_like(q), block_size=block,
+        dq0 = ga.gluon_attention_dq(q, k, v, out0, dout, lse0, delta, idx, cnt, torch.empty_like(q), block_size=block,
                                     sm_scale=scale, items=1)
         for items in args.items:
             out, lse = ga.gluon_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, items=items)
-            dq = ga.gluon_attention_dq(q, k, v, dout, lse0, delta, idx, cnt, torch.empty_like(q), block_size=block,
+            dq = ga.gluon_attention_dq(q, k, v, out0, dout, lse0, delta, idx, cnt, torch.empty_like(q), block_size=block,
                                        sm_scale=scale, items=items)
             same = bool(torch.equal(out, out0) and torch.equal(lse, lse0) and torch.equal(dq, dq0))
             fwd_ms = bench(lambda items=items: ga.gluon_attention_forward(
                 q, k, v, idx, cnt, block_size=block, sm_scale=scale, out=out, lse=lse, items=items))
             dq_ms = bench(lambda items=items: ga.gluon_attention_dq(
-                q, k, v, dout, lse0, delta, idx, cnt, dq, block_size=block, sm_scale=scale, items=items))
+                q, k, v, out0, dout, lse0, delta, idx, cnt, dq, block_size=block, sm_scale=scale, items=items))
             record(density=d, items=items, fwd_ms=fwd_ms, dq_ms=dq_ms, same_as_one_item=same)
 
     print("\n| density | items per program | fwd ms | dQ ms | outputs equal to 1 item |")

@@ -390,12 +390,13 @@ if gluon is not None:
         return gl.exp2(x) * (dp - delta[:, None])
 
     @gluon.jit
-    def _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
-                     q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
-                     sm_scale, ITEMS: gl.constexpr, WG: gl.constexpr):
+    def _dq_consumer(dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem,  # noqa: N803
+                     q_bar, q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group,
+                     scale_log2, sm_scale, ITEMS: gl.constexpr, WG: gl.constexpr):
         """dQ of rows [64 WG, 64 WG + 64) of each query block of the program: per tile S = q K^T and dP = dO V^T,
         dS = P (dP - delta), then dQ += dS K issued without waiting (it completes under the next tile's
-        products)."""
+        products). The rows' delta = rowsum(O dO) is computed here (O from global memory, dO from its tile) and
+        written to DELTA for the dK/dV kernel, in place of a separate pass over O and dO."""
         dtype: gl.constexpr = k_smem.dtype
         BLOCK_N: gl.constexpr = k_smem.shape[1]
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
@@ -412,16 +413,29 @@ if gluon is not None:
         my_q = q_smem.index(WG)
         my_do = do_smem.index(WG)
         my_ds = ds_smem.index(WG)
+        # [64, HEAD_DIM] tiles of O and dO for delta: 16-byte vectors along the head dimension.
+        rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        tile_rows = gl.arange(0, WG_ROWS, layout=gl.SliceLayout(1, rows_layout))
+        tile_cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_layout))
         base = 0  # tiles this program consumed before the current item: ring slot and phase of each tile
         for item in range(ITEMS):
             m_blk, q_row, kv_row, lse_row, cnt, idx, valid = _item_rows(
                 KV_IDX, KV_CNT, item, seq_len, n_blocks, n_heads_q, group, BLOCK_N, ITEMS)
             offs_m = m_blk * BLOCK_N + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
             lse = gl.load(LSE + lse_row + offs_m)
-            delta = gl.load(DELTA + lse_row + offs_m)
+            o_rows = (q_row + WG * WG_ROWS + tile_rows).to(gl.int64) * HEAD_DIM
+            o_tile = gl.load(O + o_rows[:, None] + tile_cols[None, :])
             dq = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
             n_last = gl.load(idx + cnt - 1, mask=cnt > 0, other=0)
             mbarrier.wait(q_bar, item & 1)
+            # An item with nothing kept loads no dO (and its rows are in no dK/dV list): delta 0.
+            do_tile = my_do.load(rows_layout)
+            delta = gl.sum(o_tile.to(gl.float32) * do_tile.to(gl.float32), axis=1)
+            delta = gl.where(cnt > 0, gl.convert_layout(delta, row_s), 0.0)
+            # These reads of dO come before the producer's next TMA write into its slot (released below).
+            fence_async_shared()
+            if valid:
+                gl.store(DELTA + lse_row + offs_m, delta)
             if cnt > 0:
                 # Tile 0 (peeled: no dQ product in flight yet).
                 mbarrier.wait(k_full.index(base % 2), (base // 2) & 1)
@@ -488,20 +502,20 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _dq_consumer_0(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
-                       q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
-                       sm_scale, ITEMS: gl.constexpr):
-        _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
-                     k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
-                     ITEMS, 0)
+    def _dq_consumer_0(dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem,  # noqa: N803
+                       q_bar, q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group,
+                       scale_log2, sm_scale, ITEMS: gl.constexpr):
+        _dq_consumer(dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,
+                     q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                     sm_scale, ITEMS, 0)
 
     @gluon.jit
-    def _dq_consumer_1(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,  # noqa: N803
-                       q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
-                       sm_scale, ITEMS: gl.constexpr):
-        _dq_consumer(dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
-                     k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
-                     ITEMS, 1)
+    def _dq_consumer_1(dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem,  # noqa: N803
+                       q_bar, q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group,
+                       scale_log2, sm_scale, ITEMS: gl.constexpr):
+        _dq_consumer(dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,
+                     q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                     sm_scale, ITEMS, 1)
 
     @gluon.jit
     def _dq_producer(q_desc, do_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, q_bar,  # noqa: N803
@@ -519,7 +533,7 @@ if gluon is not None:
 
     @gluon.jit
     def _gluon_sparse_dq_kernel(
-        q_desc, k_desc, v_desc, do_desc, dq_desc, LSE, DELTA, KV_IDX, KV_CNT,  # noqa: N803
+        q_desc, k_desc, v_desc, do_desc, dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT,  # noqa: N803
         scale_log2, sm_scale, seq_len, n_blocks, n_heads_q, group,
         CONSUMER_REGS: gl.constexpr,
         ITEMS: gl.constexpr,
@@ -534,9 +548,9 @@ if gluon is not None:
         ds_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, BLOCK_N],
                                             gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_N], dtype))
         k_smem, v_smem, q_bar, q_empty, k_full, k_empty, v_full, v_empty = _kv_rings(k_desc, v_desc, NUM_WG)
-        consumer_args = (dq_desc, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar, q_empty,
-                         k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2, sm_scale,
-                         ITEMS)
+        consumer_args = (dq_desc, O, LSE, DELTA, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, ds_smem, q_bar,
+                         q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, scale_log2,
+                         sm_scale, ITEMS)
         producer_args = (q_desc, do_desc, k_desc, v_desc, KV_IDX, KV_CNT, q_smem, do_smem, k_smem, v_smem, q_bar,
                          q_empty, k_full, k_empty, v_full, v_empty, seq_len, n_blocks, n_heads_q, group, ITEMS)
         if NUM_WG == 2:
@@ -831,6 +845,7 @@ def gluon_attention_dq(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     dout: torch.Tensor,
     lse: torch.Tensor,
     delta: torch.Tensor,
@@ -842,11 +857,14 @@ def gluon_attention_dq(
     sm_scale: float,
     items: int | None = None,
 ) -> torch.Tensor:
-    """Launch the Gluon dQ kernel into `dq` (the dQ part of `triton_attention.sparse_attention_backward`).
+    """Launch the Gluon dQ kernel into `dq` and `delta` (the delta and dQ parts of
+    `triton_attention.sparse_attention_backward`).
 
     Args:
-        q, dout, dq: `[B, Hq, L, D]` (dq contiguous); k, v: `[B, Hkv, L, D]`; all passing `gluon_supported`.
-        lse: float32 `[B, Hq, L]` from the forward; delta: float32 `[B, Hq, L]`, rowsum(out * dout).
+        q, out, dout, dq: `[B, Hq, L, D]` (out, dq contiguous); k, v: `[B, Hkv, L, D]`; all passing
+            `gluon_supported`.
+        lse: float32 `[B, Hq, L]` from the forward; delta: float32 `[B, Hq, L]`, written: rowsum(out * dout)
+            (0 for query blocks that kept nothing), which the dK/dV kernels read.
         kv_indices / kv_counts: the forward's block lists.
         items: query blocks per program (see `program_items`; default `ITEMS_PER_PROGRAM`).
     Returns:
@@ -855,10 +873,11 @@ def gluon_attention_dq(
     bsz, hq, seq_len, _ = q.shape
     nb = num_blocks(seq_len, block_size)
     _check_output(dq, q, "dq")
+    _check_output(out, q, "out")
     items = program_items("dq", items, block_size, q.shape[-1])
     _gluon_sparse_dq_kernel[(triton.cdiv(nb, items), bsz * hq)](
         _row_descriptor(q, ROWS), _row_descriptor(k, block_size), _row_descriptor(v, block_size),
-        _row_descriptor(dout, ROWS), _row_descriptor(dq, ROWS), lse, delta, kv_indices, kv_counts,
+        _row_descriptor(dout, ROWS), _row_descriptor(dq, ROWS), out, lse, delta, kv_indices, kv_counts,
         sm_scale * LOG2E, sm_scale, seq_len, nb, hq, hq // k.shape[1],
         CONSUMER_REGS=CONSUMER_REGS, ITEMS=items, num_warps=4, **_launch_registers(block_size),
     )

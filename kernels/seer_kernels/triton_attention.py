@@ -1198,15 +1198,18 @@ def sparse_attention_backward(
     dout = _last_dim_contiguous(dout)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    delta_rows = 64
-    _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
-        out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        seq_len, hq,
-        BLOCK_M=delta_rows,
-        HEAD_DIM=dim,
-    )
+    # The Gluon dQ kernel computes delta itself (it holds dO's tiles already); else a pass over O and dO does.
+    gluon_dq = pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout, out)
+    if not gluon_dq:
+        delta_rows = 64
+        _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
+            out, dout, delta,
+            out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            seq_len, hq,
+            BLOCK_M=delta_rows,
+            HEAD_DIM=dim,
+        )
     dq_options = kernel_options("dq", k, v)
     docs = document_ids if document_ids is not None else kv_counts
     common = dict(
@@ -1228,9 +1231,9 @@ def sparse_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         seq_len, nb, hq, hq // hkv,
     )
-    if pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout):
+    if gluon_dq:
         gluon_attention.gluon_attention_dq(
-            q, k, v, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
+            q, k, v, out, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
         )
     else:
         launch(
