@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     from seer_kernels import gluon_attention
     from seer_kernels.triton_attention import pick_gluon
 
-    # Which forward / dQ kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton.
+    # Which kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton. At block 128 the backward's
+    # dK/dV kernel follows the same rule as the forward and dQ (`sparse_attention_backward`).
     gluon_used = {"forward_and_dq": pick_gluon(None, None, q, k, v, 128, None),
                   "import_error": gluon_attention.GLUON_IMPORT_ERROR}
     print("gluon kernels:", json.dumps(gluon_used), flush=True)

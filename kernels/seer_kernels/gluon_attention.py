@@ -1,30 +1,37 @@
-"""Block-sparse attention forward and dQ for Hopper in Gluon, warp-specialized.
+"""Block-sparse attention forward, dQ and dK/dV for Hopper in Gluon, warp-specialized.
 
 Why these next to the Triton kernels of `triton_attention`: in Triton the two warpgroups of a 128-row program run
 in lockstep and every matrix product is waited for before the softmax that reads it, so the tensor cores and
 the exponentials take turns. Here each program is split by `gl.warp_specialize` into
-- a producer warp that streams K and V tiles through two-slot shared-memory rings (TMA, full/empty mbarriers),
-- two consumer warpgroups, each owning 64 of the 128 query rows, in separate partitions: they never wait for
-  each other, so one's exponentials run while the other's products are on the tensor cores.
+- a producer warp that streams tiles through shared-memory rings (TMA, full/empty mbarriers): K and V for the
+  forward and dQ, Q and dO (with their lse and delta) for dK/dV;
+- one or two consumer warpgroups of 64 rows (query rows; keys in dK/dV), in separate partitions: they never wait
+  for each other, so one's exponentials run while the other's products are on the tensor cores.
 On an H200 (B=1, 32/8 heads, head_dim 128, L=32768) the forward runs 1.12-1.16x faster than the Triton forward
-(benchmarks/results/kernel_variants_h200/sweep13c). Where block == head_dim a program takes several query blocks
-(`ITEMS_PER_PROGRAM`), pairing long causal lists with short ones, so the next block's loads overlap the current
-block's last tiles and output store (another 2-5%, sweep 15).
+(benchmarks/results/kernel_variants_h200/sweep13c). Where block == head_dim the forward and dQ take several query
+blocks per program (`ITEMS_PER_PROGRAM`), pairing long causal lists with short ones, so the next block's loads
+overlap the current block's last tiles and output store (another 2-5%, sweep 15). The dQ kernel also computes
+delta = rowsum(O dO), which the dK/dV kernels read. With the dK/dV kernel (sweep 16) the whole backward at
+d=0.1 / 1.0 takes 5.57 / 51.2 ms against 5.77 / 54.2 for the Triton kernels.
 
 Scope: CUDA Hopper (sm_90), bf16/fp16, block 64 or 128 (one or two consumer warpgroups: at block 64 two programs
-share a multiprocessor instead), head_dim 64 or 128, lengths that are multiples of the block, no document ids,
+share a multiprocessor instead, except in dK/dV, whose shared memory then leaves one, so the backward uses it at
+block 128 unless forced), head_dim 64 or 128, lengths that are multiples of the block, no document ids,
 `[B, H, L, D]` inputs whose (batch, head, position) dims collapse into one row index.
 Also only with Triton 3.6, the release they were built and tested with (Gluon's API changed after it). Anything
 else (and the CPU interpreter, which cannot run Gluon) goes through the Triton kernels, which compute the same
 functions; `gluon_supported` says which. `SEER_KERNELS_GLUON=0` turns these kernels off.
 
-Notes from building them (sweep 13): P reaches the second product through shared memory, not registers: a wgmma
-reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas then waits for the
-wgmma before the softmax reuses them. A single partition of two warpgroups (same overlap, CTA-wide barriers)
-measured no faster than Triton.
+Notes from building them (sweeps 13, 16): P reaches the second product through shared memory, not registers: a
+wgmma reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas then waits for
+the wgmma before the softmax reuses them. A single partition of two warpgroups (same overlap, CTA-wide barriers)
+measured no faster than Triton. A shared-memory slot read into registers (the forward's Q) goes back to the TMA
+producer only after a product has consumed those registers and a proxy fence: handed back right after the load,
+a row occasionally computed with the next block's Q.
 
-Layers: `_gluon_sparse_fwd_kernel` / `_gluon_sparse_dq_kernel` (kernels, with their partitions), and the host
-launchers `gluon_attention_forward` / `gluon_attention_dq` (same contracts as the Triton launchers).
+Layers: `_gluon_sparse_fwd_kernel` / `_gluon_sparse_dq_kernel` / `_gluon_sparse_dkdv_kernel` (kernels, with their
+partitions), and the host launchers `gluon_attention_forward` / `gluon_attention_dq` / `gluon_attention_dkdv`
+(same contracts as the Triton launchers).
 """
 
 from __future__ import annotations

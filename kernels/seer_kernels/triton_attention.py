@@ -2,7 +2,8 @@
 
 Layers, from the bottom: `@triton.jit` kernels (`_sparse_fwd_kernel`, `_bwd_delta_kernel`, `_sparse_dq_kernel`,
 `_sparse_dkdv_kernel`), host launchers (`sparse_attention_forward`, `sparse_attention_backward`), the
-autograd function `BlockSparseAttention`, and the public `block_sparse_attention`.
+autograd function `BlockSparseAttention`, and the public `block_sparse_attention`. On Hopper the launchers hand
+the inputs the warp-specialized Gluon kernels support (`gluon_attention`) to them instead (`pick_gluon`).
 
 Work is driven by lists of blocks (see `indexing.block_mask_to_indices`):
 - forward and dQ: one program per (batch, query head, query tile) walks the key blocks of its query block;
