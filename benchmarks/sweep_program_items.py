@@ -3,7 +3,8 @@
 With one block per program, every program pays its start-up (launch, first Q/K/V loads) and its output store in
 the open; at density 0.1 a program has ~13 tiles, so that is a visible share. With several, the producer loads
 the next block's rows and first K/V tiles while the consumers finish the current one. This times the kernels
-alone (block lists and delta built outside the timing) at each setting, in the order 1, 2, 4, 1 (the repeat shows
+alone (block lists built outside the timing; since 97fd32b the dQ kernel also computes delta, which sweep 15 ran
+without) at each setting, in the order 1, 2, 4, 1 (the repeat shows
 the drift within the call), and checks that outputs equal the one-block results. Same problem as
 bench_attention (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, random per-head block masks).
 
@@ -13,8 +14,6 @@ bench_attention (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, random pe
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # noqa: E402
 from bench_attention import causal_density_mask  # noqa: E402
 
 
@@ -39,35 +39,21 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    import triton
-    import triton.testing
-
     from seer_kernels import gluon_attention as ga
     from seer_kernels import triton_attention as ta
 
     args = parse_args(argv)
     dev = torch.device("cuda")
-    L, hq, hkv, dim, block = args.seq_len, 32, 8, 128, 128
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, h, L, dim, device=dev, generator=gen).to(torch.bfloat16) for h in (hq, hkv, hkv, hq))
-    scale = 1.0 / math.sqrt(dim)
-    nb = math.ceil(L / block)
-    rows: list[dict] = []
-
-    def bench(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median"))
-
-    def record(**kw):
-        rows.append(kw)
-        print(json.dumps(kw), flush=True)
+    hq, block = HEADS_Q, BLOCK
+    q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, dev)
+    recorder = Recorder(args.rep)
+    rows, bench, record = recorder.rows, recorder.bench, recorder.record
 
     for d in args.densities:
         mask = causal_density_mask(1, hq, nb, d, device=dev, seed=1)
         idx, cnt = ta.build_block_lists(mask)
         out0, lse0 = ga.gluon_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, items=1)
-        delta = (out0.float() * dout.float()).sum(-1)
+        delta = torch.empty_like(lse0)  # written by the dQ kernel (since 97fd32b)
         dq0 = ga.gluon_attention_dq(q, k, v, out0, dout, lse0, delta, idx, cnt, torch.empty_like(q), block_size=block,
                                     sm_scale=scale, items=1)
         for items in args.items:
@@ -85,10 +71,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['density']} | {r['items']} | {r['fwd_ms']:.3f} | {r['dq_ms']:.3f} | {r['same_as_one_item']} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "triton": triton.__version__,
-                                         "device": torch.cuda.get_device_name()}, indent=1))
+    recorder.write_json(args.json)
     return 0
 
 

@@ -13,8 +13,6 @@ default. Also times the ground truth against cuDNN's dense forward alternately (
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # noqa: E402
 from bench_attention import causal_density_mask, rel_err  # noqa: E402
 
 FWD_TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
@@ -48,8 +47,6 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     import torch.nn.functional as F
-    import triton
-    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from seer_kernels.triton_attention import (
@@ -59,21 +56,10 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     dev = torch.device("cuda")
-    L, hq, hkv, dim, block = args.seq_len, 32, 8, 128, 128
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q, k, v, dout = (torch.randn(1, h, L, dim, device=dev, generator=gen).to(torch.bfloat16) for h in (hq, hkv, hkv, hq))
-    scale = 1.0 / math.sqrt(dim)
-    nb = math.ceil(L / block)
-    rows: list[dict] = []
-
-    def bench(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=50, rep=args.rep, return_mode="median"))
-
-    def record(**kw):
-        rows.append(kw)
-        print(json.dumps(kw), flush=True)
+    hq, block = HEADS_Q, BLOCK
+    q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, dev)
+    recorder = Recorder(args.rep)
+    rows, bench, record = recorder.rows, recorder.bench, recorder.record
 
     for d in args.densities:
         mask = causal_density_mask(1, hq, nb, d, device=dev, seed=1)
@@ -134,10 +120,7 @@ def main(argv=None) -> int:
         ms = f"{r['ms']:.3f}" if "ms" in r else r.get("error", "")[:90]
         err = f"{r['err']:.1e}" if "err" in r else ""
         print(f"| {r['part']} | {r.get('density', r.get('round', ''))} | {r['config']} | {ms} | {err} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "torch": torch.__version__, "triton": triton.__version__,
-                                         "device": torch.cuda.get_device_name()}, indent=1))
+    recorder.write_json(args.json)
     return 0
 
 

@@ -1,0 +1,51 @@
+"""What the kernel sweeps share: the benchmark's problem on the GPU and a recorder that times and prints rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# bench_attention's problem: B=1, 32 query / 8 KV heads, head_dim 128, block 128.
+HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 128
+
+
+def benchmark_inputs(seq_len: int, device: torch.device):
+    """bf16 `(q, k, v, dout)` of the benchmark's shape (seeded), the softmax scale and the number of blocks."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, dout = (
+        torch.randn(1, h, seq_len, HEAD_DIM, device=device, generator=gen).to(torch.bfloat16)
+        for h in (HEADS_Q, HEADS_KV, HEADS_KV, HEADS_Q)
+    )
+    return q, k, v, dout, 1.0 / math.sqrt(HEAD_DIM), math.ceil(seq_len / BLOCK)
+
+
+class Recorder:
+    """Times callables (median of `triton.testing.do_bench` after one warm call) and keeps printed rows."""
+
+    def __init__(self, rep_ms: int):
+        self.rep_ms = rep_ms
+        self.rows: list[dict] = []
+
+    def bench(self, fn) -> float:
+        import triton.testing
+
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=50, rep=self.rep_ms, return_mode="median"))
+
+    def record(self, **kw) -> None:
+        self.rows.append(kw)
+        print(json.dumps(kw), flush=True)
+
+    def write_json(self, path: Path | None) -> None:
+        """The rows with the torch / Triton versions and the GPU's name (nothing when `path` is None)."""
+        if path is None:
+            return
+        import triton
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": self.rows, "torch": torch.__version__, "triton": triton.__version__,
+                                    "device": torch.cuda.get_device_name()}, indent=1))
