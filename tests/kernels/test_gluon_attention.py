@@ -127,16 +127,28 @@ def test_gluon_forward_and_dq_against_reference(bsz, seq_len, block, hq, hkv, di
 
 
 @needs_hopper
-def test_public_op_uses_gluon_forward_and_matches_triton(monkeypatch):
+def test_public_op_uses_gluon_kernels_and_matches_triton(monkeypatch):
+    """At block 128 / head_dim 128 the public op runs the Gluon forward, dQ (with its delta) and dK/dV; outputs and
+    gradients match the Triton kernels' (`SEER_KERNELS_GLUON=0`)."""
     q, k, v = make_inputs(1, 4, 2, 1024, 128, dtype=torch.bfloat16, device=DEVICE, seed=3)
     mask = random_block_mask(1, 4, 8, 0.5, seed=3, device=DEVICE)
+    dout = torch.randn_like(q)
     calls = []
-    launch = ga.gluon_attention_forward
-    monkeypatch.setattr(ga, "gluon_attention_forward", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    got = block_sparse_attention(q, k, v, mask, block_size=128, backend="triton")
-    assert calls, "the Gluon forward did not run for supported inputs"
+    for name in ("gluon_attention_forward", "gluon_attention_dq", "gluon_attention_dkdv"):
+        launch = getattr(ga, name)
+        monkeypatch.setattr(ga, name, lambda *a, _launch=launch, _name=name, **kw: calls.append(_name) or _launch(*a, **kw))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = block_sparse_attention(*leaves, mask, block_size=128, backend="triton")
+        out.backward(dout)
+        return [out] + [t.grad for t in leaves]
+
+    got = run()
+    assert sorted(set(calls)) == ["gluon_attention_dkdv", "gluon_attention_dq", "gluon_attention_forward"], calls
     monkeypatch.setenv("SEER_KERNELS_GLUON", "0")
     calls.clear()
-    want = block_sparse_attention(q, k, v, mask, block_size=128, backend="triton")
+    want = run()
     assert not calls
-    assert rel_err(got, want) < 1e-2
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(g, w) < 1e-2, name
