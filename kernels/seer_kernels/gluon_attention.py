@@ -590,8 +590,9 @@ if gluon is not None:
         return pt, pt * (dpt - delta[None, :])
 
     @gluon.jit
-    def _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
-                       dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, WG: gl.constexpr):
+    def _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
+                       first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale,
+                       WG: gl.constexpr):
         """dK/dV of keys [64 WG, 64 WG + 64) of the key block, summed over every 64-row query tile that kept it
         (the group's query heads one after the other). Per tile, in transposed form (rows: keys): S^T = K Q^T and
         dP^T = V dO^T, P^T and dS^T; then dV += P^T dO and dK += dS^T Q, issued after the next tile's S^T and
@@ -600,7 +601,7 @@ if gluon is not None:
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
         NUM_WG: gl.constexpr = k_smem.shape[0]
         BLOCK: gl.constexpr = NUM_WG * WG_ROWS
-        SUB: gl.constexpr = BLOCK // WG_ROWS  # 64-row query tiles per query block
+        SUB: gl.constexpr = NUM_WG  # 64-row query tiles per query block (as many as 64-key parts of a key block)
         NS: gl.constexpr = qt_smem.shape[0]
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, WG_ROWS, 16])
@@ -634,8 +635,8 @@ if gluon is not None:
             st_tok = warpgroup_mma(my_k, qt_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             dpt_tok = warpgroup_mma(my_v, dot_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
             st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok])
-            pt, dst = _transposed_grads(st, dpt, lse_smem.index(0), delta_smem.index(0), 0, starts, diag_ends, offs_k, offs_q0,
-                                        scale_log2, s_layout)
+            pt, dst = _transposed_grads(st, dpt, lse_smem.index(0), delta_smem.index(0), 0, starts, diag_ends,
+                                        offs_k, offs_q0, scale_log2, s_layout)
             my_pt.store(pt.to(dtype))
             my_dst.store(dst.to(dtype))
             fence_async_shared()
@@ -653,8 +654,8 @@ if gluon is not None:
                 dv_tok = warpgroup_mma(my_pt, dot_smem.index(prev), dv, is_async=True)
                 dk_tok = warpgroup_mma(my_dst, qt_smem.index(prev), dk, is_async=True)
                 st, dpt = warpgroup_mma_wait(2, deps=[st_tok, dpt_tok])
-                pt, dst = _transposed_grads(st, dpt, lse_smem.index(slot), delta_smem.index(slot), t, starts, diag_ends, offs_k, offs_q0,
-                                            scale_log2, s_layout)
+                pt, dst = _transposed_grads(st, dpt, lse_smem.index(slot), delta_smem.index(slot), t, starts,
+                                            diag_ends, offs_k, offs_q0, scale_log2, s_layout)
                 dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
                 mbarrier.arrive(empty.index(prev), count=1)
                 my_pt.store(pt.to(dtype))
@@ -676,24 +677,24 @@ if gluon is not None:
         tma.store_wait(0)
 
     @gluon.jit
-    def _dkdv_consumer_0(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
-                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
-        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem, dst_smem,
-                       kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 0)
+    def _dkdv_consumer_0(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
+                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem,
+                       pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 0)
 
     @gluon.jit
-    def _dkdv_consumer_1(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
-                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
-        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem, dst_smem,
-                       kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 1)
+    def _dkdv_consumer_1(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
+                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+        _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem,
+                       pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 1)
 
     @gluon.jit
     def _dkdv_producer(k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,  # noqa: N803
-                       dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row, seq_len, n_blocks,
-                       group):
-        """The group's list lengths and first entries (into `cnt_smem`, `first_smem`) and K/V of the key block once, then per
-        visited 64-row query tile its Q and dO rows (TMA) and its lse and delta (loaded and written to shared
-        memory here) into ring slot t % NS."""
+                       dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row,
+                       seq_len, n_blocks, group):
+        """The group's list lengths and first entries (into `cnt_smem`, `first_smem`) and K/V of the key block once,
+        then per visited 64-row query tile its Q and dO rows (TMA) and its lse and delta (loaded and written to
+        shared memory here) into ring slot t % NS."""
         NUM_WG: gl.constexpr = k_smem.shape[0]
         BLOCK: gl.constexpr = NUM_WG * WG_ROWS
         SUB: gl.constexpr = BLOCK // WG_ROWS
@@ -769,11 +770,11 @@ if gluon is not None:
             mbarrier.init(full.index(slot), count=1)
             mbarrier.init(empty.index(slot), count=NUM_WG)
         fence_async_shared()
-        consumer_args = (dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, pt_smem,
-                         dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale)
+        consumer_args = (dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
+                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale)
         producer_args = (k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,
-                         dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row, seq_len, n_blocks,
-                         group)
+                         dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row,
+                         seq_len, n_blocks, group)
         if NUM_WG == 2:
             gl.warp_specialize([(_dkdv_consumer_0, consumer_args), (_dkdv_consumer_1, consumer_args),
                                 (_dkdv_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
