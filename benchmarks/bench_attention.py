@@ -306,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     from seer_kernels import gluon_attention
     from seer_kernels.triton_attention import pick_gluon
 
-    # Which kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton. At block 128 the backward's
-    # dK/dV kernel follows the same rule as the forward and dQ (`sparse_attention_backward`).
+    # Which kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton.
     gluon_used = {"forward_and_dq": pick_gluon(None, None, q, k, v, 128, None),
+                  "dkdv": pick_gluon(None, None, q, k, v, 128, None, kind="dkdv"),
                   "import_error": gluon_attention.GLUON_IMPORT_ERROR}
     print("gluon kernels:", json.dumps(gluon_used), flush=True)
     result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,

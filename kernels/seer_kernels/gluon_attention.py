@@ -115,6 +115,11 @@ if gluon is not None:
 
     WG_ROWS = gl.constexpr(ROWS)
 
+    @gluon.constexpr_function
+    def _wgmma_layout(cols):
+        """Register layout of a `[64, cols]` wgmma accumulator on one warpgroup (the consumers' tiles)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, cols, 16])
+
     @gluon.jit
     def _causal_mask(x, offs_m, n_blk, seq_len, BLOCK_N: gl.constexpr, s_layout: gl.constexpr):  # noqa: N803
         """-inf where key block n_blk's keys come after the row's query or past the end of the sequence."""
@@ -228,11 +233,8 @@ if gluon is not None:
         # The output tile leaves through a free P slot when it has P's shape (then the Q slot can already take the
         # next item's rows), else through the Q slot (one item per program).
         OUT_IN_P: gl.constexpr = BLOCK_N == HEAD_DIM
-        # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)  # [64, BLOCK_N] scores
+        o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)  # [64, HEAD_DIM] outputs / gradients
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
@@ -410,11 +412,8 @@ if gluon is not None:
         # dQ leaves through the dS slot when it has dS's shape (then the q/dO slots can already take the next
         # item's rows once the last S and dP are computed), else through the q slot (one item per program).
         OUT_IN_DS: gl.constexpr = BLOCK_N == HEAD_DIM
-        # wgmma accumulator layouts of [64, BLOCK_N] scores and [64, HEAD_DIM] outputs on one warpgroup.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _wgmma_layout(BLOCK_N)  # [64, BLOCK_N] scores
+        o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)  # [64, HEAD_DIM] outputs / gradients
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         s_init = gl.zeros([WG_ROWS, BLOCK_N], gl.float32, layout=s_layout)
         my_q = q_smem.index(WG)
@@ -603,10 +602,8 @@ if gluon is not None:
         BLOCK: gl.constexpr = NUM_WG * WG_ROWS
         SUB: gl.constexpr = NUM_WG  # 64-row query tiles per query block (as many as 64-key parts of a key block)
         NS: gl.constexpr = qt_smem.shape[0]
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, WG_ROWS, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_DIM, 16])
+        s_layout: gl.constexpr = _wgmma_layout(WG_ROWS)  # [64 keys, 64 queries] transposed scores
+        o_layout: gl.constexpr = _wgmma_layout(HEAD_DIM)  # [64, HEAD_DIM] outputs / gradients
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         g_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])

@@ -1079,9 +1079,10 @@ def prepare_documents(document_ids: torch.Tensor | None, q: torch.Tensor) -> tor
     return document_ids.to(device=q.device, dtype=torch.int32).contiguous()
 
 
-def pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs) -> bool:
-    """Whether a launch goes to the Gluon kernels: forced by `use_gluon`, else when they support the inputs,
-    the given outputs are contiguous and no Triton tile config was asked for."""
+def pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs, kind: str = "fwd") -> bool:
+    """Whether a launch of `kind` ('fwd', 'dq' or 'dkdv') goes to the Gluon kernels: forced by `use_gluon`, else
+    when they support the inputs, the given outputs are contiguous, no Triton tile config was asked for and they
+    measured faster there."""
     if use_gluon is False:
         return False
     supported = gluon_attention.gluon_supported(q, k, v, block_size, document_ids) and all(
@@ -1090,8 +1091,10 @@ def pick_gluon(use_gluon, config, q, k, v, block_size, document_ids, *outputs) -
     if use_gluon and not supported:
         reason = gluon_attention.GLUON_IMPORT_ERROR or "inputs outside its scope (see gluon_attention)"
         raise ValueError(f"the Gluon kernels cannot run here: {reason}")
-    # Unforced, only at head_dim 128, where they measured faster (at head_dim 64 they were 6-10% slower, sweep 13e).
-    return supported and (bool(use_gluon) or (config is None and q.shape[-1] == 128))
+    # Unforced, only at head_dim 128, where they measured faster (at head_dim 64 they were 6-10% slower, sweep 13e);
+    # dK/dV only at block 128 (at block 64 its shared memory leaves one program per multiprocessor).
+    faster = q.shape[-1] == 128 and (kind != "dkdv" or block_size == 128)
+    return supported and (bool(use_gluon) or (config is None and faster))
 
 
 def sparse_attention_forward(
@@ -1188,8 +1191,8 @@ def sparse_attention_backward(
         kv_indices/kv_counts: per query block key-block lists; q_indices/q_counts: the transposed lists.
         grads: optional preallocated `(dq, dk, dv)`.
         dkdv_segments: use the segmented dK/dV kernel (None: `KERNEL_OPTIONS["dkdv"]["SEGMENTS"]`).
-        use_gluon: compute dQ and dK/dV with the warp-specialized Gluon kernels (None: as for the forward, with
-            `dq_config` / `dkdv_config`; dK/dV at block 128 only unless forced, and not with `dkdv_segments`).
+        use_gluon: compute dQ and dK/dV with the warp-specialized Gluon kernels (None: where `pick_gluon` finds them
+            supported and faster, with `dq_config` / `dkdv_config` unset; dK/dV not with `dkdv_segments`).
     Returns:
         `(dq, dk, dv)` in the inputs' dtypes.
     """
@@ -1199,9 +1202,30 @@ def sparse_attention_backward(
     dout = _last_dim_contiguous(dout)
     dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     delta = torch.empty(bsz, hq, seq_len, dtype=torch.float32, device=q.device)
-    # The Gluon dQ kernel computes delta itself (it holds dO's tiles already); else a pass over O and dO does.
-    gluon_dq = pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout, out)
-    if not gluon_dq:
+    dkdv_options = kernel_options("dkdv", q, dout)
+    segments = dkdv_options.pop("SEGMENTS", 0)
+    if dkdv_segments is not None:
+        segments = dkdv_segments
+    gluon_dq = pick_gluon(use_gluon, dq_config, q, k, v, block_size, document_ids, dq, dout, out, kind="dq")
+    gluon_dkdv = not segments and pick_gluon(
+        use_gluon, dkdv_config, q, k, v, block_size, document_ids, dk, dv, dout, kind="dkdv"
+    )
+    docs = document_ids if document_ids is not None else kv_counts
+    common = dict(
+        HAS_DOCS=document_ids is not None,
+        EVEN_L=seq_len % block_size == 0,
+        BLOCK=block_size,
+        HEAD_DIM=dim,
+        PRECISION=_precision(q.dtype),
+    )
+
+    # delta and dQ. The Gluon dQ kernel computes delta itself (it holds dO's tiles already); else a pass over O and
+    # dO does, before the Triton dQ kernel.
+    if gluon_dq:
+        gluon_attention.gluon_attention_dq(
+            q, k, v, out, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
+        )
+    else:
         delta_rows = 64
         _bwd_delta_kernel[(bsz * hq, triton.cdiv(seq_len, delta_rows))](
             out, dout, delta,
@@ -1211,38 +1235,31 @@ def sparse_attention_backward(
             BLOCK_M=delta_rows,
             HEAD_DIM=dim,
         )
-    dq_options = kernel_options("dq", k, v)
-    docs = document_ids if document_ids is not None else kv_counts
-    common = dict(
-        HAS_DOCS=document_ids is not None,
-        EVEN_L=seq_len % block_size == 0,
-        BLOCK=block_size,
-        HEAD_DIM=dim,
-        PRECISION=_precision(q.dtype),
-    )
-    k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if dq_options["TMA"] else (k, v)
-    dq_args = (
-        q, k_in, v_in, dout, dq, lse, delta,
-        kv_indices, kv_counts, docs,
-        sm_scale * LOG2E, sm_scale,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        seq_len, nb, hq, hq // hkv,
-    )
-    if gluon_dq:
-        gluon_attention.gluon_attention_dq(
-            q, k, v, out, dout, lse, delta, kv_indices, kv_counts, dq, block_size=block_size, sm_scale=sm_scale
+        dq_options = kernel_options("dq", k, v)
+        k_in, v_in = (host_descriptor(k, "BLOCK_N"), host_descriptor(v, "BLOCK_N")) if dq_options["TMA"] else (k, v)
+        dq_args = (
+            q, k_in, v_in, dout, dq, lse, delta,
+            kv_indices, kv_counts, docs,
+            sm_scale * LOG2E, sm_scale,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            seq_len, nb, hq, hq // hkv,
         )
-    else:
         launch(
             _sparse_dq_kernel, "dq", block_size, seq_len,
             lambda meta: (nb * (block_size // meta["BLOCK_M"]), bsz * hq),
             dq_args, {**common, **dq_options}, dq_config,
         )
-    dkdv_options = kernel_options("dkdv", q, dout)
+
+    # dK/dV.
+    if gluon_dkdv:
+        gluon_attention.gluon_attention_dkdv(
+            q, k, v, dout, lse, delta, q_indices, q_counts, dk, dv, block_size=block_size, sm_scale=sm_scale
+        )
+        return dq, dk, dv
     q_in, do_in = (host_descriptor(q, "BLOCK_M"), host_descriptor(dout, "BLOCK_M")) if dkdv_options["TMA"] else (q, dout)
     dkdv_args = (
         q_in, k, v, do_in, dk, dv, lse, delta,
@@ -1256,17 +1273,6 @@ def sparse_attention_backward(
         dv.stride(0), dv.stride(1), dv.stride(2),
         seq_len, nb, hq, hkv, hq // hkv,
     )
-    segments = dkdv_options.pop("SEGMENTS", 0)
-    if dkdv_segments is not None:
-        segments = dkdv_segments
-    # Unforced at block 128 only: at block 64 its shared memory leaves one program per multiprocessor.
-    if not segments and (use_gluon or block_size == 128) and pick_gluon(
-        use_gluon, dkdv_config, q, k, v, block_size, document_ids, dk, dv, dout
-    ):
-        gluon_attention.gluon_attention_dkdv(
-            q, k, v, dout, lse, delta, q_indices, q_counts, dk, dv, block_size=block_size, sm_scale=sm_scale
-        )
-        return dq, dk, dv
     dkdv_kwargs = {**common, **dkdv_options}
     if not segments:
         launch(
