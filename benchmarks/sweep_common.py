@@ -25,8 +25,9 @@ def benchmark_inputs(seq_len: int, device: torch.device):
 class Recorder:
     """Times callables (median of `triton.testing.do_bench` after one warm call) and keeps printed rows."""
 
-    def __init__(self, rep_ms: int):
+    def __init__(self, rep_ms: int, warmup_ms: int = 50):
         self.rep_ms = rep_ms
+        self.warmup_ms = warmup_ms
         self.rows: list[dict] = []
 
     def bench(self, fn) -> float:
@@ -34,7 +35,7 @@ class Recorder:
 
         fn()
         torch.cuda.synchronize()
-        return float(triton.testing.do_bench(fn, warmup=50, rep=self.rep_ms, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="median"))
 
     def record(self, **kw) -> None:
         self.rows.append(kw)

@@ -22,9 +22,12 @@ Also only with Triton 3.6, the release they were built and tested with (Gluon's 
 else (and the CPU interpreter, which cannot run Gluon) goes through the Triton kernels, which compute the same
 functions; `gluon_supported` says which. `SEER_KERNELS_GLUON=0` turns these kernels off.
 
-Notes from building them (sweeps 13, 16): P reaches the second product through shared memory, not registers: a
-wgmma reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas then waits for
-the wgmma before the softmax reuses them. A single partition of two warpgroups (same overlap, CTA-wide barriers)
+Notes from building them (sweeps 13, 16-19): in the forward, P reaches the second product through shared memory,
+not registers: a wgmma reading its A operand from registers leaves them to ptxas's allocator once issued, and ptxas
+then waits for the wgmma before the softmax reuses them. In dK/dV, which is bound by shared-memory reads (84% of
+L1 throughput at d=0.1 under ncu), P^T stays in registers: naming it in the wait of its product keeps it
+allocated, and at 240 registers per consumer thread ptxas does not serialize the products (at 232 it does, and
+with dS^T in registers too at either count). dK/dV 1-2.5% faster, bitwise equal (sweep 19). A single partition of two warpgroups (same overlap, CTA-wide barriers)
 measured no faster than Triton. A shared-memory slot read into registers (the forward's Q) goes back to the TMA
 producer only after a product has consumed those registers and a proxy fence: handed back right after the load,
 a row occasionally computed with the next block's Q.
@@ -70,6 +73,8 @@ LOG2E = 1.4426950408889634
 ROWS = 64  # query rows per consumer warpgroup (one wgmma M): block 128 has two consumers, block 64 one
 # Registers per thread of the second consumer warpgroup (the first gets what is left, the producer warp 24).
 CONSUMER_REGS = 232
+# The dK/dV consumers need 240: with fewer, ptxas serializes their matrix products (P^T is a register operand).
+DKDV_CONSUMER_REGS = 240
 # Query blocks per program, per kernel. With several, a program pairs long and short causal lists and its producer
 # loads the next block's rows and first K/V tiles while the consumers finish the current one, instead of a new
 # program paying its start-up (launch, first loads) and its output store in the open. Fastest on an H200
@@ -77,7 +82,7 @@ CONSUMER_REGS = 232
 ITEMS_PER_PROGRAM = {"fwd": 4, "dq": 2}
 # Query tiles (Q, dO, lse, delta of 64 rows) in flight per dK/dV program: four hide the producer's load latency
 # (H200, backward at d=0.1 / 1.0: 5.59 / 51.5 ms with four, 6.09 / 57.4 with two, against 5.79 / 54.3 for the
-# Triton kernels in the same call); four fill the shared memory at block 128 and head_dim 128.
+# Triton kernels in the same call); a fifth does not fit in the shared memory at block 128 and head_dim 128.
 DKDV_STAGES = 4
 
 
@@ -569,33 +574,33 @@ if gluon is not None:
     # --------------------------------------------------------------------------------------------- dK/dV
 
     @gluon.jit
-    def _add(a, b):
-        return a + b
+    def _pick(vec, offs, i):
+        """Element i of a small vector (`offs` its indices), in every thread."""
+        return gl.sum(gl.where(offs == i, vec, 0), 0)
 
     @gluon.jit
-    def _transposed_grads(st, dpt, lse_slot, delta_slot, t, starts, diag_ends, offs_k, offs_q0, scale_log2,
-                          s_layout: gl.constexpr):
-        """P^T and dS^T = P^T (dP^T - delta) of step t from S^T, dP^T and the query rows' lse and delta (`[64]` in
-        shared memory); causal mask when the step is one of a diagonal block's query tiles."""
+    def _transposed_grads(st, dpt, lse_slot, delta_slot, sub, offs_k, offs_q0, scale_log2, s_layout: gl.constexpr):
+        """P^T and dS^T = P^T (dP^T - delta) of one step from S^T, dP^T and the query rows' lse and delta (`[64]` in
+        shared memory); causal mask when the step is the diagonal block's query tile `sub` (-1: not the diagonal)."""
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         lse = lse_slot.load(col_s)
         delta = delta_slot.load(col_s)
         x = st * scale_log2 - lse[None, :]
-        in_diag = (t >= starts) & (t < diag_ends)
-        if gl.sum(in_diag.to(gl.int32), 0) > 0:
-            offs_q = offs_q0 + (t - gl.sum(gl.where(in_diag, starts, 0), 0)) * offs_k.shape[0]
+        if sub >= 0:
+            offs_q = offs_q0 + sub * offs_k.shape[0]
             x = gl.where(offs_k[:, None] <= offs_q[None, :], x, float("-inf"))
         pt = gl.exp2(x)
         return pt, pt * (dpt - delta[None, :])
 
     @gluon.jit
     def _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
-                       first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale,
+                       first_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale,
                        WG: gl.constexpr):
         """dK/dV of keys [64 WG, 64 WG + 64) of the key block, summed over every 64-row query tile that kept it
         (the group's query heads one after the other). Per tile, in transposed form (rows: keys): S^T = K Q^T and
         dP^T = V dO^T, P^T and dS^T; then dV += P^T dO and dK += dS^T Q, issued after the next tile's S^T and
-        dP^T so that they run under its exponentials."""
+        dP^T so that they run under its exponentials. Tiles whose entries are all masked for these keys (the
+        diagonal block's query rows before them) are skipped."""
         dtype: gl.constexpr = k_smem.dtype
         HEAD_DIM: gl.constexpr = k_smem.shape[2]
         NUM_WG: gl.constexpr = k_smem.shape[0]
@@ -607,16 +612,12 @@ if gluon is not None:
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         g_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        # Steps per query head (64-row tiles of its list) and whether its list starts with the diagonal block, the
-        # only one that needs the causal mask (the producer put the lists' lengths and first entries in shared
-        # memory before K/V arrived); each step then finds its head by prefix sums.
+        # Per query head of the group: its list's length and whether it starts with the diagonal block, the only
+        # one that needs the causal mask (the producer put both in shared memory before K/V arrived).
         mbarrier.wait(kv_bar, 0)
         cnts = cnt_smem.load(g_layout)
         firsts = first_smem.load(g_layout)
-        steps = cnts * SUB
-        starts = gl.associative_scan(steps, 0, _add) - steps
-        diag_ends = gl.where(firsts == n_blk, starts + SUB, starts)  # steps [start, diag_end) are the diagonal's
-        total = gl.sum(steps, 0)
+        heads = gl.arange(0, cnt_smem.shape[0], layout=g_layout)
         offs_k = n_blk * BLOCK + WG * WG_ROWS + gl.arange(0, WG_ROWS, layout=row_s)
         offs_q0 = n_blk * BLOCK + gl.arange(0, WG_ROWS, layout=col_s)
         s_init = gl.zeros([WG_ROWS, WG_ROWS], gl.float32, layout=s_layout)
@@ -624,46 +625,63 @@ if gluon is not None:
         dv = gl.zeros([WG_ROWS, HEAD_DIM], gl.float32, layout=o_layout)
         my_k = k_smem.index(WG)
         my_v = v_smem.index(WG)
-        my_pt = pt_smem.index(WG)
+        # P^T stays in registers as the A operand of dV += P^T dO (no shared-memory round trip: the kernel is bound
+        # by shared-memory reads); dS^T goes through shared memory (both in registers, ptxas serializes the
+        # products). Both start as zeros, so the first step's "previous" products add nothing (they read that step's
+        # own dO and Q, finite values) and the loop needs no peeled step.
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        pt_op = gl.zeros([WG_ROWS, WG_ROWS], dtype, layout=a_layout)
         my_dst = dst_smem.index(WG)
-        if total > 0:
-            # Tile 0 (peeled: no dK/dV product in flight yet).
-            mbarrier.wait(full.index(0), 0)
-            st_tok = warpgroup_mma(my_k, qt_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(my_v, dot_smem.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            st, dpt = warpgroup_mma_wait(0, deps=[st_tok, dpt_tok])
-            pt, dst = _transposed_grads(st, dpt, lse_smem.index(0), delta_smem.index(0), 0, starts, diag_ends,
-                                        offs_k, offs_q0, scale_log2, s_layout)
-            my_pt.store(pt.to(dtype))
-            my_dst.store(dst.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()  # P^T and dS^T are written before their products are issued
-            for t in range(1, total):
-                slot = t % NS
-                prev = (t - 1) % NS
-                mbarrier.wait(full.index(slot), (t // NS) & 1)
+        my_dst.store(gl.zeros([WG_ROWS, WG_ROWS], dtype, layout=s_layout))
+        fence_async_shared()
+        gl.thread_barrier()
+        t = 0  # ring steps so far: one per 64-row query tile of each list entry, the heads one after the other
+        prev = 0  # the slot whose P^T and dS^T wait for their dV and dK products
+        pending = 0  # whether there is such a slot yet
+        for g in range(0, cnt_smem.shape[0]):
+            t_head = t
+            t_end = t + _pick(cnts, heads, g) * SUB
+            diagonal = _pick(firsts, heads, g) == n_blk
+            if diagonal:
+                # The diagonal's query tiles before this warpgroup's keys have every entry masked: the warpgroup
+                # only hands their slots back (once full, so that its arrival cannot count towards the slot's
+                # previous use). For the second warpgroup, the first 64 rows of each diagonal block.
+                for _ in gl.static_range(WG):
+                    mbarrier.wait(full.index(t % NS), (t // NS) & 1)
+                    mbarrier.arrive(empty.index(t % NS), count=1)
+                    t += 1
+            diag_end = gl.where(diagonal, t_head + SUB, t_head)
+            for step in range(t, t_end):
+                slot = step % NS
+                mbarrier.wait(full.index(slot), (step // NS) & 1)
                 st_tok = warpgroup_mma(my_k, qt_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
                                        is_async=True)
                 dpt_tok = warpgroup_mma(my_v, dot_smem.index(slot).permute((1, 0)), s_init, use_acc=False,
                                         is_async=True)
-                # The previous tile's dV += P^T dO and dK += dS^T Q go after this tile's products: waiting for
-                # all but these two completes S^T and dP^T while they run under the arithmetic below.
-                dv_tok = warpgroup_mma(my_pt, dot_smem.index(prev), dv, is_async=True)
-                dk_tok = warpgroup_mma(my_dst, qt_smem.index(prev), dk, is_async=True)
+                # The previous step's dV += P^T dO and dK += dS^T Q go after this step's products: waiting for all
+                # but these two completes S^T and dP^T while they run under the arithmetic below.
+                src = gl.where(pending != 0, prev, slot)
+                dv_tok = warpgroup_mma(pt_op, dot_smem.index(src), dv, is_async=True)
+                dk_tok = warpgroup_mma(my_dst, qt_smem.index(src), dk, is_async=True)
                 st, dpt = warpgroup_mma_wait(2, deps=[st_tok, dpt_tok])
-                pt, dst = _transposed_grads(st, dpt, lse_smem.index(slot), delta_smem.index(slot), t, starts,
-                                            diag_ends, offs_k, offs_q0, scale_log2, s_layout)
-                dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
-                mbarrier.arrive(empty.index(prev), count=1)
-                my_pt.store(pt.to(dtype))
+                sub = gl.where(step < diag_end, step - t_head, -1)
+                pt, dst = _transposed_grads(st, dpt, lse_smem.index(slot), delta_smem.index(slot), sub, offs_k,
+                                            offs_q0, scale_log2, s_layout)
+                # The operand registers are named in the wait so that they stay untouched until their products end.
+                dv, dk, pt_op = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt_op])
+                mbarrier.arrive(empty.index(prev), count=1, pred=pending != 0)
+                pt_op = gl.convert_layout(pt.to(dtype), a_layout)
                 my_dst.store(dst.to(dtype))
                 fence_async_shared()
-                gl.thread_barrier()
-            last = (total - 1) % NS
-            dv_tok = warpgroup_mma(my_pt, dot_smem.index(last), dv, is_async=True)
-            dk_tok = warpgroup_mma(my_dst, qt_smem.index(last), dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok])
-            mbarrier.arrive(empty.index(last), count=1)
+                gl.thread_barrier()  # dS^T is written before its product is issued
+                prev = slot
+                pending = 1
+            t = t_end
+        if pending != 0:
+            dv_tok = warpgroup_mma(pt_op, dot_smem.index(prev), dv, is_async=True)
+            dk_tok = warpgroup_mma(my_dst, qt_smem.index(prev), dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(0, deps=[dv_tok, dk_tok, pt_op])[:2]
+            mbarrier.arrive(empty.index(prev), count=1)
         # K and V of these keys are no longer read: their buffers take dK and dV.
         my_k.store((dk * sm_scale).to(dtype))
         my_v.store(dv.to(dtype))
@@ -675,15 +693,15 @@ if gluon is not None:
 
     @gluon.jit
     def _dkdv_consumer_0(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
-                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+                         first_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
         _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem,
-                       pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 0)
+                       dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 0)
 
     @gluon.jit
     def _dkdv_consumer_1(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
-                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
+                         first_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale):
         _dkdv_consumer(dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem, first_smem,
-                       pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 1)
+                       dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale, 1)
 
     @gluon.jit
     def _dkdv_producer(k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,  # noqa: N803
@@ -757,7 +775,6 @@ if gluon is not None:
         cnt_smem = gl.allocate_shared_memory(gl.int32, [GROUP_P2], vector)
         first_smem = gl.allocate_shared_memory(gl.int32, [GROUP_P2], vector)
         square: gl.constexpr = gl.NVMMASharedLayout.get_default_for([WG_ROWS, WG_ROWS], dtype)
-        pt_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, WG_ROWS], square)
         dst_smem = gl.allocate_shared_memory(dtype, [NUM_WG, WG_ROWS, WG_ROWS], square)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -768,7 +785,7 @@ if gluon is not None:
             mbarrier.init(empty.index(slot), count=NUM_WG)
         fence_async_shared()
         consumer_args = (dk_desc, dv_desc, k_smem, v_smem, qt_smem, dot_smem, lse_smem, delta_smem, cnt_smem,
-                         first_smem, pt_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale)
+                         first_smem, dst_smem, kv_bar, full, empty, n_blk, kv_row, scale_log2, sm_scale)
         producer_args = (k_desc, v_desc, q_desc, do_desc, LSE, DELTA, Q_CNT, Q_IDX, k_smem, v_smem, qt_smem,
                          dot_smem, lse_smem, delta_smem, cnt_smem, first_smem, kv_bar, full, empty, n_blk, bh0, kv_row,
                          seq_len, n_blocks, group)
@@ -925,7 +942,7 @@ def gluon_attention_dkdv(
         _row_descriptor(q, ROWS), _row_descriptor(k, ROWS), _row_descriptor(v, ROWS), _row_descriptor(dout, ROWS),
         _row_descriptor(dk, ROWS), _row_descriptor(dv, ROWS), lse, delta, q_indices, q_counts,
         sm_scale * LOG2E, sm_scale, seq_len, nb, hq, hkv, group,
-        CONSUMER_REGS=CONSUMER_REGS, NUM_WG=block_size // ROWS, GROUP_P2=triton.next_power_of_2(group),
+        CONSUMER_REGS=DKDV_CONSUMER_REGS, NUM_WG=block_size // ROWS, GROUP_P2=triton.next_power_of_2(group),
         STAGES=stages or DKDV_STAGES, num_warps=4, **_launch_registers(block_size),
     )
     return dk, dv
