@@ -16,5 +16,5 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_attention.py --json "$OUT/attention_h200.json" "$@" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: $?"
-timeout "${TEST_TIMEOUT:-170}" python3 -m pytest tests/kernels tests/seer/test_seer_triton.py -q $XDIST -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout "${TEST_TIMEOUT:-300}" python3 -m pytest tests/kernels tests/seer/test_seer_triton.py -q $XDIST -p no:cacheprovider -rs 2>&1 | tee "$OUT/pytest_gpu.log"
 echo "pytest exit: $?"
