@@ -20,13 +20,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # noqa: E402
-from bench_attention import causal_density_mask, flex_block_mask  # noqa: E402
+from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # sets up sys.path
+from bench_attention import causal_density_mask, flex_block_mask
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 

@@ -1,12 +1,22 @@
-"""What the kernel sweeps share: the benchmark's problem on the GPU and a recorder that times and prints rows."""
+"""What the kernel sweeps share: the benchmark's problem on the GPU and a recorder that times and prints rows.
+
+Imported first by the sweep scripts (`python benchmarks/<script>.py`): it puts the repository root and `kernels/`
+on `sys.path`, so that `seer_kernels` and the other benchmark modules import from a checkout without installing.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 # bench_attention's problem: B=1, 32 query / 8 KV heads, head_dim 128, block 128.
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK = 32, 8, 128, 128

@@ -18,13 +18,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # noqa: E402
-from bench_attention import causal_density_mask, rel_err  # noqa: E402
+from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # sets up sys.path
+from bench_attention import causal_density_mask, rel_err
 
 FWD_TILES = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
              (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 4, 2)]
