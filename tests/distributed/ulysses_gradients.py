@@ -22,3 +22,9 @@ if trainer.ctx.is_main:
     grads = {name: g.detach().clone() for name, g in grads.items() if g is not None}
     grads["__lm_loss__"] = parts["lm_loss"].reshape(1).cpu()
     save_file(grads, out)
+# Every rank leaves together and tears the comm layer down (as `Trainer.fit` does): a rank exiting while rank 0 still
+# writes, or with the process group alive, was seen to abort in gloo's teardown ("terminate called without an active
+# exception", SIGABRT).
+torch.distributed.barrier()
+trainer.engine.destroy()
+torch.distributed.destroy_process_group()
