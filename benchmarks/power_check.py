@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # sets up sys.path
+from sweep_common import (  # sets up sys.path
+    BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
+)
 from bench_attention import causal_density_mask, flex_block_mask
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
@@ -69,12 +71,9 @@ def window(samples, t0: float, t1: float) -> dict:
 def kernel_cases(q, k, v, dout, mask) -> dict:
     """Our forward, dQ and dK/dV kernels alone, on prebuilt block lists and preallocated outputs."""
     from seer_kernels import gluon_attention as ga
-    from seer_kernels import triton_attention as ta
 
     scale = q.shape[-1] ** -0.5
-    idx, cnt = ta.build_block_lists(mask)
-    tidx, tcnt = ta.build_block_lists(mask, transpose=True)
-    out, lse = ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+    idx, cnt, tidx, tcnt, out, lse = kernel_inputs(q, k, v, mask, scale)
     delta = torch.empty_like(lse)
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     return {
@@ -89,7 +88,6 @@ def kernel_cases(q, k, v, dout, mask) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import seer_kernels as sk
     from torch.nn.attention.flex_attention import flex_attention
 
     device = torch.device("cuda")
@@ -97,10 +95,7 @@ def main(argv=None) -> int:
     mask = causal_density_mask(1, HEADS_Q, nb, args.density, device=device, seed=args.seed + int(args.density * 1000))
     bm = flex_block_mask(mask, args.seq_len, BLOCK) if not args.kernels else None
     flex = torch.compile(flex_attention, dynamic=False)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-
-    def ours(*t):
-        return sk.block_sparse_attention(*t, mask, block_size=BLOCK, backend="triton")
+    ours = public_op(mask)
 
     def theirs(*t):
         return flex(*t, block_mask=bm, enable_gqa=True)
@@ -111,15 +106,9 @@ def main(argv=None) -> int:
                 op(q, k, v)
         return run
 
-    def step(op):
-        def run():
-            op(*leaves).backward(dout)
-            for t in leaves:
-                t.grad = None
-        return run
-
-    cases = {"seer fwd": forward(ours), "flex fwd": forward(theirs), "seer fwd+bwd": step(ours),
-             "flex fwd+bwd": step(theirs)}
+    cases = {"seer fwd": forward(ours), "flex fwd": forward(theirs),
+             "seer fwd+bwd": forward_backward_step(ours, q, k, v, dout),
+             "flex fwd+bwd": forward_backward_step(theirs, q, k, v, dout)}
     if args.kernels:
         cases = kernel_cases(q, k, v, dout, mask)
     for fn in cases.values():  # compile outside the runs

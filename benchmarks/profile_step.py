@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # sets up sys.path
+from sweep_common import (  # sets up sys.path
+    BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
+)
 from bench_attention import causal_density_mask
 
 
@@ -114,23 +116,15 @@ def timing_modes(rec: Recorder, step, kernels, forward) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import seer_kernels as sk
-
     device = torch.device("cuda")
     q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, device)
     rec = Recorder(args.rep)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     masks = {d: causal_density_mask(1, HEADS_Q, nb, d, device=device, seed=args.seed + int(d * 1000))
              for d in args.densities}
     # Every list holds only the diagonal block: what each program pays regardless of its work.
     masks["diagonal"] = torch.eye(nb, dtype=torch.bool, device=device).expand(1, HEADS_Q, nb, nb).contiguous()
     for label, mask in masks.items():
-
-        def step(mask=mask):
-            sk.block_sparse_attention(*leaves, mask, block_size=BLOCK, backend="triton").backward(dout)
-            for t in leaves:
-                t.grad = None
-
+        step = forward_backward_step(public_op(mask), q, k, v, dout)
         per_name, wall_us = kernel_times(step, args.steps)
         busy = sum(per_name.values())
         for name, us in sorted(per_name.items(), key=lambda kv: -kv[1]):
@@ -141,9 +135,7 @@ def main(argv=None) -> int:
         from seer_kernels import triton_attention as ta
 
         mask = masks[args.densities[0]]
-        idx, cnt = ta.build_block_lists(mask)
-        tidx, tcnt = ta.build_block_lists(mask, transpose=True)
-        out, lse = ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+        idx, cnt, tidx, tcnt, out, lse = kernel_inputs(q, k, v, mask, scale)
         grads = tuple(torch.empty_like(t) for t in (q, k, v))
 
         def kernels():
@@ -153,14 +145,9 @@ def main(argv=None) -> int:
 
         def forward():
             with torch.no_grad():
-                sk.block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="triton")
+                public_op(mask)(q, k, v)
 
-        def step():
-            sk.block_sparse_attention(*leaves, mask, block_size=BLOCK, backend="triton").backward(dout)
-            for t in leaves:
-                t.grad = None
-
-        timing_modes(rec, step, kernels, forward)
+        timing_modes(rec, forward_backward_step(public_op(mask), q, k, v, dout), kernels, forward)
     rec.write_json(args.json)
     return 0
 

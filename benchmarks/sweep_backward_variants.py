@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import BLOCK, HEADS_Q, Recorder, benchmark_inputs  # sets up sys.path
+from sweep_common import (  # sets up sys.path
+    BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
+)
 from bench_attention import causal_density_mask
 
 
@@ -49,21 +51,16 @@ def load_baseline(path: Path, name: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import seer_kernels as sk
     from seer_kernels import gluon_attention as ga
-    from seer_kernels import triton_attention as ta
 
     variants = {path.stem: load_baseline(path, f"_baseline{i}") for i, path in enumerate(args.baseline)}
     variants["current"] = ga
     device = torch.device("cuda")
     q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, device)
     rec = Recorder(args.rep, warmup_ms=100)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     for d in args.densities:
         mask = causal_density_mask(1, HEADS_Q, nb, d, device=device, seed=args.seed + int(d * 1000))
-        idx, cnt = ta.build_block_lists(mask)
-        tidx, tcnt = ta.build_block_lists(mask, transpose=True)
-        out, lse = ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+        idx, cnt, tidx, tcnt, out, lse = kernel_inputs(q, k, v, mask, scale)
         delta = torch.empty_like(lse)
         ga.gluon_attention_dq(q, k, v, out, dout, lse, delta, idx, cnt, torch.empty_like(q), block_size=BLOCK,
                               sm_scale=scale)
@@ -76,6 +73,8 @@ def main(argv=None) -> int:
 
         dk0, dv0 = dkdv_run(ga)
         for name, module in variants.items():
+            if module is ga:
+                continue
             dk1, dv1 = dkdv_run(module)
             rec.record(density=d, check=f"dkdv {name} vs current",
                        dk_max_diff=(dk0.float() - dk1.float()).abs().max().item(),
@@ -89,11 +88,7 @@ def main(argv=None) -> int:
                     lambda module=module: module.gluon_attention_dkdv(q, k, v, dout, lse, delta, tidx, tcnt, dk, dv,
                                                                       block_size=BLOCK, sm_scale=scale)))
 
-        def step(mask=mask):
-            sk.block_sparse_attention(*leaves, mask, block_size=BLOCK, backend="triton").backward(dout)
-            for t in leaves:
-                t.grad = None
-
+        step = forward_backward_step(public_op(mask), q, k, v, dout)
         current_dkdv = ga.gluon_attention_dkdv
         for rnd in range(2):
             for name, module in variants.items():

@@ -32,6 +32,37 @@ def benchmark_inputs(seq_len: int, device: torch.device):
     return q, k, v, dout, 1.0 / math.sqrt(HEAD_DIM), math.ceil(seq_len / BLOCK)
 
 
+def forward_backward_step(op, q, k, v, dout):
+    """A callable that runs `op(q, k, v).backward(dout)` on leaf copies of q, k, v and drops their gradients, as
+    bench_attention times forward+backward."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        op(*leaves).backward(dout)
+        for t in leaves:
+            t.grad = None
+
+    return step
+
+
+def public_op(mask: torch.Tensor):
+    """`(q, k, v) -> out` of the public sparse op with `mask` at the benchmark's block, on the kernels."""
+    import seer_kernels as sk
+
+    return lambda q, k, v: sk.block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="triton")
+
+
+def kernel_inputs(q, k, v, mask, scale):
+    """What the kernels take when timed alone: the forward and transposed block lists of `mask` and the
+    forward's `(out, lse)`, as `(idx, cnt, tidx, tcnt, out, lse)`."""
+    from seer_kernels import triton_attention as ta
+
+    idx, cnt = ta.build_block_lists(mask)
+    tidx, tcnt = ta.build_block_lists(mask, transpose=True)
+    out, lse = ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+    return idx, cnt, tidx, tcnt, out, lse
+
+
 class Recorder:
     """Times callables (median of `triton.testing.do_bench` after one warm call) and keeps printed rows."""
 
