@@ -131,7 +131,8 @@ class AttentionConfig:
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
             ground truth and the gate loss are computed.
-        kernel: `auto` (Triton on CUDA, reference on CPU), `reference` or `triton`.
+        kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
+            `pytorch` or `triton`.
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
         init_steps: With `mode: joint` and no `gates_path`: first distil the gates for this many steps (base
             frozen, output in `<output_dir>/gate_init`), then train jointly from them, in one command
@@ -423,7 +424,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _choice("attention.mode", a.mode, ("dense", "gate_distill", "joint"))
     _choice("attention.block_size", a.block_size, (16, 32, 64, 128))
     _choice("attention.gate_loss", a.gate_loss, ("kl", "mse"))
-    _choice("attention.kernel", a.kernel, ("auto", "reference", "triton"))
+    _choice("attention.kernel", a.kernel, ("auto", "pytorch", "triton"))
     for name, pools in (("attention.q_pooling", a.q_pooling), ("attention.k_pooling", a.k_pooling)):
         if not pools:
             raise ConfigError(f"{name} must name at least one of avg, max, min")

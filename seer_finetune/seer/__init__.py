@@ -3,8 +3,11 @@
 - `gate.AttnGate`: the per-layer block predictor (pooled pre-RoPE Q/K, per-head projections, block RoPE).
 - `selection`: candidate blocks (causal + documents), gate probabilities, block selection, realised density,
   gate loss.
+- `runtime`: `SeerSettings` (frozen, from `AttentionConfig`) and `SeerRuntime` (settings, train/eval switch,
+  per-forward state, gate losses and statistics), shared by all gates of a model.
 - `masking`: the `seer` mask function (per-token document ids instead of an L x L mask).
-- `attention`: the `seer` attention function, registration with transformers, attaching gates to a model.
+- `attention`: the `seer` attention function (inputs, gate scores, selection, kernel, loss) and its registration.
+- `attach`: attaching gates to a loaded model (capture hooks on the Q/K projections).
 - `saving`: gates as a small safetensors adapter, composing base + gates (+ LoRA) at load time.
 - `extension`: `build_extension(model, cfg)`, the trainer seam.
 - `evaluate`: `run_eval(cfg)`, perplexity at several lengths and densities.
@@ -15,15 +18,18 @@ Gate inputs are the pre-RoPE queries/keys, captured by forward hooks and detache
 the block-sparse attention output (selection runs under no_grad).
 """
 
-from .attention import SeerRuntime, attach_seer_gates, register_seer, seer_attention_forward, seer_gates
+from .attach import attach_seer_gates, seer_gates
+from .attention import register_seer, seer_attention_forward
 from .extension import SeerExtension, build_extension
 from .gate import AttnGate
+from .runtime import SeerRuntime, SeerSettings
 from .saving import load_gates, load_seer_model, save_gates
 
 __all__ = [
     "AttnGate",
     "SeerExtension",
     "SeerRuntime",
+    "SeerSettings",
     "attach_seer_gates",
     "build_extension",
     "load_gates",

@@ -8,7 +8,6 @@ perplexity. Results go to a JSON file and a printed table.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, SeerConfig
-from .attention import SeerRuntime, seer_gates
+from .attach import seer_gates
+from .runtime import SeerRuntime
 from .extension import runtime_from_config
 
 
@@ -41,9 +41,9 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerR
 
     a = cfg.attention
     # The configured settings (block size, kernel, sink and local blocks); mode and density change per setting.
-    runtime = dataclasses.replace(
-        runtime_from_config(a), mode="joint", density=None, threshold=None, training=False, compute_loss=False
-    )
+    runtime = runtime_from_config(a)
+    runtime.configure(mode="joint", density=None, threshold=None, compute_loss=False)
+    runtime.training = False
     if cfg.eval.model_path:
         path = Path(cfg.eval.model_path)
         # A trained run's own gates come first: attention.gates_path is where its training *started* from.
@@ -60,7 +60,7 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, SeerR
     if a.gates_path:
         load_gates(model, a.gates_path, runtime=runtime)
         return model.eval(), runtime, str(a.gates_path), True
-    from .attention import attach_seer_gates
+    from .attach import attach_seer_gates
 
     attach_seer_gates(
         model,
@@ -166,23 +166,24 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
                 }
             )
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    settings = runtime.settings
     report = {
         "model": cfg.eval.model_path or cfg.model.name_or_path,
         "gates": gates,
         "gates_trained": trained,
-        "block_size": runtime.block_size,
+        "block_size": settings.block_size,
         # What the gates' selection kept whatever their scores, and how a density was shared out.
-        "sink_blocks": runtime.sink_blocks,
-        "local_blocks": runtime.local_blocks,
-        "budget": runtime.budget,
+        "sink_blocks": settings.sink_blocks,
+        "local_blocks": settings.local_blocks,
+        "budget": settings.budget,
         "results": rows,
     }
     output = Path(cfg.eval.output) if cfg.eval.output else Path(cfg.trainer.output_dir) / "eval.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     print(
-        f"\n[seer-finetune] eval of {report['model']} with {gates} (block {runtime.block_size}, "
-        f"{runtime.sink_blocks} sink and {runtime.local_blocks} local blocks kept, {runtime.budget} budget)"
+        f"\n[seer-finetune] eval of {report['model']} with {gates} (block {settings.block_size}, "
+        f"{settings.sink_blocks} sink and {settings.local_blocks} local blocks kept, {settings.budget} budget)"
     )
     print(format_table(rows))
     print(f"[seer-finetune] wrote {output}", flush=True)
@@ -203,12 +204,12 @@ def evaluate_settings(
 
     Args:
         model: A model with gates attached (see `attach_seer_gates` / `load_seer_model`).
-        runtime: Its gates' shared runtime; restored to its previous mode/density/threshold afterwards.
+        runtime: Its gates' shared runtime; its settings and training switch are restored afterwards.
         dataset: Items with `input_ids` and `position_ids` (e.g. `DocumentWindows`).
         settings: What to evaluate; ("density", 1.0) runs exact dense attention.
         device: Where the model runs.
         batch_size: Windows per forward. Default 1.
-        oracle: Rank blocks by the true pooled attention instead of the gates (`SeerRuntime.oracle`). Default
+        oracle: Rank blocks by the true pooled attention instead of the gates (`SeerSettings.oracle`). Default
             False.
 
     Returns:
@@ -217,18 +218,22 @@ def evaluate_settings(
     """
     from ..evaluation import perplexity
 
-    saved = (runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss, runtime.oracle)
+    saved_training = runtime.training
     out = []
     try:
-        runtime.training, runtime.compute_loss, runtime.oracle = False, False, oracle
+        runtime.training = False
         for kind, value in settings:
             dense = kind == "density" and value >= 1.0
-            runtime.mode = "dense" if dense else "joint"
-            runtime.density = value if kind == "density" and not dense else None
-            runtime.threshold = value if kind == "threshold" else None
-            runtime.take_stats()
-            result = perplexity(model, dataset, device=device, batch_size=batch_size)
-            densities = [v for k, v in runtime.take_stats().items() if k.startswith("density/")]
+            with runtime.using(
+                mode="dense" if dense else "joint",
+                density=value if kind == "density" and not dense else None,
+                threshold=value if kind == "threshold" else None,
+                compute_loss=False,
+                oracle=oracle,
+            ):
+                runtime.take_stats()
+                result = perplexity(model, dataset, device=device, batch_size=batch_size)
+                densities = [v for k, v in runtime.take_stats().items() if k.startswith("density/")]
             realised = 1.0 if dense else (sum(densities) / len(densities) if densities else None)
             out.append(
                 {
@@ -242,5 +247,5 @@ def evaluate_settings(
                 }
             )
     finally:
-        runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss, runtime.oracle = saved
+        runtime.training = saved_training
     return out

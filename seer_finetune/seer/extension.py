@@ -10,25 +10,17 @@ from torch import nn
 
 from ..config import AttentionConfig, ConfigError, SeerConfig
 from ..extension import TrainingExtension
-from .attention import SeerRuntime, attach_seer_gates, seer_gates
+from .attach import attach_seer_gates, seer_gates
+from .runtime import SeerRuntime, SeerSettings
 from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
 
 
 def runtime_from_config(a: AttentionConfig) -> SeerRuntime:
-    """The shared gate settings for an attention config section."""
-    return SeerRuntime(
-        mode=a.mode,
-        block_size=int(a.block_size),
-        density=a.density,
-        threshold=a.threshold,
-        sink_blocks=int(a.sink_blocks),
-        local_blocks=int(a.local_blocks),
-        budget=a.budget,
-        loss_kind=a.gate_loss,
-        ground_truth_query_fraction=float(a.ground_truth_query_fraction),
-        kernel=a.kernel,
-        detach_gate_inputs=bool(a.detach_gate_inputs),
-    )
+    """A runtime for the gates of one model, with the settings of an attention config section."""
+    try:
+        return SeerRuntime(SeerSettings.from_config(a))
+    except ValueError as exc:
+        raise ConfigError(f"attention: {exc}") from None
 
 
 class SeerExtension(TrainingExtension):
@@ -80,7 +72,7 @@ class SeerExtension(TrainingExtension):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One group, `gates`, at `optim.gate_lr` (or `optim.lr`) without weight decay; none in `dense` mode."""
-        if self.runtime.mode == "dense":
+        if self.runtime.settings.mode == "dense":
             return []
         o = self.cfg.optim
         lr = o.gate_lr if o.gate_lr is not None else o.lr

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attention import SeerRuntime, attach_seer_gates, seer_gates
+from .attach import attach_seer_gates, seer_gates
+from .runtime import SeerRuntime
 
 WEIGHTS_NAME = "seer_gates.safetensors"
 CONFIG_NAME = "seer_gates.json"
@@ -128,7 +129,7 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
                 local_blocks=int(config.get("local_blocks", 1)),
                 budget=str(config.get("budget", "row")),
             )
-        runtime.block_size = int(config["block_size"])
+        runtime.configure(block_size=int(config["block_size"]))
         gates = attach_seer_gates(
             model,
             runtime,
@@ -169,7 +170,7 @@ def load_seer_model(
             holding only gates, whose json names the base model to load.
         gates_path: Gates folder when they are not in `path`. Default: `path` itself.
         runtime: Settings for the gates (mode, density, ...). Default: `joint` without a density (set
-            `runtime.density` or `runtime.threshold` before running sparse).
+            a density or threshold with `runtime.configure` before running sparse).
         device: Where the model goes. Default CPU.
         dtype: Weights dtype. Default as saved.
 

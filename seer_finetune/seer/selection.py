@@ -138,101 +138,104 @@ def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0, l
     return torch.diff(kept, dim=-1, prepend=torch.zeros_like(kept[:, :1])).long()
 
 
-@torch.no_grad()
-def select_blocks(
-    scores: torch.Tensor,
-    candidates: torch.Tensor,
-    *,
-    density: Optional[float] = None,
-    threshold: Optional[float] = None,
-    sink_blocks: int = 0,
-    local_blocks: int = 1,
-    quota: Optional[torch.Tensor] = None,
-    forced: Optional[torch.Tensor] = None,
-    budget: str = "row",
-    layer_extra: Optional[list[int]] = None,
-    normalized: bool = False,
-) -> torch.Tensor:
-    """Choose the key blocks each query head attends to.
+class SelectionPlan:
+    """Which blocks a layer may keep and how many: everything of a selection that does not depend on the scores.
+
+    It depends only on the layout (sequence length, documents, padding) and the settings, so one forward builds
+    it once and every layer calls `select` with its own scores.
 
     With `density` d, row i keeps about d * n_i of its n_i candidate blocks (`row_quotas`: at least the forced
-    ones, with rounding and forced surpluses balanced over the rows) with the highest scores: the per-row
-    count follows the triangle, so the realised density over all candidates matches d. With `budget="layer"`
-    the same total count (over heads and rows) goes instead to the blocks of highest gate probability anywhere
-    in the layer: a head or row whose attention is concentrated on few blocks gives its share to those whose
-    attention is spread, which keeps the most probability mass for the same density. With `threshold` t, a row
-    keeps the candidates whose gate probability is at least t. The diagonal block, and optionally `sink_blocks` leading blocks and the
-    `local_blocks - 1` blocks before the diagonal, are always kept.
+    ones, with rounding and forced surpluses balanced over the rows), the highest-scoring ones: the per-row count
+    follows the triangle, so the realised density over all candidates matches d. With `budget="layer"` the same
+    total count (over heads and rows) goes instead to the blocks of highest gate probability anywhere in the
+    layer: a head or row whose attention is concentrated on few blocks gives its share to those whose attention
+    is spread, which keeps the most probability mass for the same density. With `threshold` t, a row keeps the
+    candidates whose gate probability is at least t. The forced blocks (`forced_blocks`: the diagonal, the
+    `local_blocks - 1` blocks before it, and `sink_blocks` leading blocks) are always kept.
 
     Args:
-        scores: `[B, H, nB, nB]` gate logits or log-probabilities (only their order within a row matters for
-            `density`; `threshold` compares softmax probabilities over the candidates).
         candidates: bool `[B, nB, nB]` from `block_candidates`.
         density: Target fraction of candidate blocks kept, in (0, 1].
-        threshold: Minimum gate probability of a kept block, in [0, 1].
+        threshold: Minimum gate probability of a kept block, in [0, 1]. Exactly one of density and threshold.
         sink_blocks: Leading candidate blocks always kept. Default 0.
         local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1.
-        quota: `row_quotas(candidates, density, sink_blocks, local_blocks)` when already computed (it depends on the
-            candidates only, so all layers of a forward share it). Default: computed here.
-        forced: `forced_blocks(candidates, sink_blocks, local_blocks)` when already computed (shared likewise).
-            Default: computed here.
-        budget: With `density`: `row` (each row keeps its own share) or `layer` (the layer's total share goes
-            to its most probable blocks; `scores` are then compared across rows as probabilities, so rows are
-            log-softmax normalised here first unless `normalized`). Default `row`.
-        layer_extra: `layer_extra_blocks(quota, forced, H)` when already computed (shared by all layers of a
-            forward, and computing it reads a count back from the device). Default: computed here.
-        normalized: `scores` are already log-probabilities normalised over each row's candidates (gate log-probs,
-            or the log of the row-normalised ground truth), so the layer budget can compare them as they are.
-            Default False.
-
-    Returns:
-        bool `[B, H, nB, nB]`, a subset of the candidates.
+        budget: With `density`: `row` or `layer` (see above). Default `row`.
     """
-    if (density is None) == (threshold is None):
-        raise ValueError("select_blocks needs exactly one of density or threshold")
-    cand = candidates[:, None].expand_as(scores)
-    if forced is None:
-        forced = forced_blocks(candidates, sink_blocks, local_blocks)
-    forced = forced[:, None].expand_as(scores)
-    if threshold is not None:
-        if not 0.0 <= threshold <= 1.0:
+
+    def __init__(
+        self,
+        candidates: torch.Tensor,
+        *,
+        density: Optional[float] = None,
+        threshold: Optional[float] = None,
+        sink_blocks: int = 0,
+        local_blocks: int = 1,
+        budget: str = "row",
+    ):
+        if (density is None) == (threshold is None):
+            raise ValueError("a selection needs exactly one of density or threshold")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold} must be in [0, 1]")
-        probs = gate_log_probs(scores, candidates).exp()
-        return (cand & (probs >= threshold)) | forced
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density={density} must be in (0, 1]")
-    if budget not in BUDGETS:
-        raise ValueError(f"budget={budget!r} must be one of {', '.join(BUDGETS)}")
-    if quota is None:
-        quota = row_quotas(candidates, density, sink_blocks, local_blocks)
-    if budget == "layer":
-        if layer_extra is None:
-            layer_extra = layer_extra_blocks(quota, forced[:, 0], scores.shape[1])
-        log_probs = scores.float() if normalized else gate_log_probs(scores, candidates)
-        return _select_by_layer_budget(log_probs, cand, forced, layer_extra)
-    quota = quota[:, None, :, None]
-    # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
-    key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
-    order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (ranks < quota) & cand
+        if density is not None and not 0.0 < density <= 1.0:
+            raise ValueError(f"density={density} must be in (0, 1]")
+        if budget not in BUDGETS:
+            raise ValueError(f"budget={budget!r} must be one of {', '.join(BUDGETS)}")
+        self.candidates = candidates
+        self.density, self.threshold, self.budget = density, threshold, budget
+        self.forced = forced_blocks(candidates, sink_blocks, local_blocks)
+        self.quota = row_quotas(candidates, density, sink_blocks, local_blocks) if density is not None else None
+        self._layer_extra: dict[int, list[int]] = {}
 
+    @classmethod
+    def from_settings(cls, candidates: torch.Tensor, settings) -> "SelectionPlan":
+        """The plan for a `SeerSettings` (its density or threshold, forced blocks and budget)."""
+        return cls(
+            candidates,
+            density=settings.density,
+            threshold=settings.threshold,
+            sink_blocks=settings.sink_blocks,
+            local_blocks=settings.local_blocks,
+            budget=settings.budget,
+        )
 
-def layer_extra_blocks(quota: torch.Tensor, forced: torch.Tensor, heads: int) -> list[int]:
-    """Per batch element, how many blocks the layer budget hands out beyond the forced ones: the row quotas'
-    total over `heads` heads minus the forced blocks.
+    def layer_extra(self, heads: int) -> list[int]:
+        """Per batch element, how many blocks the layer budget hands out beyond the forced ones for `heads`
+        query heads: the row quotas' total minus the forced blocks. Read back from the device once per plan
+        and head count (every layer of a forward has the same)."""
+        if heads not in self._layer_extra:
+            extra = (self.quota.sum(-1) - self.forced.sum(dim=(1, 2))) * heads
+            self._layer_extra[heads] = [int(e) for e in extra.clamp_min(0).tolist()]
+        return self._layer_extra[heads]
 
-    Args:
-        quota: int64 `[B, nB]` from `row_quotas` (every row's quota covers its forced blocks).
-        forced: bool `[B, nB, nB]` from `forced_blocks`.
-        heads: Query heads the layer selects for.
+    @torch.no_grad()
+    def select(self, scores: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+        """Choose the key blocks each query head attends to.
 
-    Returns:
-        B Python ints (one read back from the device; it depends on the candidates only, so once per forward).
-    """
-    extra = (quota.sum(-1) - forced.sum(dim=(1, 2))) * heads
-    return [int(e) for e in extra.clamp_min(0).tolist()]
+        Args:
+            scores: `[B, H, nB, nB]` gate logits or log-probabilities. With a row budget only their order within
+                a row matters; a threshold compares softmax probabilities over the candidates.
+            normalized: `scores` are already log-probabilities normalised over each row's candidates (gate
+                log-probs, or the log of the row-normalised ground truth), so the layer budget can compare them
+                across rows as they are. Default False.
+
+        Returns:
+            bool `[B, H, nB, nB]`, a subset of the candidates.
+        """
+        cand = self.candidates[:, None].expand_as(scores)
+        forced = self.forced[:, None].expand_as(scores)
+        if self.threshold is not None:
+            probs = gate_log_probs(scores, self.candidates).exp()
+            return (cand & (probs >= self.threshold)) | forced
+        if self.budget == "layer":
+            log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
+            return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]))
+        quota = self.quota[:, None, :, None]
+        # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
+        key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
+        order = torch.argsort(key, dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        return (ranks < quota) & cand
 
 
 def _select_by_layer_budget(
@@ -244,7 +247,7 @@ def _select_by_layer_budget(
     Args:
         log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
         cand, forced: bool `[B, H, nB, nB]`.
-        extra: From `layer_extra_blocks`.
+        extra: From `SelectionPlan.layer_extra`.
 
     Returns:
         bool `[B, H, nB, nB]`.

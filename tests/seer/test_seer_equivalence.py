@@ -20,9 +20,10 @@ def _padded_batch(length: int):
     return ids, mask
 
 
-def _seer_copy(model, mode="joint", block_size=16, density=1.0, **kw):
+def _seer_copy(model, mode="joint", block_size=16, density=1.0, record_block_masks=False, **kw):
     seer = copy.deepcopy(model)
     rt = SeerRuntime(mode=mode, block_size=block_size, density=density if mode == "joint" else None, **kw)
+    rt.record_block_masks = record_block_masks
     attach_seer_gates(seer, rt, gate_hidden_size=32)
     return seer, rt
 
@@ -40,10 +41,10 @@ def test_density_one_matches_sdpa_with_padding_and_packing(arch):
     real = mask.bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
     # every layer ran the sparse path and kept all candidate blocks
-    assert sorted(rt.stats[rt.forward_id]) == sorted(
+    assert sorted(rt.stats[rt.forward.forward_id]) == sorted(
         [f"density/{i}" for i in range(2)] + [f"gate_loss/{i}" for i in range(2)]
     )
-    assert all(float(rt.stats[rt.forward_id][f"density/{i}"]) == 1.0 for i in range(2))
+    assert all(float(rt.stats[rt.forward.forward_id][f"density/{i}"]) == 1.0 for i in range(2))
 
     # packed documents whose boundaries fall inside blocks (40 + 53 + 57 tokens, block 16)
     pos = packed_position_ids([40, 53, 57], batch=2)
@@ -68,7 +69,7 @@ def test_dense_mode_and_block_64_match_sdpa(arch):
         with torch.no_grad():
             out = seer(input_ids=ids, attention_mask=mask).logits
         torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5, msg=f"mode {mode} block {block}")
-        assert bool(rt.losses) == (mode != "dense")
+        assert bool(rt.take_losses()) == (mode != "dense")
 
 
 def test_packed_documents_never_see_each_other():

@@ -138,3 +138,42 @@ def test_hooks_follow_lora_wrapping():
     torch.stack(list(rt.take_losses().values())).sum().backward()
     lora_b = [p for n, p in model.named_parameters() if "q_proj.lora_B" in n]
     assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_settings_are_frozen_and_validated_and_changes_are_scoped():
+    from dataclasses import FrozenInstanceError
+
+    from seer_finetune.seer import SeerSettings
+
+    rt = SeerRuntime(mode="joint", density=0.5)
+    with pytest.raises(FrozenInstanceError):
+        rt.settings.density = 0.1
+    for bad in (dict(mode="sparse"), dict(density=1.5), dict(threshold=-0.1), dict(budget="head"),
+                dict(kernel="reference"), dict(density=0.5, threshold=0.1), dict(local_blocks=0)):
+        with pytest.raises(ValueError):
+            SeerSettings(**bad)
+    with rt.using(density=None, threshold=0.2, oracle=True) as inside:
+        assert inside is rt.settings
+        assert (rt.settings.density, rt.settings.threshold, rt.settings.oracle) == (None, 0.2, True)
+    assert (rt.settings.density, rt.settings.threshold, rt.settings.oracle) == (0.5, None, False)
+    with pytest.raises(ValueError):  # an invalid change leaves the settings as they were
+        rt.configure(density=2.0)
+    assert rt.settings.density == 0.5
+
+
+def test_a_deep_copied_model_starts_forwards_of_its_own_runtime():
+    """Each forward of the model starts a fresh per-forward state of the runtime its gates use, also for a copy."""
+    import copy
+
+    model = tiny_model("llama")
+    rt = SeerRuntime(mode="joint", block_size=16, density=0.5)
+    attach_seer_gates(model, rt, gate_hidden_size=16)
+    clone = copy.deepcopy(model)
+    clone_rt = seer_gates(clone)[0].runtime
+    assert clone_rt is not rt and all(g.runtime is clone_rt for g in seer_gates(clone))
+    ids = torch.randint(2, 200, (1, 64))
+    with torch.no_grad():
+        for _ in range(2):
+            clone(input_ids=ids, use_cache=False)
+    assert (clone_rt.forward.forward_id, rt.forward.forward_id) == (2, 0)
+    assert sorted(clone_rt.stats) == [1, 2]

@@ -23,7 +23,8 @@ def _cfg(name: str, **attention) -> SeerConfig:
 
 
 def _selections(model, runtime: SeerRuntime):
-    runtime.record_block_masks, runtime.compute_loss = True, False
+    runtime.record_block_masks = True
+    runtime.configure(compute_loss=False)
     runtime.block_masks.clear()
     with torch.no_grad():
         logits = model(
@@ -62,15 +63,15 @@ def test_reloaded_gates_select_identical_blocks_on_a_fresh_base(tmp_path):
 def test_reloaded_gates_keep_their_trained_sink_and_local_blocks(tmp_path):
     model = tiny_model("llama")
     ext = build_extension(model, _cfg("tiny-llama", sink_blocks=2, local_blocks=3))
-    assert (ext.runtime.sink_blocks, ext.runtime.local_blocks) == (2, 3)
+    assert (ext.runtime.settings.sink_blocks, ext.runtime.settings.local_blocks) == (2, 3)
     ext.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert (meta["sink_blocks"], meta["local_blocks"]) == (2, 3)
     assert meta["rope_units"] == "tokens"
     runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings
-    assert (runtime.sink_blocks, runtime.local_blocks) == (2, 3)
+    assert (runtime.settings.sink_blocks, runtime.settings.local_blocks) == (2, 3)
     runtime = load_gates(tiny_model("llama"), tmp_path, runtime=SeerRuntime(mode="joint"))  # an explicit one wins
-    assert (runtime.sink_blocks, runtime.local_blocks) == (0, 1)
+    assert (runtime.settings.sink_blocks, runtime.settings.local_blocks) == (0, 1)
 
 
 def test_gates_in_block_rope_units_reload_in_block_units(tmp_path):

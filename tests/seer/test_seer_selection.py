@@ -14,9 +14,8 @@ from seer_finetune.seer.selection import (
     forced_blocks,
     gate_log_probs,
     gate_loss,
-    layer_extra_blocks,
     realised_density,
-    select_blocks,
+    SelectionPlan,
 )
 from seer_helpers import packed_position_ids, random_ids, tiny_model
 
@@ -60,7 +59,7 @@ def test_realised_density_within_two_points(nb, density):
     bounds[cuts] = 1
     doc_ids = torch.stack([torch.zeros(length, dtype=torch.long), bounds.cumsum(0)])
     cand = block_candidates(length, block, doc_ids)
-    mask = select_blocks(scores, cand, density=density)
+    mask = SelectionPlan(cand, density=density).select(scores)
     for b in range(2):
         got = float(realised_density(mask[b : b + 1], cand[b : b + 1]))
         assert abs(got - density) <= 0.02, (b, got)
@@ -93,11 +92,11 @@ def test_density_keeps_highest_scores_and_sinks():
     nb = 12
     cand = block_candidates(nb * 4, 4)
     scores = torch.arange(nb, dtype=torch.float32).flip(0).expand(1, 1, nb, nb).clone()  # earlier blocks score higher
-    mask = select_blocks(scores, cand, density=0.25)
+    mask = SelectionPlan(cand, density=0.25).select(scores)
     row = mask[0, 0, 11]  # 12 candidates -> 3 kept: the diagonal plus the two best (blocks 0 and 1)
     assert row.nonzero().flatten().tolist() == [0, 1, 11]
     scores = torch.arange(nb, dtype=torch.float32).expand(1, 1, nb, nb).clone()  # later blocks score higher
-    mask = select_blocks(scores, cand, density=0.25, sink_blocks=1)
+    mask = SelectionPlan(cand, density=0.25, sink_blocks=1).select(scores)
     quotas = row_quotas(cand, 0.25, sink_blocks=1)[0]
     assert mask[0, 0, :, 0].all() and mask[0, 0].diagonal().all()
     for i in range(nb):
@@ -117,13 +116,13 @@ def test_threshold_selection_keeps_probable_blocks():
     scores = torch.randn(1, 2, nb, nb) * 3
     probs = gate_log_probs(scores, cand).exp()
     torch.testing.assert_close(probs.sum(-1), torch.ones(1, 2, nb))
-    mask = select_blocks(scores, cand, threshold=0.1)
+    mask = SelectionPlan(cand, threshold=0.1).select(scores)
     expected = (probs >= 0.1) | torch.eye(nb, dtype=torch.bool)
     assert torch.equal(mask, expected & cand[:, None])
     with pytest.raises(ValueError, match="exactly one"):
-        select_blocks(scores, cand)
+        SelectionPlan(cand).select(scores)
     with pytest.raises(ValueError, match="density"):
-        select_blocks(scores, cand, density=1.5)
+        SelectionPlan(cand, density=1.5).select(scores)
 
 
 def test_gate_loss_kl_and_mse():
@@ -172,7 +171,7 @@ def test_local_blocks_force_a_band_ending_at_the_diagonal():
     assert forced[0, 4].nonzero().flatten().tolist() == [4]
     # quotas count the band: with later blocks scoring lowest, the kept blocks are the band plus the best
     scores = torch.arange(nb, dtype=torch.float32).flip(0).expand(1, 1, nb, nb).clone()
-    mask = select_blocks(scores, cand, density=0.4, local_blocks=2)
+    mask = SelectionPlan(cand, density=0.4, local_blocks=2).select(scores)
     quotas = row_quotas(cand, 0.4, local_blocks=2)[0]
     assert quotas.sum().item() == round(0.4 * nb * (nb + 1) / 2)
     for i in range(nb):
@@ -203,22 +202,23 @@ def test_oracle_selection_ranks_by_the_true_pooled_attention():
     model.set_attn_implementation("sdpa")
     cand = block_candidates(512, 16)
     # Layer 0 sees the same input sparse or dense, so its mask must be the top blocks of the dense truth.
-    expected = select_blocks(torch.log(truth[0]), cand, density=0.5, sink_blocks=1, local_blocks=2)
+    expected = SelectionPlan(cand, density=0.5, sink_blocks=1, local_blocks=2).select(torch.log(truth[0]))
     rt = SeerRuntime(mode="joint", block_size=16, density=0.5, sink_blocks=1, local_blocks=2, oracle=True,
-                     compute_loss=False, training=False, record_block_masks=True)
+                     compute_loss=False)
+    rt.training, rt.record_block_masks = False, True
     attach_seer_gates(model, rt, gate_hidden_size=16)
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     assert torch.equal(rt.block_masks[0], expected)
     # The (random) gates select differently.
-    rt.oracle = False
+    rt.configure(oracle=False)
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     assert not torch.equal(rt.block_masks[0], expected)
     # With a gate loss recorded too, the oracle's ground truth serves it: layer 0's loss is the gate-selection one.
     losses = {}
     for oracle in (False, True):
-        rt.oracle, rt.compute_loss = oracle, True
+        rt.configure(oracle=oracle, compute_loss=True)
         rt.take_stats()
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
@@ -242,8 +242,9 @@ def test_layer_budget_keeps_the_same_count_and_the_most_mass(sink, local):
     log_probs = gate_log_probs(scores, cand)
     forced = forced_blocks(cand, sink, local)[:, None].expand_as(scores)
     for density in (0.1, 0.5, 1.0):
-        by_row = select_blocks(scores, cand, density=density, sink_blocks=sink, local_blocks=local)
-        by_layer = select_blocks(scores, cand, density=density, sink_blocks=sink, local_blocks=local, budget="layer")
+        forced_kw = dict(density=density, sink_blocks=sink, local_blocks=local)
+        by_row = SelectionPlan(cand, **forced_kw).select(scores)
+        by_layer = SelectionPlan(cand, **forced_kw, budget="layer").select(scores)
         assert torch.equal(by_layer.sum(dim=(1, 2, 3)), by_row.sum(dim=(1, 2, 3)))
         assert not (by_layer & ~cand[:, None]).any() and (by_layer | ~forced).all()
         for b in range(2):
@@ -251,18 +252,13 @@ def test_layer_budget_keeps_the_same_count_and_the_most_mass(sink, local):
         if density == 0.5:  # (at 0.1 the forced blocks fill most quotas; at 1.0 everything is kept)
             assert not torch.equal(by_layer, by_row)
     # Raw logits and log-probabilities select alike: the layer budget normalises rows itself.
-    assert torch.equal(
-        select_blocks(scores, cand, density=0.3, budget="layer"), select_blocks(log_probs, cand, density=0.3, budget="layer")
-    )
-    # What the model's forward passes (log-probs marked normalised, the per-forward count precomputed) agrees.
-    quota, forced_b = row_quotas(cand, 0.3, sink, local), forced_blocks(cand, sink, local)
-    extra = layer_extra_blocks(quota, forced_b, heads)
+    plan = SelectionPlan(cand, density=0.3, budget="layer")
+    assert torch.equal(plan.select(scores), plan.select(log_probs))
+    # What the model's forward passes (log-probs marked normalised, the per-forward count computed once) agrees.
+    plan = SelectionPlan(cand, density=0.3, sink_blocks=sink, local_blocks=local, budget="layer")
+    extra = plan.layer_extra(heads)
     assert len(extra) == 2 and extra[0] != extra[1]  # the packed element has fewer candidates
-    assert torch.equal(
-        select_blocks(scores, cand, density=0.3, sink_blocks=sink, local_blocks=local, budget="layer"),
-        select_blocks(log_probs, cand, density=0.3, quota=quota, forced=forced_b, budget="layer", layer_extra=extra,
-                      normalized=True),
-    )
+    assert torch.equal(plan.select(scores), plan.select(log_probs, normalized=True))
 
 
 def test_layer_budget_moves_blocks_from_concentrated_to_spread_heads():
@@ -270,9 +266,9 @@ def test_layer_budget_moves_blocks_from_concentrated_to_spread_heads():
     cand = block_candidates(nb * 4, 4)
     scores = torch.zeros(1, 2, nb, nb)
     scores[0, 0] = torch.eye(nb) * 50.0  # head 0 attends to its diagonal only; head 1 spreads evenly
-    mask = select_blocks(scores, cand, density=0.3, budget="layer")
+    mask = SelectionPlan(cand, density=0.3, budget="layer").select(scores)
     assert torch.equal(mask[0, 0], torch.eye(nb, dtype=torch.bool))
     quotas = row_quotas(cand, 0.3)
     assert mask[0, 1].sum() == 2 * quotas.sum() - nb
     with pytest.raises(ValueError, match="budget"):
-        select_blocks(scores, cand, density=0.3, budget="head")
+        SelectionPlan(cand, density=0.3, budget="head").select(scores)

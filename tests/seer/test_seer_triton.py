@@ -52,7 +52,7 @@ def test_triton_sparse_matches_reference_backend_values_and_gradients():
     _, seer, rt = _pair("llama", SIZES["blocks"][0], mode="joint", density=0.5, compute_loss=True)
     seer.train()
     ref_model = copy.deepcopy(seer)
-    ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.kernel = "reference"
+    ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.configure(kernel="pytorch")
     ids = random_ids(1, sum(SIZES["docs"])).to(DEVICE)
     pos = packed_position_ids(SIZES["docs"]).to(DEVICE)
     results = []
@@ -63,7 +63,7 @@ def test_triton_sparse_matches_reference_backend_values_and_gradients():
         (out.loss + gate).backward()
         results.append((out.logits.detach(), float(gate.detach()), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (lt, gt_, grads_t), (lr, gr, grads_r) = results
-    assert ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.kernel == "reference"
+    assert ref_model.get_submodule("model.layers.0.self_attn").seer_gate.runtime.settings.kernel == "pytorch"
     assert grads_t.keys() == grads_r.keys() and any(".seer_gate." in n for n in grads_t)
     if CUDA:  # Triton's float32 dots run in tf32 on the GPU
         torch.testing.assert_close(lt, lr, rtol=2e-3, atol=2e-3)

@@ -1,0 +1,233 @@
+"""What the gates of one model share: frozen settings, the train/eval switch, per-forward state and records.
+
+Three lifetimes, three objects:
+- `SeerSettings` (frozen): how attention runs and what it records, derived from `AttentionConfig`. It is never
+  edited in place; `SeerRuntime.configure` / `SeerRuntime.using` swap in a validated copy (the `eval` job does
+  this per density).
+- `ForwardState`: what one forward of the model computes once and every layer (and gradient checkpointing's
+  recomputation) reuses: the selection plan of each layout, the selected blocks and the ground truth per layer.
+  A new one starts at every forward of the model, in one place (`SeerRuntime.begin_forward`).
+- records: the per-layer gate losses of the last forward (taken by the trainer for backward) and scalar
+  statistics per forward (averaged when the trainer logs them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from .selection import BUDGETS, SelectionPlan
+
+MODES = ("dense", "gate_distill", "joint")
+LOSS_KINDS = ("kl", "mse")
+KERNELS = ("auto", "pytorch", "triton")
+
+
+@dataclass(frozen=True)
+class SeerSettings:
+    """How the seer attention of every layer runs.
+
+    Attributes:
+        mode: `dense` (gates unused), `gate_distill` (dense output, gate loss) or `joint` (sparse output, gate loss).
+        block_size: Tokens per block. Default 64.
+        density: Target fraction of candidate blocks kept (sparse output).
+        threshold: Alternative to density: minimum gate probability of a kept block.
+        sink_blocks: Leading candidate blocks always kept. Default 0.
+        local_blocks: Blocks ending at the diagonal always kept (1: the diagonal only). Default 1.
+        budget: With a density: `row` (each query-block row keeps its share) or `layer` (the layer's total
+            share goes to its most probable blocks across heads and rows); see `selection.SelectionPlan`.
+        loss_kind: `kl` or `mse`.
+        ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
+            while training. In evaluation every row gets one.
+        kernel: `seer_kernels` implementation: `auto`, `pytorch` or `triton`.
+        detach_gate_inputs: Detach the captured pre-RoPE Q/K before the gate, so the gate loss trains only the
+            gates.
+        compute_loss: Compute the ground truth and the gate loss (off to measure sparse perplexity alone).
+        oracle: Select blocks by each layer's true block-pooled attention instead of the gate's scores: what a
+            perfect gate would reach at the same density or threshold (an evaluation bound; it costs a
+            ground-truth pass per layer).
+    """
+
+    mode: str = "dense"
+    block_size: int = 64
+    density: Optional[float] = None
+    threshold: Optional[float] = None
+    sink_blocks: int = 0
+    local_blocks: int = 1
+    budget: str = "row"
+    loss_kind: str = "kl"
+    ground_truth_query_fraction: float = 1.0
+    kernel: str = "auto"
+    detach_gate_inputs: bool = True
+    compute_loss: bool = True
+    oracle: bool = False
+
+    def __post_init__(self) -> None:
+        def one_of(name: str, value, allowed) -> None:
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} must be one of {', '.join(allowed)}")
+
+        one_of("mode", self.mode, MODES)
+        one_of("budget", self.budget, BUDGETS)
+        one_of("loss_kind", self.loss_kind, LOSS_KINDS)
+        one_of("kernel", self.kernel, KERNELS)
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be positive")
+        if self.density is not None and self.threshold is not None:
+            raise ValueError("give a density or a threshold, not both")
+        if self.density is not None and not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density={self.density} must be in (0, 1]")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in [0, 1]")
+        if self.sink_blocks < 0 or self.local_blocks < 1:
+            raise ValueError(f"sink_blocks={self.sink_blocks} must be >= 0 and local_blocks={self.local_blocks} >= 1")
+        if not 0.0 < self.ground_truth_query_fraction <= 1.0:
+            raise ValueError(f"ground_truth_query_fraction={self.ground_truth_query_fraction} must be in (0, 1]")
+
+    @classmethod
+    def from_config(cls, attention) -> "SeerSettings":
+        """The settings of an `AttentionConfig` section (its seer fields)."""
+        a = attention
+        return cls(
+            mode=a.mode,
+            block_size=int(a.block_size),
+            density=a.density,
+            threshold=a.threshold,
+            sink_blocks=int(a.sink_blocks),
+            local_blocks=int(a.local_blocks),
+            budget=a.budget,
+            loss_kind=a.gate_loss,
+            ground_truth_query_fraction=float(a.ground_truth_query_fraction),
+            kernel=a.kernel,
+            detach_gate_inputs=bool(a.detach_gate_inputs),
+        )
+
+
+@dataclass
+class ForwardState:
+    """Values of one forward of the model, shared by its layers and by checkpoint recomputation.
+
+    Attributes:
+        forward_id: Counts the model's forwards; keys the statistics so a recomputation overwrites its own.
+        candidates: `attention.Layout` -> bool `[B, nB, nB]` candidate blocks, computed by the first layer (per
+            layer they would be dozens of small launches).
+        plans: (layout, settings) -> `SelectionPlan` (forced blocks, quotas) shared by every layer likewise.
+        block_masks: layer -> block mask selected in this forward's first pass (the selection is a no-grad
+            function of the same inputs, so the recomputation reuses it).
+        ground_truth: layer -> (query rows or None, ground truth) of the first pass, reused likewise.
+    """
+
+    forward_id: int = 0
+    candidates: dict[Any, torch.Tensor] = field(default_factory=dict)
+    plans: dict[tuple[Any, SeerSettings], SelectionPlan] = field(default_factory=dict)
+    block_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    ground_truth: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+
+class SeerRuntime:
+    """Shared by all gates of one model (`gate.runtime`): settings, the train/eval switch, per-forward state and
+    records.
+
+    Args:
+        settings: Initial settings. Default `SeerSettings()` (dense).
+        changes: Fields of `SeerSettings` to change from `settings`, e.g. `SeerRuntime(mode="joint", density=0.5)`.
+
+    Attributes:
+        training: The trainer's mode: ground truth on a query subset and gate losses with gradient. In
+            evaluation the gate loss is still recorded, without gradient, on every row.
+        record_block_masks: Keep each layer's last block mask in `block_masks` (for inspection and tests).
+        block_masks: layer -> bool `[B, Hq, nB, nB]` of the last sparse forward, when recorded.
+        forward: The current `ForwardState`.
+    """
+
+    def __init__(self, settings: Optional[SeerSettings] = None, **changes):
+        base = settings if settings is not None else SeerSettings()
+        self._settings = dataclasses.replace(base, **changes) if changes else base
+        self.training = True
+        self.record_block_masks = False
+        self.block_masks: dict[int, torch.Tensor] = {}
+        self.forward = ForwardState()
+        self._losses: dict[int, torch.Tensor] = {}
+        self._stats: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def settings(self) -> SeerSettings:
+        return self._settings
+
+    def configure(self, **changes) -> SeerSettings:
+        """Replace settings fields (validated together); returns the new settings."""
+        self._settings = dataclasses.replace(self._settings, **changes)
+        return self._settings
+
+    @contextlib.contextmanager
+    def using(self, **changes) -> Iterator[SeerSettings]:
+        """Run a block with some settings changed, restoring the previous settings afterwards."""
+        saved = self._settings
+        try:
+            yield self.configure(**changes)
+        finally:
+            self._settings = saved
+
+    @property
+    def sparse(self) -> bool:
+        """True when the attention output comes from the selected blocks.
+
+        Always in `joint`; in `gate_distill` only outside training (to measure how the distilled gates would
+        do); never without a density or threshold.
+        """
+        s = self._settings
+        if s.density is None and s.threshold is None:
+            return False
+        return s.mode == "joint" or (s.mode == "gate_distill" and not self.training)
+
+    @property
+    def runs_gates(self) -> bool:
+        """Whether a forward needs the gates at all (a sparse selection or a gate loss)."""
+        return self._settings.mode != "dense" and (self.sparse or self._settings.compute_loss)
+
+    @property
+    def keeps_graph(self) -> bool:
+        """Whether this forward's gate losses keep their graph and its selections are kept for recomputation."""
+        return self.training and torch.is_grad_enabled()
+
+    def begin_forward(self) -> None:
+        """Start a new forward of the model: the previous forward's shared values are dropped."""
+        self.forward = ForwardState(forward_id=self.forward.forward_id + 1)
+
+    # -- records -----------------------------------------------------------------------------------------
+
+    def record_loss(self, layer: int, loss: torch.Tensor) -> None:
+        """Keep a layer's gate loss of this forward (with its graph while training) and its detached value."""
+        self._losses[layer] = loss if self.keeps_graph else loss.detach()
+        self.record(f"gate_loss/{layer}", loss)
+
+    def record(self, key: str, value: torch.Tensor) -> None:
+        """Keep a detached scalar of the current forward for `take_stats`."""
+        self._stats.setdefault(self.forward.forward_id, {})[key] = value.detach().float()
+
+    @property
+    def stats(self) -> dict[int, dict[str, torch.Tensor]]:
+        """forward id -> {"gate_loss/<layer>", "density/<layer>": detached 0-dim tensors} since `take_stats`."""
+        return self._stats
+
+    def take_losses(self) -> dict[int, torch.Tensor]:
+        """The per-layer gate losses of the last forward; clears them."""
+        losses, self._losses = self._losses, {}
+        return losses
+
+    def take_stats(self) -> dict[str, float]:
+        """Each recorded key averaged over the forwards since the last call; clears them."""
+        sums: dict[str, list[torch.Tensor]] = {}
+        for entry in self._stats.values():
+            for key, value in entry.items():
+                sums.setdefault(key, []).append(value)
+        self._stats = {}
+        if not sums:
+            return {}
+        # One transfer for all keys (a float() per key would synchronise with the device once per layer).
+        means = torch.stack([torch.stack(values).mean() for values in sums.values()]).tolist()
+        return dict(zip(sums, means))
