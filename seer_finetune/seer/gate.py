@@ -80,8 +80,7 @@ def gate_rotary_embedding(
     exceeds the original length counted in blocks of tokens. With `units="blocks"` the lengths
     (`original_max_position_embeddings`, `max_position_embeddings`) are divided by the block size first, so the
     gate's positions are interpolated the way YaRN interpolates the model's: gates distilled at the native
-    length meet, at 4x the length, the angles they were trained on. On SmolLM2 8k -> 32k this halved the gate
-    loss of 8k-distilled gates at 32k (benchmarks/results/gate_rope_units_h200.md).
+    length meet, at 4x the length, the angles they were trained on (benchmarks/results/gate_rope_units.md).
 
     Args:
         model_config: The model's config (its `rope_parameters`, YaRN included, are kept).
