@@ -1,12 +1,13 @@
 """Attention speed on one GPU: seer_kernels' Triton kernels against SDPA (flash, cuDNN) and FlexAttention.
 
-Problem (issue 4): B=1, 32 query / 8 KV heads, head_dim 128, bf16, causal, L=32768, random per-head block masks
-with the diagonal kept (row i keeps round(d * (i + 1)) of its i + 1 causal blocks). Times are medians from
+Problem: B=1, 32 query / 8 KV heads, head_dim 128, bf16, causal, L=32768, random per-head block masks with the
+diagonal kept (row i keeps round(d * (i + 1)) of its i + 1 causal blocks). Times are medians from
 `triton.testing.do_bench`, forward and forward+backward. Also: the ground-truth kernel against the cuDNN dense
 forward, with its extra memory. Before timing, a correctness check runs the Triton kernels in bf16 against the
-float32 reference at a shorter length, and the sparse output at full length against FlexAttention's.
+float32 reference at a shorter length, and the sparse output at full length against FlexAttention's. The table
+ends with the targets the kernels are held to (PASS / MISS).
 
-    PYTHONPATH=.:kernels python benchmarks/bench_attention.py --json results.json
+    python benchmarks/bench_attention.py --json benchmarks/results/attention.json
 
 `main(argv)` is the entry point for `python -m seer_finetune bench attention`.
 """

@@ -1,4 +1,4 @@
-"""The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command (issue 6).
+"""The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command.
 
 Given a base model trained at `--native` tokens (SmolLM2-135M: 8k) and the corpora of
 `../shared/data/get_corpora.sh`, it runs, with the same data, steps and learning rate:

@@ -2,10 +2,10 @@
 
 Triton compiles ahead of time for a target it is told about, and its wheel ships `ptxas` and `cuobjdump`, so
 this runs on a CPU-only machine: it costs no device time and answers "does this variant spill?" before a GPU run.
-The local Triton may differ from the GPU machine's (3.9 here, 3.6 there): the numbers are indicative.
+The local Triton may differ from the GPU machine's, and register allocation with it: the numbers are indicative.
 
-    python benchmarks/kernel_resources.py                       # the block-128 defaults of bench_attention
-    python benchmarks/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
+    python benchmarks/diagnostics/kernel_resources.py          # the block-128 defaults of bench_attention
+    python benchmarks/diagnostics/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/kernel_resources.py -> repository root
 sys.path[:0] = [str(ROOT / "kernels")]
 
 POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

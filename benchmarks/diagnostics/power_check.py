@@ -6,7 +6,7 @@ temperature and throttle reasons with `nvidia-smi -lms`. Prints per case the med
 50 ms and over its last second, and the clocks and power seen in those windows. Same problem as bench_attention
 (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, block 128).
 
-    PYTHONPATH=.:kernels python benchmarks/power_check.py --json power.json
+    python benchmarks/diagnostics/power_check.py --json power.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import (  # sets up sys.path
+from common import (  # first: puts the checkout on sys.path
     BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
 )
 from bench_attention import causal_density_mask, flex_block_mask
@@ -88,6 +88,9 @@ def kernel_cases(q, k, v, dout, mask) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("power_check needs a CUDA GPU", file=sys.stderr)
+        return 2
     from torch.nn.attention.flex_attention import flex_attention
 
     device = torch.device("cuda")

@@ -7,7 +7,7 @@ sum of kernel times against the step's wall time (the gap is GPU idle: launch or
 mostly what every program pays regardless of its work: start-up, first loads, epilogue.
 Same problem as bench_attention (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, block 128).
 
-    PYTHONPATH=.:kernels python benchmarks/profile_step.py --json profile.json
+    python benchmarks/diagnostics/profile_step.py --json profile.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import (  # sets up sys.path
+from common import (  # first: puts the checkout on sys.path
     BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
 )
 from bench_attention import causal_density_mask
@@ -116,6 +116,9 @@ def timing_modes(rec: Recorder, step, kernels, forward) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, device)
     rec = Recorder(args.rep)
