@@ -31,6 +31,7 @@ for _p in (ROOT, ROOT / "kernels"):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
@@ -64,6 +65,14 @@ def causal_density_mask(bsz, heads, nb, density, *, device, seed):
 
 
 def real_density(mask: torch.Tensor) -> float:
+    """Share of the causal blocks that `mask` keeps.
+
+    Args:
+        mask: bool [B, H, nB, nB] block mask.
+
+    Returns:
+        Kept blocks on or below the diagonal over all causal blocks, in [0, 1].
+    """
     nb = mask.shape[-1]
     return float(mask.tril().sum()) / (mask.shape[0] * mask.shape[1] * nb * (nb + 1) / 2)
 
@@ -94,11 +103,14 @@ def flex_block_mask(mask: torch.Tensor, seq_len: int, block: int):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64 (same shapes)."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def bench(fn, args) -> float:
+    """Median ms of `fn()` from `triton.testing.do_bench` with `args.warmup` / `args.rep`, after one untimed call
+    that compiles and autotunes."""
     import triton.testing
 
     fn()  # compile / autotune outside the timing
@@ -179,6 +191,14 @@ def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the checks and every timing, print the table and the targets, write `--json`.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0, or 2 without a CUDA GPU.
+    """
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench attention needs a CUDA GPU", file=sys.stderr)
@@ -325,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: list[dict], checks: list[dict], cudnn: dict) -> None:
+    """Print the timing rows, then each target as PASS or MISS.
+
+    Args:
+        rows: the `results` records of `main` (one per kernel and density).
+        checks: the correctness records of `correctness_check`.
+        cudnn: the SDPA cuDNN row, the dense reference of the ratios.
+    """
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 

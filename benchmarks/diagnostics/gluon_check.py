@@ -27,6 +27,20 @@ from seer_kernels.naive import block_sparse_attention as naive_block_sparse_atte
 
 
 def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=128):
+    """Compare (and with `time_it`, time) the Gluon and Triton kernels on one random problem.
+
+    Args:
+        bsz, hq, hkv, seq_len, dim: batch, query heads, KV heads, length and head_dim of q [B, Hq, L, D] and
+            k, v [B, Hkv, L, D].
+        density: kept share of each causal row (0.0: every third row keeps nothing).
+        dtype: bfloat16 or float16.
+        time_it: also time forward and backward, Triton before and after Gluon.
+        seed: seed of the inputs and the mask.
+        block: sparsity block size.
+
+    Returns:
+        The case's record: errors against the float32 reference and between the two, `ok`, and the timings.
+    """
     torch.manual_seed(seed)
     q, k, v, dout = (torch.randn(bsz, h, seq_len, dim, device="cuda", dtype=dtype) for h in (hq, hkv, hkv, hq))
     nb = seq_len // block
@@ -88,6 +102,8 @@ def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=
 
 
 def main():
+    """Run the small cases at block 128 and 64 and, without `--quick`, the timed long ones; print "all ok" or
+    "MISMATCH". Returns 0, or 2 without a CUDA GPU."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write every case's record here")
     parser.add_argument("--quick", action="store_true", help="small cases only")

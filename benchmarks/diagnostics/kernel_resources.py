@@ -32,6 +32,8 @@ NOT_DIVISIBLE = {"group", "n_heads_kv", "max_segs", "n_bhk"}
 
 
 def kernel_table():
+    """Kernels this script compiles, by name: (kernel, kind of its tile candidates, tensors streamed through TMA
+    descriptors, tile key of those, extra constexprs)."""
     from seer_kernels import triton_attention as ta
     from seer_kernels import triton_ground_truth as tg
 
@@ -52,6 +54,8 @@ def divisibility(kernel, sig: dict) -> dict:
 
 
 def signature(kernel, constexprs: dict, descriptors: dict) -> dict:
+    """Triton type of each argument of `kernel` at the benchmark's dtypes: constexpr, descriptor, pointer or
+    scalar."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -109,6 +113,7 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print one resource line per chosen kernel and load mode. Returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--head-dim", type=int, default=128)

@@ -45,6 +45,14 @@ def parse_setting(text: str) -> tuple[float, int, int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print dense perplexity, then each setting's with oracle (and with `--gates`, gate) selection.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Hugging Face model folder or name")
     parser.add_argument("--corpus", required=True, help="a folder of text files (held-out documents)")

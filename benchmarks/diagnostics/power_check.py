@@ -29,6 +29,7 @@ QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.
 
 
 def parse_args(argv):
+    """The check's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--density", type=float, default=0.1)
@@ -61,6 +62,8 @@ def sustained(fn, seconds: float) -> list[tuple[float, float]]:
 
 
 def window(samples, t0: float, t1: float) -> dict:
+    """Median SM clock, mean power, peak temperature and throttle reasons of the `nvidia-smi` samples
+    `(time, MHz, W, C, reasons)` taken between `t0` and `t1` (empty when there are none)."""
     sel = [s for s in samples if t0 <= s[0] <= t1]
     if not sel:
         return {}
@@ -87,6 +90,8 @@ def kernel_cases(q, k, v, dout, mask) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run every case after an idle pause while `nvidia-smi` samples the GPU; record and write the results.
+    Returns 0, or 2 without a CUDA GPU."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("power_check needs a CUDA GPU", file=sys.stderr)

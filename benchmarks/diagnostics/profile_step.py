@@ -26,6 +26,7 @@ from bench_attention import causal_density_mask
 
 
 def parse_args(argv):
+    """The profile's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--densities", type=float, nargs="+", default=[0.1])
@@ -115,6 +116,8 @@ def timing_modes(rec: Recorder, step, kernels, forward) -> None:
 
 
 def main(argv=None) -> int:
+    """Profile the step at each density and on the diagonal-only mask; record and write the results.
+    Returns 0, or 2 without a CUDA GPU."""
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("profile_step needs a CUDA GPU", file=sys.stderr)
