@@ -1,12 +1,13 @@
 """Attention speed on one GPU: seer_kernels' Triton kernels against SDPA (flash, cuDNN) and FlexAttention.
 
-Problem (issue 4): B=1, 32 query / 8 KV heads, head_dim 128, bf16, causal, L=32768, random per-head block masks
-with the diagonal kept (row i keeps round(d * (i + 1)) of its i + 1 causal blocks). Times are medians from
+Problem: B=1, 32 query / 8 KV heads, head_dim 128, bf16, causal, L=32768, random per-head block masks with the
+diagonal kept (row i keeps round(d * (i + 1)) of its i + 1 causal blocks). Times are medians from
 `triton.testing.do_bench`, forward and forward+backward. Also: the ground-truth kernel against the cuDNN dense
 forward, with its extra memory. Before timing, a correctness check runs the Triton kernels in bf16 against the
-float32 reference at a shorter length, and the sparse output at full length against FlexAttention's.
+float32 reference at a shorter length, and the sparse output at full length against FlexAttention's. The table
+ends with the targets the kernels are held to (PASS / MISS).
 
-    PYTHONPATH=.:kernels python benchmarks/bench_attention.py --json results.json
+    python benchmarks/bench_attention.py --json benchmarks/results/attention.json
 
 `main(argv)` is the entry point for `python -m seer_finetune bench attention`.
 """
@@ -30,6 +31,7 @@ for _p in (ROOT, ROOT / "kernels"):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--batch", type=int, default=1)
@@ -63,6 +65,14 @@ def causal_density_mask(bsz, heads, nb, density, *, device, seed):
 
 
 def real_density(mask: torch.Tensor) -> float:
+    """Share of the causal blocks that `mask` keeps.
+
+    Args:
+        mask: bool [B, H, nB, nB] block mask.
+
+    Returns:
+        Kept blocks on or below the diagonal over all causal blocks, in [0, 1].
+    """
     nb = mask.shape[-1]
     return float(mask.tril().sum()) / (mask.shape[0] * mask.shape[1] * nb * (nb + 1) / 2)
 
@@ -93,11 +103,14 @@ def flex_block_mask(mask: torch.Tensor, seq_len: int, block: int):
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error ||a - b|| / ||b||, computed in float64 (same shapes)."""
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def bench(fn, args) -> float:
+    """Median ms of `fn()` from `triton.testing.do_bench` with `args.warmup` / `args.rep`, after one untimed call
+    that compiles and autotunes."""
     import triton.testing
 
     fn()  # compile / autotune outside the timing
@@ -178,6 +191,14 @@ def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the checks and every timing, print the table and the targets, write `--json`.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0, or 2 without a CUDA GPU.
+    """
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench attention needs a CUDA GPU", file=sys.stderr)
@@ -324,6 +345,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: list[dict], checks: list[dict], cudnn: dict) -> None:
+    """Print the timing rows, then each target as PASS or MISS.
+
+    Args:
+        rows: the `results` records of `main` (one per kernel and density).
+        checks: the correctness records of `correctness_check`.
+        cudnn: the SDPA cuDNN row, the dense reference of the ratios.
+    """
     def f(x, fmt="{:.2f}"):
         return "-" if x is None else fmt.format(x)
 

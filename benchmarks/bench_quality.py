@@ -1,4 +1,4 @@
-"""The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command (issue 6).
+"""The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command.
 
 Given a base model trained at `--native` tokens (SmolLM2-135M: 8k) and the corpora of
 `../shared/data/get_corpora.sh`, it runs, with the same data, steps and learning rate:
@@ -74,6 +74,17 @@ def stage_data(corpora: Path, out: Path, train_mb: float, eval_mb: float = math.
 
 
 def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> list[str]:
+    """Hydra overrides every training run of one invocation shares: model, data, lengths, optimiser, logging.
+
+    Args:
+        args: the parsed options.
+        folders: `stage_data`'s folders ("train", "books", "technical").
+        run: the run's name (output folder and W&B run name).
+        seq_len: training length in tokens.
+
+    Returns:
+        The overrides, `args.override` last so that the command line wins.
+    """
     return [
         f"model.name_or_path={args.model}",
         f"data.source={folders['train']}",
@@ -140,6 +151,12 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
 
 
 def eval_windows(tokenizer, folder: Path, length: int, max_windows: int, cache: Path):
+    """Up to `max_windows` evaluation windows of `length` tokens from the documents under `folder`.
+
+    Returns:
+        A `DocumentWindows` (each item: `length` token ids of one document); raises `ConfigError` when no
+        document reaches `length` tokens.
+    """
     from seer_finetune.data import DocumentWindows, build_corpus, load_documents
 
     corpus = build_corpus(load_documents(str(folder)), tokenizer, cache_dir=str(cache))
@@ -250,6 +267,7 @@ def throughput(dirs: dict[str, Path]) -> dict[str, float]:
 
 
 def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> str:
+    """The markdown table of `rows` (perplexity relative to the dense run at `seq_len`) and the throughput line."""
     dense = next(r for r in rows if r["run"].startswith("dense"))
     lines = [
         "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense | passkey (1/4, 1/2, full) |",
@@ -271,6 +289,16 @@ def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> 
 
 
 def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[Path]:
+    """Write the three PNG plots under `out` and return their paths.
+
+    Args:
+        rows: `evaluate_all`'s rows.
+        dirs: each training run's folder (its `metrics.jsonl` gives the loss curves).
+        out: the invocation's output folder.
+
+    Returns:
+        Paths of `ppl_vs_sparsity.png`, `loss_curves.png` and `density_per_layer.png`.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -335,6 +363,14 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Stage the data, train what is not trained yet, evaluate, write `results.json`, `results.md` and the plots.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="base model folder (e.g. SmolLM2-135M as get_model.sh writes it)")
     parser.add_argument("--corpora", type=Path, required=True, help="get_corpora.sh's output folder (holds txt/)")

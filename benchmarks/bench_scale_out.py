@@ -39,6 +39,14 @@ COMMON = [
 
 
 def runs(model: str, native: int, short_len: int, long_len: int) -> dict[str, list[str]]:
+    """The three runs' Hydra overrides by run name (`GPUS` stands for the number of GPUs).
+
+    Args:
+        model: `model.name_or_path` of every run.
+        native: the model's trained context, in tokens.
+        short_len: length of the seer run.
+        long_len: length of the two dense runs.
+    """
     model_args = [f"model.name_or_path={model}", f"rope.original_max_position_embeddings={native}"]
     long_common = [*model_args, f"rope.factor={long_len // native}", f"data.seq_len={long_len}", "model.gradient_checkpointing=false"]
     return {
@@ -52,6 +60,13 @@ def runs(model: str, native: int, short_len: int, long_len: int) -> dict[str, li
 
 
 def launch(name: str, overrides: list[str], gpus: int, steps: int, out: Path) -> dict:
+    """Train one run with torchrun over `gpus` local GPUs; its log goes to `out/<run>.log`.
+
+    Returns:
+        The run's record: name, overrides, return code, wall time and status ("ok", "out of memory", "failed");
+        when ok also losses, median tokens/s and step time after the first step, rank 0's peak memory and the
+        last realised density.
+    """
     run_dir = out / name.replace(" ", "_").replace(",", "")
     overrides = [o.replace("GPUS", str(gpus)) for o in overrides]
     cmd = [
@@ -82,6 +97,14 @@ def launch(name: str, overrides: list[str], gpus: int, steps: int, out: Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the chosen runs one after the other, rewriting `--out`/scale_out.json after each, and print a table.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpus", type=int, default=2)

@@ -6,7 +6,7 @@ fed with the embedded corpus. For each variant: median step time over a few step
 whose GPU kernel time is split into attention (dense SDPA kernels, or this project's block-sparse forward /
 backward and ground-truth kernels) and everything else. Prints a table and writes JSON.
 
-    python benchmarks/bench_training_step.py --out results.json [--steps 3] [--seq-len 32768]
+    python benchmarks/bench_training_step.py --out benchmarks/results/training_step.json [--steps 3] [--seq-len 32768]
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ VARIANTS = {
 
 
 def overrides(seq_len: int, out_dir: Path) -> list[str]:
+    """Hydra overrides every variant shares: the SmolLM2-135M architecture, the embedded corpus at `seq_len`
+    tokens, one sequence per step, nothing saved, metrics to `out_dir`."""
     return [
         "model.name_or_path=builtin:smollm2_135m_arch",
         "model.tokenizer=builtin:tiny_llama",
@@ -62,6 +64,13 @@ def overrides(seq_len: int, out_dir: Path) -> list[str]:
 
 
 def profile_step(trainer: Trainer) -> dict[str, float]:
+    """Profile one `trainer.train_step()` on the GPU.
+
+    Returns:
+        Kernel time of the step in ms (`gpu_ms`), of its attention kernels (`attention_ms`) and of those the
+        ground truth (`ground_truth_ms`), the number of kernel launches, and each attention kernel's ms and
+        launches, longest first (`attention_kernels`).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -87,6 +96,12 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
 
 
 def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: Path) -> dict:
+    """Build a trainer with `extra` overrides, warm it up for 2 steps, time `steps` steps, profile one more.
+
+    Returns:
+        The variant's record: median step ms, tokens/s, peak memory, last loss and density, and
+        `profile_step`'s fields.
+    """
     cfg = compose_config([*extra, *overrides(seq_len, workdir / re.sub(r"\W+", "_", name))])
     trainer = Trainer(cfg)
     for _ in range(2):  # compile kernels, warm the allocator
@@ -115,6 +130,14 @@ def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Time the dense variant and those `--only` selects, print the table, write `--out`.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0, or 2 without a CUDA GPU.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=3)

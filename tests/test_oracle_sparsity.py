@@ -1,4 +1,5 @@
-"""benchmarks/oracle_sparsity.py on the embedded model and plays: one line per setting, oracle and gates."""
+"""benchmarks/diagnostics/oracle_sparsity.py on the embedded model and plays: one line per setting, oracle and
+gates."""
 
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_oracle_sparsity_script_prints_every_setting(tmp_path, capsys, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "diagnostics"))
     import oracle_sparsity
 
     monkeypatch.setenv("SEER_CACHE", str(tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""The issue-6 pipeline (benchmarks/bench_quality.py) end to end on CPU with the embedded model and corpus
+"""The quality benchmark (benchmarks/bench_quality.py) end to end on CPU with the embedded model and corpus
 standing in for SmolLM2 and the Debian corpora; and the passkey scorer."""
 
 import json

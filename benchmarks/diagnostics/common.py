@@ -1,7 +1,8 @@
-"""What the kernel sweeps share: the benchmark's problem on the GPU and a recorder that times and prints rows.
+"""What the kernel diagnostics share: bench_attention's problem on the GPU and a recorder that times and prints rows.
 
-Imported first by the sweep scripts (`python benchmarks/<script>.py`): it puts the repository root and `kernels/`
-on `sys.path`, so that `seer_kernels` and the other benchmark modules import from a checkout without installing.
+Imported first by `power_check.py` and `profile_step.py` (run as `python benchmarks/diagnostics/<script>.py`): it
+puts the repository root, `kernels/` and `benchmarks/` on `sys.path`, so that `seer_finetune`, `seer_kernels` and
+`bench_attention` import from a checkout without installing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/common.py -> repository root
 for _p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))

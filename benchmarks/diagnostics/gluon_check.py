@@ -1,7 +1,7 @@
 """Gluon kernels (forward, dQ, dK/dV) against the Triton ones on one GPU: same block lists, outputs compared, both
 timed.
 
-    python benchmarks/gluon_check.py [--json out.json] [--quick]
+    python benchmarks/diagnostics/gluon_check.py [--json out.json] [--quick]
 
 Each case runs `sparse_attention_forward` / `sparse_attention_backward` with `use_gluon=True` and `False`
 (the backward's dQ and, at block 128 or forced, dK/dV kernels), checks the forward against the float32 reference
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/gluon_check.py -> repository root
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 from bench_attention import causal_density_mask  # noqa: E402
@@ -27,6 +27,20 @@ from seer_kernels.naive import block_sparse_attention as naive_block_sparse_atte
 
 
 def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=128):
+    """Compare (and with `time_it`, time) the Gluon and Triton kernels on one random problem.
+
+    Args:
+        bsz, hq, hkv, seq_len, dim: batch, query heads, KV heads, length and head_dim of q [B, Hq, L, D] and
+            k, v [B, Hkv, L, D].
+        density: kept share of each causal row (0.0: every third row keeps nothing).
+        dtype: bfloat16 or float16.
+        time_it: also time forward and backward, Triton before and after Gluon.
+        seed: seed of the inputs and the mask.
+        block: sparsity block size.
+
+    Returns:
+        The case's record: errors against the float32 reference and between the two, `ok`, and the timings.
+    """
     torch.manual_seed(seed)
     q, k, v, dout = (torch.randn(bsz, h, seq_len, dim, device="cuda", dtype=dtype) for h in (hq, hkv, hkv, hq))
     nb = seq_len // block
@@ -88,10 +102,15 @@ def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json")
+    """Run the small cases at block 128 and 64 and, without `--quick`, the timed long ones; print "all ok" or
+    "MISMATCH". Returns 0, or 2 without a CUDA GPU."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="write every case's record here")
     parser.add_argument("--quick", action="store_true", help="small cases only")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gluon_check needs a CUDA GPU", file=sys.stderr)
+        return 2
     recs = []
     small = [
         (1, 4, 4, 1024, 128, 0.5, torch.bfloat16),
@@ -112,7 +131,8 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(recs, indent=1))
     print("all ok" if all(r["ok"] for r in recs) else "MISMATCH")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,10 +2,10 @@
 
 Triton compiles ahead of time for a target it is told about, and its wheel ships `ptxas` and `cuobjdump`, so
 this runs on a CPU-only machine: it costs no device time and answers "does this variant spill?" before a GPU run.
-The local Triton may differ from the GPU machine's (3.9 here, 3.6 there): the numbers are indicative.
+The local Triton may differ from the GPU machine's, and register allocation with it: the numbers are indicative.
 
-    python benchmarks/kernel_resources.py                       # the block-128 defaults of bench_attention
-    python benchmarks/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
+    python benchmarks/diagnostics/kernel_resources.py          # the block-128 defaults of bench_attention
+    python benchmarks/diagnostics/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/kernel_resources.py -> repository root
 sys.path[:0] = [str(ROOT / "kernels")]
 
 POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
@@ -32,6 +32,8 @@ NOT_DIVISIBLE = {"group", "n_heads_kv", "max_segs", "n_bhk"}
 
 
 def kernel_table():
+    """Kernels this script compiles, by name: (kernel, kind of its tile candidates, tensors streamed through TMA
+    descriptors, tile key of those, extra constexprs)."""
     from seer_kernels import triton_attention as ta
     from seer_kernels import triton_ground_truth as tg
 
@@ -52,6 +54,8 @@ def divisibility(kernel, sig: dict) -> dict:
 
 
 def signature(kernel, constexprs: dict, descriptors: dict) -> dict:
+    """Triton type of each argument of `kernel` at the benchmark's dtypes: constexpr, descriptor, pointer or
+    scalar."""
     sig = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -109,6 +113,7 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print one resource line per chosen kernel and load mode. Returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--head-dim", type=int, default=128)

@@ -1,11 +1,12 @@
 """How much perplexity block sparsity itself costs a model: oracle block selection at several settings.
 
 Ranks each layer's key blocks by the true block-max-pooled attention (what a perfect gate would predict) and
-keeps the top blocks per query block (or per layer, with the `layer` budget) at each density, with `sink_blocks` leading and `local_blocks` trailing
-blocks forced, then prints the perplexity of held-out windows next to dense attention. With `--gates`, the
-same settings also run with those trained gates' selection. Runs on CPU (reference kernels) or CUDA.
+keeps the top blocks per query block (or per layer, with the `layer` budget) at each density, with `sink_blocks`
+leading and `local_blocks` trailing blocks forced, then prints the perplexity of held-out windows next to dense
+attention. With `--gates`, the same settings also run with those trained gates' selection. Runs on CPU
+(reference kernels) or CUDA.
 
-    python benchmarks/oracle_sparsity.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
+    python benchmarks/diagnostics/oracle_sparsity.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
         --corpus ~/.cache/seer-data/corpora/txt/austen --length 4096 --windows 2 \
         --settings 0.1:0:1 0.1:1:1 0.1:1:2 0.1:1:2:layer
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/oracle_sparsity.py -> repository root
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from seer_finetune.config import ModelConfig, RopeConfig  # noqa: E402
@@ -44,6 +45,14 @@ def parse_setting(text: str) -> tuple[float, int, int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print dense perplexity, then each setting's with oracle (and with `--gates`, gate) selection.
+
+    Args:
+        argv: command-line arguments (None: `sys.argv[1:]`).
+
+    Returns:
+        0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Hugging Face model folder or name")
     parser.add_argument("--corpus", required=True, help="a folder of text files (held-out documents)")

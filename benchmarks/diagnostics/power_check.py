@@ -6,7 +6,7 @@ temperature and throttle reasons with `nvidia-smi -lms`. Prints per case the med
 50 ms and over its last second, and the clocks and power seen in those windows. Same problem as bench_attention
 (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, block 128).
 
-    PYTHONPATH=.:kernels python benchmarks/power_check.py --json power.json
+    python benchmarks/diagnostics/power_check.py --json power.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import (  # sets up sys.path
+from common import (  # first: puts the checkout on sys.path
     BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
 )
 from bench_attention import causal_density_mask, flex_block_mask
@@ -29,6 +29,7 @@ QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.
 
 
 def parse_args(argv):
+    """The check's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--density", type=float, default=0.1)
@@ -61,6 +62,8 @@ def sustained(fn, seconds: float) -> list[tuple[float, float]]:
 
 
 def window(samples, t0: float, t1: float) -> dict:
+    """Median SM clock, mean power, peak temperature and throttle reasons of the `nvidia-smi` samples
+    `(time, MHz, W, C, reasons)` taken between `t0` and `t1` (empty when there are none)."""
     sel = [s for s in samples if t0 <= s[0] <= t1]
     if not sel:
         return {}
@@ -87,7 +90,12 @@ def kernel_cases(q, k, v, dout, mask) -> dict:
 
 
 def main(argv=None) -> int:
+    """Run every case after an idle pause while `nvidia-smi` samples the GPU; record and write the results.
+    Returns 0, or 2 without a CUDA GPU."""
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("power_check needs a CUDA GPU", file=sys.stderr)
+        return 2
     from torch.nn.attention.flex_attention import flex_attention
 
     device = torch.device("cuda")

@@ -7,7 +7,7 @@ sum of kernel times against the step's wall time (the gap is GPU idle: launch or
 mostly what every program pays regardless of its work: start-up, first loads, epilogue.
 Same problem as bench_attention (B=1, 32/8 heads, head_dim 128, bf16, causal, L=32768, block 128).
 
-    PYTHONPATH=.:kernels python benchmarks/profile_step.py --json profile.json
+    python benchmarks/diagnostics/profile_step.py --json profile.json
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from sweep_common import (  # sets up sys.path
+from common import (  # first: puts the checkout on sys.path
     BLOCK, HEADS_Q, Recorder, benchmark_inputs, forward_backward_step, kernel_inputs, public_op,
 )
 from bench_attention import causal_density_mask
 
 
 def parse_args(argv):
+    """The profile's options from `argv` (None: the command line)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--densities", type=float, nargs="+", default=[0.1])
@@ -115,7 +116,12 @@ def timing_modes(rec: Recorder, step, kernels, forward) -> None:
 
 
 def main(argv=None) -> int:
+    """Profile the step at each density and on the diagonal-only mask; record and write the results.
+    Returns 0, or 2 without a CUDA GPU."""
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.device("cuda")
     q, k, v, dout, scale, nb = benchmark_inputs(args.seq_len, device)
     rec = Recorder(args.rep)

@@ -1,4 +1,5 @@
-"""benchmarks/kernel_resources.py compiles a kernel for sm_90 on this (GPU-less) machine and reports its usage."""
+"""benchmarks/diagnostics/kernel_resources.py compiles a kernel for sm_90 on this (GPU-less) machine and reports its
+usage."""
 
 import os
 import subprocess
@@ -11,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_kernel_resources_reports_registers_and_stack():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), "--block", "64", "--head-dim", "64",
-         "--kernels", "dkdv"],
+        [sys.executable, str(ROOT / "benchmarks" / "diagnostics" / "kernel_resources.py"), "--block", "64",
+         "--head-dim", "64", "--kernels", "dkdv"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
