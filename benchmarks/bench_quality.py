@@ -20,7 +20,6 @@ Stages whose outputs exist are reused, so an interrupted invocation continues wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import re
@@ -215,7 +214,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
                 # Keys are density/<layer>: order by the layer number, not the string.
                 layer_stats = sorted((int(k.split("/")[1]), v) for k, v in stats.items() if k.startswith("density/"))
                 per_layer[family] = [v for _, v in layer_stats]
-        if runtime is not None and runtime.mode == "joint":
+        if runtime is not None and runtime.settings.mode == "joint":
             layers = [statistics.mean(vals) for vals in zip(*per_layer.values())]
             row["realised_density_per_layer"] = layers
             row["realised_sparsity"] = 1.0 - statistics.mean(layers)
@@ -249,9 +248,9 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         other = "row" if a.budget == "layer" else "layer"
         for label, oracle, budget in ((name, False, a.budget), (f"{name}, oracle selection", True, a.budget),
                                       (f"{name}, {other} budget", False, other)):
-            runtime = dataclasses.replace(
-                runtime_from_config(a), density=density, oracle=oracle, budget=budget, training=False, compute_loss=False
-            )
+            runtime = runtime_from_config(a)
+            runtime.configure(density=density, oracle=oracle, budget=budget, compute_loss=False)
+            runtime.training = False
             load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
             record(label, load, args.seq_len, 1.0 - density, passkey=label == name)
     return rows

@@ -27,7 +27,7 @@ from seer_finetune.config import ModelConfig, RopeConfig  # noqa: E402
 from seer_finetune.data import DocumentWindows, build_corpus, load_documents  # noqa: E402
 from seer_finetune.evaluation import perplexity  # noqa: E402
 from seer_finetune.modeling import load_model, load_tokenizer  # noqa: E402
-from seer_finetune.seer.attention import SeerRuntime, attach_seer_gates  # noqa: E402
+from seer_finetune.seer import SeerRuntime, attach_seer_gates  # noqa: E402
 from seer_finetune.seer.saving import load_gates  # noqa: E402
 
 
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(model_cfg, RopeConfig(type="none"), device=device, seed=0).eval()
     if device.type == "cpu":
         model = model.float()
-    runtime = SeerRuntime(mode="dense", block_size=args.block_size, training=False, compute_loss=False)
+    runtime = SeerRuntime(mode="dense", block_size=args.block_size, compute_loss=False)
+    runtime.training = False
     if args.gates:
         load_gates(model, args.gates, runtime=runtime)
     else:
@@ -86,11 +87,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.model}: {len(windows)} windows of {args.length} tokens from {args.corpus}, block {args.block_size}")
     run("dense")
-    runtime.mode = "joint"
     for density, sink, local, budget in args.settings:
-        runtime.density, runtime.sink_blocks, runtime.local_blocks, runtime.budget = density, sink, local, budget
         for oracle in (True, False) if args.gates else (True,):
-            runtime.oracle = oracle
+            runtime.configure(
+                mode="joint", density=density, sink_blocks=sink, local_blocks=local, budget=budget, oracle=oracle
+            )
             run(f"density {density} sink {sink} local {local} {budget} {'oracle' if oracle else 'gates'}")
     return 0
 
