@@ -6,9 +6,10 @@
 - `masking`: the `seer` mask function (per-token document ids instead of an L x L mask).
 - `attention`: the `seer` attention function, registration with transformers, attaching gates to a model.
 - `saving`: gates as a small safetensors adapter, composing base + gates (+ LoRA) at load time.
-- `extension`: `build_extension(model, cfg)`, the trainer seam.
-- `evaluate`: `run_eval(cfg)`, perplexity at several lengths and densities.
-- `stages`: two-stage experiments (gate distillation, then joint training) in one command.
+- `plugin`: `build_extension(model, cfg)`, the trainer seam, registered for `attention.backend=seer`.
+- `density_sweep`: `run_eval(cfg)`, the `eval` job: perplexity at several lengths and densities/thresholds.
+- `stages`: the gate-distillation stage derived from a joint configuration (`attention.init_steps`), run
+  before the joint stage by the `train` job.
 
 Gate inputs are the pre-RoPE queries/keys, captured by forward hooks and detached by default
 (`attention.detach_gate_inputs`): the gate loss trains the gates only, the LM loss reaches the model only through
@@ -16,7 +17,7 @@ the block-sparse attention output (selection runs under no_grad).
 """
 
 from .attention import SeerRuntime, attach_seer_gates, register_seer, seer_attention_forward, seer_gates
-from .extension import SeerExtension, build_extension
+from .plugin import SeerExtension, build_extension
 from .gate import AttnGate
 from .saving import load_gates, load_seer_model, save_gates
 

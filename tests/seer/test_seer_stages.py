@@ -1,4 +1,5 @@
-"""End to end through the lead's trainer: smoke_seer's two stages (distil, then joint), then `run_eval`."""
+"""End to end through the `train` and `eval` jobs: smoke_seer's two stages (distil, then joint), then the
+density sweep."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError
-from seer_finetune.seer.evaluate import run_eval
-from seer_finetune.seer.stages import gate_init_config, run_stages
+from seer_finetune.jobs import eval_job as run_eval
+from seer_finetune.jobs import train_job as run_stages
+from seer_finetune.seer.stages import distilled_gates_dir, gate_init_config
 
 
 def _smoke(tmp_path, *extra):
@@ -40,11 +42,15 @@ def _smoke(tmp_path, *extra):
 def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     cfg = _smoke(tmp_path)
     init = gate_init_config(cfg)
-    assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and not init.trainer.save_final
+    assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and init.trainer.save_final
+    assert distilled_gates_dir(cfg) == tmp_path / "gate_init" / "gates"
 
     summary = run_stages(cfg)
     assert "gate loss" in capsys.readouterr().out
     assert summary["steps"] == 2 and summary["gate_init"]["steps"] == 3
+    # stage 1's final save is the distilled gates alone: the frozen base is not copied
+    assert sorted(p.name for p in (tmp_path / "gate_init" / "gates").iterdir()) == ["seer_gates.json", "seer_gates.safetensors"]
+    assert summary["gate_init"]["final_dir"] == str(tmp_path / "gate_init" / "gates")
     stage1 = [json.loads(line) for line in (tmp_path / "gate_init" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stage1 if "train/gate_loss" in r] == [1, 2, 3]
     assert all(r["train/lm_loss"] > 0 and r["train/loss"] == r["train/gate_loss"] for r in stage1 if "train/gate_loss" in r)

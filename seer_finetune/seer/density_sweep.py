@@ -18,7 +18,7 @@ import torch
 
 from ..config import ConfigError, SeerConfig
 from .attention import SeerRuntime, seer_gates
-from .extension import runtime_from_config
+from .plugin import runtime_from_config
 
 
 def _settings(cfg: SeerConfig) -> list[tuple[str, float]]:
@@ -215,7 +215,7 @@ def evaluate_settings(
         One dict per setting: setting, value, selection (`dense`, `gate` or `oracle`), ppl, loss, tokens,
         realised_density (None if no layer reported).
     """
-    from ..evaluation import perplexity
+    from ..perplexity import perplexity
 
     saved = (runtime.mode, runtime.density, runtime.threshold, runtime.training, runtime.compute_loss, runtime.oracle)
     out = []
