@@ -44,6 +44,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what a checkpoint must hold besides the optimizer."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 

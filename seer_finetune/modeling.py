@@ -42,6 +42,7 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`trainer.device` as a device: `auto` is CUDA when available, else the CPU; `cuda` without one is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -50,6 +51,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` as a torch dtype: `auto` is bfloat16 on CUDA and float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
