@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .config import ConfigError, SeerConfig
-from .extensions import TrainingExtension, build_extension
+from .extensions import PLAIN_BACKENDS, TrainingExtension, build_extension
 from .modeling import apply_peft, load_model
 
 
@@ -27,7 +27,8 @@ def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module,
     Raises:
         ConfigError: when a sequence length exceeds the model's (extended) context.
     """
-    attn = cfg.attention.backend if cfg.attention.backend in ("sdpa", "eager") else "sdpa"
+    # A plug-in backend starts from SDPA and switches the attention itself when it attaches.
+    attn = cfg.attention.backend if cfg.attention.backend in PLAIN_BACKENDS else "sdpa"
     model = load_model(cfg.model, cfg.rope, device=device, attn_implementation=attn, seed=cfg.trainer.seed)
     context = model.config.max_position_embeddings
     if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
