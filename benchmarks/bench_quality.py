@@ -173,11 +173,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     the gap between the oracle and dense is the cost of block sparsity itself at this density.
     """
     from seer_finetune.config import RopeConfig
-    from seer_finetune.evaluation import perplexity
+    from seer_finetune.perplexity import perplexity
     from seer_finetune.modeling import load_model, load_tokenizer, load_trained
     from seer_finetune.passkey import passkey_accuracy
     from seer_finetune.seer import load_seer_model
-    from seer_finetune.seer.extension import runtime_from_config
+    from seer_finetune.seer.plugin import runtime_from_config
 
     device = torch.device(args.device)
     cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "dense", args.seq_len), f"rope.factor={args.seq_len // args.native}"])

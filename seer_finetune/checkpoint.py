@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STATE_NAME = "state.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -43,6 +44,7 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name: what a checkpoint must hold besides the optimizer."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -139,7 +141,7 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "rng": rng_meta,
     }
-    with open(tmp / "state.json", "w") as f:
+    with open(tmp / STATE_NAME, "w") as f:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
@@ -158,7 +160,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     folder = Path(root) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and (p / "state.json").is_file()]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -191,7 +193,7 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    state = json.loads((path / "state.json").read_text())
+    state = json.loads((path / STATE_NAME).read_text())
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     _restore_optimizer(optimizer, opt_tensors, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -199,3 +201,20 @@ def load_checkpoint(
     ext_path = path / "extension.safetensors"
     extension = load_file(str(ext_path)) if ext_path.is_file() else {}
     return state, extension
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str | None]:
+    """The trained tensors of checkpoint `path`, without optimizer or RNG state (what `export` needs).
+
+    Args:
+        path: A checkpoint folder (`checkpoints/step_NNNNNN`).
+
+    Returns:
+        `(model tensors keyed by parameter name, extension tensors, the model's dtype name as training held it
+        or None when the checkpoint does not record it)`.
+    """
+    path = Path(path)
+    state = json.loads((path / STATE_NAME).read_text())
+    ext_path = path / "extension.safetensors"
+    extension = load_file(str(ext_path)) if ext_path.is_file() else {}
+    return load_file(str(path / "model.safetensors")), extension, state["trainer"].get("model_dtype")

@@ -140,9 +140,11 @@ class TokenizedCorpus:
 
     @property
     def num_documents(self) -> int:
+        """Documents in the corpus."""
         return len(self.doc_starts) - 1
 
     def document(self, i: int) -> np.ndarray:
+        """The token ids of document `i`: `[length]`."""
         return self.tokens[self.doc_starts[i] : self.doc_starts[i + 1]]
 
 
@@ -248,6 +250,8 @@ class DocumentWindows(torch.utils.data.Dataset):
 
 @dataclass
 class DataBundle:
+    """A run's data: packed training sequences, and evaluation windows when there are held-out documents."""
+
     train: PackedSequences
     eval: DocumentWindows | None
 
@@ -308,6 +312,7 @@ class EpochSampler:
         return torch.randperm(self.size, generator=g).tolist()
 
     def next_indices(self, count: int) -> list[int]:
+        """The next `count` sequence indices, drawing a new permutation at the end of each epoch."""
         out = []
         for _ in range(count):
             if self.index >= self.size:
@@ -318,9 +323,11 @@ class EpochSampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
+        """The position in the data, for a checkpoint."""
         return {"epoch": self.epoch, "index": self.index, "size": self.size, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state_dict`'s position; refuses one written for other data or another seed."""
         if state["size"] != self.size or state["seed"] != self.seed:
             raise ConfigError(
                 f"checkpoint was written for {state['size']} training sequences (seed {state['seed']}); this run has "
@@ -331,4 +338,5 @@ class EpochSampler:
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack items' tensors (`input_ids`, `position_ids`: `[L]` each) into a batch: `[len(items), L]`."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -1,10 +1,10 @@
-"""DeepSpeed specifics of the trainer: Ulysses registration, checkpoints, gathering weights for the final save.
+"""The DeepSpeed engine: ZeRO 0-3, CPU offload and DeepSpeed-Ulysses sequence parallelism behind `engine.Engine`.
 
 DeepSpeed's own checkpoint format (one model-state file plus one optimizer shard per rank, written by
 `engine.save_checkpoint`) is used under DeepSpeed, because ZeRO partitions optimizer states across ranks and only
 DeepSpeed knows how to re-partition them. Per-rank RNG states are added beside them as safetensors. The
 `latest` pointer is written last, so a run killed while saving resumes from the previous complete checkpoint.
-`python -m seer_finetune export` turns such a checkpoint into a plain Hugging Face folder.
+`python -m seer_finetune export` turns such a checkpoint into the run's final folder (`checkpoint_state_dict`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .assembly import build_model, load_full_state
 from .config import ConfigError, SeerConfig
-from .distributed import DistributedContext
+from .distributed import DistributedContext, check_parallel_layout, deepspeed_config
+from .engine import Engine
+from .extensions import TrainingExtension
+from .modeling import base_model
 
 DS_DIR = "deepspeed"
 
@@ -46,7 +50,8 @@ def register_ulysses(model: torch.nn.Module, cfg: SeerConfig):
     )
 
 
-def _root(run_dir: Path) -> Path:
+def checkpoint_root(run_dir: Path) -> Path:
+    """The folder of a run's DeepSpeed checkpoints (`latest` and one `step_NNNNNN` tag folder each)."""
     return Path(run_dir) / "checkpoints" / DS_DIR
 
 
@@ -54,7 +59,7 @@ def save_deepspeed_checkpoint(engine, run_dir: Path, step: int, trainer_state: d
     """Collective: every rank writes its shard of checkpoint `step_NNNNNN`; rank 0 prunes old ones."""
     import deepspeed.comm as dist
 
-    root = _root(run_dir)
+    root = checkpoint_root(run_dir)
     tag = f"step_{step:06d}"
     # RNG states first, so `latest` (written by save_checkpoint at its end) never names a tag without them.
     (root / tag).mkdir(parents=True, exist_ok=True)
@@ -74,7 +79,7 @@ def save_deepspeed_checkpoint(engine, run_dir: Path, step: int, trainer_state: d
 
 def load_deepspeed_checkpoint(engine, run_dir: Path, ctx: DistributedContext) -> dict[str, Any] | None:
     """Collective: restore the newest complete checkpoint; None when there is none."""
-    root = _root(run_dir)
+    root = checkpoint_root(run_dir)
     if not (root / "latest").is_file():
         return None
     path, client = engine.load_checkpoint(str(root))
@@ -97,18 +102,6 @@ def consolidated_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
-def load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy gathered parameters into a plain model built the same way; every trainable tensor must be there."""
-    own = model.state_dict()
-    missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in state]
-    if missing:
-        raise RuntimeError(f"gathered weights lack {len(missing)} trainable tensors, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            if name in own:
-                own[name].copy_(value.to(own[name].dtype))
-
-
 def checkpoint_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dict[str, torch.Tensor]:
     """fp32 weights reassembled from a DeepSpeed checkpoint folder (any ZeRO stage), on CPU, no process group."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -116,29 +109,80 @@ def checkpoint_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dict[
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
-def export_checkpoint(cfg: SeerConfig) -> Path:
-    """Consolidate a DeepSpeed checkpoint (ZeRO 0-3, any number of ranks) into a Hugging Face folder.
+class DeepSpeedEngine(Engine):
+    """The trainer's optimizer, schedule and model handed to `deepspeed.initialize`.
 
-    The model is rebuilt from `cfg` exactly as training built it (rope scaling, gates, LoRA), on the CPU and
-    without a process group; the reassembled fp32 weights are loaded into it and written by the same final
-    save as a single-process run.
+    Args:
+        model: The model built by `assembly.build_model`; the trainer keeps running forward on it.
+        optimizer: Its optimizer (named parameter groups), wrapped by DeepSpeed.
+        scheduler: The learning-rate schedule, stepped by DeepSpeed at each accumulation boundary.
+        cfg: The run configuration (`deepspeed` section, batch sizes, clipping).
+        ctx: This process's place; its sequence-parallel group is filled in here under Ulysses.
+
+    Raises:
+        ConfigError: for a process layout the model's heads or the sequence length cannot split into.
     """
-    from .modeling import load_tokenizer, save_final
-    from .trainer import build_model
 
-    run_dir = Path(cfg.trainer.output_dir)
-    source = Path(cfg.export.checkpoint) if cfg.export.checkpoint else _root(run_dir)
-    tag = None
-    if (source / "latest").is_file() or not source.exists():
-        root = source
-    else:  # a tag folder inside the checkpoint root
-        root, tag = source.parent, source.name
-    if not (root / "latest").is_file() and tag is None:
-        raise ConfigError(f"no DeepSpeed checkpoint at {source} (expected a folder with a 'latest' file)")
-    state = checkpoint_state_dict(root, tag)
-    model, extension = build_model(cfg, torch.device("cpu"))
-    load_full_state(model, state)
-    out = Path(cfg.export.output) if cfg.export.output else run_dir / "exported"
-    final = save_final(model, load_tokenizer(cfg.model), out, model_cfg=cfg.model, peft_cfg=cfg.peft)
-    extension.save_pretrained(final)
-    return final
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: SeerConfig, ctx: DistributedContext):
+        import deepspeed
+
+        text = base_model(model).config.get_text_config()
+        check_parallel_layout(cfg, ctx.world_size, text.num_attention_heads, text.num_key_value_heads)
+        mpu = None
+        if ctx.sp_size > 1:
+            mpu = register_ulysses(model, cfg)
+            ctx.sp_group = mpu.get_sequence_parallel_group()
+            assert mpu.get_sequence_parallel_rank() == ctx.sp_rank
+        dtype = next(model.parameters()).dtype
+        self.ds_engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, ctx, dtype),
+            mpu=mpu,
+        )
+        self.model = model
+        self.cfg = cfg
+        self.ctx = ctx
+        self.layout = (
+            f", {ctx.world_size} processes (data x sequence parallel = {ctx.dp_size} x {ctx.sp_size}), "
+            f"ZeRO-{cfg.deepspeed.zero_stage}"
+        )
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds_engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        # DeepSpeed counts micro-batches in `step`, and steps optimizer and scheduler only at the boundary.
+        self.ds_engine.step()
+
+    def step(self) -> torch.Tensor:
+        grad_norm = self.ds_engine.get_global_grad_norm()
+        return torch.tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64)
+
+    def learning_rates(self) -> dict[str, float]:
+        return {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}
+
+    def last_lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self, run_dir: Path, step: int, trainer_state: dict[str, Any], extension: TrainingExtension, keep: int) -> Path:
+        # The extension's parameters are the module's, inside DeepSpeed's model states.
+        return save_deepspeed_checkpoint(self.ds_engine, run_dir, step, trainer_state, self.ctx, keep=keep)
+
+    def load_checkpoint(self, run_dir: Path, extension: TrainingExtension, resume: bool) -> Optional[dict[str, Any]]:
+        return load_deepspeed_checkpoint(self.ds_engine, run_dir, self.ctx) if resume else None
+
+    def final_model(self, extension: TrainingExtension) -> Optional[tuple[torch.nn.Module, TrainingExtension]]:
+        """Gathers the full weights (collective) into a plain copy built on the CPU by rank 0."""
+        state = consolidated_state_dict(self.ds_engine, self.cfg.deepspeed.zero_stage)
+        if not self.ctx.is_main:
+            return None
+        model, plain_extension = build_model(self.cfg, torch.device("cpu"))
+        load_full_state(model, state)
+        return model, plain_extension
+
+    def close(self) -> None:
+        if self.ctx.distributed:
+            # Every rank leaves together: a rank exiting while rank 0 still writes tears down the comm layer.
+            torch.distributed.barrier()
+            self.ds_engine.destroy()
+            torch.distributed.destroy_process_group()

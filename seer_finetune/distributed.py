@@ -38,14 +38,17 @@ class DistributedContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the process that writes files and logs."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
 
 def env_world_size() -> int:
+    """Processes of the launch, from `WORLD_SIZE` (1 when not launched as a group)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

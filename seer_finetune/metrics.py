@@ -68,6 +68,7 @@ class MetricsLogger:
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        """Append one record `{"step": step, **metrics}` (tensors and numpy scalars as numbers)."""
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -77,11 +78,13 @@ class MetricsLogger:
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
+        """Set the W&B run's summary values (the JSONL file has summary.json beside it)."""
         if self.wandb_run is not None:
             for k, v in values.items():
                 self.wandb_run.summary[k] = _plain(v)
 
     def close(self) -> None:
+        """Finish the W&B run, if any."""
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None

@@ -11,6 +11,7 @@ import copy
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -41,6 +42,7 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
 
 
 def resolve_device(device: str) -> torch.device:
+    """`trainer.device` as a device: `auto` is CUDA when available, else the CPU; `cuda` without one is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -49,6 +51,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` as a torch dtype: `auto` is bfloat16 on CUDA and float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
@@ -176,33 +179,49 @@ def save_final(
     *,
     model_cfg: ModelConfig,
     peft_cfg: PeftConfig,
+    write_extra: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Write the trained model as a Hugging Face folder that `from_pretrained` loads with its YaRN config.
 
-    Full fine-tuning: `out_dir` is a complete model folder. LoRA: `out_dir` is a peft adapter folder; its base
-    is the original model path, or `out_dir/base` (written here) for a built-in randomly initialised model, whose
-    weights exist nowhere else. With `peft.merge_on_save`, `out_dir/merged` holds merged full weights.
+    Full fine-tuning: `out_dir` is a complete model folder. LoRA: `out_dir` is a peft adapter folder whose base
+    is the original model path, or, for a built-in randomly initialised model (whose weights exist nowhere
+    else), the unadapted base written into the same folder (`config.json` + weights beside the adapter, which
+    transformers loads as the adapter's base). The folder records no path of its own, so it can move and
+    two saves of the same weights are identical. With `peft.merge_on_save`, `out_dir/merged` holds merged full
+    weights. The folder is written under a temporary name and renamed into place.
+
+    Args:
+        model: The trained model (peft-wrapped for LoRA).
+        tokenizer: Saved next to the weights.
+        out_dir: The folder to (re)create.
+        model_cfg: The model section (which base the adapter names).
+        peft_cfg: The peft section (full or LoRA, merged copy or not).
+        write_extra: Writes more files into the folder before it takes its final name (the extension's).
+
+    Returns:
+        `out_dir` as a Path.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _, builtin = resolve_model_path(model_cfg.name_or_path)
+    base_path, builtin = resolve_model_path(model_cfg.name_or_path)
     if peft_cfg.method == "full":
         base_model(model).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     else:
         base = base_model(model)
+        adapter_kwargs = {}
         if builtin:
-            # The adapter's base must carry the exact random weights and the YaRN config; the adapter points
-            # at it once the folder has its final name (below).
-            _save_unadapted_base(model, tmp / "base")
-            tokenizer.save_pretrained(tmp / "base")
-            model.peft_config["default"].base_model_name_or_path = str((tmp / "base").resolve())
+            _save_unadapted_base(model, tmp)
+            model.peft_config["default"].base_model_name_or_path = model_cfg.name_or_path
+            # peft would open the base by that name to see whether the vocabulary grew (it never does here);
+            # a built-in name is no folder.
+            adapter_kwargs["save_embedding_layers"] = False
         else:
-            model.peft_config["default"].base_model_name_or_path = resolve_model_path(model_cfg.name_or_path)[0]
-        model.save_pretrained(tmp, safe_serialization=True)
+            model.peft_config["default"].base_model_name_or_path = base_path
+        _save_adapter(model, tmp, **adapter_kwargs)
         tokenizer.save_pretrained(tmp)
         # The adapter folder also records the YaRN-extended config so loaders can restore it for any base.
         base.config.save_pretrained(tmp / "extended_config")
@@ -213,15 +232,26 @@ def save_final(
     (tmp / "seer_run.json").write_text(
         json.dumps({"base_model": model_cfg.name_or_path, "method": peft_cfg.method}, indent=2) + "\n"
     )
+    if write_extra is not None:
+        write_extra(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-    if peft_cfg.method == "lora" and builtin:
-        adapter_config = out_dir / "adapter_config.json"
-        meta = json.loads(adapter_config.read_text())
-        meta["base_model_name_or_path"] = str((out_dir / "base").resolve())
-        adapter_config.write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
+
+
+def _save_adapter(peft_model, out_dir: Path, **kwargs) -> None:
+    """peft's adapter save, with the config's set-valued fields (target modules) written sorted: peft lists a set
+    in its iteration order, which changes with each process's string hashing, so two saves would differ."""
+    config = peft_model.peft_config["default"]
+    unordered = {k: v for k, v in vars(config).items() if isinstance(v, set)}
+    for k, v in unordered.items():
+        setattr(config, k, sorted(v))
+    try:
+        peft_model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    finally:
+        for k, v in unordered.items():
+            setattr(config, k, v)
 
 
 def _save_unadapted_base(peft_model, out_dir: Path) -> None:
@@ -238,12 +268,17 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu", dtype:
         path: The run's `final` folder.
         device: Where to put the model. Default CPU.
         dtype: Weights dtype; default as saved.
+
+    Returns:
+        The model in eval mode: a transformers model for a full folder, a peft model for an adapter over a
+        named base, and for an adapter folder holding its own base (a built-in model) the transformers model
+        with the adapter loaded into it by transformers.
     """
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ConfigError(f"{path} is not a saved model folder (no config.json or adapter_config.json)")
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    if (path / "adapter_config.json").is_file():
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from peft import PeftConfig as LoadedPeftConfig
         from peft import PeftModel
 
@@ -252,5 +287,7 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu", dtype:
         base = AutoModelForCausalLM.from_pretrained(base_path, config=config, **kwargs)
         model = PeftModel.from_pretrained(base, path)
     else:
+        # A full folder, or an adapter beside its own base: transformers then loads the base from the folder
+        # (its config.json is the YaRN-extended one) and the adapter into it.
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model.to(device).eval()

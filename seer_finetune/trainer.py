@@ -1,10 +1,10 @@
 """The training loop: one stage of fine-tuning from a composed configuration.
 
-Steps: load tokenizer, data and model (YaRN written into its config), attach the attention extension
-(SeerAttention gates when `attention.backend=seer`), wrap with LoRA or train fully, then AdamW with parameter
-groups (model decay / no-decay / extension groups with their own learning rate), warmup + cosine or linear
-decay, gradient accumulation and clipping. Checkpoints every `trainer.save_every` steps resume exactly after a
-kill; the final model is a Hugging Face folder under `<output_dir>/final`.
+Steps: load tokenizer, data and the model (`assembly.build_model`: YaRN, the attention extension, LoRA or full
+training), then AdamW with parameter groups (model decay / no-decay / extension groups with their own learning
+rate), warmup + cosine or linear decay, gradient accumulation and clipping. The loop is written once; an
+`engine.Engine` applies the gradients (one process, or DeepSpeed). Checkpoints every `trainer.save_every`
+steps resume exactly after a kill; the final model goes to `<output_dir>/final` (`final_save`).
 """
 
 from __future__ import annotations
@@ -12,50 +12,49 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import ConfigError, SeerConfig
+from .assembly import build_model
+from .config import SeerConfig
 from .data import EpochSampler, build_data, collate
-from .deepspeed_engine import (
-    consolidated_state_dict,
-    load_deepspeed_checkpoint,
-    load_full_state,
-    register_ulysses,
-    save_deepspeed_checkpoint,
-)
-from .distributed import all_reduce_sum, check_parallel_layout, deepspeed_config, init_distributed
-from .evaluation import perplexity
-from .extension import TrainingExtension
+from .deepspeed_engine import DeepSpeedEngine
+from .distributed import DistributedContext, all_reduce_sum, init_distributed
+from .engine import Engine, PlainEngine
+from .extensions import TrainingExtension
+from .final_save import save_final_model
 from .metrics import MetricsLogger, require_wandb
-from .modeling import (
-    apply_peft,
-    base_model,
-    count_parameters,
-    load_model,
-    load_tokenizer,
-    resolve_device,
-    save_final,
-)
+from .modeling import count_parameters, load_tokenizer, resolve_device
+from .perplexity import perplexity
 
 NO_DECAY_HINTS = ("bias", "norm", "embed")
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (model init, data order, dropout)."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based)."""
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    Args:
+        step: The optimizer step.
+        warmup: Steps of linear warmup from 0.
+        total: The run's optimizer steps.
+        schedule: `cosine`, `linear` or `constant` after warmup.
+        min_ratio: The multiplier reached at `total` (cosine and linear).
+
+    Returns:
+        The multiplier in [0, 1].
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant" or total <= warmup:
@@ -67,7 +66,16 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
 
 
 def build_optimizer(model: torch.nn.Module, extension: TrainingExtension, cfg: SeerConfig) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters (no decay on biases, norms, embeddings) and the extension's groups."""
+    """AdamW over the model's trainable parameters (no decay on biases, norms, embeddings) and the extension's groups.
+
+    Args:
+        model: The model built by `assembly.build_model`.
+        extension: Its extension; its groups keep their own learning rate (default `optim.gate_lr`).
+        cfg: The run configuration (`optim` section).
+
+    Returns:
+        The optimizer, its groups named `model_decay`, `model_no_decay` and the extension's names.
+    """
     ext_groups = extension.param_groups()
     ext_ids = {id(p) for g in ext_groups for p in g["params"]}
     decay, no_decay = [], []
@@ -88,34 +96,28 @@ def build_optimizer(model: torch.nn.Module, extension: TrainingExtension, cfg: S
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
-def _build_extension(model: torch.nn.Module, cfg: SeerConfig) -> TrainingExtension:
-    if cfg.attention.backend != "seer":
-        return TrainingExtension()
-    from .seer import build_extension
+def create_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: SeerConfig,
+    ctx: DistributedContext,
+) -> Engine:
+    """The engine `cfg.deepspeed.enabled` asks for, taking over the optimizer and schedule.
 
-    return build_extension(model, cfg)
+    Args:
+        model: The model built by `assembly.build_model`.
+        optimizer: AdamW over its parameter groups (`build_optimizer`).
+        scheduler: The learning-rate schedule over `optimizer`.
+        cfg: The run configuration.
+        ctx: This process's place (from `distributed.init_distributed`).
 
-
-def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, TrainingExtension]:
-    """Model with rope scaling, the attention extension and LoRA/full trainability, built the same way for
-    training, for the plain copy that receives gathered DeepSpeed weights, and for `export`."""
-    attn = cfg.attention.backend if cfg.attention.backend in ("sdpa", "eager") else "sdpa"
-    model = load_model(cfg.model, cfg.rope, device=device, attn_implementation=attn, seed=cfg.trainer.seed)
-    context = model.config.max_position_embeddings
-    if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the model's context ({context} tokens); "
-            "extend it with rope=yarn (see +exp=smoke) or shorten the sequences"
-        )
-    extension = _build_extension(model, cfg)
-    if extension.freeze_base:
-        model.requires_grad_(False)
-    else:
-        model = apply_peft(model, cfg.peft)
-    for group in extension.param_groups():
-        for p in group["params"]:
-            p.requires_grad_(True)
-    return model, extension
+    Returns:
+        A `DeepSpeedEngine` under DeepSpeed, else a `PlainEngine`.
+    """
+    if cfg.deepspeed.enabled:
+        return DeepSpeedEngine(model, optimizer, scheduler, cfg, ctx)
+    return PlainEngine(model, optimizer, scheduler, cfg)
 
 
 class Trainer:
@@ -126,12 +128,14 @@ class Trainer:
 
     Args:
         cfg: The validated configuration.
+        final_dir: Where the final save goes. Default `<trainer.output_dir>/final`.
     """
 
-    def __init__(self, cfg: SeerConfig):
+    def __init__(self, cfg: SeerConfig, final_dir: Optional[Path] = None):
         self.cfg = cfg
         t = cfg.trainer
         self.run_dir = Path(t.output_dir)
+        self.final_dir = Path(final_dir) if final_dir is not None else self.run_dir / "final"
         self.device = resolve_device(t.device)
         self.ctx = init_distributed(cfg, self.device)
         if self.device.type == "cuda" and self.ctx.distributed:
@@ -144,39 +148,17 @@ class Trainer:
         self.data = build_data(cfg.data, self.tokenizer)
         self.model, self.extension = build_model(self.cfg, self.device)
         self.model.train()
-        self.optimizer = build_optimizer(self.model, self.extension, cfg)
+        optimizer = build_optimizer(self.model, self.extension, cfg)
         o = cfg.optim
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
             lambda step: lr_lambda(step, warmup=o.warmup_steps, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio),
         )
-        self.engine = None
-        if cfg.deepspeed.enabled:
-            self._init_deepspeed()
+        self.engine = create_engine(self.model, optimizer, scheduler, cfg, self.ctx)
         self.sampler = EpochSampler(len(self.data.train), t.seed)
         self.step = 0
         self.tokens_seen = 0
         self.history: dict[str, Any] = {}
-
-    def _init_deepspeed(self) -> None:
-        import deepspeed
-
-        cfg = self.cfg
-        text = base_model(self.model).config.get_text_config()
-        check_parallel_layout(cfg, self.ctx.world_size, text.num_attention_heads, text.num_key_value_heads)
-        mpu = None
-        if self.ctx.sp_size > 1:
-            mpu = register_ulysses(self.model, cfg)
-            self.ctx.sp_group = mpu.get_sequence_parallel_group()
-            assert mpu.get_sequence_parallel_rank() == self.ctx.sp_rank
-        dtype = next(self.model.parameters()).dtype
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model,
-            optimizer=self.optimizer,
-            lr_scheduler=self.scheduler,
-            config=deepspeed_config(cfg, self.ctx, dtype),
-            mpu=mpu,
-        )
 
     # -- pieces of a step -------------------------------------------------------------------------
 
@@ -241,35 +223,20 @@ class Trainer:
         """
         t = self.cfg.trainer
         started = time.perf_counter()
-        lrs = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}  # this step's
+        lrs = self.engine.learning_rates()  # this step's
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for _ in range(t.grad_accum_steps):
             batch = self._next_batch()
             loss, parts = self._forward_loss(batch)
-            if self.engine is not None:
-                self.engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
-                self.engine.step()  # steps optimizer and scheduler only at the accumulation boundary
-            else:
-                (loss / t.grad_accum_steps).backward()
+            self.engine.backward(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum_steps
             tokens += batch["input_ids"].numel() * self.ctx.dp_size
-        if self.engine is not None:
-            grad_norm = self.engine.get_global_grad_norm()
-            grad_norm = torch.tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64)
-        else:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            if self.cfg.optim.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-            else:
-                grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step()
         names = list(sums)
         values = torch.stack([sums[k] for k in names])
-        if self.engine is not None and self.ctx.dp_size > 1:
+        if self.ctx.dp_size > 1:
             all_reduce_sum(values, None)
             values /= self.ctx.world_size
         values = values.tolist()
@@ -303,72 +270,45 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------------
 
     def _trainer_state(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "history": self.history}
+        # The model's dtype lets `export` rebuild a plain checkpoint's model exactly as training held it.
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "history": self.history, "model_dtype": dtype}
 
     def save(self) -> Path:
-        if self.engine is not None:
-            return save_deepspeed_checkpoint(self.engine, self.run_dir, self.step, self._trainer_state(), self.ctx, keep=self.cfg.trainer.keep_checkpoints)
-        return save_checkpoint(
-            self.run_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            extension_state=self.extension.state_dict(),
-            trainer_state=self._trainer_state(),
-            keep=self.cfg.trainer.keep_checkpoints,
-        )
+        """Checkpoint the current step under `<output_dir>/checkpoints` (collective under DeepSpeed)."""
+        return self.engine.save_checkpoint(self.run_dir, self.step, self._trainer_state(), self.extension, keep=self.cfg.trainer.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
-        if self.engine is not None:
-            state = load_deepspeed_checkpoint(self.engine, self.run_dir, self.ctx) if self.cfg.trainer.resume else None
-            if state is None:
-                return False
-            self.step = state["step"]
-        else:
-            if self.ctx.is_main:
-                clean_partial(self.run_dir)
-            if not self.cfg.trainer.resume:
-                return False
-            checkpoints = list_checkpoints(self.run_dir)
-            if not checkpoints:
-                return False
-            state, extension_state = load_checkpoint(checkpoints[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            if extension_state:
-                self.extension.load_state_dict(extension_state)
-            self.step = state["step"]
+        """Restore the newest checkpoint when `trainer.resume` is set and one exists; True if it did."""
+        state = self.engine.load_checkpoint(self.run_dir, self.extension, resume=self.cfg.trainer.resume)
+        if state is None:
+            return False
+        self.step = state["step"]
         self.tokens_seen = state["trainer"]["tokens_seen"]
         self.sampler.load_state_dict(state["trainer"]["sampler"])
         self.history = state["trainer"].get("history", {})
         return True
 
     def save_final_model(self) -> Path | None:
-        """The final Hugging Face folder. Under DeepSpeed the weights are gathered into a plain copy on rank 0."""
-        cfg = self.cfg
-        model, extension = self.model, self.extension
-        if self.engine is not None:
-            state = consolidated_state_dict(self.engine, cfg.deepspeed.zero_stage)
-            if not self.ctx.is_main:
-                return None
-            model, extension = build_model(self.cfg, torch.device("cpu"))
-            load_full_state(model, state)
-        final = self.run_dir / "final"
-        if extension.freeze_base:
-            # Only the extension trained (gate distillation): the base is unchanged, so the folder holds just
-            # the extension's adapter (SeerAttention gates, with the base model's name in their config).
-            tmp = final.with_name(final.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            extension.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            return final
-        final = save_final(model, self.tokenizer, final, model_cfg=cfg.model, peft_cfg=cfg.peft)
-        extension.save_pretrained(final)
-        return final
+        """Write the final folder (`final_save.save_final_model`) to `final_dir`; None on ranks that do not write.
+
+        Collective under DeepSpeed: the weights are gathered into a plain copy on rank 0.
+        """
+        trained = self.engine.final_model(self.extension)
+        if trained is None:
+            return None
+        model, extension = trained
+        return save_final_model(model, extension, self.tokenizer, self.cfg, self.final_dir)
 
     # -- the run ----------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
+        """Resume if asked, train to `trainer.max_steps` with evaluation, checkpoints and the final save.
+
+        Returns:
+            The run summary (steps, tokens, final loss, evaluations, final folder), also written to
+            `summary.json`.
+        """
         cfg, t, main = self.cfg, self.cfg.trainer, self.ctx.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -379,11 +319,10 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, cfg.logger, run_config, resume_step=self.step if resumed else None, enabled=main)
         say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
         trainable, total = count_parameters(self.model)
-        layout = f", {self.ctx.world_size} processes (data x sequence parallel = {self.ctx.dp_size} x {self.ctx.sp_size}), ZeRO-{cfg.deepspeed.zero_stage}" if self.engine is not None else ""
         say(
             f"[seer-finetune] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
             f"({cfg.peft.method if not self.extension.freeze_base else 'extension only'}), "
-            f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}{layout}"
+            f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}{self.engine.layout}"
             + (f", resumed at step {self.step}" if resumed else "")
         )
         if not resumed and t.eval_before and self.data.eval is not None:
@@ -399,7 +338,7 @@ class Trainer:
                     logger.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.engine.last_lr():.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 self.history["last_loss"] = metrics["loss"]
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
                     logger.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=self.step)
@@ -428,12 +367,7 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         logger.close()
-        if self.ctx.distributed:
-            # Every rank leaves together: a rank exiting while rank 0 still writes tears down the comm layer.
-            torch.distributed.barrier()
-            if self.engine is not None:
-                self.engine.destroy()
-            torch.distributed.destroy_process_group()
+        self.engine.close()
         return summary
 
 
@@ -448,5 +382,3 @@ def _progress(t, initial: int):
 def train(cfg: SeerConfig) -> dict[str, Any]:
     """Run one training stage described by `cfg`; returns the run summary (also written to summary.json)."""
     return Trainer(cfg).fit()
-
-

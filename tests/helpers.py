@@ -40,3 +40,25 @@ def save_tiny_model(folder: Path, model_type: str, seed: int = 0, **overrides) -
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(ASSETS).save_pretrained(folder)
     return folder
+
+
+def assert_same_folder(expected: Path, got: Path) -> None:
+    """Two saved model folders hold the same files: equal JSON content, equal tensors (bit for bit), equal bytes
+    for everything else."""
+    import json
+
+    from safetensors.torch import load_file
+
+    files = lambda root: sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert files(got) == files(expected)
+    for name in files(expected):
+        a, b = expected / name, got / name
+        if name.endswith(".json"):
+            assert json.loads(b.read_text()) == json.loads(a.read_text()), name
+        elif name.endswith(".safetensors"):
+            left, right = load_file(str(a)), load_file(str(b))
+            assert left.keys() == right.keys() and left, name
+            for key, value in left.items():
+                assert right[key].dtype == value.dtype and torch.equal(right[key], value), f"{name}: {key}"
+        else:
+            assert b.read_bytes() == a.read_bytes(), name

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from seer_finetune.config import ModelConfig, RopeConfig  # noqa: E402
 from seer_finetune.data import DocumentWindows, build_corpus, load_documents  # noqa: E402
-from seer_finetune.evaluation import perplexity  # noqa: E402
+from seer_finetune.perplexity import perplexity  # noqa: E402
 from seer_finetune.modeling import load_model, load_tokenizer  # noqa: E402
 from seer_finetune.seer import SeerRuntime, attach_seer_gates  # noqa: E402
 from seer_finetune.seer.saving import load_gates  # noqa: E402

@@ -9,9 +9,10 @@
 - `attention`: the `seer` attention function (inputs, gate scores, selection, kernel, loss) and its registration.
 - `attach`: attaching gates to a loaded model (capture hooks on the Q/K projections).
 - `saving`: gates as a small safetensors adapter, composing base + gates (+ LoRA) at load time.
-- `extension`: `build_extension(model, cfg)`, the trainer seam.
-- `evaluate`: `run_eval(cfg)`, perplexity at several lengths and densities.
-- `stages`: two-stage experiments (gate distillation, then joint training) in one command.
+- `plugin`: `build_extension(model, cfg)`, the trainer seam, registered for `attention.backend=seer`.
+- `density_sweep`: `run_eval(cfg)`, the `eval` job: perplexity at several lengths and densities/thresholds.
+- `stages`: the gate-distillation stage derived from a joint configuration (`attention.init_steps`), run
+  before the joint stage by the `train` job.
 
 Gate inputs are the pre-RoPE queries/keys, captured by forward hooks and detached by default
 (`attention.detach_gate_inputs`): the gate loss trains the gates only, the LM loss reaches the model only through
@@ -20,7 +21,7 @@ the block-sparse attention output (selection runs under no_grad).
 
 from .attach import attach_seer_gates, seer_gates
 from .attention import register_seer, seer_attention_forward
-from .extension import SeerExtension, build_extension
+from .plugin import SeerExtension, build_extension
 from .gate import AttnGate
 from .runtime import SeerRuntime, SeerSettings
 from .saving import load_gates, load_seer_model, save_gates

@@ -1,14 +1,15 @@
-"""Two-stage SeerAttention runs in one command: gate distillation, then joint training from those gates.
+"""Two-stage SeerAttention runs: the gate-distillation stage derived from a joint configuration.
 
-The trainer runs one stage per call. An experiment that sets `attention.init_steps > 0` (with `mode: joint`
-and no `gates_path`) is expanded here into:
+An experiment that sets `attention.init_steps > 0` (with `mode: joint` and no `gates_path`) is run by the
+`train` job (`seer_finetune.jobs`) as:
 
 1. `gate_init`: the same configuration in `gate_distill` mode for `init_steps` steps (base frozen, only the
-   gates train, the model's output stays dense), in `<output_dir>/gate_init`; its gates are written to
-   `<output_dir>/gate_init/gates` (the base model is not copied: it is unchanged);
+   gates train, the model's output stays dense), in `<output_dir>/gate_init`; its final save is the gates
+   alone (the base is unchanged), written to `<output_dir>/gate_init/gates`;
 2. the configured joint stage, starting from those gates (`attention.gates_path`).
 
-A rerun after an interruption resumes stage 1 from its checkpoints, or skips it once its gates exist.
+A rerun after an interruption resumes stage 1 from its checkpoints, or skips it once its gates exist. Everything
+here is a function of the configuration or of files; running the stages is the job's.
 """
 
 from __future__ import annotations
@@ -16,10 +17,34 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any
 
 from ..config import ConfigError, SeerConfig
 from .saving import CONFIG_NAME
+
+
+def needs_gate_init(cfg: SeerConfig) -> bool:
+    """Whether `cfg` asks for a gate-distillation stage before its own; refuses settings that cannot work.
+
+    Args:
+        cfg: The configuration of the (final) stage.
+
+    Returns:
+        True for `attention.backend=seer` with `attention.init_steps > 0`.
+
+    Raises:
+        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint` or with a
+            `gates_path`.
+    """
+    a = cfg.attention
+    if a.init_steps < 0:
+        raise ConfigError(f"attention.init_steps={a.init_steps} must be >= 0")
+    if a.backend != "seer" or a.init_steps == 0:
+        return False
+    if a.mode != "joint":
+        raise ConfigError(f"attention.init_steps needs attention.mode=joint (got {a.mode}): it distils gates before joint training")
+    if a.gates_path:
+        raise ConfigError("attention.init_steps and attention.gates_path both set: the gates would come from two places")
+    return True
 
 
 def gate_init_config(cfg: SeerConfig) -> SeerConfig:
@@ -30,9 +55,26 @@ def gate_init_config(cfg: SeerConfig) -> SeerConfig:
     init.attention.init_steps = 0
     init.trainer.max_steps = int(a.init_steps)
     init.trainer.output_dir = str(Path(cfg.trainer.output_dir) / "gate_init")
-    # The frozen base needs no final copy; the gates are saved on their own (see run_stages).
-    init.trainer.save_final = False
+    # With the base frozen the final save is the gates alone (written to `distilled_gates_dir`).
+    init.trainer.save_final = True
     return init
+
+
+def distilled_gates_dir(cfg: SeerConfig) -> Path:
+    """Where stage 1 of the joint configuration `cfg` leaves its gates: `<output_dir>/gate_init/gates`."""
+    return Path(cfg.trainer.output_dir) / "gate_init" / "gates"
+
+
+def has_gates(folder: Path) -> bool:
+    """Whether `folder` holds saved gates (stage 1 finished before)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+def joint_config(cfg: SeerConfig, gates_dir: Path) -> SeerConfig:
+    """The stage-2 configuration: `cfg` starting from the distilled gates in `gates_dir`."""
+    joint = copy.deepcopy(cfg)
+    joint.attention.gates_path = str(gates_dir)
+    return joint
 
 
 def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] | None:
@@ -48,45 +90,3 @@ def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] 
         return None
     n = min(window, len(values))
     return sum(values[:n]) / n, sum(values[-n:]) / n
-
-
-def run_stages(cfg: SeerConfig) -> dict[str, Any]:
-    """Train `cfg`, preceded by a gate-distillation stage when `attention.init_steps > 0`.
-
-    Args:
-        cfg: The validated configuration of the (final) joint stage.
-
-    Returns:
-        The final stage's summary; with two stages it holds `gate_init` (stage 1's summary, or "reused").
-    """
-    from ..trainer import Trainer, train
-
-    a = cfg.attention
-    if a.init_steps < 0:
-        raise ConfigError(f"attention.init_steps={a.init_steps} must be >= 0")
-    if a.backend != "seer" or a.init_steps == 0:
-        return train(cfg)
-    if a.mode != "joint":
-        raise ConfigError(f"attention.init_steps needs attention.mode=joint (got {a.mode}): it distils gates before joint training")
-    if a.gates_path:
-        raise ConfigError("attention.init_steps and attention.gates_path both set: the gates would come from two places")
-    init = gate_init_config(cfg)
-    gates_dir = Path(init.trainer.output_dir) / "gates"
-    stage1: Any = "reused"
-    if not (gates_dir / CONFIG_NAME).is_file():
-        print(f"[seer-finetune] stage 1/2: gate distillation, {a.init_steps} steps -> {gates_dir}", flush=True)
-        trainer = Trainer(init)
-        stage1 = trainer.fit()
-        if getattr(getattr(trainer, "ctx", None), "is_main", True):
-            trainer.extension.save_pretrained(gates_dir)
-            trend = gate_loss_trend(Path(init.trainer.output_dir) / "metrics.jsonl")
-            if trend is not None:
-                print(f"[seer-finetune] stage 1/2: gate loss {trend[0]:.5g} (first steps) -> {trend[1]:.5g} (last steps)", flush=True)
-    else:
-        print(f"[seer-finetune] stage 1/2: reusing the distilled gates in {gates_dir}", flush=True)
-    joint = copy.deepcopy(cfg)
-    joint.attention.gates_path = str(gates_dir)
-    print(f"[seer-finetune] stage 2/2: joint training from {gates_dir}", flush=True)
-    summary = train(joint)
-    summary["gate_init"] = stage1
-    return summary

@@ -1,5 +1,6 @@
 """DeepSpeed on CPU with 2 processes over gloo: ZeRO-2/3 against a single process, ZeRO-3 resume and export,
-Ulysses sequence parallelism against degree 1, and the multi-node launcher as two nodes on localhost."""
+export equal to the final save, Ulysses sequence parallelism against degree 1, and the multi-node launcher as two
+nodes on localhost."""
 
 import json
 import os
@@ -20,6 +21,8 @@ from seer_finetune.config import ConfigError
 from seer_finetune.metrics import read_metrics
 from seer_finetune.modeling import load_trained
 from seer_finetune.trainer import Trainer
+
+from helpers import assert_same_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -136,6 +139,22 @@ def test_zero3_checkpoint_survives_sigkill_resumes_and_exports(tmp_path):
     assert gates_final.keys() == gates_exported.keys() and len(gates_final) > 0
     for name, value in gates_final.items():
         torch.testing.assert_close(gates_exported[name], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_export_of_the_last_deepspeed_checkpoint_equals_the_final_save(tmp_path, stage):
+    """Gathered weights (the final save) and the reassembled checkpoint (export) give the same folder."""
+    run = tmp_path / "run"
+    common = [*BASE, *GATES_ON, f"deepspeed=zero{stage}", "trainer.micro_batch_size=1", "trainer.max_steps=2", "trainer.save_every=2",
+              "trainer.eval_before=false", f"trainer.output_dir={run}"]
+    _finish(_torchrun(tmp_path, common))
+    exported = subprocess.run(
+        [sys.executable, "-m", "seer_finetune", "export", *common, f"export.output={tmp_path / 'exported'}"],
+        env=_env(tmp_path), capture_output=True, text=True, timeout=600,
+    )
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert (run / "final" / "seer_gates.safetensors").is_file() and (run / "final" / "adapter_model.safetensors").is_file()
+    assert_same_folder(run / "final", tmp_path / "exported")
 
 
 @pytest.mark.parametrize("gates", [False, True], ids=["sdpa", "seer"])

@@ -1,4 +1,5 @@
-"""End to end through the lead's trainer: smoke_seer's two stages (distil, then joint), then `run_eval`."""
+"""End to end through the `train` and `eval` jobs: smoke_seer's two stages (distil, then joint), then the
+density sweep."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError
-from seer_finetune.seer.evaluate import run_eval
-from seer_finetune.seer.stages import gate_init_config, run_stages
+from seer_finetune.jobs import eval_job, train_job
+from seer_finetune.seer.stages import distilled_gates_dir, gate_init_config
 
 
 def _smoke(tmp_path, *extra):
@@ -40,11 +41,15 @@ def _smoke(tmp_path, *extra):
 def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     cfg = _smoke(tmp_path)
     init = gate_init_config(cfg)
-    assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and not init.trainer.save_final
+    assert init.attention.mode == "gate_distill" and init.trainer.max_steps == 3 and init.trainer.save_final
+    assert distilled_gates_dir(cfg) == tmp_path / "gate_init" / "gates"
 
-    summary = run_stages(cfg)
+    summary = train_job(cfg)
     assert "gate loss" in capsys.readouterr().out
     assert summary["steps"] == 2 and summary["gate_init"]["steps"] == 3
+    # stage 1's final save is the distilled gates alone: the frozen base is not copied
+    assert sorted(p.name for p in (tmp_path / "gate_init" / "gates").iterdir()) == ["seer_gates.json", "seer_gates.safetensors"]
+    assert summary["gate_init"]["final_dir"] == str(tmp_path / "gate_init" / "gates")
     stage1 = [json.loads(line) for line in (tmp_path / "gate_init" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stage1 if "train/gate_loss" in r] == [1, 2, 3]
     assert all(r["train/lm_loss"] > 0 and r["train/loss"] == r["train/gate_loss"] for r in stage1 if "train/gate_loss" in r)
@@ -56,7 +61,7 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
 
     # the run's own (jointly trained) gates win over attention.gates_path, where training started from
     cfg.attention.gates_path = str(tmp_path / "gate_init" / "gates")
-    report = run_eval(cfg)
+    report = eval_job(cfg)
     cfg.attention.gates_path = None
     assert report["gates"] == str(tmp_path / "final") and report["gates_trained"]
     assert (report["sink_blocks"], report["local_blocks"], report["budget"]) == (0, 1, "layer")
@@ -76,7 +81,7 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     # Per-row shares here: at 8 blocks, the layer budget's 10 free blocks per head are exactly the off-diagonal
     # blocks of rows 1-4 (the most probable ones, rows having so few candidates) for the gate and oracle alike.
     cfg.attention.budget = "row"
-    oracle_rows = run_eval(cfg)["results"]
+    oracle_rows = eval_job(cfg)["results"]
     cfg.eval.oracle, cfg.eval.densities = False, [1.0, 0.5, 0.1]
     assert [(r["value"], r["selection"]) for r in oracle_rows] == [(1.0, "dense"), (0.5, "gate"), (0.5, "oracle")]
     # The same gates under per-row shares keep other blocks than under the layer budget above.
@@ -86,12 +91,14 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     assert "oracle" in capsys.readouterr().out
 
     # a rerun reuses the distilled gates instead of distilling again
-    run_stages(cfg)
+    train_job(cfg)
     assert "reusing the distilled gates" in capsys.readouterr().out
 
 
 def test_stage_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="mode=joint"):
-        run_stages(_smoke(tmp_path, "attention.mode=gate_distill"))
+        train_job(_smoke(tmp_path, "attention.mode=gate_distill"))
     with pytest.raises(ConfigError, match="gates_path"):
-        run_stages(_smoke(tmp_path, "attention.gates_path=/nowhere"))
+        train_job(_smoke(tmp_path, "attention.gates_path=/nowhere"))
+    with pytest.raises(ConfigError, match="init_steps=-1 must be >= 0"):
+        train_job(_smoke(tmp_path, "attention.init_steps=-1"))

@@ -1,4 +1,5 @@
-"""`SeerExtension`: SeerAttention behind the trainer's `TrainingExtension` seam."""
+"""`SeerExtension`: SeerAttention behind the trainer's `TrainingExtension` seam, registered for
+`attention.backend=seer` (see `seer_finetune.extensions`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import AttentionConfig, ConfigError, SeerConfig
-from ..extension import TrainingExtension
+from ..extensions import TrainingExtension, register_extension
 from .attach import attach_seer_gates, seer_gates
 from .runtime import SeerRuntime, SeerSettings
 from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
@@ -151,5 +152,7 @@ def build_extension(model: nn.Module, cfg: SeerConfig) -> SeerExtension:
         raise ValueError(f"build_extension needs attention.backend=seer, got {cfg.attention.backend!r}")
     return SeerExtension(model, cfg)
 
+
+register_extension("seer", build_extension)
 
 __all__ = ["SeerExtension", "build_extension", "runtime_from_config", "seer_gates"]

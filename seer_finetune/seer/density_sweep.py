@@ -17,8 +17,8 @@ import torch
 
 from ..config import ConfigError, SeerConfig
 from .attach import seer_gates
+from .plugin import runtime_from_config
 from .runtime import SeerRuntime
-from .extension import runtime_from_config
 
 
 def _settings(cfg: SeerConfig) -> list[tuple[str, float]]:
@@ -216,7 +216,7 @@ def evaluate_settings(
         One dict per setting: setting, value, selection (`dense`, `gate` or `oracle`), ppl, loss, tokens,
         realised_density (None if no layer reported).
     """
-    from ..evaluation import perplexity
+    from ..perplexity import perplexity
 
     saved_training = runtime.training
     out = []

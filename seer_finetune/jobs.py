@@ -1,0 +1,188 @@
+"""The jobs behind `python -m seer_finetune <command>`: train, eval, export and bench.
+
+Each job takes a composed configuration (bench: a benchmark name and its arguments) and runs to completion;
+the command line (`__main__`) only parses and composes. Jobs sit on top of everything else: no module of the
+package imports this one.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ConfigError, SeerConfig
+
+BENCHMARKS = {
+    "attention": "bench_attention.py",
+    "training-step": "bench_training_step.py",
+    "scale-out": "bench_scale_out.py",
+    "quality": "bench_quality.py",
+}
+
+
+def _say(text: str) -> None:
+    print(f"[seer-finetune] {text}", flush=True)
+
+
+def train_job(cfg: SeerConfig) -> dict[str, Any]:
+    """Train `cfg`, preceded by a gate-distillation stage when `attention.init_steps > 0` (SeerAttention).
+
+    Stage 1 (`seer.stages.gate_init_config`) runs in `<output_dir>/gate_init` and leaves its gates in
+    `<output_dir>/gate_init/gates`; a rerun skips it once they exist. Stage 2 is `cfg` starting from them.
+
+    Args:
+        cfg: The validated configuration of the (final) stage.
+
+    Returns:
+        The final stage's summary; with two stages it holds `gate_init` (stage 1's summary, or "reused").
+    """
+    from .trainer import Trainer, train
+
+    if cfg.attention.init_steps == 0:
+        return train(cfg)
+    from .seer import stages
+
+    if not stages.needs_gate_init(cfg):
+        return train(cfg)
+    init = stages.gate_init_config(cfg)
+    gates_dir = stages.distilled_gates_dir(cfg)
+    stage1: Any = "reused"
+    if not stages.has_gates(gates_dir):
+        _say(f"stage 1/2: gate distillation, {cfg.attention.init_steps} steps -> {gates_dir}")
+        trainer = Trainer(init, final_dir=gates_dir)
+        stage1 = trainer.fit()
+        if trainer.ctx.is_main:
+            trend = stages.gate_loss_trend(Path(init.trainer.output_dir) / "metrics.jsonl")
+            if trend is not None:
+                _say(f"stage 1/2: gate loss {trend[0]:.5g} (first steps) -> {trend[1]:.5g} (last steps)")
+    else:
+        _say(f"stage 1/2: reusing the distilled gates in {gates_dir}")
+    _say(f"stage 2/2: joint training from {gates_dir}")
+    summary = train(stages.joint_config(cfg, gates_dir))
+    summary["gate_init"] = stage1
+    return summary
+
+
+def eval_job(cfg: SeerConfig) -> dict[str, Any]:
+    """Perplexity at `eval.lengths` for every density and threshold of `eval` (`seer.density_sweep.run_eval`).
+
+    Args:
+        cfg: The composed configuration (`eval`, `model`, `data`, `attention` sections).
+
+    Returns:
+        The report written to `eval.output` (see `run_eval`).
+    """
+    from .seer.density_sweep import run_eval
+
+    return run_eval(cfg)
+
+
+def _find_checkpoint(cfg: SeerConfig) -> tuple[str, Path, Optional[str]]:
+    """(kind, folder, tag) of the checkpoint to export: ("plain", step folder, None), or ("deepspeed", checkpoint
+    root, tag or None for the newest). The run's own kind follows `deepspeed.enabled`, as training wrote it."""
+    from .checkpoint import STATE_NAME, list_checkpoints
+    from .deepspeed_engine import checkpoint_root
+
+    run_dir = Path(cfg.trainer.output_dir)
+    if cfg.export.checkpoint:
+        source = Path(cfg.export.checkpoint)
+        if (source / STATE_NAME).is_file():
+            return "plain", source, None
+        if (source / "latest").is_file():
+            return "deepspeed", source, None
+        if source.is_dir() and any(source.glob("*model_states.pt")):
+            return "deepspeed", source.parent, source.name
+        raise ConfigError(
+            f"export.checkpoint={source}: not a checkpoint (a step folder with {STATE_NAME}, a DeepSpeed checkpoint "
+            "folder with a 'latest' file, or one of its tag folders)"
+        )
+    if cfg.deepspeed.enabled:
+        root = checkpoint_root(run_dir)
+        if not (root / "latest").is_file():
+            raise ConfigError(f"no DeepSpeed checkpoint at {root} (expected a folder with a 'latest' file)")
+        return "deepspeed", root, None
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'} (trainer.save_every writes them)")
+    return "plain", found[-1], None
+
+
+def export_job(cfg: SeerConfig) -> Path:
+    """Turn a training checkpoint into the folder the run's final save writes, file for file.
+
+    The model is rebuilt from `cfg` exactly as training built it (`assembly.build_model`: rope scaling,
+    extension, LoRA), on the CPU and without a process group, loaded with the checkpoint's weights, and
+    written by `final_save.save_final_model`. A plain checkpoint (`checkpoints/step_NNNNNN`) holds the trained
+    tensors, the rest being rebuilt; its model is rebuilt in the dtype training held it in. A DeepSpeed
+    checkpoint (ZeRO 0-3, any number of ranks) is reassembled to fp32 weights, the dtype of the plain copy
+    that DeepSpeed's own final save fills on the CPU.
+
+    Args:
+        cfg: The training run's configuration (same overrides); `export.checkpoint` picks a checkpoint (default:
+            the newest of `trainer.output_dir`), `export.output` the folder (default `<output_dir>/exported`).
+
+    Returns:
+        The written folder.
+    """
+    from .assembly import build_model, load_full_state
+    from .final_save import save_final_model
+    from .modeling import load_tokenizer
+
+    kind, folder, tag = _find_checkpoint(cfg)
+    extension_state: dict[str, torch.Tensor] = {}
+    if kind == "plain":
+        from .checkpoint import load_weights
+
+        state, extension_state, saved_dtype = load_weights(folder)
+        if saved_dtype is not None and cfg.model.dtype == "auto":
+            cfg = copy.deepcopy(cfg)
+            cfg.model.dtype = saved_dtype
+    else:
+        from .deepspeed_engine import checkpoint_state_dict
+
+        state = checkpoint_state_dict(folder, tag)
+    model, extension = build_model(cfg, torch.device("cpu"))
+    load_full_state(model, state)
+    if extension_state:
+        extension.load_state_dict(extension_state)
+    out = Path(cfg.export.output) if cfg.export.output else Path(cfg.trainer.output_dir) / "exported"
+    final = save_final_model(model, extension, load_tokenizer(cfg.model), cfg, out)
+    _say(f"exported {final}")
+    return final
+
+
+def bench_job(name: str, argv: list[str]) -> int:
+    """Run the benchmark script `benchmarks/<script>` registered as `name`, with command-line arguments `argv`.
+
+    The scripts live in the source checkout beside the kernels' sources; each exposes `main(argv) -> int`.
+
+    Args:
+        name: One of `BENCHMARKS`.
+        argv: The script's own arguments.
+
+    Returns:
+        The script's exit code.
+    """
+    if name not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {name!r} (available: {', '.join(BENCHMARKS)})")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[name]
+    if not path.is_file():
+        raise ConfigError(f"benchmark scripts are part of the source checkout; {path} is missing (clone the repository)")
+    spec = importlib.util.spec_from_file_location(f"seer_benchmark_{name.replace('-', '_')}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
+
+
+JOBS = {"train": train_job, "eval": eval_job, "export": export_job}
+
+
+def run_job(command: str, cfg: SeerConfig) -> Any:
+    """Run the configured job `command` (`train`, `eval` or `export`); returns what the job returns."""
+    if command not in JOBS:
+        raise ConfigError(f"unknown job {command!r} (available: {', '.join(JOBS)})")
+    return JOBS[command](cfg)
