@@ -18,36 +18,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .assembly import build_model, load_full_state
-from .config import ConfigError, SeerConfig
+from .config import SeerConfig
 from .distributed import DistributedContext, check_parallel_layout, deepspeed_config
 from .engine import Engine
 from .extensions import TrainingExtension
 from .modeling import base_model
+from .ulysses import register_ulysses
 
 DS_DIR = "deepspeed"
-
-
-def register_ulysses(model: torch.nn.Module, cfg: SeerConfig):
-    """Wrap the model's attention implementation in DeepSpeed-Ulysses all-to-alls; returns DeepSpeed's mpu.
-
-    Each rank holds L / P tokens of every sequence; before attention an all-to-all gives it all L tokens of
-    H / P heads, so attention (and SeerAttention's gates, ground truth and block-sparse kernels, which work per
-    head) run unchanged on full sequences; a second all-to-all returns the output to the token shards.
-    """
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    config = model.config
-    implementation = config._attn_implementation
-    if implementation == "eager":
-        raise ConfigError("Ulysses sequence parallelism needs attention.backend=sdpa or seer, not eager")
-    return UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model,
-        core_attn_implementation=implementation,
-        sequence_parallel_size=cfg.deepspeed.sequence_parallel_size,
-        micro_batch_size=cfg.trainer.micro_batch_size,
-        seq_length=cfg.data.seq_len,
-        seq_length_is_variable=True,
-    )
 
 
 def checkpoint_root(run_dir: Path) -> Path:

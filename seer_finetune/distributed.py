@@ -103,7 +103,7 @@ def init_distributed(cfg: SeerConfig, device: torch.device) -> DistributedContex
         raise ConfigError(f"deepspeed.sequence_parallel_size={sp} does not divide the world size {world}")
     ctx = DistributedContext(rank=rank, world_size=world, local_rank=local_rank, sp_size=sp, dp_size=world // sp)
     # The same layout as DeepSpeed's sequence-parallel state, which builds the groups themselves when Ulysses
-    # is registered (`deepspeed_engine.register_ulysses`).
+    # is registered (`ulysses.register_ulysses`).
     ctx.sp_rank, ctx.dp_rank = rank % sp, rank // sp
     return ctx
 

@@ -1,14 +1,43 @@
-"""DeepSpeed-Ulysses sequence parallelism for the seer attention: the gate's inputs follow the attention's.
+"""DeepSpeed-Ulysses sequence parallelism: wrapping the model's attention, and the seer gates' inputs.
 
 Under Ulysses each rank holds L / P tokens of every sequence; before attention an all-to-all gives it all L
-tokens of H / P heads, so attention (and the gates, ground truth and block-sparse kernels, which work per head)
-run unchanged on full sequences. The gate's inputs are captured earlier, at the projections, where the rank
-still holds its token shard of every head: the same all-to-all regroups them.
+tokens of H / P heads, so attention (and SeerAttention's gates, ground truth and block-sparse kernels, which
+work per head) run unchanged on full sequences; a second all-to-all returns the output to the token shards.
+The gates' inputs are captured earlier, at the projections, where the rank still holds its token shard of every
+head: the same all-to-all regroups them.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .config import ConfigError, SeerConfig
+
+
+def register_ulysses(model: torch.nn.Module, cfg: SeerConfig):
+    """Wrap the model's attention implementation in DeepSpeed-Ulysses all-to-alls.
+
+    Args:
+        model: The model (peft-wrapped or not) whose attention implementation is wrapped.
+        cfg: The run configuration (sequence-parallel degree, micro-batch size, sequence length).
+
+    Returns:
+        DeepSpeed's mpu (the sequence-parallel groups), for `deepspeed.initialize`.
+    """
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    config = model.config
+    implementation = config._attn_implementation
+    if implementation == "eager":
+        raise ConfigError("Ulysses sequence parallelism needs attention.backend=sdpa or seer, not eager")
+    return UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=model,
+        core_attn_implementation=implementation,
+        sequence_parallel_size=cfg.deepspeed.sequence_parallel_size,
+        micro_batch_size=cfg.trainer.micro_batch_size,
+        seq_length=cfg.data.seq_len,
+        seq_length_is_variable=True,
+    )
 
 
 def gate_inputs_for_head_shard(
