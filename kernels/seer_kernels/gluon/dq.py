@@ -203,3 +203,4 @@ def _gluon_sparse_dq_kernel(
         gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_consumer_1, consumer_args),
                             (_dq_producer, producer_args)], [4, 1], [CONSUMER_REGS, 24])
     else:
+        gl.warp_specialize([(_dq_consumer_0, consumer_args), (_dq_producer, producer_args)], [1], [24])
