@@ -7,8 +7,8 @@ The sparse attention has its own backward that recomputes the probabilities chun
 log-sum-exp (the flash-attention recipe), so nothing of size L x L is kept for autograd either.
 
 The public ops in `seer_kernels` check the inputs and resolve the defaults, then call `ChunkedBlockSparseAttention`,
-`ground_truth` or `attention_with_ground_truth` here. (The deliberately naive oracle of the tests, full L x L maps
-in float64, is `tests/kernels/_oracle.py`.)
+`ground_truth` or `attention_with_ground_truth` here. (The deliberately naive oracle of the tests, with full
+L x L maps and repeated K/V, is `tests/kernels/_oracle.py`.)
 """
 
 from __future__ import annotations

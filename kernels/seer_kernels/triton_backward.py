@@ -1,7 +1,7 @@
 """The sparse attention backward: which kernels compute delta, dQ and dK/dV, in what order.
 
 Triton: the delta pass, then dQ (`triton_dq`), then dK/dV (`triton_dkdv`, optionally with long columns split).
-On Hopper the warp-specialized Gluon kernels take the parts they support and measured faster on
+On Hopper the warp-specialized Gluon kernels take the parts they support and are faster on
 (`gluon.pick_gluon`); the Gluon dQ kernel computes delta itself, since it holds dO's tiles already. Both sides
 compute the same functions, so any mix gives the same gradients.
 """

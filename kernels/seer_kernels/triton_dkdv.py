@@ -149,6 +149,7 @@ def _store_key_grads(
     stride_dkb, stride_dkh, stride_dkl, stride_dvb, stride_dvh, stride_dvl,
     HEAD_DIM: tl.constexpr,
 ):
+    """Write one key tile's dK, dV rows (rows past the end are masked out)."""
     tl.store(
         row_pointers(head_pointer(DK, b, hk, stride_dkb, stride_dkh), offs_n, stride_dkl, HEAD_DIM),
         dk.to(DK.dtype.element_ty),

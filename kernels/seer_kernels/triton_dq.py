@@ -111,6 +111,8 @@ def _sparse_dq_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
+    """One program: dQ of BLOCK_M query rows of one head, grid `(nB * BLOCK // BLOCK_M, B * Hq)`, last query
+    tiles first as in the forward."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     bh = tl.program_id(1)

@@ -100,6 +100,8 @@ def _sparse_fwd_kernel(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
+    """One program: BLOCK_M query rows of one head, grid `(nB * BLOCK // BLOCK_M, B * Hq)`; writes their output
+    rows and base-2 log-sum-exps."""
     SPLIT_M: tl.constexpr = BLOCK // BLOCK_M
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     # Tiles vary fastest so the programs in flight share one KV head (its K/V stay in L2 even when the kept
