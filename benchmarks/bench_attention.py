@@ -150,18 +150,18 @@ def correctness_check(args, device, records: list) -> None:
         ("sparse d=0.5 docs", causal_density_mask(bsz, hq, nb, 0.5, device=device, seed=2), docs.contiguous()),
     ]:
         outs = {}
-        for backend, cast in (("triton", lambda t: t), ("reference", lambda t: t.float())):
+        for kernel, cast in (("triton", lambda t: t), ("pytorch", lambda t: t.float())):
             leaves = [cast(t).detach().clone().requires_grad_() for t in (q, k, v)]
-            o = sk.block_sparse_attention(*leaves, mask, block_size=args.block, document_ids=doc, backend=backend)
+            o = sk.block_sparse_attention(*leaves, mask, block_size=args.block, document_ids=doc, kernel=kernel)
             o.backward(cast(dout))
-            outs[backend] = [o] + [t.grad for t in leaves]
-        errs = {n: rel_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), outs["triton"], outs["reference"])}
+            outs[kernel] = [o] + [t.grad for t in leaves]
+        errs = {n: rel_err(a, b) for n, a, b in zip(("out", "dq", "dk", "dv"), outs["triton"], outs["pytorch"])}
         records.append({"check": name, "L": L, "rel_err": errs, "pass": all(e < 2e-2 for e in errs.values())})
         print(f"check {name}: " + " ".join(f"{n}={e:.2e}" for n, e in errs.items()), flush=True)
     for gblock in args.gt_blocks:
         sub = torch.arange(0, math.ceil(L / gblock), 3, device=device)
-        gt = sk.attention_ground_truth(q, k, block_size=gblock, query_blocks=sub, backend="triton")
-        ref = sk.attention_ground_truth(q.float(), k.float(), block_size=gblock, query_blocks=sub, backend="reference")
+        gt = sk.attention_ground_truth(q, k, block_size=gblock, query_blocks=sub, kernel="triton")
+        ref = sk.attention_ground_truth(q.float(), k.float(), block_size=gblock, query_blocks=sub, kernel="pytorch")
         err = float((gt - ref).abs().max())
         records.append({"check": f"ground truth block {gblock}", "L": L, "max_abs_err": err, "pass": err < 1e-3})
         print(f"check ground truth block {gblock}: max abs err {err:.2e}", flush=True)
@@ -171,8 +171,9 @@ def time_variants(args, q, k, v, masks: dict, rows: list) -> None:
     """Kernel-only forward times (block lists built outside the timing) for each tile candidate at each
     density, and each ground-truth tile candidate. Informs the defaults; not a target."""
     import seer_kernels as sk
-    from seer_kernels.triton_attention import candidates, sparse_attention_forward
+    from seer_kernels.triton_forward import sparse_attention_forward
     from seer_kernels.triton_ground_truth import ground_truth_forward
+    from seer_kernels.triton_tuning import candidates
 
     scale = 1.0 / math.sqrt(q.shape[-1])
     for d, mask in masks.items():
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import seer_kernels as sk
-    from seer_kernels.triton_attention import tuned_choices
+    from seer_kernels.triton_tuning import tuned_choices
 
     device = torch.device("cuda")
     torch.manual_seed(args.seed)
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         rd = real_density(mask)
 
         def ours(q_, k_, v_, mask=mask):
-            return sk.block_sparse_attention(q_, k_, v_, mask, block_size=args.block, backend="triton")
+            return sk.block_sparse_attention(q_, k_, v_, mask, block_size=args.block, kernel="triton")
 
         fwd, fb = bench_pair(ours, q, k, v, dout, args)
         rows.append({"kernel": f"seer_triton_bs{args.block}", "density": d, "real_density": rd,
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for gblock in args.gt_blocks:
         with torch.no_grad():
-            gt_fn = lambda gblock=gblock: sk.attention_ground_truth(q, k, block_size=gblock, backend="triton")  # noqa: E731
+            gt_fn = lambda gblock=gblock: sk.attention_ground_truth(q, k, block_size=gblock, kernel="triton")  # noqa: E731
             gt_fn()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             del gt
             ms = bench(gt_fn, args)
             owgt = bench(lambda gblock=gblock: sk.attention_with_ground_truth(
-                q, k, v, block_size=gblock, backend="triton"), args)
+                q, k, v, block_size=gblock, kernel="triton"), args)
         rows.append({"kernel": f"seer_ground_truth_bs{gblock}", "density": 1.0, "fwd_ms": ms,
                      "vs_cudnn_fwd": ms / cudnn["fwd_ms"], "extra_GiB": extra / 2**30,
                      "pooled_map_GiB": map_bytes / 2**30, "extra_over_map": extra / map_bytes,
@@ -324,13 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
 
     tuned = tuned_choices()
-    from seer_kernels import gluon_attention
-    from seer_kernels.triton_attention import pick_gluon
+    from seer_kernels import gluon
+    from seer_kernels.gluon import pick_gluon
 
     # Which kernels the timed seer rows ran (block 128, these inputs): Gluon or Triton.
     gluon_used = {"forward_and_dq": pick_gluon(None, None, q, k, v, 128, None),
                   "dkdv": pick_gluon(None, None, q, k, v, 128, None, kind="dkdv"),
-                  "import_error": gluon_attention.GLUON_IMPORT_ERROR}
+                  "import_error": gluon.IMPORT_ERROR}
     print("gluon kernels:", json.dumps(gluon_used), flush=True)
     result = {"env": env, "checks": records, "results": rows, "variants": variant_rows, "tuned_configs": tuned,
               "gluon": gluon_used, "wall_s": time.time() - t_start}

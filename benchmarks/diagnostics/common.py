@@ -50,17 +50,18 @@ def public_op(mask: torch.Tensor):
     """`(q, k, v) -> out` of the public sparse op with `mask` at the benchmark's block, on the kernels."""
     import seer_kernels as sk
 
-    return lambda q, k, v: sk.block_sparse_attention(q, k, v, mask, block_size=BLOCK, backend="triton")
+    return lambda q, k, v: sk.block_sparse_attention(q, k, v, mask, block_size=BLOCK, kernel="triton")
 
 
 def kernel_inputs(q, k, v, mask, scale):
     """What the kernels take when timed alone: the forward and transposed block lists of `mask` and the
     forward's `(out, lse)`, as `(idx, cnt, tidx, tcnt, out, lse)`."""
-    from seer_kernels import triton_attention as ta
+    from seer_kernels.triton_block_lists import build_block_lists
+    from seer_kernels.triton_forward import sparse_attention_forward
 
-    idx, cnt = ta.build_block_lists(mask)
-    tidx, tcnt = ta.build_block_lists(mask, transpose=True)
-    out, lse = ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+    idx, cnt = build_block_lists(mask)
+    tidx, tcnt = build_block_lists(mask, transpose=True)
+    out, lse = sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
     return idx, cnt, tidx, tcnt, out, lse
 
 

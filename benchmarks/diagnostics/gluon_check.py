@@ -22,8 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/gluon_check
 sys.path[:0] = [str(ROOT / "kernels"), str(ROOT / "benchmarks")]
 
 from bench_attention import causal_density_mask  # noqa: E402
-from seer_kernels import triton_attention as ta  # noqa: E402
-from seer_kernels.naive import block_sparse_attention as naive_block_sparse_attention  # noqa: E402
+from seer_kernels import block_sparse_attention  # noqa: E402
+from seer_kernels.triton_backward import sparse_attention_backward  # noqa: E402
+from seer_kernels.triton_block_lists import build_block_lists  # noqa: E402
+from seer_kernels.triton_forward import sparse_attention_forward  # noqa: E402
 
 
 def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=128):
@@ -47,16 +49,16 @@ def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=
     mask = causal_density_mask(bsz, hq, nb, density, device="cuda", seed=seed)
     if density == 0.0:
         mask[:, :, 1::3] = False  # rows with nothing kept: zero output, lse = +inf
-    idx, cnt = ta.build_block_lists(mask)
-    idx_t, cnt_t = ta.build_block_lists(mask, transpose=True)
+    idx, cnt = build_block_lists(mask)
+    idx_t, cnt_t = build_block_lists(mask, transpose=True)
     scale = dim ** -0.5
 
     def fwd(use_gluon):
-        return ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, use_gluon=use_gluon)
+        return sparse_attention_forward(q, k, v, idx, cnt, block_size=block, sm_scale=scale, use_gluon=use_gluon)
 
     def bwd(use_gluon, out, lse):
-        return ta.sparse_attention_backward(dout, q, k, v, out, lse, idx, cnt, idx_t, cnt_t, block_size=block,
-                                            sm_scale=scale, use_gluon=use_gluon)
+        return sparse_attention_backward(dout, q, k, v, out, lse, idx, cnt, idx_t, cnt_t, block_size=block,
+                                         sm_scale=scale, use_gluon=use_gluon)
 
     o_t, lse_t = fwd(False)
     o_g, lse_g = fwd(True)
@@ -64,9 +66,9 @@ def run_case(bsz, hq, hkv, seq_len, dim, density, dtype, time_it, seed=0, block=
     g_g = bwd(True, o_t, lse_t)
     heads = [0, hq - 1]
     rep = hq // hkv
-    ref = naive_block_sparse_attention(
+    ref = block_sparse_attention(
         q[:, heads].float(), k[:, [h // rep for h in heads]].float(), v[:, [h // rep for h in heads]].float(),
-        mask[:, heads], block_size=block, sm_scale=scale)
+        mask[:, heads], block_size=block, sm_scale=scale, kernel="pytorch")
     rec = dict(bsz=bsz, hq=hq, hkv=hkv, seq_len=seq_len, dim=dim, block=block, density=density,
                dtype=str(dtype).split(".")[-1],
                out_err_gluon=(o_g[:, heads].float() - ref).abs().max().item(),

@@ -34,15 +34,15 @@ NOT_DIVISIBLE = {"group", "n_heads_kv", "max_segs", "n_bhk"}
 def kernel_table():
     """Kernels this script compiles, by name: (kernel, kind of its tile candidates, tensors streamed through TMA
     descriptors, tile key of those, extra constexprs)."""
-    from seer_kernels import triton_attention as ta
+    from seer_kernels import triton_dkdv, triton_dq, triton_forward
     from seer_kernels import triton_ground_truth as tg
 
     # name -> (kernel, kind for tile candidates, descriptor-streamed tensors, tile key of those, extra constexprs)
     return {
-        "fwd": (ta._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
-        "dq": (ta._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {}),
-        "dkdv": (ta._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
-        "dkdv_segments": (ta._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
+        "fwd": (triton_forward._sparse_fwd_kernel, "fwd", ("K", "V"), "BLOCK_N", {}),
+        "dq": (triton_dq._sparse_dq_kernel, "dq", ("K", "V"), "BLOCK_N", {}),
+        "dkdv": (triton_dkdv._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
+        "dkdv_segments": (triton_dkdv._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
         "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
     }
 
@@ -80,13 +80,13 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from seer_kernels.triton_attention import default_config
+    from seer_kernels.triton_tuning import default_config
 
     kernel, kind, streamed, rows_key, extra = kernel_table()[name]
     cfg = config or default_config(kind, block)
     tiles = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
     constexprs = dict(HAS_DOCS=False, BLOCK=block, HEAD_DIM=head_dim, PRECISION="tf32", TMA=tma, **extra)
-    from seer_kernels.triton_attention import KERNEL_OPTIONS
+    from seer_kernels.triton_tuning import KERNEL_OPTIONS
 
     if kind != "gt":
         constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             block = 64 if name == "gt" and args.block not in (64, 128) else args.block
             config = None
             if args.tiles:
-                from seer_kernels.triton_attention import TileConfig
+                from seer_kernels.triton_tuning import TileConfig
 
                 config = TileConfig(*args.tiles)
             print(resources(name, block, args.head_dim, tma, config), flush=True)

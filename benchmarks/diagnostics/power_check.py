@@ -73,7 +73,7 @@ def window(samples, t0: float, t1: float) -> dict:
 
 def kernel_cases(q, k, v, dout, mask) -> dict:
     """Our forward, dQ and dK/dV kernels alone, on prebuilt block lists and preallocated outputs."""
-    from seer_kernels import gluon_attention as ga
+    from seer_kernels import gluon as ga
 
     scale = q.shape[-1] ** -0.5
     idx, cnt, tidx, tcnt, out, lse = kernel_inputs(q, k, v, mask, scale)

@@ -1,6 +1,6 @@
 """Where one forward+backward step of the public sparse op spends its GPU time, kernel by kernel.
 
-For each density, runs the benchmark's step (`block_sparse_attention(..., backend="triton")` forward, then
+For each density, runs the benchmark's step (`block_sparse_attention(..., kernel="triton")` forward, then
 `.backward(dout)`) under `torch.profiler` and prints, per kernel name, its mean GPU time per step and share, the
 sum of kernel times against the step's wall time (the gap is GPU idle: launch or host overhead), and the step's
 `do_bench` median for reference. The same for a diagonal-only mask (every list has one entry), whose time is
@@ -138,16 +138,17 @@ def main(argv=None) -> int:
         rec.record(mask=label, kernels_us=round(busy, 1), wall_us=round(wall_us, 1),
                    idle_us=round(wall_us - busy, 1), do_bench_ms=rec.bench(step))
     if args.timing_modes:
-        from seer_kernels import triton_attention as ta
+        from seer_kernels.triton_backward import sparse_attention_backward
+        from seer_kernels.triton_forward import sparse_attention_forward
 
         mask = masks[args.densities[0]]
         idx, cnt, tidx, tcnt, out, lse = kernel_inputs(q, k, v, mask, scale)
         grads = tuple(torch.empty_like(t) for t in (q, k, v))
 
         def kernels():
-            ta.sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
-            ta.sparse_attention_backward(dout, q, k, v, out, lse, idx, cnt, tidx, tcnt, block_size=BLOCK,
-                                         sm_scale=scale, grads=grads)
+            sparse_attention_forward(q, k, v, idx, cnt, block_size=BLOCK, sm_scale=scale)
+            sparse_attention_backward(dout, q, k, v, out, lse, idx, cnt, tidx, tcnt, block_size=BLOCK,
+                                      sm_scale=scale, grads=grads)
 
         def forward():
             with torch.no_grad():

@@ -4,19 +4,26 @@ Layout follows transformers: `q [B, Hq, L, D]`, `k, v [B, Hkv, L, D]` with `Hq %
 repeated in memory). `nB = ceil(L / block_size)`. `document_ids [B, L]` (int, optional): a query attends to a
 key iff the key is not later and both carry the same id (packed sequences; padding gets an id of its own).
 
-Each op has two backends: `"reference"` (pure PyTorch, `seer_kernels.naive`) and `"triton"`; `"auto"` picks
-Triton for CUDA tensors and the reference otherwise. Within `"triton"`, Hopper GPUs at head_dim 128 run the
-sparse forward and dQ as warp-specialized Gluon kernels (`gluon_attention`; `SEER_KERNELS_GLUON=0` turns them off).
+This module is the one place that states the ops' contracts and checks their inputs; the implementations below
+it take checked inputs. Each op runs on one of two kernels, chosen by its `kernel` argument:
+- `"pytorch"`: chunked pure PyTorch (`pytorch_chunked`), any device; the reference the GPU kernels are tested
+  against;
+- `"triton"`: the Triton kernels (`block_sparse`, `triton_*`); on Hopper at head_dim 128 the sparse forward, dQ
+  and dK/dV run as warp-specialized Gluon kernels instead (`gluon`; `SEER_KERNELS_GLUON=0` turns them off);
+- `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
 """
 
 from __future__ import annotations
 
+import math
+from numbers import Integral
+
 import torch
 
-from . import naive
 from .indexing import block_mask_to_indices, causal_block_mask, document_ids_from_cu_seqlens, num_blocks
 
 __all__ = [
+    "KERNELS",
     "attention_ground_truth",
     "attention_with_ground_truth",
     "block_mask_to_indices",
@@ -26,15 +33,64 @@ __all__ = [
     "num_blocks",
 ]
 
-_BACKENDS = ("auto", "reference", "triton")
+KERNELS = ("auto", "pytorch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _use_triton(backend: str, q: torch.Tensor) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
+def _runs_on_triton(kernel: str, q: torch.Tensor) -> bool:
+    """Resolve the `kernel` argument: True for the Triton kernels, False for the PyTorch one."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":
         return q.is_cuda
-    return backend == "triton"
+    return kernel == "triton"
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    *,
+    block_size: int,
+    document_ids: torch.Tensor | None,
+    on_triton: bool,
+) -> None:
+    """Raise a ValueError for inputs outside the ops' contract (and, on Triton, outside the kernels' scope)."""
+    named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
+    if any(t.dim() != 4 for t in named.values()):
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named.items())
+        raise ValueError(f"{', '.join(named)} must be [B, H, L, D] tensors, got {shapes}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head_dim")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
+    if not isinstance(block_size, Integral) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if document_ids is not None and document_ids.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"document_ids must be {(q.shape[0], q.shape[2])}, got {tuple(document_ids.shape)}")
+    if not on_triton:
+        return
+    dim = q.shape[-1]
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 16, got {dim}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two block_size >= 16, got {block_size}")
+    dtypes = {t.dtype for t in named.values()}
+    if len(dtypes) != 1 or q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {dtypes}")
+
+
+def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int) -> None:
+    nb = num_blocks(q.shape[2], block_size)
+    want = (q.shape[0], q.shape[1], nb, nb)
+    if block_mask.shape != want:
+        raise ValueError(f"block_mask must be {want} ([B, Hq, nB, nB]), got {tuple(block_mask.shape)}")
+
+
+def _softmax_scale(sm_scale: float | None, q: torch.Tensor) -> float:
+    return sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
 def block_sparse_attention(
@@ -46,7 +102,7 @@ def block_sparse_attention(
     block_size: int = 64,
     document_ids: torch.Tensor | None = None,
     sm_scale: float | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
     split_long_columns: bool | None = None,
 ) -> torch.Tensor:
     """Exact causal attention restricted to the kept (query block, key block) pairs, with backward.
@@ -57,27 +113,34 @@ def block_sparse_attention(
         v: `[B, Hkv, L, D]`.
         block_mask: bool `[B, Hq, nB, nB]`, row = query block, column = key block; entries above the diagonal
             are ignored. Inside kept blocks the token-level causal and document masks still apply.
-        block_size: tokens per block (64 or 128 for the Triton kernels).
+        block_size: tokens per block (a power of two >= 16 for the Triton kernels; 64 or 128 in practice).
         document_ids: optional int `[B, L]`; keys of another document are masked.
         sm_scale: softmax scale, default `1 / sqrt(D)`.
-        backend: `"auto"`, `"reference"` or `"triton"`.
+        kernel: `"auto"`, `"pytorch"` or `"triton"` (see the module docstring).
         split_long_columns: Triton backward only: cut the dK/dV work of key blocks kept by many query blocks
             into segments spread over the GPU (worth it when a few columns are long, e.g. a sink block every row
-            keeps; it costs time on evenly spread masks). None: `triton_attention.KERNEL_OPTIONS` decides (off).
+            keeps; it costs time on evenly spread masks). None: `triton_tuning.KERNEL_OPTIONS` decides (off).
     Returns:
         `[B, Hq, L, D]` in q's dtype. A query row with no allowed key gives zeros.
+    Raises:
+        ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    if _use_triton(backend, q):
-        from .triton_attention import block_sparse_attention as impl
+    on_triton = _runs_on_triton(kernel, q)
+    _check_inputs(q, k, v, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
+    _check_block_mask(block_mask, q, block_size)
+    scale = _softmax_scale(sm_scale, q)
+    if on_triton:
+        from .block_sparse import BlockSparseAttention
 
-        return impl(
-            q, k, v, block_mask, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale,
-            split_long_columns=split_long_columns,
+        return BlockSparseAttention.apply(
+            q, k, v, block_mask.to(q.device), block_size, document_ids, scale, split_long_columns
         )
-    return naive.block_sparse_attention(q, k, v, block_mask, block_size=block_size, document_ids=document_ids,
-                                        sm_scale=sm_scale)
+    from .pytorch_chunked import ChunkedBlockSparseAttention
+
+    return ChunkedBlockSparseAttention.apply(q, k, v, block_mask, block_size, document_ids, scale)
 
 
+@torch.no_grad()
 def attention_ground_truth(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,7 +149,7 @@ def attention_ground_truth(
     document_ids: torch.Tensor | None = None,
     sm_scale: float | None = None,
     query_blocks: torch.Tensor | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Block-max-pooled, row-normalised attention probabilities (the gate's training target). No gradient.
 
@@ -100,17 +163,22 @@ def attention_ground_truth(
         block_size: tokens per block.
         document_ids: optional int `[B, L]`.
         sm_scale: softmax scale, default `1 / sqrt(D)`.
-        query_blocks: optional int64 `[nQ]`, the query blocks to compute (None: all, `nQ = nB`).
-        backend: `"auto"`, `"reference"` or `"triton"`.
+        query_blocks: optional int64 `[nQ]`, the query blocks to compute, each in `[0, nB)` (None: all, `nQ = nB`).
+        kernel: `"auto"`, `"pytorch"` or `"triton"`.
     Returns:
         float32 `[B, Hq, nQ, nB]`; row n belongs to query block `query_blocks[n]`.
+    Raises:
+        ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    if _use_triton(backend, q):
-        from .triton_ground_truth import attention_ground_truth as impl
+    on_triton = _runs_on_triton(kernel, q)
+    _check_inputs(q, k, None, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
+    scale = _softmax_scale(sm_scale, q)
+    if on_triton:
+        from .triton_ground_truth import ground_truth
     else:
-        impl = naive.attention_ground_truth
-    return impl(
-        q, k, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale, query_blocks=query_blocks
+        from .pytorch_chunked import ground_truth
+    return ground_truth(
+        q, k, block_size=block_size, sm_scale=scale, document_ids=document_ids, query_blocks=query_blocks
     )
 
 
@@ -123,7 +191,7 @@ def attention_with_ground_truth(
     document_ids: torch.Tensor | None = None,
     sm_scale: float | None = None,
     query_blocks: torch.Tensor | None = None,
-    backend: str = "auto",
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal attention output and its ground truth from one forward.
 
@@ -135,21 +203,20 @@ def attention_with_ground_truth(
         document_ids: optional int `[B, L]`.
         sm_scale: softmax scale, default `1 / sqrt(D)`.
         query_blocks: optional int64 `[nQ]` for the ground truth (None: all query blocks).
-        backend: `"auto"`, `"reference"` or `"triton"`.
+        kernel: `"auto"`, `"pytorch"` or `"triton"`.
     Returns:
         `(out, ground_truth)`: `out [B, Hq, L, D]` in q's dtype (differentiable w.r.t. q, k, v) and float32
         `ground_truth [B, Hq, nQ, nB]` as in `attention_ground_truth` (no gradient).
+    Raises:
+        ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    if _use_triton(backend, q):
-        from .triton_ground_truth import attention_with_ground_truth as impl
-    else:
-        impl = naive.attention_with_ground_truth
-    return impl(
-        q,
-        k,
-        v,
-        block_size=block_size,
-        document_ids=document_ids,
-        sm_scale=sm_scale,
-        query_blocks=query_blocks,
-    )
+    on_triton = _runs_on_triton(kernel, q)
+    _check_inputs(q, k, v, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
+    scale = _softmax_scale(sm_scale, q)
+    if on_triton:
+        from .triton_ground_truth import AttentionWithGroundTruth
+
+        return AttentionWithGroundTruth.apply(q, k, v, block_size, document_ids, scale, query_blocks)
+    from .pytorch_chunked import attention_with_ground_truth as chunked
+
+    return chunked(q, k, v, block_size=block_size, sm_scale=scale, document_ids=document_ids, query_blocks=query_blocks)

@@ -2,43 +2,38 @@
 
 For row r and key block j the pooled value is exp(m_rj - lse_r), with m_rj the largest score of row r inside
 block j; the entry for query block i is the max of that over the rows of block i. So one program per
-(batch, query head, query block) -- or per few query blocks, for small blocks, see `KERNEL_OPTIONS["gt"]["ROWS"]`
--- does:
+(batch, query head, query block) -- or per few query blocks, for small blocks, see
+`triton_tuning.KERNEL_OPTIONS["gt"]["ROWS"]` -- does:
 - pass 1 (skipped when the caller already has the row log-sum-exps): QK^T with the online max/sum only, no PV;
 - pass 2: QK^T again, the row maxima inside each key block combined with the now-known lse in registers, and
   the max over the block's rows written straight into the pooled map.
 Memory is the pooled map `[B, Hq, nQ, nB]` itself; the row normalisation is an in-place division afterwards.
 
 Layers: `_ground_truth_kernel`, the launcher `ground_truth_forward`, the autograd function
-`AttentionWithGroundTruth` (dense output with backward + map), and the public functions.
+`AttentionWithGroundTruth` (dense output with backward, plus the map from the forward's log-sum-exp) and
+`ground_truth` (the map alone); the public ops in `seer_kernels` check the inputs and call the last two.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from .indexing import document_block_overlap, num_blocks
-from .triton_attention import (
+from .triton_backward import sparse_attention_backward
+from .triton_block_lists import block_lists
+from .triton_common import (
     LOG2E,
-    TileConfig,
-    _head,
-    _last_dim_contiguous,
-    _precision,
-    _row_ptrs,
-    block_lists,
-    _load_rows,
-    check_inputs,
-    host_descriptor,
-    kernel_options,
-    launch,
+    head_pointer,
+    input_precision,
+    last_dim_contiguous,
+    load_rows,
     prepare_documents,
-    sparse_attention_backward,
-    sparse_attention_forward,
+    row_pointers,
 )
+from .triton_forward import sparse_attention_forward
+from .triton_tuning import TileConfig, host_descriptor, kernel_options, launch
 
 
 @triton.jit
@@ -51,10 +46,10 @@ def _tile_scores(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Unscaled scores `[rows, BLOCK_N]` of the query rows against keys row0.. (K through `_load_rows`); when
+    """Unscaled scores `[rows, BLOCK_N]` of the query rows against keys row0.. (K through `load_rows`); when
     MASKED, -inf where the causal/document mask (or the end of the sequence) forbids the pair."""
     offs_n = row0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
+    k = load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         allowed = (offs_n[None, :] <= offs_m[:, None]) & (offs_n[None, :] < seq_len)
@@ -76,7 +71,7 @@ def _lse_tiles(
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `_load_rows`."""
+    """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `load_rows`."""
     for t in range(t_start, t_end):
         qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, t * BLOCK_N, seq_len, stride_kl,
                           MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
@@ -202,14 +197,14 @@ def _ground_truth_kernel(
         offs_m = tl.sum(tl.where((r // BLOCK)[:, None] == sub[None, :], m_blks[None, :], 0), 1) * BLOCK + r % BLOCK
     row_ok = offs_m < seq_len
     q = tl.load(
-        _row_ptrs(_head(Q, b, h, stride_qb, stride_qh), offs_m, stride_ql, HEAD_DIM),
+        row_pointers(head_pointer(Q, b, h, stride_qb, stride_qh), offs_m, stride_ql, HEAD_DIM),
         mask=row_ok[:, None],
         other=0.0,
     )
     if TMA:
         k_base = K
     else:
-        k_base = _head(K, b, hk, stride_kb, stride_kh)
+        k_base = head_pointer(K, b, hk, stride_kb, stride_kh)
     doc_base = b.to(tl.int64) * seq_len
     if HAS_DOCS:
         doc_q = tl.load(DOC + doc_base + offs_m, mask=row_ok, other=-1)
@@ -248,7 +243,7 @@ def _ground_truth_kernel(
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
         lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
 
-    out_ptrs = _head(OUT, b, h, stride_ob, stride_oh) + out_rows.to(tl.int64) * stride_or
+    out_ptrs = head_pointer(OUT, b, h, stride_ob, stride_oh) + out_rows.to(tl.int64) * stride_or
     if HAS_DOCS:
         _pool_blocks(
             q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
@@ -343,7 +338,7 @@ def ground_truth_forward(
         BLOCK=block_size,
         QB=qb,
         HEAD_DIM=dim,
-        PRECISION=_precision(q.dtype),
+        PRECISION=input_precision(q.dtype),
         **opts,
     )
     launch(_ground_truth_kernel, "gt", block_size, seq_len, lambda meta: (n_programs, bsz * hq), args, kwargs, config)
@@ -352,11 +347,16 @@ def ground_truth_forward(
 
 
 class AttentionWithGroundTruth(torch.autograd.Function):
-    """Dense causal attention (all causal blocks) whose forward also yields the pooled map from its lse."""
+    """`seer_kernels.attention_with_ground_truth` on the GPU kernels; inputs are checked by that function.
+
+    Dense causal attention (all causal blocks) whose forward also yields the pooled map from its lse:
+    forward(q `[B, Hq, L, D]`, k, v `[B, Hkv, L, D]`, block_size, document_ids int `[B, L]` or None, sm_scale float,
+    query_blocks int64 `[nQ]` or None) -> (out `[B, Hq, L, D]`, float32 map `[B, Hq, nQ, nB]`, no gradient).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, block_size, document_ids, sm_scale, query_blocks):
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         docs = prepare_documents(document_ids, q)
         bsz, hq, seq_len, _ = q.shape
         nb = num_blocks(seq_len, block_size)
@@ -388,54 +388,31 @@ class AttentionWithGroundTruth(torch.autograd.Function):
 
 
 @torch.no_grad()
-def attention_ground_truth(
+def ground_truth(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    block_size: int = 64,
+    block_size: int,
+    sm_scale: float,
     document_ids: torch.Tensor | None = None,
-    sm_scale: float | None = None,
     query_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton ground truth (see `seer_kernels.attention_ground_truth`).
+    """`seer_kernels.attention_ground_truth` on the Triton kernel; inputs are checked by that function.
 
     Args:
-        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]`; document_ids: optional int `[B, L]`;
-        query_blocks: optional int64 `[nQ]`.
+        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]`.
+        block_size: tokens per block; sm_scale: softmax scale.
+        document_ids: optional int `[B, L]`.
+        query_blocks: optional int64 `[nQ]` (None: all blocks).
     Returns:
-        float32 `[B, Hq, nQ, nB]`.
+        float32 `[B, Hq, nQ, nB]`, rows summing to 1.
     """
-    check_inputs(q, k, None, block_size)
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     return ground_truth_forward(
         q,
         k,
         block_size=block_size,
-        sm_scale=scale,
+        sm_scale=sm_scale,
         document_ids=prepare_documents(document_ids, q),
         query_blocks=query_blocks,
     )
-
-
-def attention_with_ground_truth(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    block_size: int = 64,
-    document_ids: torch.Tensor | None = None,
-    sm_scale: float | None = None,
-    query_blocks: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton dense attention + ground truth (see `seer_kernels.attention_with_ground_truth`).
-
-    Args:
-        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`; document_ids: optional int `[B, L]`;
-        query_blocks: optional int64 `[nQ]`.
-    Returns:
-        `(out [B, Hq, L, D], ground_truth float32 [B, Hq, nQ, nB])`.
-    """
-    check_inputs(q, k, v, block_size)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return AttentionWithGroundTruth.apply(q, k, v, block_size, document_ids, scale, query_blocks)

@@ -97,7 +97,7 @@ def seer_attention_forward(
     valid = split_document_ids(doc_ids) if doc_ids is not None else None
     layout = Layout(query.shape[2], query.shape[0], None if doc_ids is None else id(doc_ids), query.device)
     candidates = _candidates(rt, layout, doc_ids, valid)
-    kernel_args = dict(block_size=s.block_size, document_ids=doc_ids, sm_scale=scaling, backend=_kernel_name(s.kernel))
+    kernel_args = dict(block_size=s.block_size, document_ids=doc_ids, sm_scale=scaling, kernel=s.kernel)
 
     if not rt.runs_gates:
         # Exact attention over every candidate block: the dense baseline through the same kernels.
@@ -273,6 +273,3 @@ def _sparse_ground_truth(
         rt.forward.ground_truth[layer] = (rows, truth)
     return rows, truth
 
-
-def _kernel_name(kernel: str) -> str:
-    return "reference" if kernel == "pytorch" else kernel

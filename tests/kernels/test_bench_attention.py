@@ -38,7 +38,7 @@ def test_flex_block_mask_is_the_same_attention():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, seq_len, 32, generator=gen)
     k, v = (torch.randn(1, 2, seq_len, 32, generator=gen) for _ in range(2))
-    ours = block_sparse_attention(q, k, v, mask, block_size=block, backend="reference")
+    ours = block_sparse_attention(q, k, v, mask, block_size=block, kernel="pytorch")
     flex = flex_attention(q, k, v, block_mask=bench.flex_block_mask(mask, seq_len, block), enable_gqa=True)
     torch.testing.assert_close(flex, ours, atol=2e-5, rtol=1e-5)
 

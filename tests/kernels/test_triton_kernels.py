@@ -15,7 +15,8 @@ from seer_kernels import (
     block_mask_to_indices,
     block_sparse_attention,
 )
-from seer_kernels.triton_attention import sparse_attention_backward, sparse_attention_forward
+from seer_kernels.triton_backward import sparse_attention_backward
+from seer_kernels.triton_forward import sparse_attention_forward
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -59,10 +60,10 @@ def test_triton_sparse_attention_forward_backward(bsz, seq_len, block, hq, hkv, 
     grad = torch.randn(bsz, hq, seq_len, dim, device=DEVICE).to(dtype)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*leaves, mask, block_size=block, document_ids=doc, backend="triton")
+    out = block_sparse_attention(*leaves, mask, block_size=block, document_ids=doc, kernel="triton")
     out.backward(grad)
     ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, backend="reference")
+    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, kernel="pytorch")
     ref.backward(grad.float())
 
     assert out.dtype == dtype and out.shape == q.shape
@@ -97,7 +98,7 @@ def test_triton_launchers_write_every_element(dtype):
     )
     for g in grads:
         assert not torch.isnan(g).any()
-    ref = block_sparse_attention(q.float(), k.float(), v.float(), mask, block_size=block, sm_scale=0.25, backend="reference")
+    ref = block_sparse_attention(q.float(), k.float(), v.float(), mask, block_size=block, sm_scale=0.25, kernel="pytorch")
     assert_close_rel(out, ref, dtype, "out")
 
 
@@ -118,8 +119,8 @@ GT_CASES = [
 def test_triton_ground_truth(bsz, seq_len, block, hq, hkv, dim, docs, dtype):
     q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=seq_len + 3)
     doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
-    gt = attention_ground_truth(q, k, block_size=block, document_ids=doc, backend="triton")
-    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, backend="reference")
+    gt = attention_ground_truth(q, k, block_size=block, document_ids=doc, kernel="triton")
+    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, kernel="pytorch")
     nb = math.ceil(seq_len / block)
     assert gt.shape == (bsz, hq, nb, nb) and gt.dtype == torch.float32
     assert torch.isfinite(gt).all()
@@ -129,7 +130,7 @@ def test_triton_ground_truth(bsz, seq_len, block, hq, hkv, dim, docs, dtype):
     torch.testing.assert_close(gt, ref, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-3)
 
     subset = torch.tensor([nb - 1, 0, nb // 2], device=DEVICE)
-    part = attention_ground_truth(q, k, block_size=block, document_ids=doc, query_blocks=subset, backend="triton")
+    part = attention_ground_truth(q, k, block_size=block, document_ids=doc, query_blocks=subset, kernel="triton")
     torch.testing.assert_close(part, gt[:, :, subset], atol=1e-6, rtol=0)
 
 
@@ -139,18 +140,18 @@ def test_triton_ground_truth(bsz, seq_len, block, hq, hkv, dim, docs, dtype):
 def test_triton_ground_truth_program_shapes(rows_per_program, key_tile, docs, dtype, monkeypatch):
     """Several query blocks per program (KERNEL_OPTIONS["gt"]["ROWS"]) and key tiles of two blocks, on a length
     that leaves a partial last block, with an odd query-block subset (the last program's pair is padded)."""
-    from seer_kernels import triton_attention
-    from seer_kernels.triton_attention import TileConfig
+    from seer_kernels import triton_tuning
     from seer_kernels.triton_ground_truth import ground_truth_forward
+    from seer_kernels.triton_tuning import TileConfig
 
-    monkeypatch.setitem(triton_attention.KERNEL_OPTIONS, "gt", {**triton_attention.KERNEL_OPTIONS["gt"],
-                                                                 "ROWS": rows_per_program})
+    monkeypatch.setitem(triton_tuning.KERNEL_OPTIONS, "gt", {**triton_tuning.KERNEL_OPTIONS["gt"],
+                                                              "ROWS": rows_per_program})
     bsz, hq, hkv, seq_len, dim, block = 2, 4, 2, 150, 16, 16
     q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=41)
     doc = make_document_ids(bsz, seq_len, docs, seed=seq_len, device=DEVICE)
     scale = 1.0 / math.sqrt(dim)
     nb = math.ceil(seq_len / block)
-    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, backend="reference")
+    ref = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, kernel="pytorch")
     doc32 = None if doc is None else doc.to(torch.int32).contiguous()
     cfg = TileConfig(block, key_tile, 4, 1)
     out = torch.full((bsz, hq, nb, nb), float("nan"), device=DEVICE)
@@ -171,11 +172,11 @@ def test_triton_attention_with_ground_truth(docs, dtype):
     subset = torch.tensor([2, 0], device=DEVICE)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, gt = attention_with_ground_truth(
-        *leaves, block_size=block, document_ids=doc, query_blocks=subset, backend="triton"
+        *leaves, block_size=block, document_ids=doc, query_blocks=subset, kernel="triton"
     )
     ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
     ref, ref_gt = attention_with_ground_truth(
-        *ref_leaves, block_size=block, document_ids=doc, query_blocks=subset, backend="reference"
+        *ref_leaves, block_size=block, document_ids=doc, query_blocks=subset, kernel="pytorch"
     )
     assert gt.shape == (bsz, hq, 2, 3) and not gt.requires_grad
     assert_close_rel(out, ref, dtype, "out")
@@ -191,18 +192,18 @@ def test_triton_rejects_bad_shapes():
     q, k, v = make_inputs(1, 3, 2, 32, 16, device=DEVICE)
     mask = torch.ones(1, 3, 2, 2, dtype=torch.bool, device=DEVICE)
     with pytest.raises(ValueError, match="multiple"):
-        block_sparse_attention(q, k, v, mask, block_size=16, backend="triton")
+        block_sparse_attention(q, k, v, mask, block_size=16, kernel="triton")
     q, k, v = make_inputs(1, 2, 1, 32, 24, device=DEVICE)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        attention_ground_truth(q, k, block_size=16, backend="triton")
+        attention_ground_truth(q, k, block_size=16, kernel="triton")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("docs", [None, "packed"])
 def test_triton_tiles_smaller_than_blocks(docs, dtype):
     """Query/key tiles that split a block (as the GPU configs for block 128 do) give the same results."""
-    from seer_kernels.triton_attention import TileConfig
     from seer_kernels.triton_ground_truth import ground_truth_forward
+    from seer_kernels.triton_tuning import TileConfig
 
     bsz, hq, hkv, seq_len, dim, block = 1, 4, 2, 110, 16, 32
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=dtype, device=DEVICE, seed=31)
@@ -214,10 +215,10 @@ def test_triton_tiles_smaller_than_blocks(docs, dtype):
     q_idx, q_cnt = block_mask_to_indices(mask, document_ids=doc32, block_size=block, transpose=True)
     scale = 0.3
     ref_leaves = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    ref = block_sparse_attention(*ref_leaves, mask, block_size=block, document_ids=doc, sm_scale=scale, kernel="pytorch")
     dout = torch.randn_like(q)
     ref.backward(dout.float())
-    ref_gt = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, sm_scale=scale, backend="reference")
+    ref_gt = attention_ground_truth(q.float(), k.float(), block_size=block, document_ids=doc, sm_scale=scale, kernel="pytorch")
     for bm, bn in [(16, 32), (32, 16), (16, 16)]:
         cfg = TileConfig(bm, bn, 4, 1)
         out, lse = sparse_attention_forward(
@@ -239,7 +240,7 @@ def test_triton_tiles_smaller_than_blocks(docs, dtype):
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("docs", [None, "packed"])
 def test_triton_block_list_builder_matches_torch(transpose, docs):
-    from seer_kernels.triton_attention import build_block_lists
+    from seer_kernels.triton_block_lists import build_block_lists
 
     bsz, heads, seq_len, block = 2, 3, 150, 16  # 10 blocks: not a power of two
     nb = math.ceil(seq_len / block)
@@ -268,7 +269,7 @@ class LaunchProblem:
         self.q_lists = block_mask_to_indices(self.mask, document_ids=self.doc32, block_size=block, transpose=True)
         self.ref_leaves = [t.float().clone().requires_grad_() for t in (self.q, self.k, self.v)]
         self.ref = block_sparse_attention(
-            *self.ref_leaves, self.mask, block_size=block, document_ids=self.doc, sm_scale=scale, backend="reference"
+            *self.ref_leaves, self.mask, block_size=block, document_ids=self.doc, sm_scale=scale, kernel="pytorch"
         )
         self.dout = torch.randn_like(self.q)
         self.ref.backward(self.dout.float())
@@ -289,11 +290,11 @@ class LaunchProblem:
         return grads
 
 
-# Each kernel variant switch on its own (see triton_attention.KERNEL_OPTIONS).
+# Each kernel variant switch on its own (see triton_tuning.KERNEL_OPTIONS).
 VARIANTS = {
     "tma_host": {kind: {"TMA": 1} for kind in ("fwd", "dq", "dkdv", "gt")},
-    "segments": {"dkdv": {"SEGMENTS": 1}},
-    "segments_pointers": {"dkdv": {"SEGMENTS": 1, "TMA": 0}},
+    "split_long_columns": {"dkdv": {"SPLIT_LONG_COLUMNS": 1}},
+    "split_long_columns_pointers": {"dkdv": {"SPLIT_LONG_COLUMNS": 1, "TMA": 0}},
     "pointers": {kind: {"TMA": 0} for kind in ("fwd", "dq", "dkdv", "gt")},
     "gt_one_block_per_program": {"gt": {"ROWS": 1}},
 }
@@ -301,10 +302,10 @@ VARIANTS = {
 
 @pytest.fixture
 def kernel_variant(request, monkeypatch):
-    from seer_kernels import triton_attention
+    from seer_kernels import triton_tuning
 
     for kind, opts in VARIANTS[request.param].items():
-        monkeypatch.setitem(triton_attention.KERNEL_OPTIONS, kind, {**triton_attention.KERNEL_OPTIONS[kind], **opts})
+        monkeypatch.setitem(triton_tuning.KERNEL_OPTIONS, kind, {**triton_tuning.KERNEL_OPTIONS[kind], **opts})
     return request.param
 
 
@@ -320,13 +321,13 @@ def kernel_variant(request, monkeypatch):
 )
 def test_triton_kernel_variants(kernel_variant, dtype, hq, hkv, seq_len, docs, density, tiles):
     """Every variant computes the same function: outputs, all gradients and the ground truth vs the reference."""
-    from seer_kernels.triton_attention import TileConfig
     from seer_kernels.triton_ground_truth import ground_truth_forward
+    from seer_kernels.triton_tuning import TileConfig
 
     block = 32
     pb = LaunchProblem(2, hq, hkv, seq_len, 16, block, density, docs, dtype, seq_len + hq, keep_diagonal=density > 0.3)
     ref_gt = attention_ground_truth(
-        pb.q.float(), pb.k.float(), block_size=block, document_ids=pb.doc, sm_scale=pb.scale, backend="reference"
+        pb.q.float(), pb.k.float(), block_size=block, document_ids=pb.doc, sm_scale=pb.scale, kernel="pytorch"
     )
     for bm, bn in tiles:
         cfg = TileConfig(bm, bn, 4, 1)
@@ -344,17 +345,17 @@ def test_triton_kernel_variants(kernel_variant, dtype, hq, hkv, seq_len, docs, d
 @pytest.mark.parametrize("kernel_variant", ["tma_host"], indirect=True)
 def test_triton_descriptors_fall_back_on_misaligned_inputs(kernel_variant):
     """A tensor TMA cannot address (base not 16-byte aligned) takes the pointer path and stays exact."""
-    from seer_kernels.triton_attention import _descriptor_ok
+    from seer_kernels.triton_tuning import descriptor_ok
 
     bsz, hq, hkv, seq_len, dim, block = 1, 2, 1, 64, 16, 32
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=torch.float32, device=DEVICE, seed=5)
     buf = torch.empty(k.numel() + 1, device=DEVICE)
     k_off = buf[1:].view_as(k)
     k_off.copy_(k)
-    assert not _descriptor_ok(k_off) and _descriptor_ok(k)
+    assert not descriptor_ok(k_off) and descriptor_ok(k)
     mask = random_block_mask(bsz, hq, seq_len // block, 1.0, seed=5, device=DEVICE)
-    out = block_sparse_attention(q, k_off, v, mask, block_size=block, backend="triton")
-    ref = block_sparse_attention(q, k, v, mask, block_size=block, backend="reference")
+    out = block_sparse_attention(q, k_off, v, mask, block_size=block, kernel="triton")
+    ref = block_sparse_attention(q, k, v, mask, block_size=block, kernel="pytorch")
     assert_close_rel(out, ref, torch.float32, "out")
 
 
@@ -362,24 +363,24 @@ def test_tuned_choices_report(monkeypatch):
     """The benchmark's report of the autotuners' picks: one readable entry per tuner."""
     import triton
 
-    from seer_kernels import triton_attention
+    from seer_kernels import triton_dq, triton_tuning
 
-    tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 16})], key=["seq_len"])(triton_attention._bwd_delta_kernel)
-    monkeypatch.setattr(triton_attention, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 1))): tuner})
-    assert triton_attention.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=1": "None"}
+    tuner = triton.autotune(configs=[triton.Config({"BLOCK_N": 16})], key=["seq_len"])(triton_dq._bwd_delta_kernel)
+    monkeypatch.setattr(triton_tuning, "_TUNERS", {("fwd", 128, (("BLOCK", 128), ("HAS_DOCS", False), ("TMA", 1))): tuner})
+    assert triton_tuning.tuned_choices() == {"fwd bs128 HAS_DOCS=False,TMA=1": "None"}
 
 
-@pytest.mark.parametrize("kernel_variant", ["segments", "segments_pointers"], indirect=True)
+@pytest.mark.parametrize("kernel_variant", ["split_long_columns", "split_long_columns_pointers"], indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("docs", [None, "packed"])
-def test_triton_segmented_dkdv_splits_long_lists(kernel_variant, dtype, docs, monkeypatch):
+def test_triton_split_long_columns_cuts_long_lists(kernel_variant, dtype, docs, monkeypatch):
     """A sink column (every row keeps key block 0) with short segments: its list is cut across programs, the
     float32 partials meet in the scratch, the last segment writes dK/dV and leaves the scratch zeroed."""
-    from seer_kernels import triton_attention
-    from seer_kernels.triton_attention import TileConfig
+    from seer_kernels import triton_dkdv
+    from seer_kernels.triton_tuning import TileConfig
 
-    monkeypatch.setattr(triton_attention, "MIN_SEGMENT", 1)
-    monkeypatch.setattr(triton_attention, "_persistent_programs", lambda device: 40)
+    monkeypatch.setattr(triton_dkdv, "MIN_SEGMENT", 1)
+    monkeypatch.setattr(triton_dkdv, "_persistent_programs", lambda device: 40)
     pb = LaunchProblem(2, 4, 2, 150, 16, 16, 0.3, docs, dtype, 11, sink=True)
     out, lse = pb.forward()
     for cfg in (TileConfig(16, 16, 4, 1), TileConfig(16, 8, 4, 1)):
@@ -387,17 +388,17 @@ def test_triton_segmented_dkdv_splits_long_lists(kernel_variant, dtype, docs, mo
             grads = pb.backward(out, lse, dkdv_config=cfg)
             for name, got, want in zip("qkv", grads, pb.ref_leaves):
                 assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
-    (dk_acc, dv_acc, arrivals), = triton_attention._SEGMENT_SCRATCH.values()
+    (dk_acc, dv_acc, arrivals), = triton_dkdv._SEGMENT_SCRATCH.values()
     assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
 
 
 def test_split_long_columns_through_the_public_function(monkeypatch):
     """`split_long_columns=True` reaches the segmented dK/dV kernel and gives the reference gradients."""
-    from seer_kernels import triton_attention
+    from seer_kernels import triton_dkdv
 
     launches = []
-    programs = triton_attention._persistent_programs
-    monkeypatch.setattr(triton_attention, "_persistent_programs", lambda device: launches.append(1) or programs(device))
+    programs = triton_dkdv._persistent_programs
+    monkeypatch.setattr(triton_dkdv, "_persistent_programs", lambda device: launches.append(1) or programs(device))
     bsz, hq, hkv, seq_len, dim, block = 1, 4, 2, 96, 16, 16
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, dtype=torch.float32, device=DEVICE, seed=13)
     mask = random_block_mask(bsz, hq, seq_len // block, 0.3, seed=13, device=DEVICE)
@@ -405,8 +406,8 @@ def test_split_long_columns_through_the_public_function(monkeypatch):
     grads = {}
     for split in (True, None):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        backend = "triton" if split else "reference"
-        out = block_sparse_attention(*leaves, mask, block_size=block, backend=backend, split_long_columns=split)
+        kernel = "triton" if split else "pytorch"
+        out = block_sparse_attention(*leaves, mask, block_size=block, kernel=kernel, split_long_columns=split)
         out.backward(torch.ones_like(out))
         grads[split] = [t.grad for t in leaves]
     assert launches == [1]

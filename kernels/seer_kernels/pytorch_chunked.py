@@ -1,15 +1,17 @@
-"""Pure-PyTorch references for the attention ops (the oracle for the Triton kernels, and the CPU path).
+"""The attention ops in chunked pure PyTorch: the CPU implementation, and the reference the kernels are tested against.
 
 Everything is computed in float32 in chunks of query blocks: one chunk holds `[B, Hq, rows, keys]` scores,
 so memory stays O(L * chunk) instead of a full L x L map per head. GQA is handled by folding the query heads
 of one KV group into the row dimension of a matmul against the group's single K/V, so K/V are never repeated.
 The sparse attention has its own backward that recomputes the probabilities chunk by chunk from the saved
 log-sum-exp (the flash-attention recipe), so nothing of size L x L is kept for autograd either.
+
+The public ops in `seer_kernels` check the inputs and resolve the defaults, then call `ChunkedBlockSparseAttention`,
+`ground_truth` or `attention_with_ground_truth` here. (The deliberately naive oracle of the tests, with full
+L x L maps and repeated K/V, is `tests/kernels/_oracle.py`.)
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -85,8 +87,12 @@ def _expand_block_mask(
     return block_mask_rows[:, :, local_block][:, :, :, key_block]
 
 
-class _NaiveBlockSparseAttention(torch.autograd.Function):
-    """Exact block-sparse attention with a chunked, recomputing backward."""
+class ChunkedBlockSparseAttention(torch.autograd.Function):
+    """Exact block-sparse attention with a chunked, recomputing backward.
+
+    forward(q `[B, Hq, L, D]`, k, v `[B, Hkv, L, D]`, block_mask bool `[B, Hq, nB, nB]`, block_size,
+    document_ids int `[B, L]` or None, sm_scale float) -> `[B, Hq, L, D]` in q's dtype; backward gives dq, dk, dv.
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, block_mask, block_size, document_ids, sm_scale):
@@ -156,51 +162,28 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(x), torch.zeros_like(x), x)
 
 
-def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"q and k must be [B, H, L, D], got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head_dim")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
-    if v is not None and v.shape != k.shape:
-        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
-
-
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    *,
-    block_size: int = 64,
-    document_ids: torch.Tensor | None = None,
-    sm_scale: float | None = None,
-) -> torch.Tensor:
-    """Reference block-sparse attention (see `seer_kernels.block_sparse_attention`)."""
-    _check_shapes(q, k, v)
-    nb = num_blocks(q.shape[2], block_size)
-    if block_mask.shape != (q.shape[0], q.shape[1], nb, nb):
-        raise ValueError(f"block_mask must be {(q.shape[0], q.shape[1], nb, nb)}, got {tuple(block_mask.shape)}")
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return _NaiveBlockSparseAttention.apply(q, k, v, block_mask, block_size, document_ids, scale)
-
-
 @torch.no_grad()
-def attention_ground_truth(
+def ground_truth(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    block_size: int = 64,
+    block_size: int,
+    sm_scale: float,
     document_ids: torch.Tensor | None = None,
-    sm_scale: float | None = None,
     query_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference block-max-pooled attention map (see `seer_kernels.attention_ground_truth`)."""
-    _check_shapes(q, k, None)
+    """`seer_kernels.attention_ground_truth` in chunked PyTorch; inputs are checked by that function.
+
+    Args:
+        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]`.
+        block_size: tokens per block; sm_scale: softmax scale.
+        document_ids: optional int `[B, L]`.
+        query_blocks: optional int64 `[nQ]` (None: all blocks).
+    Returns:
+        float32 `[B, Hq, nQ, nB]`, rows summing to 1.
+    """
     bsz, hq, seq_len, _ = q.shape
     nb = num_blocks(seq_len, block_size)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if query_blocks is None:
         query_blocks = torch.arange(nb, device=q.device)
     query_blocks = query_blocks.to(device=q.device, dtype=torch.int64)
@@ -216,7 +199,7 @@ def attention_ground_truth(
         rows_c = rows.clamp(max=seq_len - 1)
         keys = int(rows_c.max().item()) + 1
         kb = num_blocks(keys, block_size)
-        s = _chunk_scores(q[:, :, rows_c], k, keys, scale)
+        s = _chunk_scores(q[:, :, rows_c], k, keys, sm_scale)
         allowed = _token_mask(rows_c, keys, document_ids, bsz)
         s = s.masked_fill(~allowed, float("-inf"))
         p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))  # every real row allows itself
@@ -232,20 +215,26 @@ def attention_with_ground_truth(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    block_size: int = 64,
+    block_size: int,
+    sm_scale: float,
     document_ids: torch.Tensor | None = None,
-    sm_scale: float | None = None,
     query_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference dense causal attention plus ground truth (see `seer_kernels.attention_with_ground_truth`)."""
-    _check_shapes(q, k, v)
+    """`seer_kernels.attention_with_ground_truth` in chunked PyTorch; inputs are checked by that function.
+
+    Args:
+        q: `[B, Hq, L, D]`; k, v: `[B, Hkv, L, D]`.
+        block_size: tokens per block; sm_scale: softmax scale.
+        document_ids: optional int `[B, L]`.
+        query_blocks: optional int64 `[nQ]` for the map (None: all blocks).
+    Returns:
+        `(out [B, Hq, L, D]` in q's dtype, differentiable; float32 map `[B, Hq, nQ, nB])`.
+    """
     bsz, hq, seq_len, _ = q.shape
     nb = num_blocks(seq_len, block_size)
     full = torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
-    out = block_sparse_attention(
-        q, k, v, full, block_size=block_size, document_ids=document_ids, sm_scale=sm_scale
-    )
-    gt = attention_ground_truth(
+    out = ChunkedBlockSparseAttention.apply(q, k, v, full, block_size, document_ids, sm_scale)
+    gt = ground_truth(
         q.detach(),
         k.detach(),
         block_size=block_size,

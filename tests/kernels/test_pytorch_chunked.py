@@ -1,4 +1,4 @@
-"""The pure-PyTorch references against the dense oracles of `_oracle.py` (float32, CPU)."""
+"""The chunked PyTorch kernel (`kernel="pytorch"`) against the dense oracles of `_oracle.py` (float32, CPU)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ SPARSE_CASES = [
 
 
 @pytest.mark.parametrize("seq_len,block,hq,hkv,docs,density,diag", SPARSE_CASES)
-def test_reference_sparse_matches_dense_oracle(seq_len, block, hq, hkv, docs, density, diag):
+def test_pytorch_sparse_matches_dense_oracle(seq_len, block, hq, hkv, docs, density, diag):
     bsz, dim = 2, 16
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, seed=seq_len)
     nb = math.ceil(seq_len / block)
@@ -45,7 +45,7 @@ def test_reference_sparse_matches_dense_oracle(seq_len, block, hq, hkv, docs, de
     grad = torch.randn(bsz, hq, seq_len, dim)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = block_sparse_attention(*leaves, mask, block_size=block, document_ids=doc, backend="reference")
+    out = block_sparse_attention(*leaves, mask, block_size=block, document_ids=doc, kernel="pytorch")
     out.backward(grad)
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = dense_masked_attention(*ref_leaves, mask, block, doc)
@@ -60,13 +60,13 @@ def test_reference_sparse_matches_dense_oracle(seq_len, block, hq, hkv, docs, de
         assert torch.count_nonzero(leaves[0].grad) == 0
 
 
-def test_reference_sparse_custom_scale_and_upper_entries_ignored():
+def test_pytorch_sparse_custom_scale_and_upper_entries_ignored():
     bsz, hq, hkv, seq_len, dim, block = 1, 2, 1, 64, 16, 16
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, seed=5)
     mask = random_block_mask(bsz, hq, 4, 0.5, seed=5)
     upper = torch.ones(4, 4, dtype=torch.bool).triu(1)
-    out1 = block_sparse_attention(q, k, v, mask & ~upper, block_size=block, sm_scale=0.3, backend="reference")
-    out2 = block_sparse_attention(q, k, v, mask | upper, block_size=block, sm_scale=0.3, backend="reference")
+    out1 = block_sparse_attention(q, k, v, mask & ~upper, block_size=block, sm_scale=0.3, kernel="pytorch")
+    out2 = block_sparse_attention(q, k, v, mask | upper, block_size=block, sm_scale=0.3, kernel="pytorch")
     torch.testing.assert_close(out1, out2, atol=0, rtol=0)
     torch.testing.assert_close(out1, dense_masked_attention(q, k, v, mask, block, None, 0.3), **TOL)
 
@@ -82,11 +82,11 @@ GT_CASES = [
 
 
 @pytest.mark.parametrize("seq_len,block,hq,hkv,docs", GT_CASES)
-def test_reference_ground_truth_matches_brute_force(seq_len, block, hq, hkv, docs):
+def test_pytorch_ground_truth_matches_brute_force(seq_len, block, hq, hkv, docs):
     bsz, dim = 2, 16
     q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, seed=seq_len + 1)
     doc = make_document_ids(bsz, seq_len, docs, seed=seq_len)
-    gt = attention_ground_truth(q, k, block_size=block, document_ids=doc, backend="reference")
+    gt = attention_ground_truth(q, k, block_size=block, document_ids=doc, kernel="pytorch")
     nb = math.ceil(seq_len / block)
     assert gt.shape == (bsz, hq, nb, nb) and gt.dtype == torch.float32
     assert not torch.isnan(gt).any()
@@ -95,25 +95,25 @@ def test_reference_ground_truth_matches_brute_force(seq_len, block, hq, hkv, doc
     torch.testing.assert_close(gt.double(), brute_force_ground_truth(q, k, block, doc), atol=2e-5, rtol=1e-4)
 
 
-def test_reference_ground_truth_query_subset_equals_full_rows():
+def test_pytorch_ground_truth_query_subset_equals_full_rows():
     bsz, hq, hkv, seq_len, dim, block = 1, 4, 2, 150, 16, 16
     q, k, _ = make_inputs(bsz, hq, hkv, seq_len, dim, seed=3)
     doc = make_document_ids(bsz, seq_len, "packed", seed=3)
-    full = attention_ground_truth(q, k, block_size=block, document_ids=doc, backend="reference")
+    full = attention_ground_truth(q, k, block_size=block, document_ids=doc, kernel="pytorch")
     subset = torch.tensor([9, 0, 4, 7])  # unordered, includes the last (partial) block
     part = attention_ground_truth(
-        q, k, block_size=block, document_ids=doc, query_blocks=subset, backend="reference"
+        q, k, block_size=block, document_ids=doc, query_blocks=subset, kernel="pytorch"
     )
     assert part.shape == (bsz, hq, 4, full.shape[-1])
     torch.testing.assert_close(part, full[:, :, subset], atol=1e-6, rtol=0)
 
 
-def test_reference_attention_with_ground_truth():
+def test_pytorch_attention_with_ground_truth():
     bsz, hq, hkv, seq_len, dim, block = 2, 4, 1, 70, 16, 16
     q, k, v = make_inputs(bsz, hq, hkv, seq_len, dim, seed=11)
     doc = make_document_ids(bsz, seq_len, "packed", seed=11)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, gt = attention_with_ground_truth(*leaves, block_size=block, document_ids=doc, backend="reference")
+    out, gt = attention_with_ground_truth(*leaves, block_size=block, document_ids=doc, kernel="pytorch")
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = dense_masked_attention(*ref_leaves, None, block, doc)
     torch.testing.assert_close(out, ref, **TOL)
@@ -165,10 +165,10 @@ def test_document_ids_from_cu_seqlens():
     mask = torch.ones(1, 2, 1, 1, dtype=torch.bool)
     packed = block_sparse_attention(
         q, k, v, mask, block_size=16, document_ids=document_ids_from_cu_seqlens(torch.tensor([0, 4, 9])),
-        backend="reference",
+        kernel="pytorch",
     )
     for a, b in ((0, 4), (4, 9)):
         alone = block_sparse_attention(
-            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], mask, block_size=16, backend="reference"
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], mask, block_size=16, kernel="pytorch"
         )
         torch.testing.assert_close(packed[:, :, a:b], alone, **TOL)
