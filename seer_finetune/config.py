@@ -136,7 +136,8 @@ class AttentionConfig:
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
         init_steps: With `mode: joint` and no `gates_path`: first distil the gates for this many steps (base
             frozen, output in `<output_dir>/gate_init`), then train jointly from them, in one command
-            (`seer_finetune.seer.stages`). 0: a single stage.
+            (`seer_finetune.jobs.train_job`, with the stage configs of `seer_finetune.seer.stages`). 0: a single
+            stage.
     """
 
     backend: str = "sdpa"
@@ -306,11 +307,12 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    """`python -m seer_finetune export`: a DeepSpeed checkpoint to a plain Hugging Face folder.
+    """`python -m seer_finetune export`: a training checkpoint to the folder the run's final save writes.
 
     Attributes:
-        checkpoint: A DeepSpeed checkpoint folder (`<run>/checkpoints/deepspeed`) or one tag inside it
-            (default: the newest checkpoint of `trainer.output_dir`).
+        checkpoint: A one-process checkpoint (`<run>/checkpoints/step_NNNNNN`), a DeepSpeed checkpoint folder
+            (`<run>/checkpoints/deepspeed`) or one tag inside it (default: the newest checkpoint of
+            `trainer.output_dir`, of the kind `deepspeed.enabled` says the run wrote).
         output: Where to write the folder (default: `<trainer.output_dir>/exported`).
     """
 
