@@ -14,7 +14,8 @@ One call per layer and forward, in steps:
    (or, for the oracle, the true pooled attention) into a block mask;
 4. kernel: block-sparse attention over the kept blocks, or dense attention with its ground truth when only the
    gates learn;
-5. loss: the ground truth on a sample of query blocks and the gate loss, recorded in the runtime.
+5. loss: the ground truth on a sample of query blocks, the gate loss and, for a sparse output, the recall of the
+   kept blocks against the best blocks of the same count, recorded in the runtime.
 
 Gate inputs are detached from the model's graph by default (`detach_gate_inputs`, as in the SeerAttention paper):
 the gate loss then trains only the gates and cannot pull the model's Q/K towards easier-to-predict attention. The
@@ -34,7 +35,14 @@ import seer_kernels
 from .gate import AttnGate, num_blocks
 from .masking import seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .selection import SelectionPlan, block_candidates, gate_log_probs, gate_loss, realised_density
+from .selection import (
+    SelectionPlan,
+    block_candidates,
+    block_recall,
+    gate_log_probs,
+    gate_loss,
+    realised_density,
+)
 
 ATTN_NAME = "seer"
 
@@ -115,6 +123,7 @@ def seer_attention_forward(
         nb = num_blocks(layout.seq_len, s.block_size)
         rows = _sample_query_blocks(nb, s.ground_truth_query_fraction, query.device)
 
+    block_mask = None
     if rt.sparse:
         block_mask, oracle_truth = _select(rt, layer, layout, candidates, log_probs, query, key, kernel_args)
         # A sink block is a column every row keeps: its dK/dV work is cut into segments (one long program else).
@@ -134,6 +143,10 @@ def seer_attention_forward(
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
         rt.record_loss(layer, gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind))
+        if block_mask is not None:
+            recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)
+            rt.record(f"recall/{layer}", recall)
+            rt.record(f"oracle_recall/{layer}", oracle_recall)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -88,18 +88,21 @@ class SeerExtension(TrainingExtension):
         return {"gate_loss": total * float(self.cfg.attention.gate_loss_scale)}
 
     def metrics(self) -> dict[str, float]:
-        """Averages since the last call: `seer/gate_loss` (unweighted, summed over layers), `seer/density` (mean
-        over layers) and `seer/density/layer_<i>`."""
+        """Averages since the last call, per layer (`seer/<name>/layer_<i>`) and over layers (`seer/<name>`):
+        `gate_loss` (unweighted; its total is the sum over layers), `density` (realised), `recall` (share of the
+        ground truth inside the kept blocks, on the rows that have one) and `oracle_recall` (the same for the
+        best blocks of the same count)."""
         stats = self.runtime.take_stats()
+        per_layer: dict[str, dict[int, float]] = {}
+        for key, value in stats.items():
+            name, layer = key.rsplit("/", 1)
+            per_layer.setdefault(name, {})[int(layer)] = value
         out: dict[str, float] = {}
-        losses = [v for k, v in stats.items() if k.startswith("gate_loss/")]
-        if losses:
-            out["seer/gate_loss"] = sum(losses)
-        densities = {int(k.split("/")[1]): v for k, v in stats.items() if k.startswith("density/")}
-        if densities:
-            out["seer/density"] = sum(densities.values()) / len(densities)
-            for layer, value in sorted(densities.items()):
-                out[f"seer/density/layer_{layer:02d}"] = value
+        for name, values in per_layer.items():
+            total = sum(values.values())
+            out[f"seer/{name}"] = total if name == "gate_loss" else total / len(values)
+            for layer, value in sorted(values.items()):
+                out[f"seer/{name}/layer_{layer:02d}"] = value
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -280,6 +280,27 @@ def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torc
     return kept / cand.sum(dtype=torch.float32).clamp_min(1.0)
 
 
+def block_recall(block_mask: torch.Tensor, ground_truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How much of the ground truth a selection keeps, and how much the best selection of the same size would.
+
+    The ground truth is the row-normalised block-pooled attention the gate is trained on. A row's recall is the
+    share of it inside the kept blocks; the oracle's recall keeps the same number of blocks in that row, the ones
+    with the most ground truth. The gap between the two is what a better ranking could win at this budget.
+
+    Args:
+        block_mask: bool `[B, H, nQ, nB]`, the kept blocks of the rows the ground truth covers.
+        ground_truth: float32 `[B, H, nQ, nB]`, rows summing to 1.
+
+    Returns:
+        (recall, oracle recall): 0-dim float32 tensors, means over batch, heads and rows.
+    """
+    gt = ground_truth.float()
+    recall = (gt * block_mask).sum(-1)
+    kept = block_mask.sum(-1, keepdim=True).clamp_min(1)
+    best = gt.sort(dim=-1, descending=True).values.cumsum(-1).gather(-1, kept - 1).squeeze(-1)
+    return recall.mean(), best.mean()
+
+
 def gate_loss(
     log_probs: torch.Tensor,
     ground_truth: torch.Tensor,

@@ -9,6 +9,7 @@ import torch
 
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 from seer_finetune.seer.selection import (
+    block_recall,
     row_quotas,
     block_candidates,
     forced_blocks,
@@ -123,6 +124,32 @@ def test_threshold_selection_keeps_probable_blocks():
         SelectionPlan(cand).select(scores)
     with pytest.raises(ValueError, match="density"):
         SelectionPlan(cand, density=1.5).select(scores)
+
+
+def test_block_recall_against_brute_force_and_the_oracle_bound():
+    """Recall is the kept share of each row's ground truth; the oracle keeps as many blocks, the largest ones."""
+    torch.manual_seed(5)
+    nb, rows = 12, 7
+    gt = torch.rand(2, 3, rows, nb) ** 4
+    gt[..., 9:] = 0.0  # blocks outside the row's candidates carry no ground truth
+    gt = gt / gt.sum(-1, keepdim=True)
+    mask = torch.rand(2, 3, rows, nb) < 0.3
+    mask[..., 0] = True  # every row keeps at least one block (its diagonal, in the model)
+    recall, oracle = block_recall(mask, gt)
+    want_recall, want_oracle = [], []
+    for b in range(2):
+        for h in range(3):
+            for r in range(rows):
+                kept = [j for j in range(nb) if mask[b, h, r, j]]
+                want_recall.append(sum(float(gt[b, h, r, j]) for j in kept))
+                want_oracle.append(sum(sorted((float(x) for x in gt[b, h, r]), reverse=True)[: len(kept)]))
+    assert float(recall) == pytest.approx(sum(want_recall) / len(want_recall), rel=1e-5)
+    assert float(oracle) == pytest.approx(sum(want_oracle) / len(want_oracle), rel=1e-5)
+    assert float(recall) < float(oracle) < 1.0
+    # a selection of the largest blocks is its own oracle; keeping everything recalls all
+    top = gt >= gt.sort(-1, descending=True).values[..., 2:3]
+    assert float(block_recall(top, gt)[0]) == pytest.approx(float(block_recall(top, gt)[1]), rel=1e-6)
+    assert float(block_recall(torch.ones_like(mask), gt)[0]) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_gate_loss_kl_and_mse():

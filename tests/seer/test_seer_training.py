@@ -54,8 +54,10 @@ def test_gate_loss_falls_during_distillation():
         opt.step()
         losses.append(float(extra["gate_loss"].detach()))
     metrics = ext.metrics()
-    # the model's output stays dense while distilling: no selection, so no density to report
-    assert set(metrics) == {"seer/gate_loss"}
+    # the model's output stays dense while distilling: no selection, so no density or recall to report
+    layers = len(seer_gates(model))
+    assert set(metrics) == {"seer/gate_loss", *(f"seer/gate_loss/layer_{i:02d}" for i in range(layers))}
+    assert metrics["seer/gate_loss"] == pytest.approx(sum(metrics[f"seer/gate_loss/layer_{i:02d}"] for i in range(layers)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
 
@@ -78,6 +80,11 @@ def test_joint_step_lm_gradient_reaches_model_only_through_sparse_attention():
     assert all(g.q_weight.grad.abs().sum() > 0 for g in gates)
     metrics = ext.metrics()
     assert abs(metrics["seer/density"] - 0.5) < 0.1
+    # every layer reports its density, gate loss and recall; no selection of the same size keeps more
+    for name in ("density", "gate_loss", "recall", "oracle_recall"):
+        assert {f"seer/{name}/layer_{i:02d}" for i in range(len(gates))} <= set(metrics), name
+    for i in range(len(gates)):
+        assert 0.0 < metrics[f"seer/recall/layer_{i:02d}"] <= metrics[f"seer/oracle_recall/layer_{i:02d}"] + 1e-6 <= 1.0 + 2e-6
     # gate_loss_scale weights the returned loss, metrics report the unweighted sum
     assert float(extra["gate_loss"].detach()) == pytest.approx(0.5 * metrics["seer/gate_loss"], rel=1e-5)
 
