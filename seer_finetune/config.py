@@ -295,6 +295,9 @@ class EvalConfig:
         model_path: A saved run folder to evaluate (default: the configured model).
         oracle: Also evaluate every sparse setting with oracle selection: blocks ranked by each layer's true
             pooled attention instead of the gates, the bound a perfect gate would reach.
+        recall: Report, for every sparse setting, the gates' recall per layer (the share of the true pooled
+            attention inside the kept blocks) next to the best selection of the same size. It costs a
+            ground-truth pass per layer (about one dense attention forward).
     """
 
     lengths: list[int] = field(default_factory=list)
@@ -303,6 +306,7 @@ class EvalConfig:
     output: Optional[str] = None
     model_path: Optional[str] = None
     oracle: bool = False
+    recall: bool = True
 
 
 @dataclass

@@ -97,17 +97,22 @@ def _windows(cfg: SeerConfig, tokenizer, lengths: list[int]):
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of eval results (one line per length and setting)."""
+    """A plain-text table of eval results (one line per length and setting; recall: mean over layers)."""
     head = (
         f"{'length':>8} {'setting':>16} {'selection':>10} {'ppl':>12} {'loss':>9} {'density':>9} {'sparsity':>9} "
-        f"{'windows':>8}"
+        f"{'recall':>8} {'best':>8} {'windows':>8}"
     )
     lines = [head, "-" * len(head)]
+
+    def opt(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in rows:
         setting = f"{r['setting']}={r['value']:g}"
         lines.append(
             f"{r['length']:>8} {setting:>16} {r['selection']:>10} {r['ppl']:>12.3f} {r['loss']:>9.4f} "
-            f"{r['realised_density']:>9.3f} {r['sparsity']:>9.3f} {r['windows']:>8}"
+            f"{r['realised_density']:>9.3f} {r['sparsity']:>9.3f} {opt(r.get('recall')):>8} "
+            f"{opt(r.get('oracle_recall')):>8} {r['windows']:>8}"
         )
     return "\n".join(lines)
 
@@ -128,8 +133,9 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
     Returns:
         The JSON-ready result, also written to `eval.output` (default `<trainer.output_dir>/eval.json`):
         `{"model", "gates", "gates_trained", "block_size", "results": [{"length", "setting", "value",
-        "selection", "ppl", "loss", "tokens", "windows", "realised_density", "sparsity"}, ...]}`, `selection`
-        being `dense`, `gate` or `oracle`.
+        "selection", "ppl", "loss", "tokens", "windows", "realised_density", "sparsity", "recall",
+        "oracle_recall", "recall_per_layer", "oracle_recall_per_layer"}, ...]}`, `selection` being `dense`, `gate`
+        or `oracle` (recall: with `eval.recall`, for sparse settings; None otherwise).
     """
     from ..modeling import load_tokenizer, resolve_device
 
@@ -146,13 +152,10 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
     print(format_table([]), flush=True)
     sparse = [s for s in settings if not (s[0] == "density" and s[1] >= 1.0)]
     for length in lengths:
-        results = evaluate_settings(
-            model, runtime, windows[length], settings, device=device, batch_size=cfg.trainer.micro_batch_size
-        )
+        common = dict(device=device, batch_size=cfg.trainer.micro_batch_size, recall=cfg.eval.recall)
+        results = evaluate_settings(model, runtime, windows[length], settings, **common)
         if cfg.eval.oracle and sparse:
-            results += evaluate_settings(
-                model, runtime, windows[length], sparse, device=device, batch_size=cfg.trainer.micro_batch_size, oracle=True
-            )
+            results += evaluate_settings(model, runtime, windows[length], sparse, oracle=True, **common)
         for result in results:
             realised = result["realised_density"]
             realised = math.nan if realised is None else realised
@@ -199,6 +202,7 @@ def evaluate_settings(
     device: torch.device,
     batch_size: int = 1,
     oracle: bool = False,
+    recall: bool = False,
 ) -> list[dict[str, Any]]:
     """Perplexity and realised density of `model` on `dataset` for each ("density"|"threshold", value).
 
@@ -211,10 +215,13 @@ def evaluate_settings(
         batch_size: Windows per forward. Default 1.
         oracle: Rank blocks by the true pooled attention instead of the gates (`SeerSettings.oracle`). Default
             False.
+        recall: For sparse settings, also measure the selection's recall of the ground truth per layer (every
+            row), and the best recall of a selection of the same size (`selection.block_recall`). Default False.
 
     Returns:
         One dict per setting: setting, value, selection (`dense`, `gate` or `oracle`), ppl, loss, tokens,
-        realised_density (None if no layer reported).
+        realised_density (None if no layer reported), recall and oracle_recall (means over layers) with their
+        per-layer lists (None without `recall` or for dense).
     """
     from ..perplexity import perplexity
 
@@ -228,24 +235,35 @@ def evaluate_settings(
                 mode="dense" if dense else "joint",
                 density=value if kind == "density" and not dense else None,
                 threshold=value if kind == "threshold" else None,
-                compute_loss=False,
+                compute_loss=recall and not dense,
                 oracle=oracle,
             ):
                 runtime.take_stats()
                 result = perplexity(model, dataset, device=device, batch_size=batch_size)
-                densities = [v for k, v in runtime.take_stats().items() if k.startswith("density/")]
+                stats = runtime.take_stats()
+            per_layer = {name: _layer_values(stats, name) for name in ("density", "recall", "oracle_recall")}
+            densities = per_layer["density"]
             realised = 1.0 if dense else (sum(densities) / len(densities) if densities else None)
-            out.append(
-                {
-                    "setting": kind,
-                    "value": value,
-                    "selection": "dense" if dense else "oracle" if oracle else "gate",
-                    "ppl": result["ppl"],
-                    "loss": result["loss"],
-                    "tokens": result["tokens"],
-                    "realised_density": realised,
-                }
-            )
+            row = {
+                "setting": kind,
+                "value": value,
+                "selection": "dense" if dense else "oracle" if oracle else "gate",
+                "ppl": result["ppl"],
+                "loss": result["loss"],
+                "tokens": result["tokens"],
+                "realised_density": realised,
+            }
+            for name in ("recall", "oracle_recall"):
+                values = per_layer[name]
+                row[name] = sum(values) / len(values) if values else None
+                row[f"{name}_per_layer"] = values or None
+            out.append(row)
     finally:
         runtime.training = saved_training
     return out
+
+
+def _layer_values(stats: dict[str, float], name: str) -> list[float]:
+    """The per-layer values `<name>/<layer>` of `SeerRuntime.take_stats`, in layer order."""
+    found = [(int(key.rsplit("/", 1)[1]), value) for key, value in stats.items() if key.rsplit("/", 1)[0] == name]
+    return [value for _, value in sorted(found)]

@@ -75,6 +75,12 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     assert json.loads((tmp_path / "eval.json").read_text())["results"] == rows
     assert "density=0.1" in printed and "ppl" in printed
     assert [r["selection"] for r in rows] == ["dense", "gate", "gate"]
+    # recall of the ground truth per layer for the sparse settings, never above the best of the same size
+    assert rows[0]["recall"] is None and rows[0]["recall_per_layer"] is None
+    for r in rows[1:]:
+        assert len(r["recall_per_layer"]) == len(r["oracle_recall_per_layer"]) == len(gates["layers"])
+        assert all(0 < g <= o + 1e-6 <= 1 + 2e-6 for g, o in zip(r["recall_per_layer"], r["oracle_recall_per_layer"]))
+    assert rows[1]["recall"] > rows[2]["recall"]  # more blocks kept, more recalled
 
     # eval.oracle adds each sparse setting once more with blocks ranked by the true pooled attention
     cfg.eval.oracle, cfg.eval.densities = True, [1.0, 0.5]
@@ -88,6 +94,8 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     assert oracle_rows[1]["realised_density"] == pytest.approx(rows[1]["realised_density"])
     assert oracle_rows[1]["ppl"] != pytest.approx(rows[1]["ppl"])
     assert abs(oracle_rows[2]["realised_density"] - 0.5) < 0.05 and oracle_rows[2]["ppl"] != oracle_rows[1]["ppl"]
+    # ranking by the ground truth recalls more of it than the gates do (all of it but what forced blocks displace)
+    assert oracle_rows[1]["recall"] < oracle_rows[2]["recall"] <= oracle_rows[2]["oracle_recall"] + 1e-6
     assert "oracle" in capsys.readouterr().out
 
     # a rerun reuses the distilled gates instead of distilling again
