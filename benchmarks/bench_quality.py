@@ -40,6 +40,9 @@ from seer_finetune.metrics import read_metrics  # noqa: E402
 TRAIN_CORPORA = ("spurgeon_treasury_of_david", "bible_web", "acl2", "coq", "linux")
 EVAL_FAMILIES = {"books": ("austen", "shakespeare"), "technical": ("hol_light",)}
 SPARSE_RUNS = {"sparsity50": 0.5, "sparsity90": 0.1}
+# Per-layer statistics of a sparse evaluation (realised density, recall of the ground truth, and the best recall
+# of a selection of the same size).
+LAYER_STATS = ("density", "recall", "oracle_recall")
 
 
 def stage_data(corpora: Path, out: Path, train_mb: float, eval_mb: float = math.inf, min_eval_bytes: int = 0) -> dict[str, Path]:
@@ -202,7 +205,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
             return
         model, runtime = load()
         row: dict[str, Any] = {"run": name, "length": length, "target_sparsity": sparsity_target}
-        per_layer: dict[str, list[float]] = {}
+        per_layer: dict[str, dict[str, list[float]]] = {name: {} for name in LAYER_STATS}
         for family in EVAL_FAMILIES:
             if runtime is not None:
                 runtime.take_stats()
@@ -211,18 +214,24 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
             row[f"windows_{family}"] = len(windows[(family, length)])
             if runtime is not None:
                 stats = runtime.take_stats()
-                # Keys are density/<layer>: order by the layer number, not the string.
-                layer_stats = sorted((int(k.split("/")[1]), v) for k, v in stats.items() if k.startswith("density/"))
-                per_layer[family] = [v for _, v in layer_stats]
+                for name in LAYER_STATS:
+                    # Keys are <name>/<layer>: order by the layer number, not the string.
+                    found = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in stats.items() if k.rsplit("/", 1)[0] == name)
+                    per_layer[name][family] = [v for _, v in found]
         if runtime is not None and runtime.settings.mode == "joint":
-            layers = [statistics.mean(vals) for vals in zip(*per_layer.values())]
-            row["realised_density_per_layer"] = layers
-            row["realised_sparsity"] = 1.0 - statistics.mean(layers)
+            for name in LAYER_STATS:
+                key = "realised_density" if name == "density" else name
+                layers = [statistics.mean(vals) for vals in zip(*per_layer[name].values())]
+                row[f"{key}_per_layer"] = layers
+                row[key] = statistics.mean(layers) if layers else None
+            row["realised_sparsity"] = 1.0 - row["realised_density"]
         else:
             row["realised_sparsity"] = 0.0
         if passkey:
             row["passkey"] = {
-                str(n): passkey_accuracy(model, tokenizer, n, trials=args.passkey_trials, device=device)["accuracy"]
+                str(n): passkey_accuracy(
+                    model, tokenizer, n, trials=args.passkey_trials, device=device, runtime=runtime
+                )
                 for n in passkey_lengths
             }
         del model
@@ -249,10 +258,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         for label, oracle, budget in ((name, False, a.budget), (f"{name}, oracle selection", True, a.budget),
                                       (f"{name}, {other} budget", False, other)):
             runtime = runtime_from_config(a)
-            runtime.configure(density=density, oracle=oracle, budget=budget, compute_loss=False)
+            # The gate loss's ground truth on every row also gives each layer's recall.
+            runtime.configure(density=density, oracle=oracle, budget=budget, compute_loss=True)
             runtime.training = False
             load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
-            record(label, load, args.seq_len, 1.0 - density, passkey=label == name)
+            record(label, load, args.seq_len, 1.0 - density, passkey=budget == a.budget)
     return rows
 
 
@@ -269,16 +279,25 @@ def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> 
     """The markdown table of `rows` (perplexity relative to the dense run at `seq_len`) and the throughput line."""
     dense = next(r for r in rows if r["run"].startswith("dense"))
     lines = [
-        "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense | passkey (1/4, 1/2, full) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense "
+        "| recall (best) | passkey 1/4, 1/2, full [95% interval] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = lambda fam: "" if r["length"] != seq_len else f"{100 * (r[f'ppl_{fam}'] / dense[f'ppl_{fam}'] - 1):+.2f}%"
-        passkey = ", ".join(f"{v:.2f}" for v in r["passkey"].values()) if "passkey" in r else "-"
+        passkey = "; ".join(
+            f"{p['accuracy']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" for p in r["passkey"].values()
+        ) if "passkey" in r else "-"
+        recall = f"{r['recall']:.3f} ({r['oracle_recall']:.3f})" if r.get("recall") is not None else "-"
         lines.append(
             f"| {r['run']} | {r['length']} | {r['target_sparsity']:.2f} | {r['realised_sparsity']:.3f} | "
-            f"{r['ppl_books']:.3f} | {rel('books')} | {r['ppl_technical']:.3f} | {rel('technical')} | {passkey} |"
+            f"{r['ppl_books']:.3f} | {rel('books')} | {r['ppl_technical']:.3f} | {rel('technical')} | {recall} "
+            f"| {passkey} |"
         )
+    passkey_runs = [r for r in rows if "passkey" in r]
+    if passkey_runs:
+        trials = next(iter(passkey_runs[0]["passkey"].values()))["trials"]
+        lines += ["", f"Passkey: {trials} trials per length, needle depths 0.1 to 0.9, teacher-forced greedy answer."]
     lines += [
         "",
         f"Training throughput at {seq_len} tokens: dense {speed['dense']:.0f} tokens/s, 90% sparsity "
@@ -385,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-mb", type=float, default=math.inf, help="MB of files taken from each evaluation corpus")
     parser.add_argument("--eval-windows", type=int, default=8, help="evaluation windows per family and length")
     parser.add_argument("--train-eval-windows", type=int, default=2)
-    parser.add_argument("--passkey-trials", type=int, default=5)
+    parser.add_argument("--passkey-trials", type=int, default=20)
     parser.add_argument("--num-proc", type=int, default=8)
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,23 +1,47 @@
 """Passkey retrieval: can the model read back a number hidden at some depth of a long filler text?
 
 The prompt is filler sentences with "The pass key is NNNNN. Remember it. NNNNN is the pass key." inserted at a
-random depth, ending with "What is the pass key? The pass key is". Scoring is greedy and teacher-forced in one
+given depth, ending with "What is the pass key? The pass key is". Scoring is greedy and teacher-forced in one
 forward pass: a trial counts as retrieved when the model's argmax at every answer position is the next answer
-token. That equals greedy decoding of the answer, and needs no KV cache (which the seer path does not have).
+token. That equals greedy decoding of the answer.
+
+A handful of trials cannot tell two models apart (5 trials resolve nothing finer than 0.2), so trials are spread
+over several needle depths and the accuracy comes with a Wilson score interval. For a model with seer gates, each
+trial can also record, per layer, whether the block selection at the question kept a key block of the needle:
+where retrieval fails, that says which layers dropped it.
 """
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = " What is the pass key? The pass key is"
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def build_trial(tokenizer, length: int, depth: float, passkey: int) -> tuple[list[int], list[int]]:
-    """Token ids of one trial: (prompt, answer), the prompt about `length - len(answer)` tokens long.
+@dataclass(frozen=True)
+class Trial:
+    """One passkey prompt.
+
+    Attributes:
+        prompt: Token ids up to and including the question.
+        answer: Token ids of the passkey the model should continue with.
+        needle: `(start, end)` token positions of the inserted needle sentence within `prompt`.
+    """
+
+    prompt: list[int]
+    answer: list[int]
+    needle: tuple[int, int]
+
+
+def build_trial(tokenizer, length: int, depth: float, passkey: int) -> Trial:
+    """Token ids of one trial, the prompt about `length - len(answer)` tokens long.
 
     Args:
         tokenizer: The model's tokenizer.
@@ -38,7 +62,37 @@ def build_trial(tokenizer, length: int, depth: float, passkey: int) -> tuple[lis
     while cut > 0 and cut < budget and filler[cut - 1] != filler_unit[-1]:
         cut -= 1
     prompt = filler[:cut] + needle + filler[cut:] + question
-    return prompt, answer
+    return Trial(prompt=prompt, answer=answer, needle=(cut, cut + len(needle)))
+
+
+def wilson_interval(hits: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a success rate (95% by default), sound also at 0 or `trials` hits.
+
+    Args:
+        hits: Successes.
+        trials: Attempts (> 0).
+        z: Standard-normal quantile of the interval's confidence. Default 1.96 (95%).
+
+    Returns:
+        (low, high) bounds in [0, 1].
+    """
+    p = hits / trials
+    denom = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _needle_kept(runtime, trial: Trial) -> dict[int, float]:
+    """Per layer, the share of heads whose block selection for the question's last query block keeps a key
+    block that holds part of the needle (from the masks the runtime recorded in the last forward)."""
+    block = runtime.settings.block_size
+    row = (len(trial.prompt) - 1) // block
+    needle_blocks = slice(trial.needle[0] // block, (trial.needle[1] - 1) // block + 1)
+    return {
+        layer: float(mask[0, :, row, needle_blocks].any(-1).float().mean())
+        for layer, mask in sorted(runtime.block_masks.items())
+    }
 
 
 @torch.no_grad()
@@ -47,30 +101,71 @@ def passkey_accuracy(
     tokenizer,
     length: int,
     *,
-    trials: int = 5,
+    trials: int = 20,
+    depths: Sequence[float] = DEPTHS,
     device: torch.device | str = "cpu",
     seed: int = 0,
-) -> dict[str, float]:
-    """Fraction of `trials` passkeys retrieved at prompt length `length` (depths spread evenly over 0..1).
+    runtime=None,
+) -> dict:
+    """Passkeys retrieved at prompt length `length`, over `trials` trials spread round-robin over `depths`.
+
+    Args:
+        model: A causal LM (with or without seer gates).
+        tokenizer: Its tokenizer.
+        length: Prompt length in tokens (answer included).
+        trials: Number of trials (each a fresh random passkey). Default 20.
+        depths: Needle depths as fractions of the filler. Default 0.1, 0.3, 0.5, 0.7, 0.9.
+        device: Where the model runs.
+        seed: Seed of the passkeys.
+        runtime: The model's `SeerRuntime`, to record per layer whether the sparse selection at the question kept
+            a block of the needle (only for sparse settings). Default None.
 
     Returns:
-        {"length", "trials", "accuracy"}.
+        {"length", "trials", "hits", "accuracy", "ci_low", "ci_high" (95% Wilson), "per_depth": {depth: accuracy},
+        "needle_kept_per_layer": [share of heads per layer, averaged over trials] or None}.
     """
+    if trials < 1 or not depths:
+        raise ValueError("passkey needs at least one trial and one depth")
     rng = random.Random(seed)
     was_training = model.training
     model.eval()
-    hits = 0
+    hits, per_depth = 0, {float(d): [0, 0] for d in depths}
+    kept: dict[int, list[float]] = {}
+    record = runtime is not None and runtime.sparse
+    if record:
+        saved_record = runtime.record_block_masks
+        runtime.record_block_masks = True
     try:
         for t in range(trials):
-            depth = (t + 0.5) / trials
-            prompt, answer = build_trial(tokenizer, length, depth, rng.randrange(10_000, 100_000))
-            ids = torch.tensor([prompt + answer], device=device)
+            depth = float(depths[t % len(depths)])
+            trial = build_trial(tokenizer, length, depth, rng.randrange(10_000, 100_000))
+            ids = torch.tensor([trial.prompt + trial.answer], device=device)
             logits = model(input_ids=ids, use_cache=False).logits[0]
             # Logits at position i predict token i + 1: the answer's tokens are predicted from the positions
             # just before each of them.
-            start = len(prompt) - 1
-            predicted = logits[start : start + len(answer)].argmax(-1).tolist()
-            hits += int(predicted == answer)
+            start = len(trial.prompt) - 1
+            predicted = logits[start : start + len(trial.answer)].argmax(-1).tolist()
+            hit = int(predicted == trial.answer)
+            hits += hit
+            per_depth[depth][0] += hit
+            per_depth[depth][1] += 1
+            if record:
+                for layer, share in _needle_kept(runtime, trial).items():
+                    kept.setdefault(layer, []).append(share)
     finally:
         model.train(was_training)
-    return {"length": length, "trials": trials, "accuracy": hits / trials}
+        if record:
+            runtime.record_block_masks = saved_record
+            runtime.block_masks.clear()
+    low, high = wilson_interval(hits, trials)
+    needle: Optional[list[float]] = [sum(v) / len(v) for _, v in sorted(kept.items())] if kept else None
+    return {
+        "length": length,
+        "trials": trials,
+        "hits": hits,
+        "accuracy": hits / trials,
+        "ci_low": low,
+        "ci_high": high,
+        "per_depth": {str(d): h / n for d, (h, n) in per_depth.items() if n},
+        "needle_kept_per_layer": needle,
+    }
