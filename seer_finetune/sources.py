@@ -94,9 +94,8 @@ class _Reader:
 
     def text_file(self, path: Path) -> str | None:
         """The file's text (newlines normalised as text mode reads them), or None when it is not text."""
-        data = path.read_bytes()
-        problem = text_problem(data)
-        if problem is not None:
+        text, problem = decode_text(path.read_bytes())
+        if text is None:
             if self.policy == "error":
                 raise ConfigError(
                     f"{self.config_field}: {path} is not text ({problem}); remove it, narrow data.file_glob, or set "
@@ -104,7 +103,6 @@ class _Reader:
                 )
             self.out.skipped_files.append(SkippedFile(str(path), problem, self.config_field))
             return None
-        text = data.decode("utf-8", errors="replace")
         return text.replace("\r\n", "\n").replace("\r", "\n")
 
     def rows(self, values: list, place: Callable[[int], str]) -> list[str]:
@@ -118,7 +116,7 @@ class _Reader:
                 continue
             if value is None:
                 continue
-            kind = "a string holding NUL characters" if isinstance(value, str) else f"{_article(type(value).__name__)}"
+            kind = "a string holding NUL characters" if isinstance(value, str) else _article(type(value).__name__)
             if self.policy == "error":
                 raise ConfigError(
                     f"{place(i)}: data.text_field {self.text_field!r} is {kind}, not a string; fix the row, or set "
@@ -163,30 +161,28 @@ def _article(noun: str) -> str:
     return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
-def text_problem(data: bytes) -> str | None:
-    """Why the bytes of a file are not text, or None when they are.
+def decode_text(data: bytes) -> tuple[str | None, str | None]:
+    """The text of a file's bytes, or why they are not text.
 
     Args:
         data: The file's bytes.
 
     Returns:
-        "NUL bytes" (binaries, UTF-16), or "invalid UTF-8: x% of bytes" when more than `INVALID_UTF8_TOLERANCE`
-        of the bytes are not UTF-8 (another encoding such as latin-1); None for UTF-8 text, a few stray bytes
-        allowed.
+        `(text, None)` for UTF-8 (a few stray bytes, at most `INVALID_UTF8_TOLERANCE` of them, read as U+FFFD), or
+        `(None, reason)`: "NUL bytes" (binaries, UTF-16), or "invalid UTF-8: x% of bytes" (another encoding, such
+        as latin-1).
     """
     if b"\x00" in data:
-        return "NUL bytes"
+        return None, "NUL bytes"
     try:
-        data.decode("utf-8")
-        return None
+        return data.decode("utf-8"), None
     except UnicodeDecodeError:
         pass
-    # Each byte that is not part of valid UTF-8 becomes one lone surrogate U+DC80..U+DCFF.
-    decoded = data.decode("utf-8", errors="surrogateescape")
-    invalid = sum(1 for ch in decoded if "\udc80" <= ch <= "\udcff")
+    # The bytes that are not part of valid UTF-8 are those a lenient decode drops.
+    invalid = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
     if invalid > INVALID_UTF8_TOLERANCE * len(data):
-        return f"invalid UTF-8: {100 * invalid / len(data):.2g}% of bytes"
-    return None
+        return None, f"invalid UTF-8: {100 * invalid / len(data):.1f}% of bytes"
+    return data.decode("utf-8", errors="replace"), None
 
 
 def _json_records(path: Path, text: str, text_field: str) -> tuple[Callable[[int], str], list, set[str]]:
@@ -250,7 +246,7 @@ def read_source(
         split: Split of a hub dataset. Default "train".
         file_glob: Files considered inside a directory. Default all files, recursively.
         invalid_files: `skip` (leave out, with a warning naming them) or `error` (refuse in one line) files that
-            are not text (`text_problem`) and table rows whose text is not a string.
+            are not text (`decode_text`) and table rows whose text is not a string.
         config_field: The field that named the source, for messages.
 
     Returns:
