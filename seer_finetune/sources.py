@@ -94,7 +94,11 @@ class _Reader:
 
     def text_file(self, path: Path) -> str | None:
         """The file's text (newlines normalised as text mode reads them), or None when it is not text."""
-        text, problem = decode_text(path.read_bytes())
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{self.config_field}: cannot read {path} ({exc.strerror or exc})") from None
+        text, problem = decode_text(data)
         if text is None:
             if self.policy == "error":
                 raise ConfigError(
@@ -274,7 +278,10 @@ def read_source(
         documents.extend(reader.rows(values, lambda i: f"{source}:row {i + 1}"))
     elif resolved.is_dir():
         # Every file is one document (source code, proofs and books alike); tables hold many documents.
-        files = sorted(p for p in resolved.glob(file_glob) if p.is_file() and not p.name.startswith("."))
+        try:
+            files = sorted(p for p in resolved.glob(file_glob) if p.is_file() and not p.name.startswith("."))
+        except (ValueError, NotImplementedError) as exc:
+            raise ConfigError(f"data.file_glob={file_glob!r}: {exc}") from None
         for path in files:
             if path.suffix in TABLE_SUFFIXES:
                 documents.extend(reader.table(path))

@@ -150,3 +150,9 @@ def test_json_forms_and_malformed_lines_are_named(tmp_path):
     (tmp_path / "folder" / "b.jsonl").write_text('{"text": "ok"}\n{"text": "torn')
     with pytest.raises(ConfigError, match=r"b.jsonl:2: not valid JSON"):
         load_documents(str(tmp_path / "folder"))
+
+
+def test_an_absolute_file_glob_is_one_line(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ConfigError, match=r"data.file_glob='/etc/\*': Non-relative patterns are unsupported"):
+        load_documents(str(tmp_path), file_glob="/etc/*")
