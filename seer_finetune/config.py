@@ -85,6 +85,10 @@ class DataConfig:
         file_glob: Pattern for files inside a directory source.
         attend_within_documents: Restart position ids at every packed document so attention stays inside
             documents (transformers then masks across boundaries; the seer backend does it blockwise).
+        invalid_files: What happens to files of a source that are not text (NUL bytes, as in binaries; or more
+            than 0.1% of bytes invalid UTF-8, as in another encoding) and to table rows whose text field is not a
+            string: `skip` (left out with a warning naming them, counted in the run's summary) or `error`
+            (the run stops with one line naming the first).
     """
 
     source: str = MISSING
@@ -99,6 +103,7 @@ class DataConfig:
     num_proc: int = 2
     file_glob: str = "**/*"
     attend_within_documents: bool = False
+    invalid_files: str = "skip"
 
 
 @dataclass
@@ -365,8 +370,58 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
     if value is None or (value < 0 if allow_zero else value <= 0):
         raise ConfigError(f"{name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _fraction(name: str, value: float, *, open_low: bool) -> None:
+    """`value` in (0, 1] (`open_low`) or [0, 1]; NaN fails both."""
+    inside = (0.0 < value <= 1.0) if open_low else (0.0 <= value <= 1.0)
+    if not inside:
+        raise ConfigError(f"{name}={value!r} must be in {'(0, 1]' if open_low else '[0, 1]'}")
+
+
+def check_sequence_lengths(d: DataConfig, limit: int, limit_name: str, fix: str) -> None:
+    """Refuse a training or evaluation sequence longer than a context, naming the field that is too long.
+
+    Args:
+        d: The data section (`seq_len`, `eval_seq_len`).
+        limit: The longest sequence the model takes.
+        limit_name: What the limit is, for the message (e.g. "the model's context (256 tokens)").
+        fix: How to proceed, for the message.
+
+    Raises:
+        ConfigError: `data.seq_len=N exceeds <limit_name>; <fix>` (or `data.eval_seq_len=...`).
+    """
+    for name, value in (("data.seq_len", d.seq_len), ("data.eval_seq_len", d.eval_seq_len)):
+        if value is not None and value > limit:
+            raise ConfigError(f"{name}={value} exceeds {limit_name}; {fix}")
+
+
+def gate_init_stage(a: AttentionConfig) -> bool:
+    """Whether an attention section asks for a gate-distillation stage before its own (`init_steps > 0`).
+
+    Args:
+        a: The attention section.
+
+    Returns:
+        True for `backend=seer` with `init_steps > 0` (and `mode=joint`, no `gates_path`).
+
+    Raises:
+        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint` or with a
+            `gates_path`.
+    """
+    if a.init_steps < 0:
+        raise ConfigError(f"attention.init_steps={a.init_steps} must be >= 0")
+    if a.backend != "seer" or a.init_steps == 0:
+        return False
+    if a.mode != "joint":
+        raise ConfigError(f"attention.init_steps needs attention.mode=joint (got {a.mode}): it distils gates before joint training")
+    if a.gates_path:
+        raise ConfigError("attention.init_steps and attention.gates_path both set: the gates would come from two places")
+    return True
 
 
 def validate_rope(r: RopeConfig) -> RopeConfig:
@@ -387,6 +442,10 @@ def validate_rope(r: RopeConfig) -> RopeConfig:
     _positive("rope.original_max_position_embeddings", r.original_max_position_embeddings)
     if r.factor is None and r.max_position_embeddings is None:
         raise ConfigError("rope: set rope.factor or rope.max_position_embeddings for YaRN")
+    if r.factor is not None:
+        _positive("rope.factor", r.factor)
+    if r.max_position_embeddings is not None:
+        _positive("rope.max_position_embeddings", r.max_position_embeddings)
     if r.factor is None:
         r.factor = r.max_position_embeddings / r.original_max_position_embeddings
     if r.max_position_embeddings is None:
@@ -413,14 +472,16 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         _positive("data.eval_seq_len", d.eval_seq_len)
     _positive("data.num_proc", d.num_proc)
     _positive("data.eval_documents", d.eval_documents, allow_zero=True)
+    _positive("data.max_eval_sequences", d.max_eval_sequences, allow_zero=True)
+    _choice("data.invalid_files", d.invalid_files, ("skip", "error"))
+    for name in ("file_glob", "text_field"):
+        if not getattr(d, name):
+            raise ConfigError(f"data.{name} must not be empty")
 
     validate_rope(r)
     if r.type == "yarn":
-        if d.seq_len > r.max_position_embeddings:
-            raise ConfigError(
-                f"data.seq_len={d.seq_len} exceeds the YaRN target length rope.max_position_embeddings="
-                f"{r.max_position_embeddings}; raise rope.factor"
-            )
+        target = f"the YaRN target length rope.max_position_embeddings={r.max_position_embeddings}"
+        check_sequence_lengths(d, r.max_position_embeddings, target, "raise rope.factor")
         _positive("rope.beta_fast", r.beta_fast)
         _positive("rope.beta_slow", r.beta_slow)
         if r.attention_factor is not None:
@@ -442,16 +503,18 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)
     _choice("attention.budget", a.budget, ("row", "layer"))
-    if not 0.0 < a.ground_truth_query_fraction <= 1.0:
-        raise ConfigError(f"attention.ground_truth_query_fraction={a.ground_truth_query_fraction} must be in (0, 1]")
-    if a.density is not None and not 0.0 < a.density <= 1.0:
-        raise ConfigError(f"attention.density={a.density} must be in (0, 1]")
+    _fraction("attention.ground_truth_query_fraction", a.ground_truth_query_fraction, open_low=True)
+    if a.density is not None:
+        _fraction("attention.density", a.density, open_low=True)
+    if a.threshold is not None:
+        _fraction("attention.threshold", a.threshold, open_low=False)
     if a.density is not None and a.threshold is not None:
         raise ConfigError("attention: set either density or threshold, not both")
     if a.backend == "seer" and a.mode == "joint" and a.density is None and a.threshold is None:
         raise ConfigError("attention.mode=joint needs attention.density or attention.threshold")
     if a.backend != "seer" and a.mode != "dense":
         raise ConfigError(f"attention.mode={a.mode} needs attention.backend=seer")
+    gate_init_stage(a)
 
     _choice("peft.method", p.method, ("full", "lora"))
     if p.method == "lora":
@@ -465,6 +528,8 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("optim.lr", o.lr, allow_zero=True)
     if o.gate_lr is not None:
         _positive("optim.gate_lr", o.gate_lr, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.eps", o.eps, allow_zero=True)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
     _choice("optim.schedule", o.schedule, ("cosine", "linear", "constant"))
@@ -492,4 +557,14 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("deepspeed.sequence_parallel_size", ds.sequence_parallel_size)
     if ds.sequence_parallel_size > 1 and not ds.enabled:
         raise ConfigError("deepspeed.sequence_parallel_size > 1 needs deepspeed.enabled=true")
+
+    for length in cfg.eval.lengths:
+        if length <= 0:
+            raise ConfigError(f"eval.lengths: {length} must be > 0")
+    for density in cfg.eval.densities:
+        if not 0.0 < density <= 1.0:
+            raise ConfigError(f"eval.densities: {density} must be in (0, 1]")
+    for threshold in cfg.eval.thresholds:
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"eval.thresholds: {threshold} must be in [0, 1]")
     return cfg

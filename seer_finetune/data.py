@@ -1,111 +1,33 @@
 """Text in, packed token sequences out.
 
-Sources: a Hugging Face dataset name, a local .txt / .jsonl / .json / .parquet file, a directory of them
-(each .txt file is one document), or `builtin:shakespeare` (the corpus shipped in the repo). Documents are
-tokenised in parallel with the model's tokenizer, cached on disk, and packed into sequences of exactly
+Sources (`seer_finetune.sources`): a Hugging Face dataset name, a local .txt / .jsonl / .json / .parquet file, a
+directory of them (each text file is one document), or `builtin:shakespeare` (the corpus shipped in the repo);
+files that are not text are left out or refused (`data.invalid_files`). Documents are tokenised in parallel with the model's tokenizer, cached on disk, and packed into sequences of exactly
 `seq_len` tokens with EOS after every document. Each sequence keeps its document boundaries, so attention
 can be kept inside documents (position ids restart per document; a varlen kernel can read them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-TEXT_SUFFIXES = {".txt", ".md", ".text"}
-TABLE_SUFFIXES = {".jsonl", ".json", ".parquet"}
+# `load_documents` and `resolve_source` are part of this module's interface too (the eval job and benchmarks
+# read documents through it).
+from .sources import EXAMPLES_NAMED, SkippedFile, load_documents, read_source, resolve_source  # noqa: F401
 
 
 def _default_cache_dir() -> Path:
     return Path(os.environ.get("SEER_CACHE", Path.home() / ".cache" / "seer-finetune")) / "data"
-
-
-def resolve_source(source: str) -> Path | str:
-    """A local path (checked to exist) or a hub dataset name.
-
-    `builtin:NAME` maps to the shipped corpus; anything that looks like a path (absolute, `./`, `~`, or with
-    a file suffix) must exist, so a typo gives a clear error instead of a hub lookup.
-    """
-    if source.startswith("builtin:"):
-        path = ASSETS / "corpus" / source.split(":", 1)[1]
-        if not path.is_dir():
-            available = ", ".join(sorted(p.name for p in (ASSETS / "corpus").iterdir()))
-            raise ConfigError(f"data.source={source!r}: no such built-in corpus (available: {available})")
-        return path
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    looks_local = source.startswith(("/", "./", "../", "~")) or path.suffix in TEXT_SUFFIXES | TABLE_SUFFIXES
-    if looks_local or source.count("/") > 1:
-        raise ConfigError(f"data path does not exist: {source}")
-    return source
-
-
-def _read_table(path: Path, text_field: str) -> list[str]:
-    import datasets
-
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    if text_field not in table.column_names:
-        raise ConfigError(
-            f"{path}: no text field {text_field!r} (columns: {', '.join(table.column_names)}); set data.text_field"
-        )
-    return [t for t in table[text_field] if t]
-
-
-def load_documents(source: str, *, text_field: str = "text", split: str = "train", file_glob: str = "**/*") -> list[str]:
-    """Read every document of a source as a list of strings.
-
-    Args:
-        source: See the module docstring.
-        text_field: Column with the text for tables and hub datasets. Default "text".
-        split: Split of a hub dataset. Default "train".
-        file_glob: Files considered inside a directory. Default all files, recursively.
-
-    Raises:
-        ConfigError: missing path, missing text field, or no text at all.
-    """
-    resolved = resolve_source(source)
-    documents: list[str] = []
-    if isinstance(resolved, str):
-        import datasets
-
-        try:
-            table = datasets.load_dataset(resolved, split=split)
-        except Exception as exc:  # hub errors come in many types; the user needs one line
-            raise ConfigError(f"cannot load dataset {source!r} (split {split!r}): {str(exc).splitlines()[0]}") from None
-        if text_field not in table.column_names:
-            raise ConfigError(
-                f"dataset {source!r}: no text field {text_field!r} (columns: {', '.join(table.column_names)})"
-            )
-        documents = [t for t in table[text_field] if t]
-    elif resolved.is_dir():
-        # Every file is one document (source code, proofs and books alike); tables hold many documents.
-        files = sorted(p for p in resolved.glob(file_glob) if p.is_file() and not p.name.startswith("."))
-        for path in files:
-            if path.suffix in TABLE_SUFFIXES:
-                documents.extend(_read_table(path, text_field))
-            else:
-                text = path.read_text(encoding="utf-8", errors="replace")
-                if text.strip():
-                    documents.append(text)
-    elif resolved.suffix in TABLE_SUFFIXES:
-        documents = _read_table(resolved, text_field)
-    else:
-        text = resolved.read_text(encoding="utf-8", errors="replace")
-        documents = [text] if text.strip() else []
-    if not documents:
-        raise ConfigError(f"data source {source!r} holds no text")
-    return documents
 
 
 def tokenize_documents(documents: list[str], tokenizer, num_proc: int = 1) -> list[np.ndarray]:
@@ -250,23 +172,67 @@ class DocumentWindows(torch.utils.data.Dataset):
 
 @dataclass
 class DataBundle:
-    """A run's data: packed training sequences, and evaluation windows when there are held-out documents."""
+    """A run's data: packed training sequences, evaluation windows when there are held-out documents, and what
+    was left out of the sources.
+
+    Attributes:
+        train: The packed training sequences.
+        eval: The evaluation windows, or None.
+        skipped_files: Files of `data.source` / `data.eval_source` that are not text (`data.invalid_files=skip`).
+        skipped_rows: Table rows whose text field is not a string.
+        skipped_row_examples: `file:line` of the first of those rows.
+    """
 
     train: PackedSequences
     eval: DocumentWindows | None
+    skipped_files: list[SkippedFile] = field(default_factory=list)
+    skipped_rows: int = 0
+    skipped_row_examples: list[str] = field(default_factory=list)
+
+    def summary(self, max_named: int = EXAMPLES_NAMED) -> dict[str, Any]:
+        """What was left out, as plain JSON values for a run's summary.
+
+        Args:
+            max_named: How many skipped files and rows to name (all are counted).
+
+        Returns:
+            `{"skipped_files": count, "skipped_file_list": [{"path", "reason", "config_field"}, ...],
+            "skipped_rows": count, "skipped_row_examples": ["file:line (kind)", ...]}`.
+        """
+        return {
+            "skipped_files": len(self.skipped_files),
+            "skipped_file_list": [dataclasses.asdict(s) for s in self.skipped_files[:max_named]],
+            "skipped_rows": self.skipped_rows,
+            "skipped_row_examples": self.skipped_row_examples[:max_named],
+        }
 
 
 def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
     """Load, tokenise and pack the training data, and cut evaluation windows.
 
+    Files that are not text are left out before documents are held out for evaluation, so the held-out
+    document is always real text.
+
+    Args:
+        cfg: The data section.
+        tokenizer: The model's tokenizer (needs an EOS token).
+
+    Returns:
+        The bundle, with what was left out of the sources (`DataBundle.summary`).
+
     Raises:
-        ConfigError: empty data, too little text for one training sequence, or no evaluation document long
-            enough for one evaluation window.
+        ConfigError: empty data, a file that is not text under `data.invalid_files=error`, a malformed table, too
+            little text for one training sequence, or no evaluation document long enough for one window.
     """
-    documents = load_documents(cfg.source, text_field=cfg.text_field, split=cfg.split, file_glob=cfg.file_glob)
+    read = dict(text_field=cfg.text_field, split=cfg.split, file_glob=cfg.file_glob, invalid_files=cfg.invalid_files)
+    source = read_source(cfg.source, **read)
+    documents = source.documents
+    left_out = [source]
     eval_len = cfg.eval_seq_len or cfg.seq_len
     if cfg.eval_source is not None:
-        eval_documents = load_documents(cfg.eval_source, text_field=cfg.text_field, split=cfg.split, file_glob=cfg.file_glob)
+        held_out = read_source(cfg.eval_source, config_field="data.eval_source", **read)
+        left_out.append(held_out)
+        eval_documents = held_out.documents
     elif cfg.eval_documents > 0:
         if len(documents) <= cfg.eval_documents:
             raise ConfigError(
@@ -292,7 +258,13 @@ def build_data(cfg: DataConfig, tokenizer) -> DataBundle:
                 f"no evaluation document reaches {eval_len} tokens (the longest has {longest}); "
                 "lower data.eval_seq_len or give longer evaluation text"
             )
-    return DataBundle(train=train, eval=evaluation)
+    return DataBundle(
+        train=train,
+        eval=evaluation,
+        skipped_files=[f for part in left_out for f in part.skipped_files],
+        skipped_rows=sum(part.skipped_rows for part in left_out),
+        skipped_row_examples=[r for part in left_out for r in part.skipped_row_examples][:EXAMPLES_NAMED],
+    )
 
 
 class EpochSampler:

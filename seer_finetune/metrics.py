@@ -11,11 +11,24 @@ from .config import ConfigError, LoggerConfig
 
 
 def require_wandb(cfg: LoggerConfig):
-    """Import wandb for `logger.wandb` online/offline, or raise a one-line ConfigError saying how to proceed.
+    """Import wandb for `logger.wandb` online/offline and, online, check that W&B credentials are configured; else
+    raise a one-line ConfigError saying how to proceed.
 
-    Called before any data or model is loaded, so a missing or broken wandb install (wandb 0.31 imports
-    OpenTelemetry, for one) fails a run in seconds rather than after tokenising and loading.
-    Returns the module, or None when W&B is off.
+    Called before any data or model is loaded and before the run folder is created, so a missing or broken wandb
+    install (wandb 0.31 imports OpenTelemetry, for one) or a missing API key fails a run in seconds and leaves
+    nothing behind, rather than after tokenising and loading. Credentials are looked up where wandb itself looks,
+    without the network: `WANDB_API_KEY` (or `WANDB_IDENTITY_TOKEN_FILE`), the netrc file `wandb login` writes,
+    and wandb's settings. Whether the key is accepted is known only once the server answers. Offline mode needs no
+    key.
+
+    Args:
+        cfg: The logger section.
+
+    Returns:
+        The wandb module, or None when W&B is off.
+
+    Raises:
+        ConfigError: wandb cannot be imported, or `online` without credentials (or with a malformed key).
     """
     if cfg.wandb == "disabled":
         return None
@@ -26,6 +39,51 @@ def require_wandb(cfg: LoggerConfig):
             f"logger.wandb={cfg.wandb} needs the wandb package, which failed to import ({type(exc).__name__}: "
             f"{exc}); install it (pip install wandb) or log to metrics.jsonl only with logger=jsonl"
         ) from exc
+    if cfg.wandb != "online":
+        return wandb
+
+    def configured_key() -> bool:
+        """Whether wandb would find credentials without asking; its own lookup where the release has one."""
+        import netrc
+        import os
+        from urllib.parse import urlsplit
+
+        try:
+            from wandb.sdk import wandb_setup
+            from wandb.sdk.lib import wbauth
+
+            host = wandb_setup.singleton().settings.base_url
+            lookup = wbauth.authenticate_session
+        except (ImportError, AttributeError):
+            lookup = None
+        if lookup is not None:
+            try:
+                return lookup(host=host, source="seer-finetune", prompt=False, update_session=False) is not None
+            except unusable:
+                raise
+            except Exception:  # private API of another release: look where wandb has always looked
+                pass
+        if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+            return True
+        try:
+            entries = netrc.netrc(os.environ.get("NETRC") or None)
+        except (OSError, netrc.NetrcParseError):
+            return False
+        hosts = {urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc, "api.wandb.ai"}
+        return any((entries.authenticators(h) or (None, None, None))[2] for h in hosts)
+
+    # A key in an invalid format, or two kinds of credentials set at once.
+    unusable = getattr(getattr(wandb, "errors", None), "AuthenticationError", None) or ()
+    way_out = (
+        "run `wandb login` or set WANDB_API_KEY, or log without an account: logger=wandb_offline (sync later with "
+        "`wandb sync`) or logger=jsonl"
+    )
+    try:
+        found = configured_key()
+    except unusable as exc:
+        raise ConfigError(f"logger.wandb=online: W&B credentials are unusable ({str(exc).strip().splitlines()[0]}); {way_out}") from None
+    if not found:
+        raise ConfigError(f"logger.wandb=online needs W&B credentials and none are configured; {way_out}")
     return wandb
 
 

@@ -18,12 +18,13 @@ import copy
 import json
 from pathlib import Path
 
-from ..config import ConfigError, SeerConfig
+from ..config import SeerConfig, gate_init_stage
 from .saving import CONFIG_NAME
 
 
 def needs_gate_init(cfg: SeerConfig) -> bool:
-    """Whether `cfg` asks for a gate-distillation stage before its own; refuses settings that cannot work.
+    """Whether `cfg` asks for a gate-distillation stage before its own; refuses settings that cannot work
+    (`config.gate_init_stage`, which `config.validate` also applies).
 
     Args:
         cfg: The configuration of the (final) stage.
@@ -35,16 +36,7 @@ def needs_gate_init(cfg: SeerConfig) -> bool:
         ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint` or with a
             `gates_path`.
     """
-    a = cfg.attention
-    if a.init_steps < 0:
-        raise ConfigError(f"attention.init_steps={a.init_steps} must be >= 0")
-    if a.backend != "seer" or a.init_steps == 0:
-        return False
-    if a.mode != "joint":
-        raise ConfigError(f"attention.init_steps needs attention.mode=joint (got {a.mode}): it distils gates before joint training")
-    if a.gates_path:
-        raise ConfigError("attention.init_steps and attention.gates_path both set: the gates would come from two places")
-    return True
+    return gate_init_stage(cfg.attention)
 
 
 def gate_init_config(cfg: SeerConfig) -> SeerConfig:
@@ -78,13 +70,20 @@ def joint_config(cfg: SeerConfig, gates_dir: Path) -> SeerConfig:
 
 
 def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] | None:
-    """Mean training gate loss over the first and the last `window` logged steps of a run (None if unlogged)."""
+    """Mean training gate loss over the first and the last `window` logged steps of a run (None if unlogged).
+
+    A line that is not JSON (one torn by a crash while it was written) is passed over: the trend is a report,
+    and the metrics file's own reader decides what a torn line means for the run.
+    """
     if not metrics_file.is_file():
         return None
     values = []
-    for line in metrics_file.read_text().splitlines():
-        record = json.loads(line)
-        if "train/seer/gate_loss" in record:
+    for line in metrics_file.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "train/seer/gate_loss" in record:
             values.append(float(record["train/seer/gate_loss"]))
     if not values:
         return None
