@@ -9,14 +9,10 @@ A checkpoint folder `checkpoints/step_000050/` holds
 It is written under a temporary name and renamed into place, so a process killed at any moment leaves
 either the previous checkpoint or the new one, never a partial one. No pickled objects are written or read.
 
-A checkpoint is verified before anything is restored from it (`verify_checkpoint`): every file it should hold
-is there with the size `state.json` recorded, each safetensors header is readable and accounts for the whole
-file, the tensors' names and shapes fit the model and optimizer, and `state.json` has what a restore needs.
-Only headers are read, never tensor data twice. Damage a crash or a full disk can leave (a missing, empty or
-truncated file) makes the checkpoint be moved aside to `checkpoints/damaged/` with a one-line warning, and the
-newest intact older one is restored instead (`resume_from_newest_intact`). A checkpoint that is whole but was
-written for another model (other trainable tensors or shapes) is a configuration error, not damage. Flipped bits
-inside tensor data are not detected (safetensors has no checksums).
+Before anything is restored, a checkpoint is verified from sizes and headers alone (`verify_checkpoint`). A
+damaged one (a file missing, empty or truncated) is moved to `checkpoints/damaged/` with a one-line warning and
+the newest intact older one is restored (`resume_from_newest_intact`); a whole one written for another model is
+a configuration error. Flipped bits inside tensor data are not detected (safetensors has no checksums).
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ import re
 import shutil
 import struct
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -206,13 +203,8 @@ def clean_partial(root: Path) -> None:
 
 
 class CheckpointDamaged(ConfigError):
-    """A checkpoint that cannot be restored: a file missing, empty, truncated or unreadable.
-
-    Attributes:
-        folder: The checkpoint folder.
-        file: The file at fault (its name inside `folder`).
-        reason: What is wrong with it.
-    """
+    """A checkpoint that cannot be restored: `file` (a name inside `folder`) is missing, empty, truncated or
+    unreadable, as `reason` says."""
 
     def __init__(self, folder: Path, file: str, reason: str):
         self.folder, self.file, self.reason = Path(folder), file, reason
@@ -297,17 +289,11 @@ def _read_state(folder: Path) -> dict[str, Any]:
 def _expected_files(folder: Path, state: dict[str, Any], extension_state: Optional[Mapping[str, torch.Tensor]]) -> dict[str, Optional[int]]:
     """{file name: size written (None where the checkpoint predates recorded sizes)}."""
     recorded = state.get("files")
-    if isinstance(recorded, dict):
-        expected = {str(k): int(v) for k, v in recorded.items()}
-        if extension_state and EXTENSION_FILE not in expected:
-            raise _mismatch(folder, "no extension state, this run's extension has some", "attention")
-    else:
-        expected = {}
-        if extension_state or (folder / EXTENSION_FILE).is_file():
-            expected[EXTENSION_FILE] = None
-    for name in REQUIRED_FILES:
-        expected.setdefault(name, None)
-    return expected
+    if not isinstance(recorded, dict):  # a checkpoint that records no sizes: the extension's file is optional
+        recorded = {EXTENSION_FILE: None} if extension_state or (folder / EXTENSION_FILE).is_file() else {}
+    elif extension_state and EXTENSION_FILE not in recorded:
+        raise _mismatch(folder, "no extension state, this run's extension has some", "attention")
+    return {**{name: None for name in REQUIRED_FILES}, **recorded}
 
 
 def verify_checkpoint(
@@ -329,8 +315,7 @@ def verify_checkpoint(
         The checkpoint's parsed `state.json`.
 
     Raises:
-        CheckpointDamaged: a file is missing, empty, truncated or unreadable, or state.json lacks what a restore
-            reads.
+        CheckpointDamaged: a file is missing, empty, truncated or unreadable, or state.json lacks what it needs.
         ConfigError: the checkpoint is whole but was written for another model, optimizer layout or extension.
     """
     folder = Path(path)
@@ -409,13 +394,10 @@ def _load_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
         raise CheckpointDamaged(folder, name, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
-def _restore(
-    folder: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    extension_state: Optional[Mapping[str, torch.Tensor]],
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+Restored = tuple[dict[str, Any], dict[str, torch.Tensor]]
+
+
+def _restore(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, extension_state: Optional[Mapping[str, torch.Tensor]]) -> Restored:
     """Verify `folder` against the model and optimizer, then restore from it (nothing is touched before the check)."""
     state = verify_checkpoint(folder, model=model, optimizer=optimizer, extension_state=extension_state)
     saved = _load_tensors(folder, MODEL_FILE)
@@ -435,14 +417,8 @@ def _restore(
 
 
 def move_aside(folder: Path) -> Path:
-    """Move a damaged checkpoint folder into `checkpoints/damaged/` (kept for inspection, out of every listing).
-
-    Args:
-        folder: The checkpoint folder.
-
-    Returns:
-        Its new path.
-    """
+    """Move a damaged checkpoint folder into `checkpoints/damaged/` (kept for inspection, out of every listing);
+    returns its new path."""
     folder = Path(folder)
     target_dir = folder.parent / DAMAGED_DIR
     target_dir.mkdir(exist_ok=True)
@@ -454,14 +430,7 @@ def move_aside(folder: Path) -> Path:
     return target
 
 
-def _restore_newest_intact(
-    candidates: list[Path],
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    extension_state: Optional[Mapping[str, torch.Tensor]],
-    warn: Callable[[str], None],
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _restore_newest_intact(candidates: list[Path], model, optimizer, scheduler, extension_state, warn: Callable[[str], None]) -> Restored:
     """Restore the first intact folder of `candidates` (newest first); damaged ones before it are moved aside.
 
     A failed restore is followed by a full restore from an older folder, which overwrites everything the
@@ -498,9 +467,7 @@ def load_checkpoint(
 
     Args:
         path: The checkpoint folder, normally the newest of `list_checkpoints`.
-        model: The model whose trainable tensors are restored.
-        optimizer: Its optimizer.
-        scheduler: Its learning-rate schedule.
+        model, optimizer, scheduler: What is restored (the model's trainable tensors).
         extension_state: The extension's current tensors, to check the saved ones against (optional).
         fallback: When `path` is damaged and sits in a run's `checkpoints/` folder, move it aside with a one-line
             warning and restore the newest intact checkpoint older than it instead (`state["step"]` says which).
@@ -538,12 +505,9 @@ def resume_from_newest_intact(
 
     Args:
         run_dir: The run folder.
-        model: The model whose trainable tensors are restored.
-        optimizer: Its optimizer.
-        scheduler: Its learning-rate schedule.
+        model, optimizer, scheduler, warn: As for `load_checkpoint`.
         extension_state: The extension's current tensors (`TrainingExtension.state_dict()`), to check the saved
             ones against.
-        warn: Prints the warnings (default: one line each on stderr).
 
     Returns:
         `(state.json content, extension tensors)` of the checkpoint restored, or None when the run has none.
@@ -559,17 +523,44 @@ def resume_from_newest_intact(
     return _restore_newest_intact(folders[::-1], model, optimizer, scheduler, extension_state, warn or _warn)
 
 
-def newest_intact(run_dir: Path, *, warn: Optional[Callable[[str], None]] = None) -> Optional[Path]:
-    """The newest checkpoint of `run_dir` whose files are whole, or None (what `export` picks by default).
-    Damaged newer ones are named in a warning each (default: on stderr) and left in place."""
-    for folder in step_folders(run_dir)[::-1]:
+def _check_archive(folder: Path, name: str) -> None:
+    """A torch `.pt` file is a zip archive whose directory sits at its end: a truncated one cannot be opened."""
+    if not (folder / name).is_file():
+        raise CheckpointDamaged(folder, name, "missing")
+    try:
+        zipfile.ZipFile(folder / name).close()
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointDamaged(folder, name, f"not a whole torch archive ({exc})") from None
+
+
+def verify_deepspeed_tag(tag_dir: Path, world_size: Optional[int] = None) -> None:
+    """Check a DeepSpeed tag folder (`checkpoints/deepspeed/step_NNNNNN`) without loading it: every rank's RNG
+    file, the model states (ZeRO-3: one per rank) and the optimizer shards (one per rank), each whole.
+
+    Args:
+        tag_dir: The tag folder.
+        world_size: The number of ranks that wrote it, when known (default: as many as there are RNG files).
+
+    Raises:
+        CheckpointDamaged: naming the first file that is missing or damaged.
+    """
+    folder = Path(tag_dir)
+    ranks = world_size or len(list(folder.glob("rng_rank*.safetensors"))) or 1
+    for rank in range(ranks):
+        name = f"rng_rank{rank:05d}.safetensors"
+        if not (folder / name).is_file():
+            raise CheckpointDamaged(folder, name, "missing")
         try:
-            verify_checkpoint(folder)
-        except CheckpointDamaged as exc:
-            (warn or _warn)(f"skipping {exc}")
-            continue
-        return folder
-    return None
+            if "torch_cpu" not in safetensors_header(folder / name):
+                raise ValueError("holds no torch_cpu generator state")
+        except (OSError, ValueError) as exc:
+            raise CheckpointDamaged(folder, name, str(exc)) from None
+    zero3 = not (folder / "mp_rank_00_model_states.pt").is_file() and any(folder.glob("zero_pp_rank_*_model_states.pt"))
+    names = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(ranks)] if zero3 else ["mp_rank_00_model_states.pt"]
+    if any(folder.glob("zero_pp_rank_*_optim_states.pt")):
+        names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(ranks)]
+    for name in names:
+        _check_archive(folder, name)
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], str | None]:

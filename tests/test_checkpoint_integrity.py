@@ -124,15 +124,13 @@ def test_no_intact_checkpoint_is_one_line(reference):
     assert not (run_dir / "summary.json").exists()
 
 
-def test_export_names_the_damaged_file_and_newest_intact_skips_it(reference, capsys):
+def test_export_names_the_damaged_file(reference):
     run_dir, _, _ = reference
     _killed_after_step_3(reference)
     newest = run_dir / "checkpoints" / "step_000003"
     _truncate(newest / "model.safetensors", 0.99)
     with pytest.raises(checkpoint.CheckpointDamaged, match=r"step_000003 is damaged: model.safetensors: .*truncated"):
         load_weights(newest)
-    assert checkpoint.newest_intact(run_dir) == run_dir / "checkpoints" / "step_000002"
-    assert "step_000003" in capsys.readouterr().err
     model, extension, dtype = load_weights(run_dir / "checkpoints" / "step_000002")
     assert model and dtype == "float32"
 
@@ -257,3 +255,42 @@ def test_trainer_resumes_over_a_torn_metrics_line(reference, capsys):
     assert f"{metrics}: line 4 is not a complete JSON record" in err
     assert _losses(run_dir) == _losses(pristine)
     assert_same_folder(pristine / "final", run_dir / "final")
+
+
+@pytest.mark.slow
+def test_deepspeed_tag_folder_written_by_a_real_run_is_verified(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "ds"
+    args = ["+exp=smoke", "rope.factor=2", "data.seq_len=256", "data.max_eval_sequences=1", "deepspeed=zero2",
+            "trainer.micro_batch_size=1", "trainer.max_steps=1", "trainer.save_every=1", "trainer.eval_before=false",
+            "trainer.save_final=false", "trainer.progress_bar=false", f"trainer.output_dir={run_dir}"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "SEER_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "seer_finetune", "train", *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    tag = run_dir / "checkpoints" / "deepspeed" / "step_000001"
+    checkpoint.verify_deepspeed_tag(tag, world_size=2)
+    checkpoint.verify_deepspeed_tag(tag)
+    pristine = tmp_path / "pristine"
+    shutil.copytree(tag, pristine)
+    damage = {
+        "mp_rank_00_model_states.pt": lambda f: _truncate(f, 0.999),
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt": lambda f: f.unlink(),
+        "rng_rank00001.safetensors": lambda f: _truncate(f, 0.5),
+    }
+    for name, spoil in damage.items():
+        shutil.rmtree(tag)
+        shutil.copytree(pristine, tag)
+        spoil(tag / name)
+        with pytest.raises(checkpoint.CheckpointDamaged, match=f"step_000001 is damaged: {name}"):
+            checkpoint.verify_deepspeed_tag(tag, world_size=2)
+    (tag / "rng_rank00001.safetensors").unlink()
+    with pytest.raises(checkpoint.CheckpointDamaged, match="rng_rank00001.safetensors: missing"):
+        checkpoint.verify_deepspeed_tag(tag, world_size=2)
