@@ -1,11 +1,18 @@
-"""Where metrics go: a plain `metrics.jsonl` in the run folder (always) and W&B (online, offline or off)."""
+"""Where metrics go: a plain `metrics.jsonl` in the run folder (always) and W&B (online, offline or off).
+
+Every line written is strict JSON (a non-finite number becomes null; `dumps_json_safe` does the same for other
+files of a run, such as summary.json). A line cut short by a crash, power loss or a full disk is dropped, with a
+one-line warning naming the file, wherever the file is read: on resume the file is rewritten without it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 from .config import ConfigError, LoggerConfig
 
@@ -110,9 +117,8 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
-        elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        else:
+            repair_metrics(run_dir, resume_step)
         wandb = require_wandb(cfg)
         if wandb is not None:
             self.wandb_run = wandb.init(
@@ -131,8 +137,9 @@ class MetricsLogger:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(dumps_json_safe(record) + "\n")
         if self.wandb_run is not None:
+            # W&B shows NaN and inf as such; only the JSONL file needs strict JSON.
             self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -149,11 +156,95 @@ class MetricsLogger:
 
 
 def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+    """A tensor's or numpy scalar's Python number (other values as they are)."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
     return value
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with only what strict JSON holds: non-finite floats as None, 0-dim tensors and numpy scalars as
+    numbers, tuples as lists, paths and other objects as strings, mapping keys as strings.
+
+    Args:
+        value: Any nesting of dicts, lists, tuples, numbers, strings, tensors and numpy values.
+
+    Returns:
+        The converted copy.
+    """
+    value = _plain(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    return str(value)
+
+
+def dumps_json_safe(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` of `json_safe(value)`: always valid JSON (NaN and infinities as null), for summary.json,
+    config.json and metrics lines.
+
+    Args:
+        value: What to serialise.
+        **kwargs: Passed to `json.dumps` (e.g. `indent=2`).
+
+    Returns:
+        The JSON text.
+    """
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def _warn(text: str) -> None:
+    print(f"[seer-finetune] warning: {text}", file=sys.stderr, flush=True)
+
+
+def _read_lines(path: Path, warn: Callable[[str], None]) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for every complete record of a JSONL file; lines that are not one are named in a warning."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    kept, bad = [], []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), (int, float)):
+            kept.append((line, record))
+        else:
+            bad.append(number)
+    if bad:
+        which = f"line {bad[0]} is" if len(bad) == 1 else f"lines {', '.join(map(str, bad))} are"
+        warn(f"{path}: {which} not a complete JSON record (a write cut short by a crash or a full disk); dropped")
+    return kept
+
+
+def repair_metrics(run_dir: Path, resume_step: int, *, warn: Optional[Callable[[str], None]] = None) -> None:
+    """Cut `metrics.jsonl` back to the records of steps up to `resume_step`, dropping lines cut short.
+
+    The file is replaced whole (written beside it, then renamed), so a crash here leaves the old or the new file.
+
+    Args:
+        run_dir: The run folder.
+        resume_step: The step the run resumes from; later records are removed (they will be logged again).
+        warn: Prints the warning about dropped lines (default: one line on stderr).
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line, record in _read_lines(path, warn or _warn) if record.get("step", 0) <= resume_step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _stable_run_id(run_dir: Path) -> str:
@@ -162,7 +253,14 @@ def _stable_run_id(run_dir: Path) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(run_dir: Path, *, warn: Optional[Callable[[str], None]] = None) -> list[dict[str, Any]]:
+    """All complete records of a run's metrics.jsonl (the file is only read: a running job may be appending).
+
+    Args:
+        run_dir: The run folder.
+        warn: Prints a warning naming lines that are not complete records (default: one line on stderr).
+
+    Returns:
+        The records in file order.
+    """
+    return [record for _, record in _read_lines(Path(run_dir) / "metrics.jsonl", warn or _warn)]

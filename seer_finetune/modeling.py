@@ -41,6 +41,22 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
+def portable_model_name(name_or_path: str) -> str:
+    """How a saved folder names the model it was trained from, valid from any working directory.
+
+    Args:
+        name_or_path: `model.name_or_path` as configured.
+
+    Returns:
+        A `builtin:` or hub name as it is; a local folder as its absolute path (a relative path would be read
+        against the loader's working directory, not against the saved folder).
+    """
+    if name_or_path.startswith("builtin:"):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
 def resolve_device(device: str) -> torch.device:
     """`trainer.device` as a device: `auto` is CUDA when available, else the CPU; `cuda` without one is an error."""
     if device == "auto":
@@ -187,8 +203,9 @@ def save_final(
     is the original model path, or, for a built-in randomly initialised model (whose weights exist nowhere
     else), the unadapted base written into the same folder (`config.json` + weights beside the adapter, which
     transformers loads as the adapter's base). The folder records no path of its own, so it can move and
-    two saves of the same weights are identical. With `peft.merge_on_save`, `out_dir/merged` holds merged full
-    weights. The folder is written under a temporary name and renamed into place.
+    two saves of the same weights are identical; a local base is named by its absolute path. With
+    `peft.merge_on_save`, `out_dir/merged` holds merged full weights, with the extension's files too, so it loads
+    on its own wherever it is moved. The folder is written under a temporary name and renamed into place.
 
     Args:
         model: The trained model (peft-wrapped for LoRA).
@@ -220,7 +237,7 @@ def save_final(
             # a built-in name is no folder.
             adapter_kwargs["save_embedding_layers"] = False
         else:
-            model.peft_config["default"].base_model_name_or_path = base_path
+            model.peft_config["default"].base_model_name_or_path = portable_model_name(base_path)
         _save_adapter(model, tmp, **adapter_kwargs)
         tokenizer.save_pretrained(tmp)
         # The adapter folder also records the YaRN-extended config so loaders can restore it for any base.
@@ -229,8 +246,10 @@ def save_final(
             merged = copy.deepcopy(model).merge_and_unload()
             merged.save_pretrained(tmp / "merged", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "merged")
+            if write_extra is not None:
+                write_extra(tmp / "merged")
     (tmp / "seer_run.json").write_text(
-        json.dumps({"base_model": model_cfg.name_or_path, "method": peft_cfg.method}, indent=2) + "\n"
+        json.dumps({"base_model": portable_model_name(model_cfg.name_or_path), "method": peft_cfg.method}, indent=2) + "\n"
     )
     if write_extra is not None:
         write_extra(tmp)
@@ -276,7 +295,8 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu", dtype:
     """
     path = Path(path)
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"{path} is not a saved model folder (no config.json or adapter_config.json)")
+        hint = " (it holds seer gates alone: load it with seer_finetune.seer.load_seer_model)" if (path / "seer_gates.json").is_file() else ""
+        raise ConfigError(f"{path} is not a saved model folder (no config.json or adapter_config.json){hint}")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         from peft import PeftConfig as LoadedPeftConfig
@@ -284,7 +304,14 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu", dtype:
 
         base_path = LoadedPeftConfig.from_pretrained(path).base_model_name_or_path
         config = AutoConfig.from_pretrained(path / "extended_config")
-        base = AutoModelForCausalLM.from_pretrained(base_path, config=config, **kwargs)
+        try:
+            base = AutoModelForCausalLM.from_pretrained(base_path, config=config, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load {base_path}, the base model the adapter in {path} was trained on "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); if it moved, write its new place "
+                f"into {path / 'adapter_config.json'} (base_model_name_or_path)"
+            ) from None
         model = PeftModel.from_pretrained(base, path)
     else:
         # A full folder, or an adapter beside its own base: transformers then loads the base from the folder

@@ -52,7 +52,19 @@ def load_gates_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 
 def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """The `seer_gates.json` content describing the attached gates."""
+    """The `seer_gates.json` content describing the attached gates.
+
+    Args:
+        model: A model with gates attached.
+        base_model: The model the gates were trained on; a local folder is recorded by its absolute path, so
+            the json means the same from any working directory (see `modeling.portable_model_name`).
+        extra: More json fields.
+
+    Returns:
+        The json content.
+    """
+    from ..modeling import portable_model_name
+
     gates = seer_gates(model)
     if not gates:
         raise ValueError("the model has no seer gates to describe")
@@ -60,7 +72,7 @@ def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str,
     return {
         "format": FORMAT,
         "version": VERSION,
-        "base_model": base_model,
+        "base_model": portable_model_name(base_model),
         "layers": [gate.layer_idx for gate in gates],
         "num_heads": g.num_heads,
         "num_kv_heads": g.num_kv_heads,
@@ -179,6 +191,7 @@ def load_seer_model(
     """
     from transformers import AutoModelForCausalLM
 
+    from ..config import ConfigError
     from ..modeling import load_trained, resolve_model_path
 
     path = Path(path)
@@ -186,13 +199,22 @@ def load_seer_model(
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         model = load_trained(path, device=device, dtype=dtype)
     else:
-        base, builtin = resolve_model_path(read_gates_config(gates_dir)["base_model"])
-        if builtin:
-            raise ValueError(
-                f"the gates in {gates_dir} were trained on a randomly initialised built-in model; load the run's "
-                "final folder (which holds its weights) instead"
+        name = read_gates_config(gates_dir)["base_model"]
+        if name.startswith("builtin:"):
+            raise ConfigError(
+                f"the gates in {gates_dir} were trained on {name}, a built-in model with random weights that no "
+                "folder holds: gates alone cannot be loaded; load the final folder of a run that trained the model "
+                "with them (e.g. the joint stage's), which holds its weights"
             )
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device).eval()
+        try:
+            base, _ = resolve_model_path(name)
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(base, **kwargs).to(device).eval()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load {name}, the base model the gates in {gates_dir} were trained on "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); if it moved, write its new place "
+                f"into {Path(gates_dir) / CONFIG_NAME} (base_model)"
+            ) from None
     runtime = load_gates(model, gates_dir, runtime=runtime)
     return model, runtime
