@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import ConfigError, SeerConfig
+from .config import SeerConfig, check_sequence_lengths
 from .extensions import PLAIN_BACKENDS, TrainingExtension, build_extension
 from .modeling import apply_peft, load_model
 
@@ -31,11 +31,10 @@ def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module,
     attn = cfg.attention.backend if cfg.attention.backend in PLAIN_BACKENDS else "sdpa"
     model = load_model(cfg.model, cfg.rope, device=device, attn_implementation=attn, seed=cfg.trainer.seed)
     context = model.config.max_position_embeddings
-    if max(cfg.data.seq_len, cfg.data.eval_seq_len or 0) > context:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the model's context ({context} tokens); "
-            "extend it with rope=yarn (see +exp=smoke) or shorten the sequences"
-        )
+    check_sequence_lengths(
+        cfg.data, context, f"the model's context ({context} tokens)",
+        "extend it with rope=yarn (see +exp=smoke) or shorten the sequences",
+    )
     extension = build_extension(model, cfg)
     if extension.freeze_base:
         model.requires_grad_(False)

@@ -151,7 +151,12 @@ def test_builtin_lora_adapter_loads_with_plain_from_pretrained(tmp_path):
 
 def test_sequence_longer_than_context_is_an_error(tmp_path):
     cfg = compose_config(["data.seq_len=512", f"trainer.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'c'}"])
-    with pytest.raises(ConfigError, match="longer than the model's context"):
+    with pytest.raises(ConfigError, match=r"data.seq_len=512 exceeds the model's context \(256 tokens\)"):
+        Trainer(cfg)
+    # without rope scaling the context is known only from the model: the message still names the field
+    cfg = compose_config(["rope=none", "data.seq_len=128", "data.eval_seq_len=512", f"trainer.output_dir={tmp_path}",
+                          f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(ConfigError, match=r"data.eval_seq_len=512 exceeds the model's context"):
         Trainer(cfg)
 
 

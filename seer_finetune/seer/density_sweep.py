@@ -79,9 +79,13 @@ def _windows(cfg: SeerConfig, tokenizer, lengths: list[int]):
 
     d = cfg.data
     if d.eval_source is not None:
-        documents = load_documents(d.eval_source, text_field=d.text_field, split=d.split, file_glob=d.file_glob)
+        documents = load_documents(
+            d.eval_source, text_field=d.text_field, split=d.split, file_glob=d.file_glob, invalid_files=d.invalid_files
+        )
     else:
-        documents = load_documents(d.source, text_field=d.text_field, split=d.split, file_glob=d.file_glob)
+        documents = load_documents(
+            d.source, text_field=d.text_field, split=d.split, file_glob=d.file_glob, invalid_files=d.invalid_files
+        )
         if d.eval_documents <= 0 or len(documents) <= d.eval_documents:
             raise ConfigError("eval: give data.eval_source, or data.eval_documents held out from a larger data.source")
         documents = documents[-d.eval_documents :]

@@ -83,8 +83,10 @@ def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] 
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "train/seer/gate_loss" in record:
-            values.append(float(record["train/seer/gate_loss"]))
+        value = record.get("train/seer/gate_loss") if isinstance(record, dict) else None
+        # A non-finite loss is written as null: it has no place in a trend.
+        if isinstance(value, (int, float)):
+            values.append(float(value))
     if not values:
         return None
     n = min(window, len(values))
