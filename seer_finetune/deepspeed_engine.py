@@ -92,6 +92,18 @@ def checkpoint_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dict[
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
+def _skipping_step(optimizer: torch.optim.Optimizer):
+    """`optimizer.step`, made to do nothing while `optimizer.overflow` is set (DeepSpeed calls it regardless)."""
+    step = optimizer.step
+
+    def guarded(*args, **kwargs):
+        if optimizer.overflow:
+            return None
+        return step(*args, **kwargs)
+
+    return guarded
+
+
 class DeepSpeedEngine(Engine):
     """The trainer's optimizer, schedule and model handed to `deepspeed.initialize`.
 
@@ -129,6 +141,9 @@ class DeepSpeedEngine(Engine):
         self.ctx = ctx
         # ZeRO-0 in fp32 hands our optimizer to DeepSpeed as it is, with no overflow check of its own.
         self._guard_here = self.ds_engine.optimizer is optimizer
+        if self._guard_here:
+            optimizer.overflow = False
+            optimizer.step = _skipping_step(optimizer)
         self._loss_finite: Optional[torch.Tensor] = None
         self._skipped_seen = self.ds_engine.skipped_steps
         # fp16's dynamic loss scale skips steps whose scaled gradients overflow while it calibrates.
@@ -149,9 +164,9 @@ class DeepSpeedEngine(Engine):
         self.ds_engine.step()
 
     def _skip_nonfinite_update(self) -> None:
-        """ZeRO-0 fp32: drop the gradients of a step whose loss or gradients are not finite on any process and
-        flag the optimizer the way DeepSpeed's own optimizers report an overflow (`overflow`), so DeepSpeed
-        leaves the schedule and counts the step as skipped."""
+        """ZeRO-0 fp32: for a step whose loss or gradients are not finite on any process, zero the gradients
+        (DeepSpeed still clips them) and flag the optimizer the way DeepSpeed's own optimizers report an overflow
+        (`overflow`): its step does nothing, and DeepSpeed leaves the schedule and counts the step as skipped."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         ok = ok & self._loss_finite.to(ok.device)
@@ -159,8 +174,8 @@ class DeepSpeedEngine(Engine):
         all_reduce_sum(bad, None)
         overflow = bool(bad.item() > 0)
         if overflow:
-            for p in self.model.parameters():
-                p.grad = None
+            for g in grads:
+                g.zero_()
         self.ds_engine.optimizer.overflow = overflow
 
     def _flag_device(self) -> torch.device:

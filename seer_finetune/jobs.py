@@ -91,7 +91,7 @@ def _check_two_stage_folder(cfg: SeerConfig, init: SeerConfig, gates_dir: Path) 
         start = check_run_folder(cfg, processes, also=(stage1_dir,))
         claim_run_folder(start, is_main=int(os.environ.get("RANK", "0")) == 0)
         return
-    check_run_folder(cfg, processes)
+    check_run_folder(stages.joint_config(cfg, gates_dir), processes)
     check_run_folder(init, processes)
     saved = read_saved_config(stage1_dir)
     if saved is not None and stages.has_gates(gates_dir):

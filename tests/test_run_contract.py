@@ -19,7 +19,6 @@ from seer_finetune.metrics import read_metrics
 from seer_finetune.trainer import Trainer, lr_lambda
 
 SMALL = [
-    "+exp=smoke",
     "rope.factor=2",
     "data.seq_len=512",
     "trainer.micro_batch_size=2",
@@ -31,7 +30,9 @@ SMALL = [
 
 
 def _args(run_dir: Path, *extra: str) -> list[str]:
-    return [*SMALL, f"trainer.output_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
+    """The small settings on `+exp=smoke`, or on the experiment `extra` names."""
+    exp = [] if any(e.startswith("+exp=") for e in extra) else ["+exp=smoke"]
+    return [*exp, *SMALL, f"trainer.output_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'cache'}", *extra]
 
 
 def _train(capsys, run_dir: Path, *extra: str) -> tuple[int, str, str]:
@@ -229,3 +230,62 @@ def test_json_of_a_diverged_value_is_strict(tmp_path):
 
     write_json(tmp_path / "s.json", {"loss": math.nan, "eval": {"ppl": math.inf, "parts": [-math.inf, 1.0]}})
     assert _strict_json((tmp_path / "s.json").read_text()) == {"loss": "nan", "eval": {"ppl": "inf", "parts": ["-inf", 1.0]}}
+
+
+def test_two_stage_run_is_one_run_for_resume_false_and_overwrite(tmp_path, capsys):
+    """A seer run with gate distillation first: its `gate_init/` belongs to the run it sits in."""
+    run = tmp_path / "run"
+    seer = ["+exp=smoke_seer", "attention.init_steps=2", "trainer.max_steps=2", "trainer.save_every=1"]
+    code, out, err = _train(capsys, run, *seer)
+    assert code == 0, err
+    old = _snapshot(run)
+
+    code, _, err = _train(capsys, run, *seer, "trainer.resume=false")
+    assert code == 2 and "already holds a run" in _error_line(err) and _snapshot(run) == old
+    # Distilled gates cannot take a new number of distillation steps.
+    code, _, err = _train(capsys, run, *seer, "attention.init_steps=3")
+    assert code == 2 and "attention.init_steps 2 -> 3" in _error_line(err) and _snapshot(run) == old
+
+    code, out, err = _train(capsys, run, *seer, "trainer.resume=false", "trainer.overwrite=true")
+    assert code == 0, err
+    assert _snapshot(run / "previous_1") == old
+    assert "stage 1/2: gate distillation" in out  # the new run distilled its own gates
+    assert _train_losses(run / "gate_init") == _train_losses(run / "previous_1" / "gate_init")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_diverging_run_stops_on_every_process(tmp_path, stage):
+    """Two processes: DeepSpeed's own overflow check (ZeRO-2) or the engine's (ZeRO-0 in fp32, which has none)
+    skips the updates; both processes stop at the same step, none hangs, and the checkpoints stay finite."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = [a.replace("trainer.micro_batch_size=2", "trainer.micro_batch_size=1") for a in _args(run)]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "seer_finetune",
+        "train", *args, "deepspeed=zero2", f"deepspeed.zero_stage={stage}", "optim.lr=1e3", "trainer.max_steps=10",
+        "trainer.save_every=1",
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0
+    assert out.count("error: training diverged") == 2, out[-4000:]
+    assert "steps 2-6" in out and out.count("update skipped") == 5
+    assert [p.name for p in (run / "checkpoints" / "deepspeed").iterdir() if p.is_dir()] == ["step_000001"]
+    from seer_finetune.deepspeed_engine import checkpoint_state_dict
+
+    weights = checkpoint_state_dict(run / "checkpoints" / "deepspeed")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
