@@ -33,7 +33,9 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
     """Train `cfg`, preceded by a gate-distillation stage when `attention.init_steps > 0` (SeerAttention).
 
     Stage 1 (`seer.stages.gate_init_config`) runs in `<output_dir>/gate_init` and leaves its gates in
-    `<output_dir>/gate_init/gates`; a rerun skips it once they exist. Stage 2 is `cfg` starting from them.
+    `<output_dir>/gate_init/gates`; a resumed rerun skips it once they exist, a new run (`trainer.resume=false`)
+    distils again. Stage 2 is `cfg` starting from them. Both stages' folders are checked against their
+    contracts (`run_folder`) before stage 1 starts.
 
     Args:
         cfg: The validated configuration of the (final) stage.
@@ -82,14 +84,16 @@ def _check_two_stage_folder(cfg: SeerConfig, init: SeerConfig, gates_dir: Path) 
         ConfigError: as `run_folder.check_run_folder` does, for either stage.
     """
     from .distributed import env_world_size
-    from .run_folder import check_run_folder, claim_run_folder, read_saved_config
+    from .run_folder import check_run_folder, claim_run_folder, finish_pending_move, read_saved_config
     from .seer import stages
 
     processes = env_world_size()
+    is_main = int(os.environ.get("RANK", "0")) == 0
     stage1_dir = Path(init.trainer.output_dir)
+    finish_pending_move(Path(cfg.trainer.output_dir), is_main)
     if not cfg.trainer.resume:
         start = check_run_folder(cfg, processes, also=(stage1_dir,))
-        claim_run_folder(start, is_main=int(os.environ.get("RANK", "0")) == 0)
+        claim_run_folder(start, is_main)
         return
     check_run_folder(stages.joint_config(cfg, gates_dir), processes)
     check_run_folder(init, processes)

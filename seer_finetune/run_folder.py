@@ -171,10 +171,14 @@ def run_entries(folder: Path) -> list[str]:
     found = []
     for name in RUN_MARKERS:
         path = folder / name
-        if name == "checkpoints":
-            if path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir()):
-                found.append(name)
-        elif path.exists() and not (path.is_file() and path.stat().st_size == 0):
+        try:
+            if name == "checkpoints":
+                present = path.is_dir() and any(not p.name.startswith(".") for p in path.iterdir())
+            else:
+                present = path.exists() and not (path.is_file() and path.stat().st_size == 0)
+        except FileNotFoundError:  # moved away by the main process meanwhile (an overwrite)
+            present = False
+        if present:
             found.append(name)
     return found
 
@@ -332,12 +336,13 @@ def write_run_config(start: RunStart, config: dict[str, Any], step: int, resumed
         start: The folder's `RunStart` (`saved` holds the previous history when the run continues).
         config: `run_config` of the configuration now running.
         step: The step the run starts or resumes at.
-        resumed: Whether a checkpoint was restored (otherwise the run starts at step 0 and its history anew).
+        resumed: Whether a checkpoint was restored (otherwise the run starts at step 0: anew, or over again
+            when the folder's run had no checkpoint and the same configuration).
     """
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    history = list(start.saved.get("history", [])) if (resumed and start.saved) else []
+    history = list(start.saved.get("history", [])) if start.saved else []
     if not resumed:
-        entry: dict[str, Any] = {"step": step, "event": "start", "time": now}
+        entry: dict[str, Any] = {"step": step, "event": "restart" if start.saved else "start", "time": now}
         if start.moved_to is not None:
             entry["previous_run"] = start.moved_to.name
         history.append(entry)
