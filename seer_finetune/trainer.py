@@ -455,6 +455,7 @@ class Trainer:
         try:
             while self.step < t.max_steps:
                 metrics = self.train_step()
+                # A non-finite step is always logged, whatever the cadence: it is what a diverged run is read from.
                 if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite_in_row:
                     logger.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
                 if bar is not None:
