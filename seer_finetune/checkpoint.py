@@ -139,7 +139,8 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically under `root/checkpoints/` and prune old ones (keep the newest `keep`)."""
+    """Write checkpoint `step` atomically under `root/checkpoints/` and prune old ones (keep the newest `keep`
+    of the steps up to `step`; later steps are left alone)."""
     folder = Path(root) / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:06d}"
@@ -172,7 +173,10 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(folder)
-    for old in list_checkpoints(root)[:-keep]:
+    # Rotation keeps the newest `keep` checkpoints up to this step. A later step on disk (left when a resume had
+    # to start from an older checkpoint) is never deleted in favour of older ones: this run rewrites it in turn.
+    rotated = [p for p in list_checkpoints(root) if int(STEP_DIR.match(p.name).group(1)) <= step]
+    for old in rotated[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -230,7 +230,20 @@ class TrainerConfig:
         eval_every: Evaluate every N steps (0: only before and after training).
         eval_before: Evaluate once before the first step.
         log_every: Log metrics every N steps.
-        resume: Resume from the newest checkpoint in output_dir if one exists.
+        resume: Resume from the newest checkpoint in output_dir if one exists. The run folder's `config.json`
+            is the run's contract: a resume may change only the settings that can apply to a running job
+            (`run_folder.MUTABLE_FIELDS`: max_steps, learning rates and schedule, clipping, weight decay,
+            eval/save/log cadence, keep_checkpoints, logger, device, progress bar, ...); they take effect at
+            the resumed step and are recorded in the `history` of `config.json`. Any other change (model,
+            tokenizer, rope, peft, attention, data, seq_len, seed, batch shape, DeepSpeed layout, number of
+            processes, and every field not listed) stops the run with one line before anything is loaded.
+        overwrite: With `resume: false` in a folder that already holds a run (checkpoints, metrics.jsonl,
+            config.json, summary.json or final/), move that run into `<output_dir>/previous_N/` first
+            (nothing is deleted). Without it such a folder is refused. Needs `resume: false`.
+        max_nonfinite_steps: A step whose loss or gradient norm is NaN or inf skips its update (gradients
+            dropped, weights, optimizer and schedule unchanged; the batch is consumed) and writes no
+            checkpoint; this many such steps in a row stop the run with one line, leaving the checkpoints
+            written before them.
         device: `auto`, `cpu` or `cuda`.
         progress_bar: Show a tqdm bar with loss, lr, tokens/s and ETA.
         save_final: Write the final Hugging Face folder.
@@ -247,6 +260,8 @@ class TrainerConfig:
     eval_before: bool = True
     log_every: int = 1
     resume: bool = True
+    overwrite: bool = False
+    max_nonfinite_steps: int = 5
     device: str = "auto"
     progress_bar: bool = True
     save_final: bool = True
@@ -545,6 +560,12 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("trainer.keep_checkpoints", t.keep_checkpoints)
     _positive("trainer.eval_every", t.eval_every, allow_zero=True)
     _positive("trainer.log_every", t.log_every)
+    _positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    if t.overwrite and t.resume:
+        raise ConfigError(
+            "trainer.overwrite=true needs trainer.resume=false: it moves the folder's run to previous_N to start "
+            "a new one (drop it to resume the run instead)"
+        )
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("logger.wandb", cfg.logger.wandb, ("disabled", "offline", "online"))
 

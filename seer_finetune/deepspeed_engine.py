@@ -5,6 +5,10 @@ DeepSpeed's own checkpoint format (one model-state file plus one optimizer shard
 DeepSpeed knows how to re-partition them. Per-rank RNG states are added beside them as safetensors. The
 `latest` pointer is written last, so a run killed while saving resumes from the previous complete checkpoint.
 `python -m seer_finetune export` turns such a checkpoint into the run's final folder (`checkpoint_state_dict`).
+
+A step with a non-finite gradient is skipped by DeepSpeed's own overflow check under ZeRO 1-3 (and bf16); under
+ZeRO-0 in fp32, which has none, the engine drops the gradients itself and flags the step as an overflow, so
+DeepSpeed leaves the schedule and counts it in `skipped_steps` the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from .assembly import build_model, load_full_state
 from .config import SeerConfig
-from .distributed import DistributedContext, check_parallel_layout, deepspeed_config
+from .distributed import DistributedContext, all_reduce_sum, check_parallel_layout, deepspeed_config
 from .engine import Engine
 from .extensions import TrainingExtension
 from .modeling import base_model
@@ -48,7 +52,8 @@ def save_deepspeed_checkpoint(engine, run_dir: Path, step: int, trainer_state: d
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, "trainer": json.dumps(trainer_state)})
     dist.barrier()
     if ctx.is_main:
-        tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        # As for one-process checkpoints: rotate among the steps up to this one, never a later one.
+        tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name <= tag)
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
@@ -87,6 +92,18 @@ def checkpoint_state_dict(checkpoint_dir: Path, tag: str | None = None) -> dict[
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
+def _skipping_step(optimizer: torch.optim.Optimizer):
+    """`optimizer.step`, made to do nothing while `optimizer.overflow` is set (DeepSpeed calls it regardless)."""
+    step = optimizer.step
+
+    def guarded(*args, **kwargs):
+        if optimizer.overflow:
+            return None
+        return step(*args, **kwargs)
+
+    return guarded
+
+
 class DeepSpeedEngine(Engine):
     """The trainer's optimizer, schedule and model handed to `deepspeed.initialize`.
 
@@ -122,19 +139,64 @@ class DeepSpeedEngine(Engine):
         self.model = model
         self.cfg = cfg
         self.ctx = ctx
+        # ZeRO-0 in fp32 hands our optimizer to DeepSpeed as it is, with no overflow check of its own.
+        self._guard_here = self.ds_engine.optimizer is optimizer
+        if self._guard_here:
+            optimizer.overflow = False
+            optimizer.step = _skipping_step(optimizer)
+        self._loss_finite: Optional[torch.Tensor] = None
+        self._skipped_seen = self.ds_engine.skipped_steps
+        # fp16's dynamic loss scale skips steps whose scaled gradients overflow while it calibrates.
+        self.loss_scaling = bool(self.ds_engine.fp16_enabled())
         self.layout = (
             f", {ctx.world_size} processes (data x sequence parallel = {ctx.dp_size} x {ctx.sp_size}), "
             f"ZeRO-{cfg.deepspeed.zero_stage}"
         )
 
     def backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        boundary = self.ds_engine.is_gradient_accumulation_boundary()
         self.ds_engine.backward(loss)  # DeepSpeed divides by the accumulation steps itself
+        if boundary and self._guard_here:
+            self._skip_nonfinite_update()
         # DeepSpeed counts micro-batches in `step`, and steps optimizer and scheduler only at the boundary.
         self.ds_engine.step()
 
-    def step(self) -> torch.Tensor:
+    def _skip_nonfinite_update(self) -> None:
+        """ZeRO-0 fp32: for a step whose loss or gradients are not finite on any process, zero the gradients
+        (DeepSpeed still clips them) and flag the optimizer the way DeepSpeed's own optimizers report an overflow
+        (`overflow`): its step does nothing, and DeepSpeed leaves the schedule and counts the step as skipped."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        ok = ok & self._loss_finite.to(ok.device)
+        bad = (~ok).to(torch.float32).reshape(1).to(self._flag_device())
+        all_reduce_sum(bad, None)
+        overflow = bool(bad.item() > 0)
+        if overflow:
+            for g in grads:
+                g.zero_()
+        self.ds_engine.optimizer.overflow = overflow
+
+    def _flag_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def step(self) -> tuple[torch.Tensor, bool]:
+        self._loss_finite = None
+        skipped = self.ds_engine.skipped_steps
+        applied = skipped == self._skipped_seen
+        self._skipped_seen = skipped
         grad_norm = self.ds_engine.get_global_grad_norm()
-        return torch.tensor(float("nan") if grad_norm is None else float(grad_norm), dtype=torch.float64)
+        if grad_norm is None:
+            grad_norm = float("nan") if applied else float("inf")
+        return torch.tensor(float(grad_norm), dtype=torch.float64), applied
+
+    def weights_finite(self) -> bool:
+        # Under ZeRO-3 each process holds a partition of every parameter (`ds_tensor`); the verdict is summed.
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in self.model.parameters() if p.requires_grad]
+        bad = (~torch.stack(flags).all()).to(torch.float32).reshape(1).to(self._flag_device())
+        all_reduce_sum(bad, None)
+        return bool(bad.item() == 0)
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}
@@ -147,7 +209,9 @@ class DeepSpeedEngine(Engine):
         return save_deepspeed_checkpoint(self.ds_engine, run_dir, step, trainer_state, self.ctx, keep=keep)
 
     def load_checkpoint(self, run_dir: Path, extension: TrainingExtension, resume: bool) -> Optional[dict[str, Any]]:
-        return load_deepspeed_checkpoint(self.ds_engine, run_dir, self.ctx) if resume else None
+        state = load_deepspeed_checkpoint(self.ds_engine, run_dir, self.ctx) if resume else None
+        self._skipped_seen = self.ds_engine.skipped_steps
+        return state
 
     def final_model(self, extension: TrainingExtension) -> Optional[tuple[torch.nn.Module, TrainingExtension]]:
         """Gathers the full weights (collective) into a plain copy built on the CPU by rank 0."""

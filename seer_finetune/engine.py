@@ -3,13 +3,17 @@
 The trainer's loop is written once against `Engine`. `PlainEngine` runs one process with torch's autograd,
 AdamW and the LambdaLR schedule, and checkpoints in `checkpoint.py`'s format; `deepspeed_engine.DeepSpeedEngine`
 hands the same work to DeepSpeed (ZeRO 0-3, offload, Ulysses sequence parallelism).
+
+Both skip the update of a step whose loss or gradient norm is not finite: no parameter, optimizer state or
+schedule position changes, the gradients are dropped, and `step` says so. The schedule then stays where it was,
+as DeepSpeed's own overflow handling leaves it, so both engines count positions in applied updates.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -23,23 +27,37 @@ class Engine(ABC):
 
     Attributes:
         model: The module the trainer runs forward on (under DeepSpeed the module the engine wraps).
+        scheduler: The LambdaLR schedule over the optimizer's groups (the trainer re-applies configured
+            learning rates through it after a resume).
         layout: Words about the process layout for the run's first line ("" for one process).
+        loss_scaling: Updates are also skipped by a dynamic loss scale (DeepSpeed fp16): a skipped update with a
+            finite loss is the scale calibrating, not a sign of divergence.
     """
 
     model: torch.nn.Module
+    scheduler: torch.optim.lr_scheduler.LambdaLR
     layout: str = ""
+    loss_scaling: bool = False
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's loss (0-dim, not yet divided by the accumulation steps)."""
 
     @abstractmethod
-    def step(self) -> torch.Tensor:
+    def step(self) -> tuple[torch.Tensor, bool]:
         """End an optimizer step after `grad_accum_steps` calls of `backward`.
 
+        A micro-batch loss or a gradient norm that is NaN or inf skips the update: parameters, optimizer state
+        and schedule stay as they were and the gradients are dropped. Every process reaches the same decision.
+
         Returns:
-            The global gradient norm before clipping (0-dim float tensor; NaN where the engine reports none).
+            `(grad_norm, applied)`: the global gradient norm before clipping (0-dim float tensor; NaN where the
+            engine reports none, inf where DeepSpeed found an overflow) and whether the update was applied.
         """
+
+    @abstractmethod
+    def weights_finite(self) -> bool:
+        """Whether every trainable parameter is finite (collective under DeepSpeed: the same answer everywhere)."""
 
     @abstractmethod
     def learning_rates(self) -> dict[str, float]:
@@ -75,6 +93,46 @@ class Engine(ABC):
         """Release what the engine holds (process groups); the last call of a run."""
 
 
+# Optimizer group settings a resume takes from the configuration rather than from the checkpoint.
+GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def configured_settings(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[dict[str, Any]]:
+    """Each group's configured peak learning rate and `GROUP_SETTINGS`, taken before a checkpoint overwrites them.
+
+    Args:
+        scheduler: The run's schedule, as built from the configuration (not yet loaded).
+
+    Returns:
+        One dict per parameter group, in group order.
+    """
+    return [{"initial_lr": g["initial_lr"], **{k: g[k] for k in GROUP_SETTINGS}} for g in scheduler.optimizer.param_groups]
+
+
+def restore_configured_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, settings: Sequence[dict[str, Any]]) -> None:
+    """Put `configured_settings` back after a checkpoint was loaded, so changed settings apply on resume.
+
+    The peak rates go into the groups' `initial_lr` and the schedule's `base_lrs`, and each group's current rate
+    becomes the peak times the schedule's multiplier at the restored position (the schedule's function comes
+    from the configuration, so a changed warmup, schedule or max_steps applies too). A value the checkpoint
+    already holds is left untouched, which keeps an unchanged resume bit for bit the same.
+
+    Args:
+        scheduler: The run's schedule, after its state and its optimizer's were loaded.
+        settings: What `configured_settings` returned before loading.
+    """
+    groups = scheduler.optimizer.param_groups
+    for index, (group, wanted) in enumerate(zip(groups, settings)):
+        for key in GROUP_SETTINGS:
+            if group[key] != wanted[key]:
+                group[key] = wanted[key]
+        group["initial_lr"] = scheduler.base_lrs[index] = wanted["initial_lr"]
+        lr = wanted["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        if group["lr"] != lr:
+            group["lr"] = lr
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
 class PlainEngine(Engine):
     """One process: `loss.backward()`, gradient clipping, AdamW and the LambdaLR schedule.
 
@@ -91,20 +149,33 @@ class PlainEngine(Engine):
         self.scheduler = scheduler
         self.grad_accum_steps = cfg.trainer.grad_accum_steps
         self.max_grad_norm = cfg.optim.max_grad_norm
+        self._loss_finite: Optional[torch.Tensor] = None  # over this step's micro-batches so far
 
     def backward(self, loss: torch.Tensor) -> None:
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         (loss / self.grad_accum_steps).backward()
 
-    def step(self) -> torch.Tensor:
+    def step(self) -> tuple[torch.Tensor, bool]:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         else:
             grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        self.optimizer.step()
-        self.scheduler.step()
+        finite = torch.isfinite(grad_norm)
+        if self._loss_finite is not None:
+            finite = finite & self._loss_finite
+        self._loss_finite = None
+        applied = bool(finite)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+        return grad_norm, applied
+
+    def weights_finite(self) -> bool:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
 
     def learning_rates(self) -> dict[str, float]:
         return {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}

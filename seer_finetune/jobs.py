@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,7 +33,9 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
     """Train `cfg`, preceded by a gate-distillation stage when `attention.init_steps > 0` (SeerAttention).
 
     Stage 1 (`seer.stages.gate_init_config`) runs in `<output_dir>/gate_init` and leaves its gates in
-    `<output_dir>/gate_init/gates`; a rerun skips it once they exist. Stage 2 is `cfg` starting from them.
+    `<output_dir>/gate_init/gates`; a resumed rerun skips it once they exist, a new run (`trainer.resume=false`)
+    distils again. Stage 2 is `cfg` starting from them. Both stages' folders are checked against their
+    contracts (`run_folder`) before stage 1 starts.
 
     Args:
         cfg: The validated configuration of the (final) stage.
@@ -50,8 +53,10 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
         return train(cfg)
     init = stages.gate_init_config(cfg)
     gates_dir = stages.distilled_gates_dir(cfg)
+    _check_two_stage_folder(cfg, init, gates_dir)
     stage1: Any = "reused"
-    if not stages.has_gates(gates_dir):
+    # A new run (resume=false) distils its own gates; only a resumed one reuses finished ones.
+    if not (cfg.trainer.resume and stages.has_gates(gates_dir)):
         _say(f"stage 1/2: gate distillation, {cfg.attention.init_steps} steps -> {gates_dir}")
         trainer = Trainer(init, final_dir=gates_dir)
         stage1 = trainer.fit()
@@ -65,6 +70,42 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
     summary = train(stages.joint_config(cfg, gates_dir))
     summary["gate_init"] = stage1
     return summary
+
+
+def _check_two_stage_folder(cfg: SeerConfig, init: SeerConfig, gates_dir: Path) -> None:
+    """The run-folder contract of a two-stage run, checked for both stages before stage 1 starts.
+
+    With `trainer.resume=false` the whole folder (stage 1's `gate_init/` included) is one run: refused when it
+    holds one, or moved into `previous_N/` with `trainer.overwrite=true` (by the main process; the others reach
+    the same decision from the files). On resume each stage's saved configuration must allow the changes, and
+    gates that are already distilled cannot take a new `attention.init_steps`.
+
+    Raises:
+        ConfigError: as `run_folder.check_run_folder` does, for either stage.
+    """
+    from .distributed import env_world_size
+    from .run_folder import check_run_folder, claim_run_folder, finish_pending_move, read_saved_config
+    from .seer import stages
+
+    processes = env_world_size()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    stage1_dir = Path(init.trainer.output_dir)
+    finish_pending_move(Path(cfg.trainer.output_dir), is_main)
+    if not cfg.trainer.resume:
+        start = check_run_folder(cfg, processes, also=(stage1_dir,))
+        claim_run_folder(start, is_main)
+        return
+    check_run_folder(stages.joint_config(cfg, gates_dir), processes)
+    check_run_folder(init, processes)
+    saved = read_saved_config(stage1_dir)
+    if saved is not None and stages.has_gates(gates_dir):
+        done = saved.get("trainer", {}).get("max_steps")
+        if done is not None and done != init.trainer.max_steps:
+            raise ConfigError(
+                f"attention.init_steps {done} -> {init.trainer.max_steps}: stage 1 (gate distillation) already "
+                f"finished in {stage1_dir}; to distil again, choose a new trainer.output_dir, or add "
+                "trainer.resume=false trainer.overwrite=true to move this run into previous_N first"
+            )
 
 
 def eval_job(cfg: SeerConfig) -> dict[str, Any]:

@@ -5,11 +5,17 @@ training), then AdamW with parameter groups (model decay / no-decay / extension 
 rate), warmup + cosine or linear decay, gradient accumulation and clipping. The loop is written once; an
 `engine.Engine` applies the gradients (one process, or DeepSpeed). Checkpoints every `trainer.save_every`
 steps resume exactly after a kill; the final model goes to `<output_dir>/final` (`final_save`).
+
+Before anything is loaded the run folder is checked against the run's contract (`run_folder`): a resume may
+change only the settings that can apply to a running job, and `trainer.resume=false` does not start over in a
+folder that holds a run unless `trainer.overwrite=true` moves it away. A step whose loss or gradient norm is not
+finite skips its update (the engine decides, see `engine.Engine.step`); `trainer.max_nonfinite_steps` of them in
+a row stop the run with one line. No checkpoint is written from such a step or from non-finite weights, and
+`summary.json` is strict JSON (NaN and inf written as the strings "nan", "inf", "-inf", as in metrics.jsonl).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -18,21 +24,35 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from .assembly import build_model
-from .config import SeerConfig
+from .checkpoint import list_checkpoints
+from .config import ConfigError, SeerConfig
 from .data import EpochSampler, build_data, collate
-from .deepspeed_engine import DeepSpeedEngine
+from .deepspeed_engine import DeepSpeedEngine, checkpoint_root
 from .distributed import DistributedContext, all_reduce_sum, init_distributed
-from .engine import Engine, PlainEngine
+from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
 from .extensions import TrainingExtension
 from .final_save import save_final_model
 from .metrics import MetricsLogger, require_wandb
 from .modeling import count_parameters, load_tokenizer, resolve_device
 from .perplexity import perplexity
+from .run_folder import (
+    check_run_folder,
+    claim_run_folder,
+    describe_changes,
+    finish_pending_move,
+    run_config,
+    write_json,
+    write_run_config,
+)
 
 NO_DECAY_HINTS = ("bias", "norm", "embed")
+
+
+class TrainingDiverged(ConfigError):
+    """The run stopped because its loss, gradients or weights stopped being finite (one line, like a ConfigError:
+    the remedy is a setting, usually `optim.lr`)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -142,6 +162,10 @@ class Trainer:
             torch.cuda.set_device(self.ctx.local_rank)
             self.device = torch.device("cuda", self.ctx.local_rank)
         seed_everything(t.seed)
+        # The folder's contract is checked before anything is loaded; every process reads the same files.
+        self.start = check_run_folder(cfg, self.ctx.world_size)
+        claim_run_folder(self.start, self.ctx.is_main)
+        finish_pending_move(self.run_dir, self.ctx.is_main)
         if self.ctx.is_main:
             require_wandb(cfg.logger)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -159,6 +183,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.history: dict[str, Any] = {}
+        self.nonfinite_in_row = 0  # steps in a row whose loss or gradient norm was not finite
+        self.skipped_updates = 0  # updates skipped for that over the whole run
 
     # -- pieces of a step -------------------------------------------------------------------------
 
@@ -233,7 +259,7 @@ class Trainer:
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum_steps
             tokens += batch["input_ids"].numel() * self.ctx.dp_size
-        grad_norm = self.engine.step()
+        grad_norm, applied = self.engine.step()
         names = list(sums)
         values = torch.stack([sums[k] for k in names])
         if self.ctx.dp_size > 1:
@@ -246,6 +272,13 @@ class Trainer:
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
         metrics = {"loss": total, **parts, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+        # The engine skipped the update for a non-finite loss or gradient; a non-finite logged loss counts too.
+        if not math.isfinite(total) or not (applied or self.engine.loss_scaling):
+            self.nonfinite_in_row += 1
+            self.skipped_updates += int(not applied)
+            metrics["skipped_update"] = float(not applied)
+        else:
+            self.nonfinite_in_row = 0
         metrics.update(lrs)
         metrics.update(self.extension.metrics())
         if self.device.type == "cuda":
@@ -272,21 +305,62 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         # The model's dtype lets `export` rebuild a plain checkpoint's model exactly as training held it.
         dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(), "history": self.history, "model_dtype": dtype}
+        return {
+            "tokens_seen": self.tokens_seen,
+            "sampler": self.sampler.state_dict(),
+            "history": self.history,
+            "model_dtype": dtype,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "skipped_updates": self.skipped_updates,
+        }
+
+    def _newest_checkpoint(self) -> str:
+        """Words naming the newest checkpoint on disk, for the one-line stop messages."""
+        found = list_checkpoints(self.run_dir)
+        if found:
+            return f"the newest checkpoint is {found[-1]}"
+        latest = checkpoint_root(self.run_dir) / "latest"
+        if latest.is_file():
+            return f"the newest checkpoint is {checkpoint_root(self.run_dir) / latest.read_text().strip()}"
+        return "no checkpoint was written (trainer.save_every)"
+
+    def _check_weights(self) -> None:
+        """Raise `TrainingDiverged` when a trainable weight is NaN or inf (collective under DeepSpeed)."""
+        if not self.engine.weights_finite():
+            raise TrainingDiverged(
+                f"the weights became NaN or inf by step {self.step} (an update overflowed); nothing was saved from "
+                f"them and {self._newest_checkpoint()}; lower optim.lr (now {self.cfg.optim.lr:g}) and resume, or "
+                "start a new run"
+            )
 
     def save(self) -> Path:
-        """Checkpoint the current step under `<output_dir>/checkpoints` (collective under DeepSpeed)."""
+        """Checkpoint the current step under `<output_dir>/checkpoints` (collective under DeepSpeed).
+
+        Raises:
+            TrainingDiverged: when a trainable weight is not finite; nothing is written then.
+        """
+        self._check_weights()
         return self.engine.save_checkpoint(self.run_dir, self.step, self._trainer_state(), self.extension, keep=self.cfg.trainer.keep_checkpoints)
 
     def maybe_resume(self) -> bool:
-        """Restore the newest checkpoint when `trainer.resume` is set and one exists; True if it did."""
+        """Restore the newest checkpoint when `trainer.resume` is set and one exists; True if it did.
+
+        The optimizer and schedule come back as saved, then the configured learning rates, weight decay, betas
+        and eps are put back into their groups (and the schedule's base rates), so settings changed for the
+        resume apply from its first step.
+        """
+        configured = configured_settings(self.engine.scheduler)
         state = self.engine.load_checkpoint(self.run_dir, self.extension, resume=self.cfg.trainer.resume)
         if state is None:
             return False
+        restore_configured_settings(self.engine.scheduler, configured)
         self.step = state["step"]
-        self.tokens_seen = state["trainer"]["tokens_seen"]
-        self.sampler.load_state_dict(state["trainer"]["sampler"])
-        self.history = state["trainer"].get("history", {})
+        trainer_state = state["trainer"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        self.sampler.load_state_dict(trainer_state["sampler"])
+        self.history = trainer_state.get("history", {})
+        self.nonfinite_in_row = trainer_state.get("nonfinite_in_row", 0)
+        self.skipped_updates = trainer_state.get("skipped_updates", 0)
         return True
 
     def save_final_model(self) -> Path | None:
@@ -306,17 +380,21 @@ class Trainer:
         """Resume if asked, train to `trainer.max_steps` with evaluation, checkpoints and the final save.
 
         Returns:
-            The run summary (steps, tokens, final loss, evaluations, final folder), also written to
-            `summary.json`.
+            The run summary (steps, tokens, final loss, skipped updates, evaluations, final folder), also written
+            to `summary.json`.
+
+        Raises:
+            TrainingDiverged: after `trainer.max_nonfinite_steps` non-finite steps in a row, or when the weights
+                stop being finite; the checkpoints written before stay, `summary.json` is not written.
         """
         cfg, t, main = self.cfg, self.cfg.trainer, self.ctx.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.maybe_resume()
-        run_config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        config = run_config(cfg, self.ctx.world_size)
+        logger = MetricsLogger(self.run_dir, cfg.logger, config, resume_step=self.step if resumed else None, enabled=main)
         if main:
-            (self.run_dir / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-        logger = MetricsLogger(self.run_dir, cfg.logger, run_config, resume_step=self.step if resumed else None, enabled=main)
+            write_run_config(self.start, config, self.step, resumed)
         say = (lambda text: print(text, flush=True)) if main else (lambda text: None)
         trainable, total = count_parameters(self.model)
         say(
@@ -325,29 +403,29 @@ class Trainer:
             f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}{self.engine.layout}"
             + (f", resumed at step {self.step}" if resumed else "")
         )
+        if resumed and self.start.changes:
+            say(f"[seer-finetune] resumed at step {self.step}; changed: {describe_changes(self.start.changes)} (in force from step {self.step + 1})")
+        if resumed and self.start.saved is None:
+            say(f"[seer-finetune] warning: {self.run_dir / 'config.json'} is missing: resuming without checking that the configuration is the run's")
         if not resumed and t.eval_before and self.data.eval is not None:
             before = self.evaluate()
             self.history["eval_before"] = before
             logger.log({f"eval/{k}": v for k, v in before.items()}, step=0)
             say(f"[seer-finetune] eval before training: loss {before['loss']:.4f}, perplexity {before['ppl']:.2f}")
-        bar = _progress(t, initial=self.step) if main else None
         try:
-            while self.step < t.max_steps:
-                metrics = self.train_step()
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
-                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.engine.last_lr():.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                self.history["last_loss"] = metrics["loss"]
-                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                    logger.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=self.step)
-                if t.save_every and self.step % t.save_every == 0:
-                    self.save()
-        finally:
-            if bar is not None:
-                bar.close()
-        summary: dict[str, Any] = {"steps": self.step, "tokens_seen": self.tokens_seen, "final_loss": self.history.get("last_loss")}
+            self._train_loop(logger, say)
+            self._check_weights()
+        except TrainingDiverged:
+            # Every process stops at the same step (its values are reduced over the processes): leave together.
+            logger.close()
+            self.engine.close()
+            raise
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "tokens_seen": self.tokens_seen,
+            "final_loss": self.history.get("last_loss"),
+            "skipped_updates": self.skipped_updates,
+        }
         if self.data.eval is not None:
             after = self.evaluate()
             logger.log({f"eval/{k}": v for k, v in after.items()}, step=self.step)
@@ -364,11 +442,52 @@ class Trainer:
                 summary["final_dir"] = str(final)
                 say(f"[seer-finetune] saved {final}")
         if main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            write_json(self.run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         logger.close()
         self.engine.close()
         return summary
+
+    def _train_loop(self, logger: MetricsLogger, say) -> None:
+        """Steps to `trainer.max_steps` with logging, evaluation and checkpoints; stops a diverged run."""
+        t, main = self.cfg.trainer, self.ctx.is_main
+        bar = _progress(t, initial=self.step) if main else None
+        try:
+            while self.step < t.max_steps:
+                metrics = self.train_step()
+                # A non-finite step is always logged, whatever the cadence: it is what a diverged run is read from.
+                if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite_in_row:
+                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.engine.last_lr():.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                self.history["last_loss"] = metrics["loss"]
+                if self.nonfinite_in_row:
+                    self._report_nonfinite(metrics, say)
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                    logger.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=self.step)
+                # A step that skipped its update writes no checkpoint: the last one before it stays the newest.
+                if t.save_every and self.step % t.save_every == 0 and not self.nonfinite_in_row:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _report_nonfinite(self, metrics: dict[str, float], say) -> None:
+        """Warn about a non-finite step; raise `TrainingDiverged` at `trainer.max_nonfinite_steps` in a row."""
+        t, n = self.cfg.trainer, self.nonfinite_in_row
+        what = "update skipped" if metrics.get("skipped_update") else "update applied"
+        say(
+            f"[seer-finetune] warning: step {self.step}: loss {metrics['loss']:.6g}, gradient norm {metrics['grad_norm']:.6g}: "
+            f"{what} ({n} in a row; trainer.max_nonfinite_steps={t.max_nonfinite_steps} stops the run)"
+        )
+        if n >= t.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"training diverged: the loss or gradient norm was NaN or inf at {n} steps in a row (steps "
+                f"{self.step - n + 1}-{self.step}, trainer.max_nonfinite_steps={t.max_nonfinite_steps}) and their "
+                f"updates were skipped; {self._newest_checkpoint()}; lower optim.lr (now {self.cfg.optim.lr:g}) or "
+                "raise optim.warmup_steps and resume (both may change on resume), or start a new run"
+            )
 
 
 def _progress(t, initial: int):
