@@ -33,6 +33,7 @@ COMMON = [
     "trainer.grad_accum_steps=1",
     "trainer.progress_bar=false",
     "trainer.resume=false",
+    "trainer.overwrite=true",  # each invocation starts its runs over (the previous ones move to previous_N/)
     "logger=jsonl",
     "deepspeed=zero3",
 ]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import SeerConfig, check_sequence_lengths
+from .config import SeerConfig
+from .validation import check_sequence_lengths
 from .extensions import PLAIN_BACKENDS, TrainingExtension, build_extension
 from .modeling import apply_peft, load_model
 

@@ -16,7 +16,8 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ConfigError, SeerConfig, register_configs, validate
+from .config import ConfigError, SeerConfig, register_configs
+from .validation import validate
 
 
 def config_dir() -> Path:

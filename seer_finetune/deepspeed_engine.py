@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .assembly import build_model, load_full_state
-from .config import SeerConfig
+from .checkpoint import CheckpointDamaged, verify_deepspeed_tag
+from .config import ConfigError, SeerConfig
 from .distributed import DistributedContext, all_reduce_sum, check_parallel_layout, deepspeed_config
 from .engine import Engine
 from .extensions import TrainingExtension
@@ -61,19 +63,56 @@ def save_deepspeed_checkpoint(engine, run_dir: Path, step: int, trainer_state: d
 
 
 def load_deepspeed_checkpoint(engine, run_dir: Path, ctx: DistributedContext) -> dict[str, Any] | None:
-    """Collective: restore the newest complete checkpoint; None when there is none."""
+    """Collective: restore the newest intact checkpoint; None when there is none.
+
+    Tags up to the one `latest` names are tried newest first and each is verified
+    (`checkpoint.verify_deepspeed_tag`: every rank's files present and whole) before DeepSpeed reads it. Every rank reads the same folder, so every rank takes the same
+    tag. Damaged newer tags are moved to `damaged/` by rank 0, with a one-line warning each.
+
+    Raises:
+        ConfigError: tags exist but none is intact (one line listing them).
+    """
+    import deepspeed.comm as dist
+
     root = checkpoint_root(run_dir)
     if not (root / "latest").is_file():
         return None
-    path, client = engine.load_checkpoint(str(root))
-    if path is None:
+    # `latest` is written last: tags after the one it names are saves a kill interrupted, not checkpoints.
+    latest = (root / "latest").read_text().strip()
+    tags = sorted(
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name <= latest), reverse=True
+    )
+    chosen, damaged = None, []
+    for tag in tags:
+        try:
+            verify_deepspeed_tag(tag, world_size=ctx.world_size)
+        except CheckpointDamaged as exc:
+            damaged.append((tag, exc))
+            continue
+        chosen = tag
+        break
+    if chosen is None:
+        if damaged:
+            raise ConfigError("no intact DeepSpeed checkpoint to resume from: " + "; ".join(str(e) for _, e in damaged))
         return None
-    rng_file = Path(path) / f"rng_rank{ctx.rank:05d}.safetensors"
-    if rng_file.is_file():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["torch_cpu"])
-        if "torch_cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["torch_cuda"])
+    dist.barrier()  # every rank has read the folders before any of them moves
+    if damaged and ctx.is_main:
+        aside = root / "damaged"
+        aside.mkdir(exist_ok=True)
+        for tag, exc in damaged:
+            shutil.rmtree(aside / tag.name, ignore_errors=True)
+            tag.rename(aside / tag.name)
+            print(f"[seer-finetune] warning: {exc}; moved to {aside / tag.name}, resuming from {chosen.name}",
+                  file=sys.stderr, flush=True)
+    dist.barrier()
+    path, client = engine.load_checkpoint(str(root), tag=chosen.name)
+    if path is None:
+        raise ConfigError(f"DeepSpeed could not load the checkpoint {chosen}")
+    # (DeepSpeed returns the path of the model-states file; the RNG files sit beside it in the tag folder.)
+    rng = load_file(str(chosen / f"rng_rank{ctx.rank:05d}.safetensors"))
+    torch.set_rng_state(rng["torch_cpu"])
+    if "torch_cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
     return {"step": client["step"], "trainer": json.loads(client["trainer"])}
 
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import clean_partial, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import clean_partial, resume_from_newest_intact, save_checkpoint
 from .config import SeerConfig
 from .extensions import TrainingExtension
 
@@ -197,10 +197,16 @@ class PlainEngine(Engine):
 
     def load_checkpoint(self, run_dir: Path, extension: TrainingExtension, resume: bool) -> Optional[dict[str, Any]]:
         clean_partial(run_dir)
-        checkpoints = list_checkpoints(run_dir) if resume else []
-        if not checkpoints:
+        if not resume:
             return None
-        state, extension_state = load_checkpoint(checkpoints[-1], model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        # The newest checkpoint that passes verification; damaged newer ones are moved aside with a warning.
+        restored = resume_from_newest_intact(
+            run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+            extension_state=extension.state_dict(),
+        )
+        if restored is None:
+            return None
+        state, extension_state = restored
         if extension_state:
             extension.load_state_dict(extension_state)
         return state

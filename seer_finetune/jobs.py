@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -125,7 +126,7 @@ def eval_job(cfg: SeerConfig) -> dict[str, Any]:
 def _find_checkpoint(cfg: SeerConfig) -> tuple[str, Path, Optional[str]]:
     """(kind, folder, tag) of the checkpoint to export: ("plain", step folder, None), or ("deepspeed", checkpoint
     root, tag or None for the newest). The run's own kind follows `deepspeed.enabled`, as training wrote it."""
-    from .checkpoint import STATE_NAME, list_checkpoints
+    from .checkpoint import STATE_NAME, CheckpointDamaged, list_checkpoints, verify_checkpoint
     from .deepspeed_engine import checkpoint_root
 
     run_dir = Path(cfg.trainer.output_dir)
@@ -149,7 +150,15 @@ def _find_checkpoint(cfg: SeerConfig) -> tuple[str, Path, Optional[str]]:
     found = list_checkpoints(run_dir)
     if not found:
         raise ConfigError(f"no checkpoint in {run_dir / 'checkpoints'} (trainer.save_every writes them)")
-    return "plain", found[-1], None
+    # The newest checkpoint whose files are whole; a damaged newer one is named and passed over.
+    for folder in reversed(found):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointDamaged as exc:
+            print(f"[seer-finetune] warning: {exc}; trying an older checkpoint", file=sys.stderr, flush=True)
+            continue
+        return "plain", folder, None
+    raise ConfigError(f"no intact checkpoint in {run_dir / 'checkpoints'}: every one is damaged (see the warnings)")
 
 
 def export_job(cfg: SeerConfig) -> Path:

@@ -14,7 +14,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from .config import ConfigError, RopeConfig, validate_rope
+from .config import ConfigError, RopeConfig
+from .validation import validate_rope
 
 
 def native_context_length(model_config: PretrainedConfig) -> int:

@@ -20,7 +20,6 @@ run writes anything. Nothing here loads a model: the checks cost a file read.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
@@ -32,6 +31,7 @@ from omegaconf import OmegaConf
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError, SeerConfig
+from .metrics import dumps_json_safe
 
 CONFIG_NAME = "config.json"
 # What a run writes into its folder; any of them present means the folder holds a run.
@@ -77,24 +77,13 @@ MUTABLE_FIELDS = (
 IGNORED_FIELDS = ("trainer.output_dir", "trainer.resume", "trainer.overwrite")
 
 
-def json_safe(value: Any) -> Any:
-    """`value` with every NaN or infinite float replaced by its name ("nan", "inf", "-inf"), as metrics.jsonl
-    writes them, so that `json.dumps(..., allow_nan=False)` accepts it (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def write_json(path: Path, value: Any) -> None:
-    """Write `value` as strict JSON (non-finite floats by name) atomically: a kill leaves the old file or the new."""
+    """Write `value` as strict JSON (non-finite floats as null, `metrics.json_safe`) atomically: a kill leaves the
+    old file or the new."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        f.write(json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+        f.write(dumps_json_safe(value, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -103,7 +92,7 @@ def write_json(path: Path, value: Any) -> None:
 def run_config(cfg: SeerConfig, processes: int) -> dict[str, Any]:
     """The resolved configuration as `config.json` records it (with `run.processes`), without history."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    return json.loads(json.dumps(json_safe({**container, "run": {"processes": processes}})))
+    return json.loads(dumps_json_safe({**container, "run": {"processes": processes}}))
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,7 +11,7 @@ change only the settings that can apply to a running job, and `trainer.resume=fa
 folder that holds a run unless `trainer.overwrite=true` moves it away. A step whose loss or gradient norm is not
 finite skips its update (the engine decides, see `engine.Engine.step`); `trainer.max_nonfinite_steps` of them in
 a row stop the run with one line. No checkpoint is written from such a step or from non-finite weights, and
-`summary.json` is strict JSON (NaN and inf written as the strings "nan", "inf", "-inf", as in metrics.jsonl).
+`summary.json`, `config.json` and `metrics.jsonl` are strict JSON (NaN and infinities written as null).
 """
 
 from __future__ import annotations
@@ -425,6 +425,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "final_loss": self.history.get("last_loss"),
             "skipped_updates": self.skipped_updates,
+            # Files and rows of the data sources that were not text and were left out (data.invalid_files).
+            "data": self.data.summary(),
         }
         if self.data.eval is not None:
             after = self.evaluate()

@@ -31,6 +31,7 @@ from seer_finetune.metrics import require_wandb
         (["+exp=smoke", "data.max_eval_sequences=-1"], "data.max_eval_sequences=-1 must be >= 0"),
         (["+exp=smoke", "optim.lr=nan"], "optim.lr=nan must be a finite number"),
         (["+exp=smoke", "optim.lr=inf"], "optim.lr=inf must be a finite number"),
+        (["+exp=smoke", "optim.lr=1e39"], "optim.lr=1e\\+39 is beyond float32's range"),
         (["+exp=smoke", "optim.eps=-1"], "optim.eps=-1.0 must be >= 0"),
         (["+exp=smoke", "optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
         (["+exp=smoke", "rope.factor=nan", "rope.max_position_embeddings=null"], "rope.factor=nan must be a finite number"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from seer_finetune.config import ConfigError, RopeConfig, SeerConfig, validate
+from seer_finetune.config import ConfigError, RopeConfig, SeerConfig
+from seer_finetune.validation import validate
 from seer_finetune.rope import apply_rope_scaling
 
 from helpers import tiny_config

@@ -229,7 +229,7 @@ def test_json_of_a_diverged_value_is_strict(tmp_path):
     from seer_finetune.run_folder import write_json
 
     write_json(tmp_path / "s.json", {"loss": math.nan, "eval": {"ppl": math.inf, "parts": [-math.inf, 1.0]}})
-    assert _strict_json((tmp_path / "s.json").read_text()) == {"loss": "nan", "eval": {"ppl": "inf", "parts": ["-inf", 1.0]}}
+    assert _strict_json((tmp_path / "s.json").read_text()) == {"loss": None, "eval": {"ppl": None, "parts": [None, 1.0]}}
 
 
 def test_two_stage_run_is_one_run_for_resume_false_and_overwrite(tmp_path, capsys):

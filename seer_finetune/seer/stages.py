@@ -18,13 +18,14 @@ import copy
 import json
 from pathlib import Path
 
-from ..config import SeerConfig, gate_init_stage
+from ..config import SeerConfig
+from ..validation import gate_init_stage
 from .saving import CONFIG_NAME
 
 
 def needs_gate_init(cfg: SeerConfig) -> bool:
     """Whether `cfg` asks for a gate-distillation stage before its own; refuses settings that cannot work
-    (`config.gate_init_stage`, which `config.validate` also applies).
+    (`validation.gate_init_stage`, which `validation.validate` also applies).
 
     Args:
         cfg: The configuration of the (final) stage.

@@ -157,6 +157,24 @@ def test_export_of_the_last_deepspeed_checkpoint_equals_the_final_save(tmp_path,
     assert_same_folder(run / "final", tmp_path / "exported")
 
 
+def test_damaged_newest_deepspeed_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    """A truncated optimizer shard in the newest tag: resume warns, moves the tag aside, restores the tag before it,
+    and the run continues on the uninterrupted run's loss curve."""
+    common = [*BASE, "deepspeed=zero2", "trainer.micro_batch_size=1", "optim.schedule=constant", "trainer.save_every=1",
+              "trainer.eval_before=false", "trainer.save_final=false"]
+    _finish(_torchrun(tmp_path, [*common, "trainer.max_steps=4", f"trainer.output_dir={tmp_path / 'ref'}"]))
+    run = tmp_path / "run"
+    _finish(_torchrun(tmp_path, [*common, "trainer.max_steps=3", f"trainer.output_dir={run}"]))
+    root = run / "checkpoints" / "deepspeed"
+    shard = root / "step_000003" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    out = _finish(_torchrun(tmp_path, [*common, "trainer.max_steps=4", f"trainer.output_dir={run}"]))
+    assert "step_000003 is damaged" in out and "resuming from step_000002" in out
+    assert "resumed at step 2" in out
+    assert (root / "damaged" / "step_000003").is_dir()
+    _assert_same_curve(_losses(run), _losses(tmp_path / "ref"), rel=1e-6)
+
+
 @pytest.mark.parametrize("gates", [False, True], ids=["sdpa", "seer"])
 def test_ulysses_degree2_matches_degree1_loss_curve(tmp_path, gates):
     common = [*BASE, *(GATES_ON if gates else []), "peft=full", "trainer.micro_batch_size=1", "trainer.max_steps=4", "trainer.save_every=0", "trainer.save_final=false"]

@@ -88,7 +88,7 @@ def test_smoke_seer_runs_both_stages_then_eval(tmp_path, capsys):
     # blocks of rows 1-4 (the most probable ones, rows having so few candidates) for the gate and oracle alike.
     cfg.attention.budget = "row"
     oracle_rows = eval_job(cfg)["results"]
-    cfg.eval.oracle, cfg.eval.densities = False, [1.0, 0.5, 0.1]
+    cfg.eval.oracle, cfg.eval.densities, cfg.attention.budget = False, [1.0, 0.5, 0.1], "layer"
     assert [(r["value"], r["selection"]) for r in oracle_rows] == [(1.0, "dense"), (0.5, "gate"), (0.5, "oracle")]
     # The same gates under per-row shares keep other blocks than under the layer budget above.
     assert oracle_rows[1]["realised_density"] == pytest.approx(rows[1]["realised_density"])
