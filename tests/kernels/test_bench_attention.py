@@ -39,8 +39,17 @@ def test_flex_block_mask_is_the_same_attention():
     q = torch.randn(1, 4, seq_len, 32, generator=gen)
     k, v = (torch.randn(1, 2, seq_len, 32, generator=gen) for _ in range(2))
     ours = block_sparse_attention(q, k, v, mask, block_size=block, kernel="pytorch")
-    flex = flex_attention(q, k, v, block_mask=bench.flex_block_mask(mask, seq_len, block), enable_gqa=True)
+    # Eager Flex evaluates the mask_mod everywhere: only the construction that looks the mask up states it whole.
+    flex = flex_attention(q, k, v, block_mask=bench.flex_block_mask(mask, seq_len, block, "lookup"), enable_gqa=True)
     torch.testing.assert_close(flex, ours, atol=2e-5, rtol=1e-5)
+    # Compiled Flex calls it only inside the partial (diagonal) blocks, where the causal test alone is the mask:
+    # the construction the benchmark times first.
+    compiled = torch.compile(flex_attention, dynamic=False)
+    for mask_mod in bench.FLEX_MASK_MODS:
+        out = compiled(q, k, v, block_mask=bench.flex_block_mask(mask, seq_len, block, mask_mod), enable_gqa=True)
+        torch.testing.assert_close(out, ours, atol=2e-5, rtol=1e-5, msg=mask_mod)
+    with pytest.raises(ValueError, match="mask_mod"):
+        bench.flex_block_mask(mask, seq_len, block, "dense")
 
 
 def test_main_runs_on_cuda_and_refuses_without(tmp_path):
