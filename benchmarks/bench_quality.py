@@ -5,12 +5,15 @@ Given a base model trained at `--native` tokens (SmolLM2-135M: 8k) and the corpo
   (a) the base model at its native length and, YaRN-scaled without training, at the target length;
   (b) dense YaRN fine-tuning at the target length (`+exp=yarn32k_dense`);
   (c) gate distillation at the native length with the base frozen (`+exp=gate_init8k`), then joint YaRN
-      fine-tuning from those gates at 50% and 90% sparsity (`+exp=yarn32k_sparsity50/90`).
+      fine-tuning from those gates at each of `--sparsities` (`+exp=yarn32k_sparsity<NN>`: 50%, 90%, 95%),
+      and any `--variant` (a sparse run with extra overrides, e.g. a gate-only stage at the target length).
 Each is evaluated at the target length on two held-out families ("books": austen + shakespeare; "technical":
-hol_light) at its trained sparsity, with realised sparsity; passkey retrieval at 1/4, 1/2 and all of the target
-length for (b) and (c); training throughput of (c, 90%) against (b) from the same invocation. Writes
-`results.json`, `results.md` (the table) and PNG plots (perplexity against sparsity, LM and gate loss curves,
-realised density per layer) under `--out`, and logs every training run to W&B (offline by default).
+hol_light) at its trained sparsity, with realised sparsity and the gate's recall of the true attention, also
+with oracle selection (blocks ranked by the true attention); passkey retrieval at 1/4, 1/2 and all of the target
+length, with 95% intervals and per layer whether the needle's block was kept; the training time of every run
+against the dense one. Writes `results.json`, `results.md` (the table) and PNG plots (perplexity against
+sparsity, LM and gate loss curves, realised density per layer) under `--out`, and logs every training run to
+W&B (offline by default). `--jobs N` trains N runs at once (on a GPU the small model leaves room for).
 Stages whose outputs exist are reused, so an interrupted invocation continues where it stopped.
 
     python benchmarks/bench_quality.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
@@ -24,7 +27,9 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,8 @@ from seer_finetune.metrics import read_metrics  # noqa: E402
 
 TRAIN_CORPORA = ("spurgeon_treasury_of_david", "bible_web", "acl2", "coq", "linux")
 EVAL_FAMILIES = {"books": ("austen", "shakespeare"), "technical": ("hol_light",)}
-SPARSE_RUNS = {"sparsity50": 0.5, "sparsity90": 0.1}
+# Each trained sparsity has its experiment, conf/exp/yarn32k_sparsity<NN>.yaml.
+SPARSITIES = (0.5, 0.9, 0.95)
 # Per-layer statistics of a sparse evaluation (realised density, recall of the ground truth, and the best recall
 # of a selection of the same size).
 LAYER_STATS = ("density", "recall", "oracle_recall")
@@ -108,8 +114,22 @@ def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> 
     ]
 
 
+def sparse_runs(args) -> dict[str, float]:
+    """Density of each trained sparse run: `sparsity<NN>` for `--sparsities`, then each `--variant`."""
+    runs = {f"sparsity{round(100 * s)}": round(1.0 - s, 6) for s in args.sparsities}
+    for name, base, *_ in args.variant:
+        if base not in runs:
+            raise SystemExit(f"--variant {name}: its base run {base!r} is not one of {', '.join(runs)}")
+        runs[name] = runs[base]
+    return runs
+
+
 def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
-    """The Hydra overrides of each training run of (b) and (c), in training order."""
+    """The Hydra overrides of each training run of (b) and (c), in training order.
+
+    A `--variant NAME BASE OVERRIDE...` trains like its base run (e.g. `sparsity90`) with the extra overrides
+    last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training).
+    """
     target, native = args.seq_len, args.native
     factor = target // native
     specs = {
@@ -122,33 +142,73 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
             f"optim.gate_lr={args.gate_lr}",
         ],
     }
-    for run, density in SPARSE_RUNS.items():
+    variants = {name: (base, extra) for name, base, *extra in args.variant}
+    for run, density in sparse_runs(args).items():
+        base, extra = variants.get(run, (run, []))
         specs[run] = [
-            f"+exp=yarn32k_{run}",
+            f"+exp=yarn32k_{base}",
             f"rope.factor={factor}",
             *common_overrides(args, folders, run, target),
             f"attention.gates_path={args.out / 'runs' / 'gate_init' / 'final'}",
             f"attention.density={density}",
             f"optim.gate_lr={args.gate_lr}",
+            *extra,
         ]
     return specs
 
 
 def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
-    """(b) and (c): train what is not trained yet; returns each run's folder."""
-    from seer_finetune.trainer import train
+    """(b) and (c): train what is not trained yet, `--jobs` runs at a time; returns each run's folder.
 
-    dirs = {}
-    for run, overrides in specs.items():
-        run_dir = args.out / "runs" / run
-        dirs[run] = run_dir
-        if (run_dir / "summary.json").is_file():
-            print(f"[quality] {run}: reusing {run_dir}", flush=True)
-            continue
-        print(f"[quality] training {run}", flush=True)
-        train(compose_config(overrides))
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    With `--jobs 1` the runs train one after the other in this process. With more, each trains in its own
+    `python -m seer_finetune train` process (log in `<out>/logs/<run>.log`), the sparse runs once the gate
+    initialisation has finished: runs then share the GPU, so their step times say nothing about speed.
+    """
+    from seer_finetune.jobs import train_job
+
+    dirs = {run: args.out / "runs" / run for run in specs}
+    todo = []
+    for run in specs:
+        if (dirs[run] / "summary.json").is_file():
+            print(f"[quality] {run}: reusing {dirs[run]}", flush=True)
+        else:
+            todo.append(run)
+    if args.jobs == 1:
+        for run in todo:
+            print(f"[quality] training {run}", flush=True)
+            train_job(compose_config(specs[run]))
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        return dirs
+    logs = args.out / "logs"
+    logs.mkdir(exist_ok=True)
+    # Runs that start from the distilled gates wait for the gate initialisation.
+    needs = {run: set() if run in ("dense", "gate_init") else {"gate_init"} & set(todo) for run in todo}
+    running: dict[str, subprocess.Popen] = {}
+    failed = []
+    while todo or running:
+        for run in [r for r in todo if not needs[r] and len(running) < args.jobs]:
+            print(f"[quality] training {run} (log: {logs / run}.log)", flush=True)
+            with open(logs / f"{run}.log", "w") as log:
+                running[run] = subprocess.Popen([sys.executable, "-m", "seer_finetune", "train", *specs[run]],
+                                                stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            todo.remove(run)
+        time.sleep(1.0)
+        for run, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[run]
+            if proc.returncode != 0:
+                failed.append(run)
+                print(f"[quality] {run} failed (exit {proc.returncode}); see {logs / run}.log", flush=True)
+            for other in needs.values():
+                other.discard(run)
+        # A run whose prerequisite failed cannot start.
+        for run in [r for r in todo if needs[r] & set(failed)]:
+            todo.remove(run)
+            failed.append(run)
+    if failed:
+        raise SystemExit(f"[quality] training failed: {', '.join(failed)}")
     return dirs
 
 
@@ -251,12 +311,16 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     # (c) joint YaRN + SeerAttention at each trained sparsity, with the sink and local blocks and the budget it
     # trained with; then the same weights with oracle selection, and with the gate's selection under the other
     # budget (what the budget alone changes, without retraining).
-    for run, density in SPARSE_RUNS.items():
+    for run, density in sparse_runs(args).items():
         a = compose_config(specs[run]).attention
         name = f"seer joint, {round((1 - density) * 100)}% sparsity"
-        other = "row" if a.budget == "layer" else "layer"
-        for label, oracle, budget in ((name, False, a.budget), (f"{name}, oracle selection", True, a.budget),
-                                      (f"{name}, {other} budget", False, other)):
+        settings = [(name, False, a.budget), (f"{name}, oracle selection", True, a.budget)]
+        if run.startswith("sparsity"):
+            other = "row" if a.budget == "layer" else "layer"
+            settings.append((f"{name}, {other} budget", False, other))
+        else:
+            settings = [(f"{label}, {run}", oracle, budget) for label, oracle, budget in settings]
+        for label, oracle, budget in settings:
             runtime = runtime_from_config(a)
             # The gate loss's ground truth on every row also gives each layer's recall.
             runtime.configure(density=density, oracle=oracle, budget=budget, compute_loss=True)
@@ -266,17 +330,38 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     return rows
 
 
-def throughput(dirs: dict[str, Path]) -> dict[str, float]:
-    """Median training tokens/s (steps after the first) of the dense and the 90% runs of this invocation."""
-    out = {}
-    for run in ("dense", "sparsity90"):
-        values = [r["train/tokens_per_s"] for r in read_metrics(dirs[run]) if "train/tokens_per_s" in r][1:]
-        out[run] = statistics.median(values) if values else float("nan")
-    return out
+def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Per training run: optimizer steps, training seconds (the sum of its step times) and median tokens/s.
+
+    A run with a gate-only stage (`attention.init_steps`) counts that stage's steps and seconds too
+    (`gate_stage_steps`, `gate_stage_s`); `train_s` includes them.
+    """
+    def steps(folder: Path) -> list[dict]:
+        return [r for r in read_metrics(folder) if "train/step_time_s" in r] if (folder / "metrics.jsonl").is_file() else []
+
+    cost = {}
+    for run, folder in dirs.items():
+        main, stage = steps(folder), steps(folder / "gate_init")
+        speeds = [r["train/tokens_per_s"] for r in main][1:]
+        cost[run] = {
+            "steps": len(main),
+            "gate_stage_steps": len(stage),
+            "gate_stage_s": sum(r["train/step_time_s"] for r in stage),
+            "train_s": sum(r["train/step_time_s"] for r in main + stage),
+            "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
+        }
+    return cost
 
 
-def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> str:
-    """The markdown table of `rows` (perplexity relative to the dense run at `seq_len`) and the throughput line."""
+def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len: int, jobs: int = 1) -> str:
+    """The markdown table of `rows` (perplexity relative to the dense run at `seq_len`) and the training cost.
+
+    Args:
+        rows: `evaluate_all`'s rows.
+        cost: `training_cost`'s figures per run.
+        seq_len: the target length.
+        jobs: how many runs trained at once (above 1 their times are not comparable and are not reported).
+    """
     dense = next(r for r in rows if r["run"].startswith("dense"))
     lines = [
         "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense "
@@ -298,11 +383,16 @@ def table(rows: list[dict[str, Any]], speed: dict[str, float], seq_len: int) -> 
     if passkey_runs:
         trials = next(iter(passkey_runs[0]["passkey"].values()))["trials"]
         lines += ["", f"Passkey: {trials} trials per length, needle depths 0.1 to 0.9, teacher-forced greedy answer."]
-    lines += [
-        "",
-        f"Training throughput at {seq_len} tokens: dense {speed['dense']:.0f} tokens/s, 90% sparsity "
-        f"{speed['sparsity90']:.0f} tokens/s ({speed['sparsity90'] / speed['dense']:.2f}x).",
-    ]
+    lines += ["", "| training run | steps | gate-only steps at the target length | training time vs dense |", "|---|---|---|---|"]
+    dense_s = cost["dense"]["train_s"]
+    for run, c in cost.items():
+        vs = "not comparable (runs shared the GPU)" if jobs > 1 else f"{c['train_s'] / dense_s:.2f}x"
+        stage = c["gate_stage_steps"] if run != "gate_init" else "-"
+        lines.append(f"| {run} | {c['steps']} | {stage} | {vs} |")
+    if jobs == 1 and "sparsity90" in cost:
+        lines += ["", f"Training throughput at {seq_len} tokens: dense {cost['dense']['tokens_per_s']:.0f} tokens/s, 90% "
+                  f"sparsity {cost['sparsity90']['tokens_per_s']:.0f} tokens/s "
+                  f"({cost['sparsity90']['tokens_per_s'] / cost['dense']['tokens_per_s']:.2f}x)."]
     return "\n".join(lines)
 
 
@@ -327,7 +417,8 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     # (same weights, blocks ranked by the true attention) bound what a better gate could reach.
     dense = next(r for r in rows if r["run"].startswith("dense"))
     # Rows evaluated under the other budget than the run trained with are in the table only.
-    trained = [r for r in rows if r["run"].startswith("seer") and "budget" not in r["run"]]
+    # Only the runs of `--sparsities` make the curve (not the other-budget rows, nor `--variant` runs).
+    trained = [r for r in rows if re.fullmatch(r"seer joint, \d+% sparsity(, oracle selection)?", r["run"])]
     gated = [dense, *(r for r in trained if "oracle" not in r["run"])]
     oracle = [dense, *(r for r in trained if "oracle" in r["run"])]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -338,7 +429,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
             xs = [r["realised_sparsity"] for r in series]
             ys = [100 * (r[f"ppl_{family}"] / dense[f"ppl_{family}"] - 1) for r in series]
             ax.plot(xs, ys, style, color=f"C{i}", label=f"{family}, {label}")
-    ax.plot([0.5, 0.9], [0.5, 4.0], "k*", markersize=10, label="targets (+0.5%, +4%)")
+    ax.plot([0.5, 0.9], [0.5, 3.0], "k*", markersize=10, label="targets (+0.5%, +3%)")
     ax.set_xlabel("realised sparsity")
     ax.set_ylabel("perplexity vs dense YaRN (%)")
     ax.set_title("perplexity increase against sparsity")
@@ -367,7 +458,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for r in rows:
-        if "realised_density_per_layer" in r and "oracle" not in r["run"] and "budget" not in r["run"]:
+        if "realised_density_per_layer" in r and r in trained and "oracle" not in r["run"]:
             ax.plot(r["realised_density_per_layer"], "o-", label=r["run"])
     ax.set_xlabel("layer")
     ax.set_ylabel("realised density")
@@ -409,7 +500,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", choices=("offline", "online", "disabled"), default="offline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every training run")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES),
+                        help="trained sparsities (each needs conf/exp/yarn32k_sparsity<NN>.yaml)")
+    parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME BASE OVERRIDE",
+                        help="one more sparse run: trained like BASE (e.g. sparsity90) with these Hydra overrides; "
+                        "evaluated with the gate and with oracle selection")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="training runs at once (above 1: separate processes sharing the GPU; times not compared)")
     args = parser.parse_args(argv)
+    if any(len(v) < 2 for v in args.variant):
+        parser.error("--variant needs a name and a base run (e.g. --variant gate32k sparsity90 attention.init_steps=50)")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     # A file shorter than ~2 bytes per token of the target length cannot hold one evaluation window.
@@ -417,10 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     specs = run_specs(args, folders)
     dirs = train_runs(args, specs)
     rows = evaluate_all(args, folders, specs, dirs)
-    speed = throughput(dirs)
-    text = table(rows, speed, args.seq_len)
+    cost = training_cost(dirs)
+    text = table(rows, cost, args.seq_len, args.jobs)
     made = plots(rows, dirs, args.out)
-    report = {"command": " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])]), "rows": rows, "throughput": speed}
+    report = {"command": " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])]), "rows": rows,
+              "training": cost, "jobs": args.jobs}
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     report["torch"] = torch.__version__

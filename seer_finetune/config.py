@@ -138,10 +138,10 @@ class AttentionConfig:
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
             `pytorch` or `triton`.
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
-        init_steps: With `mode: joint` and no `gates_path`: first distil the gates for this many steps (base
-            frozen, output in `<output_dir>/gate_init`), then train jointly from them, in one command
-            (`seer_finetune.jobs.train_job`, with the stage configs of `seer_finetune.seer.stages`). 0: a single
-            stage.
+        init_steps: With `mode: joint`: first distil the gates for this many steps at the run's own length and
+            RoPE scaling (base frozen, output in `<output_dir>/gate_init`; starting from `gates_path` when set,
+            else from fresh gates), then train jointly from them, in one command (`seer_finetune.jobs.train_job`,
+            with the stage configs of `seer_finetune.seer.stages`). 0: a single stage.
     """
 
     backend: str = "sdpa"

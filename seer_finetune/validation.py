@@ -63,11 +63,12 @@ def gate_init_stage(a: AttentionConfig) -> bool:
         a: The attention section.
 
     Returns:
-        True for `backend=seer` with `init_steps > 0` (and `mode=joint`, no `gates_path`).
+        True for `backend=seer` with `init_steps > 0` (and `mode=joint`). With a `gates_path` the stage
+        continues distilling those gates (e.g. gates distilled at the native length, distilled again at the
+        target length after YaRN); without one it starts from fresh gates.
 
     Raises:
-        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint` or with a
-            `gates_path`.
+        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint`.
     """
     if a.init_steps < 0:
         raise ConfigError(f"attention.init_steps={a.init_steps} must be >= 0")
@@ -75,8 +76,6 @@ def gate_init_stage(a: AttentionConfig) -> bool:
         return False
     if a.mode != "joint":
         raise ConfigError(f"attention.init_steps needs attention.mode=joint (got {a.mode}): it distils gates before joint training")
-    if a.gates_path:
-        raise ConfigError("attention.init_steps and attention.gates_path both set: the gates would come from two places")
     return True
 
 

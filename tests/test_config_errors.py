@@ -20,7 +20,6 @@ from seer_finetune.metrics import require_wandb
         (["attention=seer_distill", "attention.threshold=-0.5"], r"attention.threshold=-0.5 must be in \[0, 1\]"),
         (["+exp=smoke_seer", "attention.init_steps=-1"], "attention.init_steps=-1 must be >= 0"),
         (["attention=seer_distill", "attention.init_steps=4"], "attention.init_steps needs attention.mode=joint"),
-        (["+exp=smoke_seer", "attention.gates_path=/tmp/g"], "attention.init_steps and attention.gates_path both set"),
         (["+exp=smoke_seer", "attention.gate_loss_scale=nan"], "attention.gate_loss_scale=nan must be a finite number"),
         (["+exp=smoke_seer", "eval.densities=[1.0,2]"], r"eval.densities: 2.0 must be in \(0, 1\]"),
         (["+exp=smoke_seer", "eval.thresholds=[1.5]"], r"eval.thresholds: 1.5 must be in \[0, 1\]"),

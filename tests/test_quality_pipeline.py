@@ -45,8 +45,9 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         "--model", "builtin:tiny_llama", "--corpora", str(corpora), "--out", str(out),
         "--native", "256", "--seq-len", "1024", "--steps", "2", "--init-steps", "2",
         "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
-        "--lr", "1e-3", "--device", "cpu", "--override", "attention.gate_hidden_size=32",
-        "trainer.micro_batch_size=1", "trainer.save_every=0",
+        "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2",
+        "--variant", "gate_stage", "sparsity90", "attention.init_steps=1",
+        "--override", "attention.gate_hidden_size=32", "trainer.micro_batch_size=1", "trainer.save_every=0",
     ]
     assert bench_quality.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
@@ -55,7 +56,13 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
                     "seer joint, 50% sparsity", "seer joint, 50% sparsity, oracle selection",
                     "seer joint, 50% sparsity, row budget",
                     "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
-                    "seer joint, 90% sparsity, row budget"]
+                    "seer joint, 90% sparsity, row budget",
+                    "seer joint, 90% sparsity, gate_stage", "seer joint, 90% sparsity, oracle selection, gate_stage"]
+    # Every run trained in its own process; the variant's gate-only stage is counted in its training cost.
+    assert (out / "logs" / "gate_stage.log").is_file()
+    assert report["training"]["gate_stage"]["gate_stage_steps"] == 1 and report["training"]["sparsity90"]["gate_stage_steps"] == 0
+    assert all(c["steps"] == 2 for run, c in report["training"].items() if run != "gate_init")
+    assert "not comparable" in (out / "results.md").read_text()
     rows = {r["run"]: r for r in report["rows"]}
     for r in report["rows"]:
         assert r["ppl_books"] > 1 and r["ppl_technical"] > 1
@@ -86,7 +93,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     per_row = rows["seer joint, 50% sparsity, row budget"]
     assert per_row["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
     assert "passkey" not in per_row and per_row["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
-    assert report["throughput"]["dense"] > 0 and report["throughput"]["sparsity90"] > 0
+    assert report["training"]["dense"]["tokens_per_s"] > 0 and report["training"]["sparsity90"]["train_s"] > 0
     for png in ("ppl_vs_sparsity.png", "loss_curves.png", "density_per_layer.png"):
         assert (out / png).stat().st_size > 1000
     assert "| seer joint, 90% sparsity | 1024 |" in (out / "results.md").read_text()
@@ -97,7 +104,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert train_files and eval_files and not train_files & eval_files
     # A second invocation reuses every trained run and every finished evaluation.
     finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
-    assert len(finished) == 4 + 9
+    assert len(finished) == 5 + 11
     before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before

@@ -1,11 +1,13 @@
 """Two-stage SeerAttention runs: the gate-distillation stage derived from a joint configuration.
 
-An experiment that sets `attention.init_steps > 0` (with `mode: joint` and no `gates_path`) is run by the
-`train` job (`seer_finetune.jobs`) as:
+An experiment that sets `attention.init_steps > 0` (with `mode: joint`) is run by the `train` job
+(`seer_finetune.jobs`) as:
 
 1. `gate_init`: the same configuration in `gate_distill` mode for `init_steps` steps (base frozen, only the
-   gates train, the model's output stays dense), in `<output_dir>/gate_init`; its final save is the gates
-   alone (the base is unchanged), written to `<output_dir>/gate_init/gates`;
+   gates train, the model's output stays dense), in `<output_dir>/gate_init`, from the gates of
+   `attention.gates_path` when it is set (gates distilled at the native length then learn the attention of the
+   YaRN-scaled model at the target length) or from fresh gates; its final save is the gates alone (the base is
+   unchanged), written to `<output_dir>/gate_init/gates`;
 2. the configured joint stage, starting from those gates (`attention.gates_path`).
 
 A rerun after an interruption resumes stage 1 from its checkpoints, or skips it once its gates exist. Everything
@@ -34,8 +36,7 @@ def needs_gate_init(cfg: SeerConfig) -> bool:
         True for `attention.backend=seer` with `attention.init_steps > 0`.
 
     Raises:
-        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint` or with a
-            `gates_path`.
+        ConfigError: for negative `init_steps`, or `init_steps` with another mode than `joint`.
     """
     return gate_init_stage(cfg.attention)
 

@@ -110,3 +110,27 @@ def test_stage_settings_are_checked(tmp_path):
         train_job(_smoke(tmp_path, "attention.gates_path=/nowhere"))
     with pytest.raises(ConfigError, match="init_steps=-1 must be >= 0"):
         train_job(_smoke(tmp_path, "attention.init_steps=-1"))
+
+
+@pytest.mark.slow
+def test_gate_stage_continues_from_given_gates(tmp_path):
+    """init_steps with gates_path: stage 1 distils the given gates further (at the joint run's own length and
+    RoPE), it does not start from fresh ones."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source"
+    train_job(_smoke(source, "attention.init_steps=0", "attention.mode=gate_distill", "trainer.max_steps=1"))
+    # Shift every saved gate weight far from anything one optimizer step could reach from a fresh gate.
+    given = {k: v + 0.5 for k, v in load_file(source / "final" / "seer_gates.safetensors").items()}
+    save_file(given, source / "final" / "seer_gates.safetensors")
+
+    run = tmp_path / "run"
+    gate_lr = 1e-3
+    summary = train_job(_smoke(run, f"attention.gates_path={source / 'final'}", "attention.init_steps=1",
+                               f"optim.gate_lr={gate_lr}"))
+    assert summary["gate_init"]["steps"] == 1
+    distilled = load_file(distilled_gates_dir(_smoke(run)) / "seer_gates.safetensors")
+    assert distilled.keys() == given.keys()
+    # One AdamW step moves each weight by at most the learning rate (plus its weight decay share).
+    for k, v in given.items():
+        assert (distilled[k] - v).abs().max().item() <= 2 * gate_lr, k
