@@ -50,10 +50,12 @@ class FileDocuments:
         files: The files, sorted.
         reader: Reads a file under the schema and `data.invalid_files`; what it leaves out is reported once.
         limits: File index -> rows of it that train (the rest are held out for evaluation).
+        root: The source's folder (or file): files are fingerprinted by their path under it, so a run folder and
+            corpus moved together still resume.
     """
 
-    def __init__(self, files: list[Path], reader: FileReader, limits: dict[int, int]):
-        self.files, self.reader, self.limits = files, reader, limits
+    def __init__(self, files: list[Path], reader: FileReader, limits: dict[int, int], root: Path):
+        self.files, self.reader, self.limits, self.root = files, reader, limits, root
         self.seed = 0
         self._fingerprint: str | None = None
         # Files read once already: what they leave out was reported then (and those held out partly for evaluation).
@@ -65,7 +67,8 @@ class FileDocuments:
         if self._fingerprint is None:
             h = hashlib.sha256()
             for path in self.files:
-                h.update(f"{path}\0{path.stat().st_size if path.exists() else -1}\n".encode())
+                name = path.relative_to(self.root).as_posix() if path != self.root else path.name
+                h.update(f"{name}\0{path.stat().st_size if path.exists() else -1}\n".encode())
             h.update(json.dumps(sorted(self.limits.items())).encode())
             self._fingerprint = h.hexdigest()[:24]
         return self._fingerprint
@@ -381,7 +384,7 @@ def open_stream(cfg: DataConfig, tokenizer, pad_id: int, schema: RowSchema, hold
                 warn(f"data.source: skipped {skipped.path} ({skipped.reason}; data.invalid_files=skip)")
         if not files:
             raise ConfigError(f"data source {cfg.source!r} holds no files (data.file_glob={cfg.file_glob!r})")
-        source = FileDocuments(files, reader, limits)
+        source = FileDocuments(files, reader, limits, resolved)
     else:
         settings = dict(split=cfg.split, hub_config=cfg.hub_config, data_files=cfg.data_files, streaming=True)
         skip = 0
