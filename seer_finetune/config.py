@@ -11,7 +11,7 @@ experiments under `conf/exp/` are `# @package _global_` files that state only th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -71,8 +71,9 @@ class DataConfig:
     Attributes:
         source: Hub dataset name, a local file (.txt, .jsonl, .json, .parquet) or a directory of them
             (each .txt file one document), or `builtin:<name>` for the corpus shipped in the repo.
-        eval_source: Held-out text in the same forms; if null, `eval_documents` documents are held out
-            from `source` (whole documents, never split).
+        eval_source: Held-out text in the same forms (read whole, also when `streaming`); if null,
+            `eval_documents` documents (conversations) are held out from `source`: its last ones (whole documents,
+            never split), or the first ones of a streamed hub dataset, whose end is not known in advance.
         split: Split name for hub datasets.
         text_field: Column holding the text in jsonl/parquet/hub data.
         seq_len: Tokens per training sequence (documents packed, EOS between them).
@@ -86,8 +87,24 @@ class DataConfig:
             documents (transformers then masks across boundaries; the seer backend does it blockwise).
         invalid_files: What happens to files of a source that are not text (NUL bytes, as in binaries; or more
             than 0.1% of bytes invalid UTF-8, as in another encoding) and to table rows whose text field is not a
-            string: `skip` (left out with a warning naming them, counted in the run's summary) or `error`
-            (the run stops with one line naming the first).
+            string (or, with `format: chat`, rows that are not a conversation): `skip` (left out with a warning
+            naming them, counted in the run's summary) or `error` (the run stops with one line naming the first).
+        format: `text` (documents; every token is a target) or `chat` (conversations rendered through the
+            tokenizer's chat template; only the assistant's tokens are targets, see `seer_finetune.chat`).
+        messages_field: With `format: chat`, the column holding a conversation: a list of `{role, content}`.
+        prompt_field: With `format: chat`, read one user prompt and one assistant answer per row from this column
+            and `response_field` instead of `messages_field`.
+        response_field: The answer's column, with `prompt_field`.
+        chat_overflow: A conversation longer than `seq_len`: `truncate` (tokens are cut from the middle of its
+            longest user message until it fits; assistant turns are never cut) or `drop` (left out, counted).
+        hub_config: Configuration name of a hub dataset (`load_dataset(source, hub_config)`).
+        data_files: Files for a hub dataset or a `datasets` builder (`source: json` with `data_files: a.jsonl`):
+            one path or pattern, or a list of them.
+        streaming: Read, tokenise and pack the training source on the fly in bounded memory (files of a folder in
+            a seeded order per epoch; hub datasets with `streaming=True`); the stream position is checkpointed,
+            so a resume is exact. Evaluation text is read whole.
+        shuffle_buffer: With `streaming`, how many packed sequences are drawn at a time and shuffled together
+            (memory: this many sequences; 1 keeps the stream's order).
     """
 
     source: str = MISSING
@@ -103,6 +120,15 @@ class DataConfig:
     file_glob: str = "**/*"
     attend_within_documents: bool = False
     invalid_files: str = "skip"
+    format: str = "text"
+    messages_field: str = "messages"
+    prompt_field: Optional[str] = None
+    response_field: Optional[str] = None
+    chat_overflow: str = "truncate"
+    hub_config: Optional[str] = None
+    data_files: Optional[Any] = None
+    streaming: bool = False
+    shuffle_buffer: int = 64
 
 
 @dataclass

@@ -19,11 +19,14 @@ def perplexity(
     batch_size: int = 1,
     loss_fn: Optional[Callable[[dict[str, torch.Tensor]], torch.Tensor]] = None,
 ) -> dict[str, float]:
-    """Token-weighted mean negative log-likelihood over `dataset` and its exponential.
+    """Token-weighted mean negative log-likelihood over `dataset`'s targets and its exponential.
+
+    The targets are the items' `labels` where given (-100: none; chat data: the assistant's tokens only), else
+    every token after the first.
 
     Args:
         model: A causal LM returning `.loss` (mean over predicted tokens) when given labels.
-        dataset: Items with `input_ids` and `position_ids` (e.g. `DocumentWindows`).
+        dataset: Items with `input_ids`, `position_ids` and optionally `labels` (e.g. `DocumentWindows`).
         device: Where to run.
         batch_size: Windows per forward pass. Default 1.
         loss_fn: Mean next-token loss of a collated batch (0-dim tensor); default: the model's own loss with
@@ -35,7 +38,8 @@ def perplexity(
 
     def model_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids = batch["input_ids"].to(device)
-        return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=input_ids, use_cache=False).loss
+        labels = batch["labels"].to(device) if "labels" in batch else input_ids
+        return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=labels, use_cache=False).loss
 
     loss_fn = loss_fn or model_loss
     was_training = model.training
@@ -46,7 +50,12 @@ def perplexity(
     try:
         for start in range(0, len(dataset), batch_size):
             batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+            if "labels" in batch:
+                predicted = int((batch["labels"][:, 1:] != -100).sum())
+            else:
+                predicted = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+            if predicted == 0:  # no target in these windows: their mean loss is undefined and weighs nothing
+                continue
             total_nll += loss_fn(batch).detach().double() * predicted
             total_tokens += predicted
     finally:

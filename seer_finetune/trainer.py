@@ -28,7 +28,7 @@ import torch
 from .assembly import build_model
 from .checkpoint import list_checkpoints
 from .config import ConfigError, SeerConfig
-from .data import EpochSampler, build_data, collate
+from .data import build_data, collate
 from .deepspeed_engine import DeepSpeedEngine, checkpoint_root
 from .distributed import DistributedContext, all_reduce_sum, init_distributed
 from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
@@ -179,7 +179,8 @@ class Trainer:
             lambda step: lr_lambda(step, warmup=o.warmup_steps, total=t.max_steps, schedule=o.schedule, min_ratio=o.min_lr_ratio),
         )
         self.engine = create_engine(self.model, optimizer, scheduler, cfg, self.ctx)
-        self.sampler = EpochSampler(len(self.data.train), t.seed)
+        # The order of the training sequences (in memory, or the stream); its position goes into checkpoints.
+        self.sampler = self.data.training_order(t.seed)
         self.step = 0
         self.tokens_seen = 0
         self.history: dict[str, Any] = {}
@@ -191,23 +192,24 @@ class Trainer:
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's micro-batch: its data-parallel share of the global batch, its sequence shard under SP."""
         mb, ctx = self.cfg.trainer.micro_batch_size, self.ctx
-        indices = self.sampler.next_indices(mb * ctx.dp_size)[ctx.dp_rank * mb : (ctx.dp_rank + 1) * mb]
-        return collate([self.data.train[i] for i in indices])
+        return collate(self.sampler.next_items(mb * ctx.dp_size, keep=slice(ctx.dp_rank * mb, (ctx.dp_rank + 1) * mb)))
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token loss of the batch. Under sequence parallelism, this rank's share of it (its tokens'
+        """Mean next-token loss of the batch over its targets (the batch's `labels`: every token for text, the
+        assistant's for chat; -100 is no target). Under sequence parallelism, this rank's share of it (its tokens'
         summed loss over the whole sequence's target count): the shares add up to the mean, and DeepSpeed adds
         the sequence-parallel ranks' gradients (measured: tests/distributed)."""
         input_ids = batch["input_ids"].to(self.device)
+        labels = batch["labels"].to(self.device) if "labels" in batch else input_ids
         position_ids = batch["position_ids"].to(self.device)
         if not self.cfg.data.attend_within_documents:
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
         if self.ctx.sp_size == 1:
             kwargs = {"position_ids": position_ids} if self.cfg.data.attend_within_documents else {}
-            return self.model(input_ids=input_ids, labels=input_ids, use_cache=False, **kwargs).loss
+            return self.model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs).loss
         # Labels are shifted on the full sequence, then every tensor is cut to this rank's shard.
-        shift_labels = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
-        total_targets = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        total_targets = (shift_labels != -100).sum()
         chunk = input_ids.shape[1] // self.ctx.sp_size
         part = slice(self.ctx.sp_rank * chunk, (self.ctx.sp_rank + 1) * chunk)
         shard_labels = shift_labels[:, part].contiguous()
@@ -400,7 +402,7 @@ class Trainer:
         say(
             f"[seer-finetune] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
             f"({cfg.peft.method if not self.extension.freeze_base else 'extension only'}), "
-            f"{len(self.data.train)} training sequences of {cfg.data.seq_len} tokens, device {self.device}{self.engine.layout}"
+            f"{self.data.describe()}, device {self.device}{self.engine.layout}"
             + (f", resumed at step {self.step}" if resumed else "")
         )
         if resumed and self.start.changes:

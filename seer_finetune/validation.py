@@ -118,6 +118,37 @@ def validate_rope(r: RopeConfig) -> RopeConfig:
     return r
 
 
+def validate_data_sources(d: DataConfig) -> None:
+    """Rules of the data section's format, chat fields, hub fields and streaming.
+
+    Args:
+        d: The data section.
+
+    Raises:
+        ConfigError: one line naming the field.
+    """
+    _choice("data.format", d.format, ("text", "chat"))
+    _choice("data.chat_overflow", d.chat_overflow, ("truncate", "drop"))
+    if not d.messages_field:
+        raise ConfigError("data.messages_field must not be empty")
+    for name in ("prompt_field", "response_field", "hub_config"):
+        value = getattr(d, name)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"data.{name}={value!r} must be a non-empty name (or null)")
+    if (d.prompt_field is None) != (d.response_field is None):
+        raise ConfigError("data.prompt_field and data.response_field go together: set both (or neither, to read data.messages_field)")
+    if d.prompt_field is not None and d.prompt_field == d.response_field:
+        raise ConfigError(f"data.prompt_field and data.response_field are both {d.prompt_field!r}; name two columns")
+    if d.format != "chat" and d.prompt_field is not None:
+        raise ConfigError("data.prompt_field and data.response_field need data.format=chat")
+    files = d.data_files
+    if files is not None:
+        listed = [files] if isinstance(files, str) else list(files) if isinstance(files, (list, tuple)) else None
+        if not listed or not all(isinstance(f, str) and f for f in listed):
+            raise ConfigError(f"data.data_files={files!r} must be a path or pattern, or a non-empty list of them")
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
+
+
 def validate(cfg: SeerConfig) -> SeerConfig:
     """Check values and cross-field rules; raise ConfigError naming the field on the first problem."""
     m, r, d, a, p, o, t = cfg.model, cfg.rope, cfg.data, cfg.attention, cfg.peft, cfg.optim, cfg.trainer
@@ -132,6 +163,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     for name in ("file_glob", "text_field"):
         if not getattr(d, name):
             raise ConfigError(f"data.{name} must not be empty")
+    validate_data_sources(d)
 
     validate_rope(r)
     if r.type == "yarn":

