@@ -179,6 +179,38 @@ def test_per_head_density_under_a_threshold():
     assert ext.metrics() == {}  # taken
 
 
+@pytest.mark.slow
+def test_threshold_run_records_the_spread_of_density_over_heads(tmp_path):
+    """A joint run with a threshold (density varies by head and layer) logs, at every training step and every
+    evaluation (after two distillation steps), each layer's per-head densities (their mean is the layer's density)
+    and the 10th/90th percentiles over all heads; the density plot draws them."""
+    run = tmp_path / "run"
+    cfg = _smoke_seer(tmp_path, "run", "attention.density=null", "attention.threshold=0.05",
+                      "trainer.max_steps=2", "trainer.eval_every=1", "trainer.plots=true")
+    summary = train_job(cfg)
+    assert "density.png" in [Path(p).name for p in summary["plots"]]
+    records = read_metrics(run)
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/ppl" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 1, 2]
+    spread = 0.0
+    for r, prefix in [(r, "") for r in train] + [(r, "eval_") for r in evals]:
+        overview = "seer/" if not prefix else "eval/seer/"
+        low, high = r[f"{overview}density_heads_p10"], r[f"{overview}density_heads_p90"]
+        assert _finite(low) and _finite(high) and 0.0 <= low <= high <= 1.0, r
+        everything = []
+        for i in range(LAYERS):
+            heads = r[f"{prefix}seer_density_heads/layer_{i:02d}"]
+            assert len(heads) == HEADS and all(_finite(h) and 0.0 <= h <= 1.0 for h in heads)
+            assert sum(heads) / HEADS == pytest.approx(r[f"{prefix}seer_density/layer_{i:02d}"], abs=1e-6)
+            everything += heads
+        assert min(everything) <= low <= high <= max(everything)
+        spread = max(spread, high - low)
+        # a threshold is sparse: the evaluation also measures dense perplexity
+        assert prefix == "" or _finite(r["eval/ppl_dense"])
+    assert spread > 0.0  # heads do keep different shares under a threshold
+
+
 def test_names_of_evaluation_results():
     assert layer_key("seer_recall", 3) == "seer_recall/layer_03" and split_layer_key("seer_recall/layer_03") == ("seer_recall", 3)
     assert split_layer_key("seer/recall") is None and split_layer_key("train/lr/layer_x") is None
