@@ -444,7 +444,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
         steps = [r["step"] for r in records]
         if run != "gate_init":
             axes[0].plot(steps, [r["train/lm_loss"] for r in records], label=run)
-        gate = [r.get("train/seer/gate_loss") for r in records]
+        gate = [r.get("seer/gate_loss") for r in records]
         if any(g is not None for g in gate):
             axes[1].plot(steps, gate, label=run)
     axes[0].set_title("LM loss")

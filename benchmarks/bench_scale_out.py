@@ -92,7 +92,7 @@ def launch(name: str, overrides: list[str], gpus: int, steps: int, out: Path) ->
         tokens_per_s=statistics.median(r["train/tokens_per_s"] for r in timed),
         step_s=statistics.median(r["train/step_time_s"] for r in timed),
         peak_memory_gib_rank0=max(r.get("train/peak_memory_gib", 0.0) for r in train),
-        density=train[-1].get("train/seer/density"),
+        density=train[-1].get("seer/density"),
     )
     return result
 

@@ -120,7 +120,7 @@ def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: 
         "step_ms": 1e3 * statistics.median(times),
         "tokens_per_s": seq_len / statistics.median(times),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "loss": metrics["loss"],
+        "loss": metrics["train/loss"],
         "density": metrics.get("seer/density"),
     }
     result.update(profile_step(trainer))

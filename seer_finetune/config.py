@@ -248,11 +248,13 @@ class TrainerConfig:
         max_steps: Optimizer steps.
         micro_batch_size: Sequences per forward pass.
         grad_accum_steps: Micro-batches per optimizer step.
-        seed: Seeds model init, data order and dropout.
+        seed: Seeds model init, data order and dropout (`transformers.set_seed`), in [0, 2**32).
         output_dir: Run folder: checkpoints, final model, metrics.jsonl.
         save_every: Checkpoint every N steps (0: only the final save).
         keep_checkpoints: Checkpoints kept on disk (oldest deleted first).
-        eval_every: Evaluate every N steps (0: only before and after training).
+        eval_every: Evaluate every N steps (0: only before and after training). For a sparse seer run an
+            evaluation measures perplexity at the trained density or threshold and at density 1.0 (dense, through
+            the same kernels), and the gates' recall on the evaluation rows; the long-context experiments set it.
         eval_before: Evaluate once before the first step.
         log_every: Log metrics every N steps.
         resume: Resume from the newest checkpoint in output_dir if one exists. The run folder's `config.json`
@@ -272,6 +274,9 @@ class TrainerConfig:
         device: `auto`, `cpu` or `cuda`.
         progress_bar: Show a tqdm bar with loss, lr, tokens/s and ETA.
         save_final: Write the final Hugging Face folder.
+        plots: At the end of the run, draw PNG plots of `metrics.jsonl` into `<output_dir>/plots/` (losses,
+            evaluation perplexity sparse vs dense, the gates' recall, loss and density per layer; `plots.py`).
+            Needs matplotlib (`pip install seer-finetune[plots]`); without it one warning line and no plots.
     """
 
     max_steps: int = 100
@@ -290,11 +295,13 @@ class TrainerConfig:
     device: str = "auto"
     progress_bar: bool = True
     save_final: bool = True
+    plots: bool = True
 
 
 @dataclass
 class LoggerConfig:
-    """Metrics sinks. metrics.jsonl is always written; W&B is optional.
+    """Metrics sinks. metrics.jsonl is always written; W&B is optional. Both get the same names, in sections
+    (`train/...`, `eval/...`, `seer/...`, one section per per-layer kind: see `metrics.py`).
 
     Attributes:
         wandb: `disabled`, `offline` or `online`.

@@ -1,5 +1,21 @@
 """Where metrics go: a plain `metrics.jsonl` in the run folder (always) and W&B (online, offline or off).
 
+Both get the same names and values. A name is `<section>/<metric>`; W&B lays out its panels by the section
+(the part before the first `/`), so every section is one group of panels:
+
+- `train/...`: the step's `loss`, `lm_loss`, extension losses (`gate_loss`, weighted as in the loss),
+  `grad_norm`, `tokens_per_s`, `step_time_s`, `lr/<parameter group>`, `skipped_update`, `peak_memory_gib`;
+- `eval/...`: `loss`, `ppl` as the model trains (a seer run: at its density or threshold), and for a sparse
+  run `loss_dense`, `ppl_dense` (every block) and `sparsity_cost` (ppl / ppl_dense - 1); an extension's overview
+  of the evaluation rows under `eval/<extension>/...` (`eval/seer/recall`);
+- an extension's overview of the training steps, e.g. `seer/gate_loss`, `seer/recall`, `seer/density`;
+- one section per per-layer kind, `<kind>/layer_NN`, e.g. `seer_recall/layer_03`, and for evaluations
+  `eval_<kind>/layer_NN` (see `eval_key`): thirty layers of one kind fill a section of their own, which W&B
+  can fold away, instead of crowding the overview.
+
+A value that is a list of numbers (one per head, say) is a distribution: a list in metrics.jsonl, a histogram in
+W&B. Every record carries `step`; W&B plots every section against it (`define_metric`).
+
 Every line written is strict JSON (a non-finite number becomes null; `dumps_json_safe` does the same for other
 files of a run, such as summary.json). A line cut short by a crash, power loss or a full disk is dropped, with a
 one-line warning naming the file, wherever the file is read: on resume the file is rewritten without it.
@@ -15,6 +31,55 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import ConfigError, LoggerConfig
+
+
+STEP_KEY = "step"
+# W&B keeps the lowest value of these in the run's summary beside the last one.
+LOWEST_KEPT = ("train/loss", "train/lm_loss", "eval/loss", "eval/ppl", "eval/ppl_dense")
+HISTOGRAM_BINS = 32
+
+
+def layer_key(section: str, layer: int) -> str:
+    """The name of one layer's value of a per-layer kind, e.g. `layer_key("seer_recall", 3)` ->
+    `seer_recall/layer_03` (each kind its own dashboard section).
+
+    Args:
+        section: The kind's section, prefixed by the extension's name (`seer_recall`).
+        layer: The layer index.
+
+    Returns:
+        `<section>/layer_NN`.
+    """
+    return f"{section}/layer_{layer:02d}"
+
+
+def split_layer_key(key: str) -> tuple[str, int] | None:
+    """(section, layer) of a name made by `layer_key`, or None for any other name."""
+    section, _, rest = key.partition("/")
+    if not rest.startswith("layer_") or not rest[len("layer_") :].isdigit():
+        return None
+    return section, int(rest[len("layer_") :])
+
+
+def eval_key(name: str) -> str:
+    """The logged name of an evaluation result.
+
+    The trainer's own results (`ppl`) and an extension's overview (`seer/recall`) go into the `eval` section
+    (`eval/ppl`, `eval/seer/recall`); a per-layer kind gets an evaluation section of its own
+    (`seer_recall/layer_03` -> `eval_seer_recall/layer_03`), so its panels sit apart from training's.
+
+    Args:
+        name: A key of `Trainer.evaluate`'s result.
+
+    Returns:
+        The name in metrics.jsonl and W&B.
+    """
+    return f"eval_{name}" if split_layer_key(name) else f"eval/{name}"
+
+
+def is_distribution(value: Any) -> bool:
+    """Whether a metric value is a list of numbers (logged as a histogram in W&B)."""
+    return isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
 def require_wandb(cfg: LoggerConfig):
@@ -119,9 +184,10 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             repair_metrics(run_dir, resume_step)
-        wandb = require_wandb(cfg)
-        if wandb is not None:
-            self.wandb_run = wandb.init(
+        self._wandb = require_wandb(cfg)
+        self._sections: set[str] = set()
+        if self._wandb is not None:
+            self.wandb_run = self._wandb.init(
                 project=cfg.project,
                 name=cfg.run_name or Path(run_dir).name,
                 mode=cfg.wandb,
@@ -130,17 +196,36 @@ class MetricsLogger:
                 resume="allow",
                 id=_stable_run_id(run_dir) if resume_step is not None else None,
             )
+            # `step` is the x axis of every section (`_section`), not a chart of its own.
+            self.wandb_run.define_metric(STEP_KEY, hidden=True)
+            for key in LOWEST_KEPT:
+                self.wandb_run.define_metric(key, summary="last,min")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Append one record `{"step": step, **metrics}` (tensors and numpy scalars as numbers)."""
+        """Append one record `{"step": step, **metrics}` (tensors and numpy scalars as numbers; lists of numbers
+        as lists, and as histograms in W&B)."""
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {STEP_KEY: step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(dumps_json_safe(record) + "\n")
         if self.wandb_run is not None:
+            for key in record:
+                self._section(key)
             # W&B shows NaN and inf as such; only the JSONL file needs strict JSON.
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            values = {k: self._histogram(v) if is_distribution(v) else v for k, v in record.items()}
+            self.wandb_run.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def _section(self, key: str) -> None:
+        """Plot a new section's metrics against `step` (W&B takes a glob suffix per section)."""
+        section, slash, _ = key.partition("/")
+        if slash and section not in self._sections:
+            self._sections.add(section)
+            self.wandb_run.define_metric(f"{section}/*", step_metric=STEP_KEY)
+
+    def _histogram(self, values: list[float]):
+        finite = [float(v) for v in values if math.isfinite(v)]
+        return self._wandb.Histogram(finite, num_bins=HISTOGRAM_BINS) if finite else None
 
     def summary(self, values: dict[str, Any]) -> None:
         """Set the W&B run's summary values (the JSONL file has summary.json beside it)."""

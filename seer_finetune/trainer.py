@@ -17,13 +17,12 @@ a row stop the run with one line. No checkpoint is written from such a step or f
 from __future__ import annotations
 
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
+from transformers import set_seed
 
 from .assembly import build_model
 from .checkpoint import list_checkpoints
@@ -34,9 +33,10 @@ from .distributed import DistributedContext, all_reduce_sum, init_distributed
 from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
 from .extensions import TrainingExtension
 from .final_save import save_final_model
-from .metrics import MetricsLogger, require_wandb
+from .metrics import MetricsLogger, eval_key, is_distribution, require_wandb, split_layer_key
 from .modeling import count_parameters, load_tokenizer, resolve_device
 from .perplexity import perplexity
+from .plots import write_plots
 from .run_folder import (
     check_run_folder,
     claim_run_folder,
@@ -56,14 +56,23 @@ class TrainingDiverged(ConfigError):
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators (model init, data order, dropout)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    """Seed Python's, NumPy's and torch's generators (model init, data order, dropout): `transformers.set_seed`.
+
+    Args:
+        seed: In [0, 2**32) (NumPy's range; `validation` checks `trainer.seed`).
+    """
+    set_seed(seed)
 
 
 def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    After warmup this is transformers' cosine-with-floor, linear and constant schedule
+    (`get_cosine_with_min_lr_schedule_with_warmup` and its kin; tests/test_dashboards.py compares them step by
+    step). It is kept rather than taken from there for two differences: warmup's first step already trains at
+    1/warmup of the peak (transformers' starts at 0, so the first update is lost), and the linear decay ends at
+    `min_ratio` (transformers' ends at 0). It is a plain function of the step, so a resumed run and one with a
+    changed peak rate (`engine.restore_configured_settings`) get exactly the values an uninterrupted run gets.
 
     Args:
         step: The optimizer step.
@@ -244,10 +253,16 @@ class Trainer:
         loss = self._lm_loss(batch).detach()
         return all_reduce_sum(loss.clone(), self.ctx.sp_group) if self.ctx.sp_size > 1 else loss
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's metrics.
 
         Loss terms stay on the device until the end of the step, read in one transfer.
+
+        Returns:
+            The metrics by their logged names (`metrics.py`): `train/loss`, `train/lm_loss`, the extension's
+            weighted losses (`train/gate_loss`), `train/grad_norm`, `train/tokens_per_s`, `train/step_time_s`,
+            `train/lr/<group>`, `train/skipped_update` (non-finite steps), `train/peak_memory_gib` (CUDA), then
+            the extension's own (`extensions.TrainingExtension.metrics`).
         """
         t = self.cfg.trainer
         started = time.perf_counter()
@@ -273,34 +288,66 @@ class Trainer:
         self.step += 1
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
-        metrics = {"loss": total, **parts, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+        own = {"loss": total, **parts, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
         # The engine skipped the update for a non-finite loss or gradient; a non-finite logged loss counts too.
         if not math.isfinite(total) or not (applied or self.engine.loss_scaling):
             self.nonfinite_in_row += 1
             self.skipped_updates += int(not applied)
-            metrics["skipped_update"] = float(not applied)
+            own["skipped_update"] = float(not applied)
         else:
             self.nonfinite_in_row = 0
-        metrics.update(lrs)
-        metrics.update(self.extension.metrics())
+        own.update(lrs)
         if self.device.type == "cuda":
-            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            own["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        metrics: dict[str, Any] = {f"train/{k}": v for k, v in own.items()}
+        # The extension names its own sections (e.g. `seer/recall`, `seer_recall/layer_03`: metrics.py).
+        metrics.update(self.extension.metrics())
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        """Perplexity on the evaluation windows (every rank takes part: ZeRO-3 gathers parameters collectively)."""
+    def evaluate(self) -> dict[str, Any]:
+        """Perplexity on the evaluation windows (every rank takes part: ZeRO-3 gathers parameters collectively).
+
+        For an extension that evaluates other settings too (`eval_variants`; a sparse seer run: `dense`, every
+        block through the same kernels) each one's loss and perplexity follow, as `loss_<name>` / `ppl_<name>`,
+        and `sparsity_cost` = ppl / ppl_dense - 1. The extension's statistics of the trained setting on the
+        evaluation rows (the gates' recall, ...) come under its own names. The random generators are left as
+        they were, so evaluating (at any cadence) never changes the training that follows.
+
+        Returns:
+            `loss`, `ppl`, `tokens`, the variants' values and the extension's statistics (named for `eval_key`),
+            or {} without evaluation data.
+        """
         if self.data.eval is None:
             return {}
-        self.extension.set_training(False)
-        try:
-            result = perplexity(
-                self.model, self.data.eval, device=self.device, batch_size=self.cfg.trainer.micro_batch_size,
-                loss_fn=self._sequence_lm_loss,
-            )
-        finally:
-            self.extension.set_training(True)
-        result.update({f"eval_{k}": v for k, v in self.extension.metrics().items()})
+        variants_of = getattr(self.extension, "eval_variants", None)
+        variants = variants_of() if variants_of is not None else {}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            self.extension.set_training(False)
+            try:
+                self.extension.metrics()  # whatever was recorded outside a training step is not the evaluation's
+                result: dict[str, Any] = self._perplexity()
+                result.update(self.extension.metrics())
+                for name, settings in variants.items():
+                    with settings():
+                        other = self._perplexity()
+                    self.extension.metrics()
+                    result[f"loss_{name}"], result[f"ppl_{name}"] = other["loss"], other["ppl"]
+            finally:
+                self.extension.set_training(True)
+        if "ppl_dense" in result:
+            result["sparsity_cost"] = result["ppl"] / result["ppl_dense"] - 1.0
         return result
+
+    def _perplexity(self) -> dict[str, float]:
+        return perplexity(
+            self.model, self.data.eval, device=self.device, batch_size=self.cfg.trainer.micro_batch_size,
+            loss_fn=self._sequence_lm_loss,
+        )
+
+    def _log_eval(self, logger: MetricsLogger, result: dict[str, Any]) -> None:
+        """Log an evaluation at the current step (the window count is a constant: summary.json has it)."""
+        logger.log({eval_key(k): v for k, v in result.items() if k != "tokens"}, step=self.step)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -411,9 +458,9 @@ class Trainer:
             say(f"[seer-finetune] warning: {self.run_dir / 'config.json'} is missing: resuming without checking that the configuration is the run's")
         if not resumed and t.eval_before and self.data.eval is not None:
             before = self.evaluate()
-            self.history["eval_before"] = before
-            logger.log({f"eval/{k}": v for k, v in before.items()}, step=0)
-            say(f"[seer-finetune] eval before training: loss {before['loss']:.4f}, perplexity {before['ppl']:.2f}")
+            self.history["eval_before"] = _overview(before)
+            self._log_eval(logger, before)
+            say(f"[seer-finetune] eval before training: {_describe_eval(before)}")
         try:
             self._train_loop(logger, say)
             self._check_weights()
@@ -432,11 +479,11 @@ class Trainer:
         }
         if self.data.eval is not None:
             after = self.evaluate()
-            logger.log({f"eval/{k}": v for k, v in after.items()}, step=self.step)
-            summary["eval_after"] = after
+            self._log_eval(logger, after)
+            summary["eval_after"] = _overview(after)
             summary["eval_before"] = self.history.get("eval_before")
             before = summary["eval_before"]
-            line = f"[seer-finetune] eval after training: loss {after['loss']:.4f}, perplexity {after['ppl']:.2f}"
+            line = f"[seer-finetune] eval after training: {_describe_eval(after)}"
             if before:
                 line += f" (before: {before['ppl']:.2f})"
             say(line)
@@ -445,6 +492,12 @@ class Trainer:
             if final is not None:
                 summary["final_dir"] = str(final)
                 say(f"[seer-finetune] saved {final}")
+        if main and t.plots:
+            # After the last evaluation is in metrics.jsonl; a rerun of a finished run draws them again.
+            written = write_plots(self.run_dir)
+            if written:
+                summary["plots"] = [str(path) for path in written]
+                say(f"[seer-finetune] plots: {written[0].parent}")
         if main:
             write_json(self.run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -461,15 +514,18 @@ class Trainer:
                 metrics = self.train_step()
                 # A non-finite step is always logged, whatever the cadence: it is what a diverged run is read from.
                 if self.step % t.log_every == 0 or self.step == t.max_steps or self.nonfinite_in_row:
-                    logger.log({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
+                    logger.log(metrics, step=self.step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.engine.last_lr():.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                self.history["last_loss"] = metrics["loss"]
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", lr=f"{self.engine.last_lr():.2e}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+                self.history["last_loss"] = metrics["train/loss"]
                 if self.nonfinite_in_row:
                     self._report_nonfinite(metrics, say)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
-                    logger.log({f"eval/{k}": v for k, v in self.evaluate().items()}, step=self.step)
+                    result = self.evaluate()
+                    self._log_eval(logger, result)
+                    if result:
+                        (bar.write if bar is not None else say)(f"[seer-finetune] eval at step {self.step}: {_describe_eval(result)}")
                 # A step that skipped its update writes no checkpoint: the last one before it stays the newest.
                 if t.save_every and self.step % t.save_every == 0 and not self.nonfinite_in_row:
                     self.save()
@@ -480,9 +536,9 @@ class Trainer:
     def _report_nonfinite(self, metrics: dict[str, float], say) -> None:
         """Warn about a non-finite step; raise `TrainingDiverged` at `trainer.max_nonfinite_steps` in a row."""
         t, n = self.cfg.trainer, self.nonfinite_in_row
-        what = "update skipped" if metrics.get("skipped_update") else "update applied"
+        what = "update skipped" if metrics.get("train/skipped_update") else "update applied"
         say(
-            f"[seer-finetune] warning: step {self.step}: loss {metrics['loss']:.6g}, gradient norm {metrics['grad_norm']:.6g}: "
+            f"[seer-finetune] warning: step {self.step}: loss {metrics['train/loss']:.6g}, gradient norm {metrics['train/grad_norm']:.6g}: "
             f"{what} ({n} in a row; trainer.max_nonfinite_steps={t.max_nonfinite_steps} stops the run)"
         )
         if n >= t.max_nonfinite_steps:
@@ -492,6 +548,19 @@ class Trainer:
                 f"updates were skipped; {self._newest_checkpoint()}; lower optim.lr (now {self.cfg.optim.lr:g}) or "
                 "raise optim.warmup_steps and resume (both may change on resume), or start a new run"
             )
+
+
+def _overview(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's result without its per-layer values and distributions (for summary.json)."""
+    return {k: v for k, v in result.items() if split_layer_key(k) is None and not is_distribution(v)}
+
+
+def _describe_eval(result: dict[str, Any]) -> str:
+    """`loss 2.3456, perplexity 10.44` and, for a sparse run, `, dense 10.21 (sparsity costs +2.25%)`."""
+    text = f"loss {result['loss']:.4f}, perplexity {result['ppl']:.2f}"
+    if "ppl_dense" in result:
+        text += f", dense {result['ppl_dense']:.2f} (sparsity costs {100 * result['sparsity_cost']:+.2f}%)"
+    return text
 
 
 def _progress(t, initial: int):

@@ -237,6 +237,8 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("trainer.eval_every", t.eval_every, allow_zero=True)
     _positive("trainer.log_every", t.log_every)
     _positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"trainer.seed={t.seed} must be in [0, 2**32) (the range NumPy's generator takes)")
     if t.overwrite and t.resume:
         raise ConfigError(
             "trainer.overwrite=true needs trainer.resume=false: it moves the folder's run to previous_N to start "

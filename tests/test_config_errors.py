@@ -117,6 +117,6 @@ def test_gate_loss_trend_passes_over_a_torn_line(tmp_path):
     from seer_finetune.seer.stages import gate_loss_trend
 
     metrics = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": i, "train/seer/gate_loss": float(10 - i)}) for i in range(1, 5)]
-    metrics.write_text("\n".join(lines) + '\n{"step": 5, "train/seer/ga')
+    lines = [json.dumps({"step": i, "seer/gate_loss": float(10 - i)}) for i in range(1, 5)]
+    metrics.write_text("\n".join(lines) + '\n{"step": 5, "seer/ga')
     assert gate_loss_trend(metrics, window=2) == (8.5, 6.5)

@@ -251,11 +251,20 @@ def _select(
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True)
         rt.record(f"density/{layer}", realised_density(block_mask, candidates))
+        # Per head: with a threshold or the layer budget heads keep different shares, which a layer mean hides.
+        rt.record(f"density_heads/{layer}", _density_per_head(block_mask, candidates))
         if rt.keeps_graph:
             state.block_masks[layer] = block_mask
     if rt.record_block_masks:
         rt.block_masks[layer] = block_mask
     return block_mask, oracle_truth
+
+
+def _density_per_head(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """float32 `[Hq]`: each head's fraction of candidate blocks kept, over the batch and rows."""
+    cand = candidates[:, None].expand_as(block_mask)
+    kept = (block_mask & cand).sum(dim=(0, 2, 3), dtype=torch.float32)
+    return kept / cand.sum(dim=(0, 2, 3), dtype=torch.float32).clamp_min(1.0)
 
 
 # -- step 5: ground truth for the loss ----------------------------------------------------------------------

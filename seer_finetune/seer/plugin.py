@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
 
 from ..config import AttentionConfig, ConfigError, SeerConfig
 from ..extensions import TrainingExtension, register_extension
+from ..metrics import layer_key
 from .attach import attach_seer_gates, seer_gates
 from .runtime import SeerRuntime, SeerSettings
 from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
@@ -87,23 +88,52 @@ class SeerExtension(TrainingExtension):
         total = torch.stack([losses[i] for i in sorted(losses)]).sum()
         return {"gate_loss": total * float(self.cfg.attention.gate_loss_scale)}
 
-    def metrics(self) -> dict[str, float]:
-        """Averages since the last call, per layer (`seer/<name>/layer_<i>`) and over layers (`seer/<name>`):
-        `gate_loss` (unweighted; its total is the sum over layers), `density` (realised), `recall` (share of the
-        ground truth inside the kept blocks, on the rows that have one) and `oracle_recall` (the same for the
-        best blocks of the same count)."""
+    def metrics(self) -> dict[str, float | list[float]]:
+        """The gates' statistics averaged since the last call, named by dashboard section (`metrics.py`).
+
+        Per layer, each kind in its own section, `seer_<kind>/layer_NN`: `gate_loss` (unweighted), `recall` (the
+        share of the ground truth inside the kept blocks, on the rows that have one), `oracle_recall` (the same for
+        the best blocks of the same count), `density` (realised) and `density_heads` (one realised density per
+        head: a histogram in W&B, for choosing a threshold). Over layers, in the `seer` section: `seer/gate_loss`
+        (the sum, as the loss adds them), the means `seer/recall`, `seer/oracle_recall`, `seer/density`, and the
+        10th and 90th percentiles of all heads' densities `seer/density_heads_p10` / `_p90`.
+
+        Returns:
+            name -> float, or list of floats for `density_heads`.
+        """
         stats = self.runtime.take_stats()
-        per_layer: dict[str, dict[int, float]] = {}
+        per_layer: dict[str, dict[int, Any]] = {}
         for key, value in stats.items():
             name, layer = key.rsplit("/", 1)
             per_layer.setdefault(name, {})[int(layer)] = value
-        out: dict[str, float] = {}
-        for name, values in per_layer.items():
+        out: dict[str, float | list[float]] = {}
+        for name, values in sorted(per_layer.items()):
+            for layer, value in sorted(values.items()):
+                out[layer_key(f"seer_{name}", layer)] = value
+            if name == "density_heads":
+                heads = torch.tensor([v for layer_values in values.values() for v in layer_values], dtype=torch.float64)
+                low, high = torch.quantile(heads, torch.tensor([0.1, 0.9], dtype=torch.float64)).tolist()
+                out["seer/density_heads_p10"], out["seer/density_heads_p90"] = low, high
+                continue
             total = sum(values.values())
             out[f"seer/{name}"] = total if name == "gate_loss" else total / len(values)
-            for layer, value in sorted(values.items()):
-                out[f"seer/{name}/layer_{layer:02d}"] = value
         return out
+
+    def eval_variants(self) -> dict[str, Callable[[], ContextManager]]:
+        """Other settings an evaluation measures besides the trained ones, by name.
+
+        When the trained evaluation is sparse (a density below 1 or a threshold, in `joint` or `gate_distill`
+        mode): `dense`, every candidate block through the same kernels (as `eval.densities=[1.0]` does), so the
+        cost of sparsity is the gap between the two. None otherwise.
+
+        Returns:
+            name -> a function returning a context manager under which the model runs that setting.
+        """
+        s = self.runtime.settings
+        sparse = s.mode in ("joint", "gate_distill") and (s.threshold is not None or (s.density is not None and s.density < 1.0))
+        if not sparse:
+            return {}
+        return {"dense": lambda: self.runtime.using(mode="dense", density=None, threshold=None, compute_loss=False, oracle=False)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"seer_gates.{k}": v for k, v in gates_state_dict(self.model).items()}

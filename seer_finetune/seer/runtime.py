@@ -206,12 +206,14 @@ class SeerRuntime:
         self.record(f"gate_loss/{layer}", loss)
 
     def record(self, key: str, value: torch.Tensor) -> None:
-        """Keep a detached scalar of the current forward for `take_stats`."""
+        """Keep a detached scalar (or a vector of a fixed length per key, e.g. one value per head) of the current
+        forward for `take_stats`."""
         self._stats.setdefault(self.forward.forward_id, {})[key] = value.detach().float()
 
     @property
     def stats(self) -> dict[int, dict[str, torch.Tensor]]:
-        """forward id -> {"gate_loss/<layer>", "density/<layer>": detached 0-dim tensors} since `take_stats`."""
+        """forward id -> {"gate_loss/<layer>", "density/<layer>", ...: detached 0-dim tensors; "density_heads/<layer>":
+        one value per head} since `take_stats`."""
         return self._stats
 
     def take_losses(self) -> dict[int, torch.Tensor]:
@@ -219,8 +221,13 @@ class SeerRuntime:
         losses, self._losses = self._losses, {}
         return losses
 
-    def take_stats(self) -> dict[str, float]:
-        """Each recorded key averaged over the forwards since the last call; clears them."""
+    def take_stats(self) -> dict[str, float | list[float]]:
+        """Each recorded key averaged over the forwards since the last call; clears them.
+
+        Returns:
+            key -> the mean of a scalar statistic (a float), or the element-wise mean of a vector one, such as
+            per-head densities (a list of floats).
+        """
         sums: dict[str, list[torch.Tensor]] = {}
         for entry in self._stats.values():
             for key, value in entry.items():
@@ -228,6 +235,13 @@ class SeerRuntime:
         self._stats = {}
         if not sums:
             return {}
+        means = [torch.stack(values).mean(0) for values in sums.values()]
         # One transfer for all keys (a float() per key would synchronise with the device once per layer).
-        means = torch.stack([torch.stack(values).mean() for values in sums.values()]).tolist()
-        return dict(zip(sums, means))
+        flat = torch.cat([m.reshape(-1) for m in means]).tolist()
+        out: dict[str, float | list[float]] = {}
+        start = 0
+        for key, mean in zip(sums, means):
+            count = mean.numel()
+            out[key] = flat[start] if mean.dim() == 0 else flat[start : start + count]
+            start += count
+        return out

@@ -85,7 +85,7 @@ def gate_loss_trend(metrics_file: Path, window: int = 3) -> tuple[float, float] 
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        value = record.get("train/seer/gate_loss") if isinstance(record, dict) else None
+        value = record.get("seer/gate_loss") if isinstance(record, dict) else None
         # A non-finite loss is written as null: it has no place in a trend.
         if isinstance(value, (int, float)):
             values.append(float(value))

@@ -42,8 +42,10 @@ def test_density_one_matches_sdpa_with_padding_and_packing(arch):
     torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
     # every layer ran the sparse path and kept all candidate blocks
     assert sorted(rt.stats[rt.forward.forward_id]) == sorted(
-        f"{name}/{i}" for name in ("density", "gate_loss", "recall", "oracle_recall") for i in range(2)
+        f"{name}/{i}" for name in ("density", "density_heads", "gate_loss", "recall", "oracle_recall") for i in range(2)
     )
+    # every head kept every candidate block too
+    assert all(rt.stats[rt.forward.forward_id][f"density_heads/{i}"].tolist() == [1.0] * model.config.num_attention_heads for i in range(2))
     # every block kept: all of the ground truth is recalled
     assert all(float(rt.stats[rt.forward.forward_id][f"recall/{i}"]) == pytest.approx(1.0, abs=1e-5) for i in range(2))
     assert all(float(rt.stats[rt.forward.forward_id][f"density/{i}"]) == 1.0 for i in range(2))

@@ -178,9 +178,12 @@ def test_model_density_per_layer_within_two_points():
         with torch.no_grad():
             seer(input_ids=random_ids(1, 1024), position_ids=packed_position_ids([300, 724]), use_cache=False)
         stats = rt.take_stats()
-        assert sorted(stats) == ["density/0", "density/1"]
-        for layer, value in stats.items():
+        assert sorted(stats) == ["density/0", "density/1", "density_heads/0", "density_heads/1"]
+        for layer in range(2):
+            value, heads = stats[f"density/{layer}"], stats[f"density_heads/{layer}"]
             assert abs(value - density) <= 0.02, (density, layer, value)
+            # one value per query head, averaging to the layer's density
+            assert len(heads) == model.config.num_attention_heads and sum(heads) / len(heads) == pytest.approx(value, abs=1e-6)
 
 
 def test_local_blocks_force_a_band_ending_at_the_diagonal():

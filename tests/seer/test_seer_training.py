@@ -56,8 +56,8 @@ def test_gate_loss_falls_during_distillation():
     metrics = ext.metrics()
     # the model's output stays dense while distilling: no selection, so no density or recall to report
     layers = len(seer_gates(model))
-    assert set(metrics) == {"seer/gate_loss", *(f"seer/gate_loss/layer_{i:02d}" for i in range(layers))}
-    assert metrics["seer/gate_loss"] == pytest.approx(sum(metrics[f"seer/gate_loss/layer_{i:02d}"] for i in range(layers)))
+    assert set(metrics) == {"seer/gate_loss", *(f"seer_gate_loss/layer_{i:02d}" for i in range(layers))}
+    assert metrics["seer/gate_loss"] == pytest.approx(sum(metrics[f"seer_gate_loss/layer_{i:02d}"] for i in range(layers)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
 
@@ -82,9 +82,9 @@ def test_joint_step_lm_gradient_reaches_model_only_through_sparse_attention():
     assert abs(metrics["seer/density"] - 0.5) < 0.1
     # every layer reports its density, gate loss and recall; no selection of the same size keeps more
     for name in ("density", "gate_loss", "recall", "oracle_recall"):
-        assert {f"seer/{name}/layer_{i:02d}" for i in range(len(gates))} <= set(metrics), name
+        assert {f"seer_{name}/layer_{i:02d}" for i in range(len(gates))} <= set(metrics), name
     for i in range(len(gates)):
-        assert 0.0 < metrics[f"seer/recall/layer_{i:02d}"] <= metrics[f"seer/oracle_recall/layer_{i:02d}"] + 1e-6 <= 1.0 + 2e-6
+        assert 0.0 < metrics[f"seer_recall/layer_{i:02d}"] <= metrics[f"seer_oracle_recall/layer_{i:02d}"] + 1e-6 <= 1.0 + 2e-6
     # gate_loss_scale weights the returned loss, metrics report the unweighted sum
     assert float(extra["gate_loss"].detach()) == pytest.approx(0.5 * metrics["seer/gate_loss"], rel=1e-5)
 
