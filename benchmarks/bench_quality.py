@@ -187,7 +187,9 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
     running: dict[str, subprocess.Popen] = {}
     failed = []
     while todo or running:
-        for run in [r for r in todo if not needs[r] and len(running) < args.jobs]:
+        for run in [r for r in todo if not needs[r]]:
+            if len(running) >= args.jobs:
+                break
             print(f"[quality] training {run} (log: {logs / run}.log)", flush=True)
             with open(logs / f"{run}.log", "w") as log:
                 running[run] = subprocess.Popen([sys.executable, "-m", "seer_finetune", "train", *specs[run]],
