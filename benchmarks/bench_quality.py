@@ -124,32 +124,50 @@ def sparse_runs(args) -> dict[str, float]:
     return runs
 
 
+# Settings that change the gate's parameters: gates initialised under other values cannot be loaded.
+GATE_SHAPE_FIELDS = ("attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size")
+
+
+def gate_init_run(run: str, extra: list[str]) -> str:
+    """The gate-initialisation run a sparse run starts from: its own when `extra` changes the gate's shape."""
+    return f"gate_init_{run}" if any(o.split("=", 1)[0] in GATE_SHAPE_FIELDS for o in extra) else "gate_init"
+
+
 def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
     """The Hydra overrides of each training run of (b) and (c), in training order.
 
     A `--variant NAME BASE OVERRIDE...` trains like its base run (e.g. `sparsity90`) with the extra overrides
-    last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training).
+    last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training). A
+    variant that changes the gate's shape (`GATE_SHAPE_FIELDS`) gets its own gate initialisation,
+    `gate_init_<NAME>`, with the same gate overrides.
     """
     target, native = args.seq_len, args.native
     factor = target // native
-    specs = {
-        "dense": ["+exp=yarn32k_dense", f"rope.factor={factor}", *common_overrides(args, folders, "dense", target)],
-        "gate_init": [
+    def gate_init(name: str, gate_shape: list[str]) -> list[str]:
+        return [
             "+exp=gate_init8k",
-            *common_overrides(args, folders, "gate_init", native),
+            *common_overrides(args, folders, name, native),
             f"trainer.max_steps={args.init_steps}",
             f"optim.lr={args.gate_lr}",
             f"optim.gate_lr={args.gate_lr}",
-        ],
+            *gate_shape,
+        ]
+
+    specs = {
+        "dense": ["+exp=yarn32k_dense", f"rope.factor={factor}", *common_overrides(args, folders, "dense", target)],
+        "gate_init": gate_init("gate_init", []),
     }
     variants = {name: (base, extra) for name, base, *extra in args.variant}
     for run, density in sparse_runs(args).items():
         base, extra = variants.get(run, (run, []))
+        init = gate_init_run(run, extra)
+        if init not in specs:
+            specs[init] = gate_init(init, [o for o in extra if o.split("=", 1)[0] in GATE_SHAPE_FIELDS])
         specs[run] = [
             f"+exp=yarn32k_{base}",
             f"rope.factor={factor}",
             *common_overrides(args, folders, run, target),
-            f"attention.gates_path={args.out / 'runs' / 'gate_init' / 'final'}",
+            f"attention.gates_path={args.out / 'runs' / init / 'final'}",
             f"attention.density={density}",
             f"optim.gate_lr={args.gate_lr}",
             *extra,
@@ -183,7 +201,10 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
     # Runs that start from the distilled gates wait for the gate initialisation.
-    needs = {run: set() if run in ("dense", "gate_init") else {"gate_init"} & set(todo) for run in todo}
+    # A sparse run waits for the run that distils its starting gates (the folder above its gates_path).
+    starts_from = {run: {Path(o.split("=", 1)[1]).parent.name for o in specs[run] if o.startswith("attention.gates_path=")}
+                   for run in todo}
+    needs = {run: starts_from[run] & set(todo) for run in todo}
     running: dict[str, subprocess.Popen] = {}
     failed = []
     while todo or running:
@@ -389,7 +410,7 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
     dense_s = cost["dense"]["train_s"]
     for run, c in cost.items():
         vs = "not comparable (runs shared the GPU)" if jobs > 1 else f"{c['train_s'] / dense_s:.2f}x"
-        stage = c["gate_stage_steps"] if run != "gate_init" else "-"
+        stage = c["gate_stage_steps"] if not run.startswith("gate_init") else "-"
         lines.append(f"| {run} | {c['steps']} | {stage} | {vs} |")
     if jobs == 1 and "sparsity90" in cost:
         lines += ["", f"Training throughput at {seq_len} tokens: dense {cost['dense']['tokens_per_s']:.0f} tokens/s, 90% "
@@ -444,7 +465,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     for run, run_dir in dirs.items():
         records = [r for r in read_metrics(run_dir) if "train/lm_loss" in r]
         steps = [r["step"] for r in records]
-        if run != "gate_init":
+        if not run.startswith("gate_init"):
             axes[0].plot(steps, [r["train/lm_loss"] for r in records], label=run)
         gate = [r.get("seer/gate_loss") for r in records]
         if any(g is not None for g in gate):

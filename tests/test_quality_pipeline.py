@@ -46,7 +46,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         "--native", "256", "--seq-len", "1024", "--steps", "2", "--init-steps", "2",
         "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
         "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2",
-        "--variant", "gate_stage", "sparsity90", "attention.init_steps=1",
+        "--variant", "gate_stage", "sparsity90", "attention.init_steps=1", "attention.gate_hidden_size=16",
         "--override", "attention.gate_hidden_size=32", "trainer.micro_batch_size=1", "trainer.save_every=0",
     ]
     assert bench_quality.main(argv) == 0
@@ -58,8 +58,12 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
                     "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
                     "seer joint, 90% sparsity, row budget",
                     "seer joint, 90% sparsity, gate_stage", "seer joint, 90% sparsity, oracle selection, gate_stage"]
-    # Every run trained in its own process; the variant's gate-only stage is counted in its training cost.
+    # Every run trained in its own process; the variant's gate-only stage is counted in its training cost. Its
+    # gates have another shape than the shared initialisation's, so it started from its own.
     assert (out / "logs" / "gate_stage.log").is_file()
+    own_gates = json.loads((out / "runs" / "gate_init_gate_stage" / "final" / "seer_gates.json").read_text())
+    assert own_gates["gate_hidden_size"] == 16
+    assert json.loads((out / "runs" / "gate_init" / "final" / "seer_gates.json").read_text())["gate_hidden_size"] == 32
     assert report["training"]["gate_stage"]["gate_stage_steps"] == 1 and report["training"]["sparsity90"]["gate_stage_steps"] == 0
     assert all(c["steps"] == 2 for run, c in report["training"].items() if run != "gate_init")
     assert "not comparable" in (out / "results.md").read_text()
@@ -104,7 +108,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert train_files and eval_files and not train_files & eval_files
     # A second invocation reuses every trained run and every finished evaluation.
     finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
-    assert len(finished) == 5 + 11
+    assert len(finished) == 6 + 11
     before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before
