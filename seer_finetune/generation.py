@@ -1,0 +1,315 @@
+"""Using a trained model: one call loads any folder the project writes, ready for `model.generate`.
+
+`load_for_generation(path, density=..., threshold=...)` takes a run folder, its `final/` (full model, LoRA
+adapter, gates alone over a named base), `final/merged/`, an `export` folder, any Hugging Face model folder or hub
+name, or `builtin:NAME` (random weights). A folder with `seer_gates.json` loads with its gates on the seer
+attention: the prompt (prefill) runs the gates and the block-sparse kernels at the given density or threshold
+(default: what the gates were trained with), and every generated token attends densely to the KV cache
+(`seer/decode.py`). A folder without gates loads as the dense model on SDPA. Batches are left-padded; on the seer
+path a padded prompt gets the same blocks and selection as alone (`seer/masking.compaction_order`).
+
+`generate_ids` / `generate_texts` run greedy or sampled generation over a list of prompts in batches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .config import ConfigError
+
+GATES_CONFIG = "seer_gates.json"
+
+
+class GenerationModel(NamedTuple):
+    """What `load_for_generation` returns.
+
+    Attributes:
+        model: The causal LM in eval mode (a peft model for a LoRA adapter over a named base).
+        tokenizer: Its tokenizer, padding on the left, with a pad token.
+        runtime: The gates' `SeerRuntime` (switch density or threshold with `runtime.configure` or
+            `runtime.using`), or None for a dense model.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    runtime: Optional[object]
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder to load for `path`: a run folder means its `final/`; anything else is itself."""
+    path = Path(path).expanduser()
+    if not (path / "final").is_dir():
+        return path
+    config = path / "config.json"
+    # A run folder's config.json is the run's configuration (no `model_type`), not a model's.
+    is_model = (path / "adapter_config.json").is_file() or (path / GATES_CONFIG).is_file() or (
+        config.is_file() and "model_type" in json.loads(config.read_text())
+    )
+    return path if is_model else path / "final"
+
+
+def _base_name(folder: Path) -> Optional[str]:
+    """The model a folder was trained from, as its own files name it (None when they name none)."""
+    for name, key in (("seer_run.json", "base_model"), (GATES_CONFIG, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        file = folder / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get(key)
+            if value:
+                return str(value)
+    return None
+
+
+def load_generation_tokenizer(folder_or_name: str | Path, *, fallback: Optional[str] = None):
+    """The tokenizer saved in a folder (or of a hub/builtin model), set up for batched generation.
+
+    Args:
+        folder_or_name: A model folder, a hub name or `builtin:NAME`.
+        fallback: A model whose tokenizer to use when the folder holds none (its base model).
+
+    Returns:
+        A tokenizer padding on the left, with a pad token (its EOS when it has none).
+    """
+    from transformers import AutoTokenizer
+
+    from .modeling import resolve_model_path
+
+    source = str(folder_or_name)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        if fallback is None:
+            raise ConfigError(f"{folder} holds no tokenizer and names no base model to take one from")
+        source = fallback
+    if source.startswith("builtin:") or Path(source).expanduser().exists():
+        source, _ = resolve_model_path(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load the tokenizer of {source}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_for_generation(
+    path: str | Path,
+    *,
+    density: Optional[float] = None,
+    threshold: Optional[float] = None,
+    dense: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    kernel: Optional[str] = None,
+    seed: int = 0,
+) -> GenerationModel:
+    """Load any model folder the project writes (or a hub name / `builtin:NAME`) ready to generate.
+
+    Args:
+        path: A run folder (its `final/` is loaded), a final or export folder (full model, LoRA adapter, merged
+            copy, gates alone over a named base), a Hugging Face folder or hub name, or `builtin:NAME`.
+        density: With gates: fraction of causal key blocks the prefill keeps, in (0, 1]; 1.0 runs exact dense
+            attention through the same kernels.
+        threshold: With gates, instead of a density: minimum gate probability of a kept block.
+        dense: With gates: ignore them (dense prefill through the seer kernels). Default False.
+            Without density, threshold or dense, a model with gates runs at the density (or threshold) it was
+            trained with, or dense if its gates record neither.
+        device: Where the model goes. Default CPU.
+        dtype: Weights dtype. Default as saved (`builtin:` models: float32).
+        kernel: `seer_kernels` implementation (`auto`, `pytorch`, `triton`). Default `auto`.
+        seed: Seed of the random weights of a `builtin:` model.
+
+    Returns:
+        `GenerationModel(model, tokenizer, runtime)`; runtime is None for a model without gates.
+
+    Raises:
+        ConfigError: one line, for a path that holds no model, a density or threshold out of range, both given,
+            or a density/threshold for a model without gates.
+    """
+    from .modeling import load_trained
+
+    if density is not None and threshold is not None:
+        raise ConfigError("give a density or a threshold, not both")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ConfigError(f"density={density} must be in (0, 1]")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"threshold={threshold} must be in [0, 1]")
+    name = str(path)
+    if name.startswith("builtin:") or not Path(name).expanduser().exists():
+        model = _load_named(name, device=device, dtype=dtype, seed=seed)
+        tokenizer = load_generation_tokenizer(name)
+        _refuse_sparse_settings(name, density, threshold)
+        return GenerationModel(_prepare(model, tokenizer), tokenizer, None)
+    folder = model_folder(name)
+    has_model = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
+    if not has_model and not (folder / GATES_CONFIG).is_file():
+        raise ConfigError(f"{folder} holds no model: expected config.json, adapter_config.json or {GATES_CONFIG}")
+    tokenizer = load_generation_tokenizer(folder, fallback=_base_name(folder))
+    if not (folder / GATES_CONFIG).is_file():
+        _refuse_sparse_settings(str(folder), density, threshold)
+        model = load_trained(folder, device=device, dtype=dtype)
+        return GenerationModel(_prepare(model, tokenizer), tokenizer, None)
+    from .seer.saving import load_seer_model
+
+    try:
+        model, runtime = load_seer_model(folder, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"cannot load the gates in {folder}: {exc}") from None
+    gates = json.loads((folder / GATES_CONFIG).read_text())
+    if not dense and density is None and threshold is None:
+        density, threshold = gates.get("density"), gates.get("threshold")
+    configure_sparsity(runtime, density=None if dense else density, threshold=None if dense else threshold, kernel=kernel)
+    return GenerationModel(_prepare(model, tokenizer), tokenizer, runtime)
+
+
+def configure_sparsity(runtime, *, density: Optional[float], threshold: Optional[float], kernel: Optional[str] = None) -> None:
+    """Set a gates' runtime up for inference: the prefill at `density` or `threshold` (neither, or density 1:
+    exact dense attention without consulting the gates), no gate loss, evaluation mode.
+
+    Args:
+        runtime: The model's `SeerRuntime`.
+        density, threshold: At most one; see `load_for_generation`.
+        kernel: `seer_kernels` implementation, or None to keep the runtime's.
+    """
+    dense = threshold is None and (density is None or density >= 1.0)
+    changes = dict(
+        mode="dense" if dense else "joint",
+        density=None if dense else density,
+        threshold=None if dense else threshold,
+        compute_loss=False,
+        oracle=False,
+    )
+    if kernel is not None:
+        changes["kernel"] = kernel
+    try:
+        runtime.configure(**changes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    runtime.training = False
+
+
+def _refuse_sparse_settings(what: str, density: Optional[float], threshold: Optional[float]) -> None:
+    if threshold is not None or (density is not None and density < 1.0):
+        setting = f"threshold={threshold}" if threshold is not None else f"density={density}"
+        raise ConfigError(f"{what} has no seer gates ({GATES_CONFIG}): it runs dense only, {setting} cannot apply")
+
+
+def _load_named(name: str, *, device, dtype: Optional[torch.dtype], seed: int):
+    """A hub model, or a `builtin:` one built with random weights from `seed`, on SDPA."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling import resolve_model_path
+
+    source, builtin = resolve_model_path(name)
+    try:
+        if builtin:
+            torch.manual_seed(seed)
+            config = AutoConfig.from_pretrained(source)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype or torch.float32)
+        else:
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {name}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    return model.to(device).eval()
+
+
+def _prepare(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+    """Generation defaults that do not depend on the call: the pad token, and no length warning from a
+    `max_length` the saved generation config never meant as a limit."""
+    config = model.generation_config
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+@torch.no_grad()
+def generate_ids(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    batch_size: int = 8,
+    eos_token_id: Optional[int | list[int]] = None,
+) -> list[list[int]]:
+    """New tokens for each prompt, generated in left-padded batches with the KV cache.
+
+    Args:
+        model: A causal LM (with or without gates).
+        prompts: Token ids per prompt (each at least one token).
+        pad_token_id: Fills the left of shorter prompts (masked out).
+        max_new_tokens: Tokens to generate at most per prompt.
+        temperature: 0 for greedy decoding (default); above 0 samples at this temperature.
+        top_p: Nucleus sampling mass when sampling. Default 1.0 (off).
+        seed: Seeds torch's generator before each batch when sampling (same seed, same samples).
+        batch_size: Prompts per batch. Default 8.
+        eos_token_id: Stops a prompt's generation; default the model's generation config's.
+
+    Returns:
+        Per prompt, its new token ids, cut after the first end-of-sequence token.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if temperature < 0 or not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(map(int, p)) for p in prompts[start : start + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        if temperature > 0 and seed is not None:
+            torch.manual_seed(seed + start)
+        result = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos,
+            # Sampling knobs a saved generation config may carry must not apply to greedy decoding.
+            top_k=None,
+            **sampling,
+        )
+        for row in result[:, width:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def generate_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: Optional[int] = None,
+    batch_size: int = 8,
+) -> list[str]:
+    """The continuation of each prompt as text (special tokens dropped); see `generate_ids` for the arguments."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    new = generate_ids(
+        model,
+        encoded,
+        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
