@@ -165,23 +165,28 @@ def load_for_generation(
     return GenerationModel(_prepare(model, tokenizer), tokenizer, runtime)
 
 
-def configure_sparsity(runtime, *, density: Optional[float], threshold: Optional[float], kernel: Optional[str] = None) -> None:
-    """Set a gates' runtime up for inference: the prefill at `density` or `threshold` (neither, or density 1:
-    exact dense attention without consulting the gates), no gate loss, evaluation mode.
-
-    Args:
-        runtime: The model's `SeerRuntime`.
-        density, threshold: At most one; see `load_for_generation`.
-        kernel: `seer_kernels` implementation, or None to keep the runtime's.
-    """
+def sparsity_settings(*, density: Optional[float], threshold: Optional[float]) -> dict:
+    """`SeerSettings` changes for inference at `density` or `threshold`: neither, or density 1, is exact dense
+    attention without consulting the gates; no gate loss, no oracle."""
     dense = threshold is None and (density is None or density >= 1.0)
-    changes = dict(
+    return dict(
         mode="dense" if dense else "joint",
         density=None if dense else density,
         threshold=None if dense else threshold,
         compute_loss=False,
         oracle=False,
     )
+
+
+def configure_sparsity(runtime, *, density: Optional[float], threshold: Optional[float], kernel: Optional[str] = None) -> None:
+    """Set a gates' runtime up for inference (`sparsity_settings`) and switch it to evaluation mode.
+
+    Args:
+        runtime: The model's `SeerRuntime`.
+        density, threshold: At most one; see `load_for_generation`.
+        kernel: `seer_kernels` implementation, or None to keep the runtime's.
+    """
+    changes = sparsity_settings(density=density, threshold=threshold)
     if kernel is not None:
         changes["kernel"] = kernel
     try:
