@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any, Optional
 
@@ -244,9 +245,18 @@ def _needle_rows(cfg: SeerConfig, model, runtime: Optional[SeerRuntime], tokeniz
     from ..generation import sparsity_settings
     from ..needles import evaluate_needles, format_needle_table
 
+    from ..needles import build_trial, sentence_ends
+
     e = cfg.eval
     needle_lengths = [int(n) for n in e.needle_lengths] or lengths
     haystack = _haystack(cfg, tokenizer, max(needle_lengths))
+    # Refuse a length too short for a task's needles before any generation runs.
+    ends = sentence_ends(tokenizer, haystack[:4096])
+    for task in e.needle_tasks:
+        try:
+            build_trial(tokenizer, haystack[:4096], ends, task, min(needle_lengths), 0.5, random.Random(0))
+        except ValueError as exc:
+            raise ConfigError(f"eval.needle_lengths: {exc}") from None
     if tokenizer.pad_token_id is None:
         raise ConfigError("eval: the tokenizer has no pad token for batched generation")
     out: list[dict[str, Any]] = []
