@@ -318,3 +318,50 @@ def generate_texts(
         batch_size=batch_size,
     )
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+def read_prompts(*, prompt: Optional[str], prompt_file: Optional[str], jsonl: Optional[str], stdin) -> tuple[list[str], bool]:
+    """The prompts of a `generate` command line: one from `--prompt`, one from `--prompt-file` (the whole file),
+    several from `--jsonl` (one per line: a string, or an object with a `prompt` field), else stdin (all of it).
+
+    Args:
+        prompt, prompt_file, jsonl: The options (at most one).
+        stdin: The stream read when no option gives prompts.
+
+    Returns:
+        (prompts, whether they came from jsonl: then the output is jsonl too).
+    """
+    given = [name for name, value in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--jsonl", jsonl)) if value is not None]
+    if len(given) > 1:
+        raise ConfigError(f"give one of --prompt, --prompt-file, --jsonl (got {' and '.join(given)})")
+    if prompt is not None:
+        prompts = [prompt]
+    elif prompt_file is not None or jsonl is not None:
+        file = Path(prompt_file or jsonl)
+        if not file.is_file():
+            raise ConfigError(f"no such prompt file: {file}")
+        text = file.read_text(encoding="utf-8", errors="strict")
+        prompts = [text] if prompt_file is not None else _jsonl_prompts(file, text)
+    else:
+        if stdin is None or stdin.isatty():
+            raise ConfigError("no prompt: give --prompt, --prompt-file or --jsonl, or pipe the prompt into stdin")
+        prompts = [stdin.read()]
+    if not prompts or any(not p for p in prompts):
+        raise ConfigError("empty prompt" + (f" in {jsonl}" if jsonl else ""))
+    return prompts, jsonl is not None
+
+
+def _jsonl_prompts(file: Path, text: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{file}:{number}: not JSON ({exc.msg})") from None
+        value = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(value, str):
+            raise ConfigError(f"{file}:{number}: expected a string or an object with a string 'prompt'")
+        prompts.append(value)
+    return prompts

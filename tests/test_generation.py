@@ -2,13 +2,16 @@
 kernels, decode attending densely to the cache; batches with left padding; one call loading every folder kind."""
 
 import copy
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from seer_finetune.config import ConfigError
-from seer_finetune.generation import generate_ids, load_for_generation, load_generation_tokenizer
+from seer_finetune.generation import generate_ids, generate_texts, load_for_generation, load_generation_tokenizer
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
 from generation_helpers import play_prompts, train_smoke_seer
@@ -132,3 +135,55 @@ def test_decode_reads_the_cache_densely_with_gqa_and_padding(trained):
         step = model(input_ids=nxt, attention_mask=mask, cache=first.cache, use_cache=True).logits[:, -1]
         full = model(input_ids=torch.cat([batch.input_ids, nxt], 1), attention_mask=mask).logits[:, -1]
     torch.testing.assert_close(step, full, atol=1e-4, rtol=1e-4)
+
+
+def _cli(*args, stdin=None, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "seer_finetune", "generate", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_generate_command_prompt_file_stdin_and_jsonl(trained, tmp_path):
+    """The CLI prints what the same call in process generates, from a prompt file, stdin and a jsonl batch; the
+    same sampling seed gives the same sample."""
+    loaded = load_for_generation(trained, density=0.5)
+    prompts = play_prompts(loaded.tokenizer, [200, 60])
+    want = generate_texts(loaded.model, loaded.tokenizer, prompts, max_new_tokens=8)
+    (tmp_path / "prompt.txt").write_text(prompts[0])
+    common = ["--max-new-tokens", "8", "--density", "0.5", "--device", "cpu"]
+    from_file = _cli(str(trained.parent), "--prompt-file", str(tmp_path / "prompt.txt"), *common)
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout == want[0] + "\n"
+    assert "gates at density 0.5" in from_file.stderr
+    from_stdin = _cli(str(trained / "merged"), *common, stdin=prompts[0])
+    assert from_stdin.returncode == 0 and from_stdin.stdout == want[0] + "\n"
+    (tmp_path / "batch.jsonl").write_text(json.dumps({"prompt": prompts[0]}) + "\n\n" + json.dumps(prompts[1]) + "\n")
+    batch = _cli(str(trained), "--jsonl", str(tmp_path / "batch.jsonl"), *common, "--output", str(tmp_path / "out.jsonl"))
+    assert batch.returncode == 0, batch.stderr
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [line["completion"] for line in lines] == want and [line["prompt"] for line in lines] == prompts
+    sampled = [_cli("builtin:tiny_llama", "--prompt", "To be", "--temperature", "0.9", "--top-p", "0.9", "--seed", "3") for _ in range(2)]
+    assert sampled[0].returncode == 0 and sampled[0].stdout == sampled[1].stdout and sampled[0].stdout.strip()
+
+
+def test_generate_command_errors_are_one_line(trained, tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{not json\n')
+    for args, message in (
+        ([str(tmp_path / "missing"), "--prompt", "x"], "model path does not exist"),
+        (["builtin:tiny_llama", "--prompt", "x", "--density", "0.5"], "has no seer gates"),
+        ([str(trained), "--prompt", "x", "--density", "1.5"], "density=1.5 must be in (0, 1]"),
+        ([str(trained), "--prompt", "x", "--jsonl", str(tmp_path / "bad.jsonl")], "give one of --prompt, --prompt-file, --jsonl"),
+        ([str(trained), "--jsonl", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: not JSON"),
+        ([str(trained), "--prompt", "x", "--density", "0.5", "--dense"], "not allowed with argument"),
+        (["builtin:tiny_llama", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 must be at least 1"),
+        ([], "the following arguments are required: model"),
+    ):
+        result = _cli(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, (args, result.stderr)
