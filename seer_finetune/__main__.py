@@ -3,7 +3,8 @@
 Commands:
     train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
     eval    perplexity over long documents at several lengths and densities
-    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out`, `bench quality`
+    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out`, `bench quality`,
+            `bench prefill`
     export  a training checkpoint (plain or DeepSpeed) to the run's final folder (same overrides as the run)
     generate  text from any model folder, with or without gates
               (`python -m seer_finetune generate runs/smoke_seer --prompt "..." --density 0.1`; --help for options)

@@ -25,6 +25,7 @@ BENCHMARKS = {
     "training-step": "bench_training_step.py",
     "scale-out": "bench_scale_out.py",
     "quality": "bench_quality.py",
+    "prefill": "bench_prefill.py",
 }
 
 
