@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import statistics
 import sys
@@ -68,7 +67,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 def model_config(shape: str, max_len: int):
     """A transformers config of `shape` that accepts `max_len` positions (no sliding window, no dropout)."""
-    from transformers import AutoConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, Qwen2Config
 
     if shape == "tiny":
         config = AutoConfig.from_pretrained(ROOT / "seer_finetune" / "assets" / "tiny_llama")
@@ -345,7 +344,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
                     return {"density": density, "ms": ms, "first_token": int(token[0]), "first_token_as_seer": int(token[0]) == seer_token}
 
                 guarded(f"flex d={density:g}", run_flex)
-            del masks
+            masks = {}
             _free(device)
 
         if args.decode_tokens > 0:
@@ -357,10 +356,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
                 f"decode seer d={density:g}",
                 lambda: {"density": density, "tokens_per_s": decode_rate(seer, ids, args.decode_tokens, device)},
             )
-        del ids
         _free(device)
-    del dense, seer
-    _free(device)
 
 
 def _free(device: torch.device) -> None:

@@ -302,6 +302,9 @@ class DeepSpeedConfig:
     sequence_parallel_size: int = 1
 
 
+NEEDLE_TASKS = ("single", "multikey", "multivalue", "multiquery")
+
+
 @dataclass
 class EvalConfig:
     """`python -m seer_finetune eval`: perplexity over long documents and needle retrieval by generation.

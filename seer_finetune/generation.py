@@ -1,42 +1,23 @@
-"""Using a trained model: one call loads any folder the project writes, ready for `model.generate`.
+"""Generation with any causal LM, with or without seer gates: batches, prompts, tokenizer and model-folder helpers.
 
-`load_for_generation(path, density=..., threshold=...)` takes a run folder, its `final/` (full model, LoRA
-adapter, gates alone over a named base), `final/merged/`, an `export` folder, any Hugging Face model folder or hub
-name, or `builtin:NAME` (random weights). A folder with `seer_gates.json` loads with its gates on the seer
-attention: the prompt (prefill) runs the gates and the block-sparse kernels at the given density or threshold
-(default: what the gates were trained with), and every generated token attends densely to the KV cache
-(`seer/decode.py`). A folder without gates loads as the dense model on SDPA. Batches are left-padded; on the seer
-path a padded prompt gets the same blocks and selection as alone (`seer/masking.compaction_order`).
-
-`generate_ids` / `generate_texts` run greedy or sampled generation over a list of prompts in batches.
+`seer_finetune.seer.loading.load_for_generation` (also `seer_finetune.load_for_generation`) loads any folder the
+project writes and uses these helpers; this module itself knows nothing of gates, so the core of the package never
+reaches the seer plug-in. `generate_ids` / `generate_texts` run greedy or sampled generation over a list of
+prompts in left-padded batches with the KV cache; `sparsity_settings` / `configure_sparsity` set a gates' runtime
+up for inference; `read_prompts` reads the prompts of the `generate` command.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .config import ConfigError
 
 GATES_CONFIG = "seer_gates.json"
-
-
-class GenerationModel(NamedTuple):
-    """What `load_for_generation` returns.
-
-    Attributes:
-        model: The causal LM in eval mode (a peft model for a LoRA adapter over a named base).
-        tokenizer: Its tokenizer, padding on the left, with a pad token.
-        runtime: The gates' `SeerRuntime` (switch density or threshold with `runtime.configure` or
-            `runtime.using`), or None for a dense model.
-    """
-
-    model: torch.nn.Module
-    tokenizer: object
-    runtime: Optional[object]
 
 
 def model_folder(path: str | Path) -> Path:
@@ -52,7 +33,7 @@ def model_folder(path: str | Path) -> Path:
     return path if is_model else path / "final"
 
 
-def _base_name(folder: Path) -> Optional[str]:
+def base_model_name(folder: Path) -> Optional[str]:
     """The model a folder was trained from, as its own files name it (None when they name none)."""
     for name, key in (("seer_run.json", "base_model"), (GATES_CONFIG, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
         file = folder / name
@@ -95,76 +76,6 @@ def load_generation_tokenizer(folder_or_name: str | Path, *, fallback: Optional[
     return tokenizer
 
 
-def load_for_generation(
-    path: str | Path,
-    *,
-    density: Optional[float] = None,
-    threshold: Optional[float] = None,
-    dense: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: Optional[torch.dtype] = None,
-    kernel: Optional[str] = None,
-    seed: int = 0,
-) -> GenerationModel:
-    """Load any model folder the project writes (or a hub name / `builtin:NAME`) ready to generate.
-
-    Args:
-        path: A run folder (its `final/` is loaded), a final or export folder (full model, LoRA adapter, merged
-            copy, gates alone over a named base), a Hugging Face folder or hub name, or `builtin:NAME`.
-        density: With gates: fraction of causal key blocks the prefill keeps, in (0, 1]; 1.0 runs exact dense
-            attention through the same kernels.
-        threshold: With gates, instead of a density: minimum gate probability of a kept block.
-        dense: With gates: ignore them (dense prefill through the seer kernels). Default False.
-            Without density, threshold or dense, a model with gates runs at the density (or threshold) it was
-            trained with, or dense if its gates record neither.
-        device: Where the model goes. Default CPU.
-        dtype: Weights dtype. Default as saved (`builtin:` models: float32).
-        kernel: `seer_kernels` implementation (`auto`, `pytorch`, `triton`). Default `auto`.
-        seed: Seed of the random weights of a `builtin:` model.
-
-    Returns:
-        `GenerationModel(model, tokenizer, runtime)`; runtime is None for a model without gates.
-
-    Raises:
-        ConfigError: one line, for a path that holds no model, a density or threshold out of range, both given,
-            or a density/threshold for a model without gates.
-    """
-    from .modeling import load_trained
-
-    if density is not None and threshold is not None:
-        raise ConfigError("give a density or a threshold, not both")
-    if density is not None and not 0.0 < density <= 1.0:
-        raise ConfigError(f"density={density} must be in (0, 1]")
-    if threshold is not None and not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold={threshold} must be in [0, 1]")
-    name = str(path)
-    if name.startswith("builtin:") or not Path(name).expanduser().exists():
-        model = _load_named(name, device=device, dtype=dtype, seed=seed)
-        tokenizer = load_generation_tokenizer(name)
-        _refuse_sparse_settings(name, density, threshold)
-        return GenerationModel(_prepare(model, tokenizer), tokenizer, None)
-    folder = model_folder(name)
-    has_model = (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
-    if not has_model and not (folder / GATES_CONFIG).is_file():
-        raise ConfigError(f"{folder} holds no model: expected config.json, adapter_config.json or {GATES_CONFIG}")
-    tokenizer = load_generation_tokenizer(folder, fallback=_base_name(folder))
-    if not (folder / GATES_CONFIG).is_file():
-        _refuse_sparse_settings(str(folder), density, threshold)
-        model = load_trained(folder, device=device, dtype=dtype)
-        return GenerationModel(_prepare(model, tokenizer), tokenizer, None)
-    from .seer.saving import load_seer_model
-
-    try:
-        model, runtime = load_seer_model(folder, device=device, dtype=dtype)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"cannot load the gates in {folder}: {exc}") from None
-    gates = json.loads((folder / GATES_CONFIG).read_text())
-    if not dense and density is None and threshold is None:
-        density, threshold = gates.get("density"), gates.get("threshold")
-    configure_sparsity(runtime, density=None if dense else density, threshold=None if dense else threshold, kernel=kernel)
-    return GenerationModel(_prepare(model, tokenizer), tokenizer, runtime)
-
-
 def sparsity_settings(*, density: Optional[float], threshold: Optional[float]) -> dict:
     """`SeerSettings` changes for inference at `density` or `threshold`: neither, or density 1, is exact dense
     attention without consulting the gates; no gate loss, no oracle."""
@@ -196,13 +107,13 @@ def configure_sparsity(runtime, *, density: Optional[float], threshold: Optional
     runtime.training = False
 
 
-def _refuse_sparse_settings(what: str, density: Optional[float], threshold: Optional[float]) -> None:
+def refuse_sparse_settings(what: str, density: Optional[float], threshold: Optional[float]) -> None:
     if threshold is not None or (density is not None and density < 1.0):
         setting = f"threshold={threshold}" if threshold is not None else f"density={density}"
         raise ConfigError(f"{what} has no seer gates ({GATES_CONFIG}): it runs dense only, {setting} cannot apply")
 
 
-def _load_named(name: str, *, device, dtype: Optional[torch.dtype], seed: int):
+def load_named_model(name: str, *, device, dtype: Optional[torch.dtype], seed: int):
     """A hub model, or a `builtin:` one built with random weights from `seed`, on SDPA."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -222,7 +133,7 @@ def _load_named(name: str, *, device, dtype: Optional[torch.dtype], seed: int):
     return model.to(device).eval()
 
 
-def _prepare(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+def prepare_for_generation(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
     """Generation defaults that do not depend on the call: the pad token, and no length warning from a
     `max_length` the saved generation config never meant as a limit."""
     config = model.generation_config

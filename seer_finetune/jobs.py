@@ -277,7 +277,8 @@ def generate_job(argv: list[str], stdin=None, stdout=None) -> list[str]:
     """
     import json
 
-    from .generation import generate_texts, load_for_generation, read_prompts
+    from .generation import generate_texts, read_prompts
+    from .seer.loading import load_for_generation
     from .modeling import resolve_device
 
     args = generate_parser().parse_args(argv)

@@ -24,9 +24,9 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from .config import NEEDLE_TASKS as TASKS
 from .passkey import wilson_interval
 
-TASKS = ("single", "multikey", "multivalue", "multiquery")
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # How many needles each task inserts besides the first: distractors, extra values or extra keys.
 EXTRA_NEEDLES = {"single": 0, "multikey": 3, "multivalue": 3, "multiquery": 3}

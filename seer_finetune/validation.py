@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .config import (
+    NEEDLE_TASKS,
     AttentionConfig,
     ConfigError,
     DataConfig,
@@ -238,11 +239,9 @@ def validate(cfg: SeerConfig) -> SeerConfig:
 
 def _validate_needles(cfg: SeerConfig) -> None:
     """The needle-task fields of `eval` (`seer_finetune.needles`)."""
-    from .needles import TASKS
-
     e = cfg.eval
     for task in e.needle_tasks:
-        _choice("eval.needle_tasks", task, TASKS)
+        _choice("eval.needle_tasks", task, NEEDLE_TASKS)
     if len(set(e.needle_tasks)) != len(e.needle_tasks):
         raise ConfigError(f"eval.needle_tasks={list(e.needle_tasks)} names a task twice")
     for length in e.needle_lengths:

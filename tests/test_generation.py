@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from seer_finetune.config import ConfigError
-from seer_finetune.generation import generate_ids, generate_texts, load_for_generation, load_generation_tokenizer
+from seer_finetune.generation import generate_ids, generate_texts, load_generation_tokenizer
+from seer_finetune.seer.loading import load_for_generation
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
 from generation_helpers import play_prompts, train_smoke_seer
@@ -92,6 +93,9 @@ def test_one_call_loads_every_folder_kind(trained):
     plain dense folder all load in one call and generate; the gates alone over a built-in base are refused in
     one line, as is a density for a model without gates."""
     prompt = play_prompts(load_generation_tokenizer(trained), [300])[0]
+    import seer_finetune
+
+    assert seer_finetune.load_for_generation is load_for_generation
     outputs = {}
     for name, path in {"run": trained.parent, "final": trained, "merged": trained / "merged"}.items():
         loaded = load_for_generation(path)

@@ -139,6 +139,8 @@ def test_eval_job_runs_the_needle_tasks_at_every_setting(tmp_path):
         assert 0.0 <= r["value_recall"] <= 1.0 and r["accuracy"] == r["hits"] / r["trials"]
     assert {r["selection"] for r in rows} == {"dense", "gate"}
     assert len(report["results"]) == 3  # perplexity rows too
+    table = (tmp_path / "out" / "eval.needles.md").read_text()
+    assert "multivalue" in table and "threshold=0.2" in table and "95% CI" in table
 
 
 def test_eval_scores_a_model_without_gates_as_the_dense_baseline(tmp_path):

@@ -145,7 +145,8 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
         "oracle_recall", "recall_per_layer", "oracle_recall_per_layer"}, ...], "needles": [{"setting", "value",
         "selection", "task", "length", "depth", "trials", "hits", "accuracy", "ci_low", "ci_high",
         "value_recall"}, ...]}`, `selection` being `dense`, `gate` or `oracle` (recall: with `eval.recall`, for
-        sparse settings; None otherwise); `depth` is `"all"` on each task and length's summary row.
+        sparse settings; None otherwise); `depth` is `"all"` on each task and length's summary row. With needle
+        tasks, their table is also written beside the JSON (`<output stem>.needles.md`).
     """
     from ..modeling import load_tokenizer, resolve_device
 
@@ -214,7 +215,12 @@ def run_eval(cfg: SeerConfig) -> dict[str, Any]:
     if needles:
         from ..needles import format_needle_table
 
-        print(format_needle_table(needles))
+        table = format_needle_table(needles)
+        print(table)
+        # The same table as a file beside the JSON, ready to commit with the results.
+        what = f"{report['model']} ({gates})"
+        intro = f"Needle retrieval of {what}: accuracy per depth and over all depths, 95% Wilson interval.\n\n"
+        output.with_suffix(".needles.md").write_text(intro + "```\n" + table + "\n```\n")
     print(f"[seer-finetune] wrote {output}", flush=True)
     return report
 
