@@ -112,7 +112,7 @@ def seer_attention_forward(
     layout = Layout(query.shape[2], query.shape[0], None if doc_ids is None else id(doc_ids), query.device)
     # Padding before real tokens (left-padded generation) moves behind them, so each prompt gets the blocks it
     # has alone; the output goes back to the original order at the end.
-    order = compaction_order(valid)
+    order = _compaction(rt, layout, valid)
     if order is not None:
         query, key, value = (_reorder(x, order, dim=2) for x in (query, key, value))
         doc_ids, valid = doc_ids.gather(1, order), valid.gather(1, order)
@@ -238,6 +238,18 @@ def _candidates(rt: SeerRuntime, layout: Layout, doc_ids, valid) -> torch.Tensor
         )
         rt.forward.candidates[layout] = found
     return found
+
+
+def _compaction(rt: SeerRuntime, layout: Layout, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`masking.compaction_order` of this forward's padding, decided by its first layer (the test reads a flag
+    back from the device: once per forward, not once per layer). Kept beside the forward's candidates, under a
+    key of its own."""
+    if valid is None:
+        return None
+    key = ("compaction", layout)
+    if key not in rt.forward.candidates:
+        rt.forward.candidates[key] = compaction_order(valid)
+    return rt.forward.candidates[key]
 
 
 def _sample_query_blocks(nb: int, fraction: float, device: torch.device) -> Optional[torch.Tensor]:
