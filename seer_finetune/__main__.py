@@ -3,8 +3,11 @@
 Commands:
     train   fine-tune a model (`python -m seer_finetune train +exp=smoke`)
     eval    perplexity over long documents at several lengths and densities
-    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out`, `bench quality`
+    bench   benchmarks: `bench attention`, `bench training-step`, `bench scale-out`, `bench quality`,
+            `bench prefill`
     export  a training checkpoint (plain or DeepSpeed) to the run's final folder (same overrides as the run)
+    generate  text from any model folder, with or without gates
+              (`python -m seer_finetune generate runs/smoke_seer --prompt "..." --density 0.1`; --help for options)
 Add `--print-config` to print the composed configuration and exit.
 """
 
@@ -15,7 +18,7 @@ import sys
 from .config import ConfigError
 
 USAGE = __doc__
-COMMANDS = ("train", "eval", "bench", "export")
+COMMANDS = ("train", "eval", "bench", "export", "generate")
 PRINT_CONFIG = "--print-config"
 
 
@@ -27,6 +30,9 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
         if not args:
             raise ConfigError(f"bench needs a benchmark name: {', '.join(jobs.BENCHMARKS)}")
         return jobs.bench_job(args[0], args[1:])
+    if command == "generate":
+        jobs.generate_job(args)
+        return 0
     from .compose import compose_config, to_yaml
 
     cfg = compose_config(args)

@@ -335,9 +335,12 @@ class DeepSpeedConfig:
     sequence_parallel_size: int = 1
 
 
+NEEDLE_TASKS = ("single", "multikey", "multivalue", "multiquery")
+
+
 @dataclass
 class EvalConfig:
-    """`python -m seer_finetune eval`: perplexity over long documents.
+    """`python -m seer_finetune eval`: perplexity over long documents and needle retrieval by generation.
 
     Attributes:
         lengths: Sequence lengths to evaluate at.
@@ -350,6 +353,14 @@ class EvalConfig:
         recall: Report, for every sparse setting, the gates' recall per layer (the share of the true pooled
             attention inside the kept blocks) next to the best selection of the same size. It costs a
             ground-truth pass per layer (about one dense attention forward).
+        perplexity: Measure perplexity at `lengths` (false: needle tasks only).
+        needle_tasks: Needle-in-a-haystack tasks scored by greedy generation with the KV cache, at every
+            density and threshold: any of `single`, `multikey`, `multivalue`, `multiquery`
+            (`seer_finetune.needles`). Empty: none.
+        needle_lengths: Context lengths of the needle tasks (default: `lengths`, else the data's eval length).
+        needle_depths: Depths of the (first) needle, fractions of the haystack from 0 (start) to 1 (end).
+        needle_trials: Trials per task, length, depth and setting.
+        needle_batch_size: Prompts per generate call (left-padded batches).
     """
 
     lengths: list[int] = field(default_factory=list)
@@ -359,6 +370,12 @@ class EvalConfig:
     model_path: Optional[str] = None
     oracle: bool = False
     recall: bool = True
+    perplexity: bool = True
+    needle_tasks: list[str] = field(default_factory=list)
+    needle_lengths: list[int] = field(default_factory=list)
+    needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    needle_trials: int = 20
+    needle_batch_size: int = 4
 
 
 @dataclass

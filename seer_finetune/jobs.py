@@ -1,12 +1,14 @@
-"""The jobs behind `python -m seer_finetune <command>`: train, eval, export and bench.
+"""The jobs behind `python -m seer_finetune <command>`: train, eval, export, bench and generate.
 
-Each job takes a composed configuration (bench: a benchmark name and its arguments) and runs to completion;
+Each job takes a composed configuration (bench: a benchmark name and its arguments; generate: its own
+command-line arguments) and runs to completion;
 the command line (`__main__`) only parses and composes. Jobs sit on top of everything else: no module of the
 package imports this one.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import sys
@@ -23,6 +25,7 @@ BENCHMARKS = {
     "training-step": "bench_training_step.py",
     "scale-out": "bench_scale_out.py",
     "quality": "bench_quality.py",
+    "prefill": "bench_prefill.py",
 }
 
 
@@ -226,6 +229,109 @@ def bench_job(name: str, argv: list[str]) -> int:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return int(module.main(argv) or 0)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one `ConfigError` line (no usage block, exit code 2 from `__main__`)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    """The arguments of `python -m seer_finetune generate`."""
+    p = _ArgumentParser(
+        prog="generate",
+        description="Generate from any model the project trains or loads (greedy unless --temperature > 0).",
+    )
+    p.add_argument("model", help="run folder, final/merged/export folder, Hugging Face folder or hub name, or builtin:NAME")
+    p.add_argument("--prompt", help="the prompt text (default: --prompt-file, --jsonl, or stdin)")
+    p.add_argument("--prompt-file", help="a file whose whole text is the prompt")
+    p.add_argument("--jsonl", help="one prompt per line (a string or {\"prompt\": ...}); prints one JSON line per prompt")
+    p.add_argument("--output", help="write the results as JSON lines to this file instead of printing")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    sparsity = p.add_mutually_exclusive_group()
+    sparsity.add_argument("--density", type=float, help="fraction of key blocks the prefill keeps (models with gates)")
+    sparsity.add_argument("--threshold", type=float, help="minimum gate probability of a kept block (models with gates)")
+    sparsity.add_argument("--dense", action="store_true", help="ignore the gates: dense prefill")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sampling")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and the weights of a builtin: model)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, else as saved), float32, bfloat16, float16")
+    p.add_argument("--kernel", choices=("auto", "pytorch", "triton"), help="seer_kernels implementation")
+    return p
+
+
+def generate_job(argv: list[str], stdin=None, stdout=None) -> list[str]:
+    """`python -m seer_finetune generate MODEL [options]`: load the model in one call and generate.
+
+    Args:
+        argv: The command's arguments (see `generate_parser`).
+        stdin: Where a prompt is read when no option gives one. Default `sys.stdin`.
+        stdout: Where completions go. Default `sys.stdout`.
+
+    Returns:
+        The completions, one per prompt.
+    """
+    import json
+
+    from .generation import generate_texts, read_prompts
+    from .seer.loading import load_for_generation
+    from .modeling import resolve_device
+
+    args = generate_parser().parse_args(argv)
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
+    prompts, as_jsonl = read_prompts(prompt=args.prompt, prompt_file=args.prompt_file, jsonl=args.jsonl, stdin=stdin)
+    device = resolve_device(args.device)
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+    elif args.dtype in ("float32", "bfloat16", "float16"):
+        dtype = getattr(torch, args.dtype)
+    else:
+        raise ConfigError(f"--dtype={args.dtype!r} is not one of auto, float32, bfloat16, float16")
+    loaded = load_for_generation(
+        args.model,
+        density=args.density,
+        threshold=args.threshold,
+        dense=args.dense,
+        device=device,
+        dtype=dtype,
+        kernel=args.kernel,
+        seed=args.seed,
+    )
+    rt = loaded.runtime
+    how = "dense (no gates)" if rt is None else (
+        "dense prefill through the gates' kernels" if rt.settings.mode == "dense"
+        else f"gates at density {rt.settings.density:g}" if rt.settings.density is not None
+        else f"gates at threshold {rt.settings.threshold:g}"
+    )
+    print(f"[seer-finetune] generate: {args.model}, {how}, on {device}", file=sys.stderr, flush=True)
+    completions = generate_texts(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    if args.output or as_jsonl:
+        lines = [json.dumps({"prompt": p, "completion": c}) for p, c in zip(prompts, completions)]
+        if args.output:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text("\n".join(lines) + "\n")
+        else:
+            stdout.write("\n".join(lines) + "\n")
+    else:
+        stdout.write(completions[0] + "\n")
+    stdout.flush()
+    return completions
 
 
 JOBS = {"train": train_job, "eval": eval_job, "export": export_job}

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .config import (
+    NEEDLE_TASKS,
     AttentionConfig,
     ConfigError,
     DataConfig,
@@ -266,4 +267,26 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     for threshold in cfg.eval.thresholds:
         if not 0.0 <= threshold <= 1.0:
             raise ConfigError(f"eval.thresholds: {threshold} must be in [0, 1]")
+    _validate_needles(cfg)
     return cfg
+
+
+def _validate_needles(cfg: SeerConfig) -> None:
+    """The needle-task fields of `eval` (`seer_finetune.needles`)."""
+    e = cfg.eval
+    for task in e.needle_tasks:
+        _choice("eval.needle_tasks", task, NEEDLE_TASKS)
+    if len(set(e.needle_tasks)) != len(e.needle_tasks):
+        raise ConfigError(f"eval.needle_tasks={list(e.needle_tasks)} names a task twice")
+    for length in e.needle_lengths:
+        if length <= 0:
+            raise ConfigError(f"eval.needle_lengths: {length} must be > 0")
+    if e.needle_tasks and not e.needle_depths:
+        raise ConfigError("eval.needle_depths is empty: give at least one depth in [0, 1]")
+    for depth in e.needle_depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ConfigError(f"eval.needle_depths: {depth} must be in [0, 1] (0 = start of the haystack, 1 = end)")
+    _positive("eval.needle_trials", e.needle_trials)
+    _positive("eval.needle_batch_size", e.needle_batch_size)
+    if not e.perplexity and not e.needle_tasks:
+        raise ConfigError("eval.perplexity=false and no eval.needle_tasks: nothing to evaluate")

@@ -124,7 +124,7 @@ def test_print_config_from_another_directory(tmp_path):
 
 def test_cli_bench_names_and_cpu_refusal(tmp_path):
     unknown = run_cli("bench", "nope", cwd=tmp_path)
-    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: unknown benchmark 'nope' (available: attention, training-step, scale-out, quality)"
+    assert unknown.returncode == 2 and unknown.stderr.strip() == "error: unknown benchmark 'nope' (available: attention, training-step, scale-out, quality, prefill)"
     if not __import__("torch").cuda.is_available():
         attention = run_cli("bench", "attention", cwd=tmp_path)
         assert attention.returncode == 2 and "needs a CUDA GPU" in attention.stderr

@@ -9,6 +9,8 @@
 - `attention`: the `seer` attention function (inputs, gate scores, selection, kernel, loss) and its registration.
 - `attach`: attaching gates to a loaded model (capture hooks on the Q/K projections).
 - `saving`: gates as a small safetensors adapter, composing base + gates (+ LoRA) at load time.
+- `loading`: `load_for_generation`, one call loading any folder a run writes (with or without gates) to generate.
+- `decode`: attention of new tokens to a filled KV cache (dense decode).
 - `plugin`: `build_extension(model, cfg)`, the trainer seam, registered for `attention.backend=seer`.
 - `density_sweep`: `run_eval(cfg)`, the `eval` job: perplexity at several lengths and densities/thresholds.
 - `stages`: the gate-distillation stage derived from a joint configuration (`attention.init_steps`), run
@@ -25,14 +27,17 @@ from .plugin import SeerExtension, build_extension
 from .gate import AttnGate
 from .runtime import SeerRuntime, SeerSettings
 from .saving import load_gates, load_seer_model, save_gates
+from .loading import GenerationModel, load_for_generation
 
 __all__ = [
     "AttnGate",
+    "GenerationModel",
     "SeerExtension",
     "SeerRuntime",
     "SeerSettings",
     "attach_seer_gates",
     "build_extension",
+    "load_for_generation",
     "load_gates",
     "load_seer_model",
     "register_seer",

@@ -32,8 +32,9 @@ from torch import nn
 
 import seer_kernels
 
+from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
-from .masking import seer_mask, split_document_ids
+from .masking import compaction_order, seer_mask, split_document_ids
 from .runtime import SeerRuntime
 from .selection import (
     SelectionPlan,
@@ -88,8 +89,10 @@ def seer_attention_forward(
     Args:
         module: The attention module; must carry `seer_gate` (see `attach.attach_seer_gates`).
         query: post-RoPE `[B, Hq, L, D]`.
-        key, value: `[B, Hkv, L, D]`.
-        attention_mask: document ids `[B, L]` from `seer_mask`, or None (one unpadded document per row).
+        key, value: `[B, Hkv, L, D]`; with a filled KV cache `[B, Hkv, kv, D]` with kv > L, the cache after its
+            update (then the queries attend densely to it: `decode.attend_to_cache`).
+        attention_mask: document ids `[B, L]` from `seer_mask`, or None (one unpadded document per row); with a
+            filled cache transformers' SDPA mask `[B, 1, L, kv]` or None.
         scaling: softmax scale (the module's `scaling`).
         dropout: attention dropout; must be 0 (the block-sparse kernels have none).
         kwargs: other arguments from the modeling code; a non-null `sliding_window` is refused.
@@ -98,22 +101,34 @@ def seer_attention_forward(
         (`[B, L, Hq, D]` attention output, None): attention weights are never materialised.
     """
     gate = _gate_of(module)
+    if key.shape[2] != query.shape[2]:
+        # A KV cache holds more keys than this call has queries: a decode step (see decode.py).
+        return attend_to_cache(module, gate, query, key, value, attention_mask, scaling, dropout, kwargs)
     _check_call(query, key, attention_mask, dropout, kwargs)
     rt: SeerRuntime = gate.runtime
     s = rt.settings
     doc_ids = attention_mask
     valid = split_document_ids(doc_ids) if doc_ids is not None else None
     layout = Layout(query.shape[2], query.shape[0], None if doc_ids is None else id(doc_ids), query.device)
+    # Padding before real tokens (left-padded generation) moves behind them, so each prompt gets the blocks it
+    # has alone; the output goes back to the original order at the end.
+    order = _compaction(rt, layout, valid)
+    if order is not None:
+        query, key, value = (_reorder(x, order, dim=2) for x in (query, key, value))
+        doc_ids, valid = doc_ids.gather(1, order), valid.gather(1, order)
     candidates = _candidates(rt, layout, doc_ids, valid)
     kernel_args = dict(block_size=s.block_size, document_ids=doc_ids, sm_scale=scaling, kernel=s.kernel)
 
     if not rt.runs_gates:
         # Exact attention over every candidate block: the dense baseline through the same kernels.
+        gate.seer_captured.clear()
         mask = candidates[:, None].expand(query.shape[0], query.shape[1], -1, -1)
         out = seer_kernels.block_sparse_attention(query, key, value, mask, **kernel_args)
-        return out.transpose(1, 2).contiguous(), None
+        return _restore(out, order).transpose(1, 2).contiguous(), None
 
     q_pre, k_pre, head_shard = _gate_inputs(gate, query)
+    if order is not None:
+        q_pre, k_pre = _reorder(q_pre, order, dim=1), _reorder(k_pre, order, dim=1)
     log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
     layer = gate.layer_idx
     # Gradient checkpointing runs a layer a second time during backward: reuse what the first pass chose.
@@ -147,7 +162,21 @@ def seer_attention_forward(
             recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)
             rt.record(f"recall/{layer}", recall)
             rt.record(f"oracle_recall/{layer}", oracle_recall)
-    return out.transpose(1, 2).contiguous(), None
+    return _restore(out, order).transpose(1, 2).contiguous(), None
+
+
+def _reorder(x: torch.Tensor, order: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """`x` with its token axis `dim` (1 or 2; batch first) permuted per row by `order [B, L]`."""
+    shape = [order.shape[0]] + [1] * (x.dim() - 1)
+    shape[dim] = order.shape[1]
+    return x.gather(dim, order.view(shape).expand_as(x))
+
+
+def _restore(out: torch.Tensor, order: Optional[torch.Tensor]) -> torch.Tensor:
+    """The attention output `[B, H, L, D]` back in the original token order (undoing `_reorder`)."""
+    if order is None:
+        return out
+    return _reorder(out, torch.argsort(order, dim=-1), dim=2)
 
 
 # -- step 1: inputs ------------------------------------------------------------------------------------------
@@ -174,8 +203,6 @@ def _check_call(query: torch.Tensor, key: torch.Tensor, attention_mask, dropout:
             f"seer attention got document ids for {attention_mask.shape[-1]} tokens but attends over {query.shape[2]}"
             " (sequence parallelism with padding or packed documents is not supported)"
         )
-    if query.shape[2] != key.shape[2]:
-        raise NotImplementedError("seer attention runs full-sequence forward passes only: call with use_cache=False")
 
 
 def _gate_inputs(gate: AttnGate, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
@@ -211,6 +238,18 @@ def _candidates(rt: SeerRuntime, layout: Layout, doc_ids, valid) -> torch.Tensor
         )
         rt.forward.candidates[layout] = found
     return found
+
+
+def _compaction(rt: SeerRuntime, layout: Layout, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`masking.compaction_order` of this forward's padding, decided by its first layer (the test reads a flag
+    back from the device: once per forward, not once per layer). Kept beside the forward's candidates, under a
+    key of its own."""
+    if valid is None:
+        return None
+    key = ("compaction", layout)
+    if key not in rt.forward.candidates:
+        rt.forward.candidates[key] = compaction_order(valid)
+    return rt.forward.candidates[key]
 
 
 def _sample_query_blocks(nb: int, fraction: float, device: torch.device) -> Optional[torch.Tensor]:

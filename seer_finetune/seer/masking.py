@@ -9,6 +9,11 @@ the same document). Padding tokens and tokens that cannot see themselves get an 
 
 The ids returned: real tokens 0, 1, ... (one per document, non-decreasing along the sequence); an isolated
 (padding) token at position p gets `L + p`. `split_document_ids` recovers the padding mask from that.
+
+With a KV cache (generation), a forward whose queries are fewer than its keys (a decode step, or tokens
+appended to a filled cache) attends densely to the cache (`decode.py`); its mask is then transformers' own
+SDPA mask `[B, 1, q, kv]` (or None where SDPA's own causal flag suffices), built by `transformers.masking_utils.
+sdpa_mask`. The prefill that fills an empty cache has as many queries as keys and gets document ids as above.
 """
 
 from __future__ import annotations
@@ -60,6 +65,30 @@ def split_document_ids(document_ids: torch.Tensor) -> torch.Tensor:
     return document_ids < document_ids.shape[-1]
 
 
+def compaction_order(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per row, the token order that puts the real tokens first (in their order) and padding after them.
+
+    Left padding (batched generation) shifts a prompt's tokens against the block grid, so a left-padded prompt
+    would get other blocks, other gate scores and another selection than the same prompt alone. Attending in
+    the compacted order gives every prompt the blocks it has alone: its real tokens start at block 0, and the
+    padding (each token attending only to itself) comes after them, where no real query can see it.
+
+    Args:
+        valid: bool `[B, L]`, False for padding tokens (from `split_document_ids`), or None.
+
+    Returns:
+        int64 `[B, L]` (position in the original row of the token that goes to each place), or None when no
+        padding token comes before a real one (nothing to move).
+    """
+    if valid is None:
+        return None
+    # A padding token before a real one: somewhere a False is followed (not necessarily directly) by a True.
+    later_real = valid.flip(-1).cummax(-1).values.flip(-1)
+    if not bool((later_real & ~valid).any()):
+        return None
+    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+
+
 def seer_mask(
     batch_size: int,
     q_length: int,
@@ -74,19 +103,31 @@ def seer_mask(
     """`AttentionMaskInterface` entry for the `seer` attention: document ids instead of a dense mask.
 
     Args:
-        batch_size, q_length, kv_length, q_offset, kv_offset: as transformers passes them; the seer path runs
-            full-sequence forwards only (no KV cache), so q_length must equal kv_length and offsets be 0.
+        batch_size, q_length, kv_length, q_offset, kv_offset: as transformers passes them. A full-sequence
+            forward (no cache, or the prefill of an empty one) has q_length == kv_length and no offsets.
         mask_function: transformers' mask function (causal, packed sequences folded in).
         attention_mask: optional 2D padding mask `[B, kv_length]`.
         device: where the ids live.
-        kwargs: the other arguments transformers passes (dtype, config, use_vmap, ...), unused.
+        kwargs: the other arguments transformers passes (dtype, config, use_vmap, allow_is_causal_skip, ...).
 
     Returns:
-        int64 `[B, L]` document ids, or None when every row is one unpadded document (plain causal attention).
+        Full-sequence forward: int64 `[B, L]` document ids, or None when every row is one unpadded document (plain
+        causal attention). Queries attending to a cache: transformers' boolean SDPA mask `[B, 1, q_length,
+        kv_length]`, or None where none is needed.
     """
-    if q_length != kv_length or q_offset or kv_offset:
-        raise NotImplementedError(
-            "seer attention runs full-sequence forward passes only (no KV cache): call the model with use_cache=False"
+    if q_length != kv_length or kv_offset or (not isinstance(q_offset, torch.Tensor) and q_offset):
+        from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+        return sdpa_mask(
+            batch_size=batch_size,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            kv_offset=kv_offset,
+            mask_function=mask_function if mask_function is not None else causal_mask_function,
+            attention_mask=attention_mask,
+            allow_is_causal_skip=bool(kwargs.get("allow_is_causal_skip", True)),
+            device=device,
         )
     if mask_function is None:
         from transformers.masking_utils import causal_mask_function
