@@ -62,3 +62,33 @@ def assert_same_folder(expected: Path, got: Path) -> None:
                 assert right[key].dtype == value.dtype and torch.equal(right[key], value), f"{name}: {key}"
         else:
             assert b.read_bytes() == a.read_bytes(), name
+
+
+def start_train_cli(args: list[str], run_dir: Path, cache: Path):
+    """`python -m seer_finetune train ARGS trainer.output_dir=RUN_DIR` in its own process (token cache `cache`),
+    stdout and stderr together in its `stdout`."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "seer_finetune", "train", *args, f"trainer.output_dir={run_dir}"],
+        env={**os.environ, "SEER_CACHE": str(cache)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_when(process, exists: Path, timeout: float = 300.0) -> None:
+    """SIGKILL `process` as soon as the path `exists` appears (failing if the process ends or time runs out first)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not exists.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"{exists} did not appear within {timeout} s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

@@ -4,11 +4,9 @@ bit: the same per-step losses of both stages and the same final tensors."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from seer_finetune.metrics import read_metrics
+
+from helpers import start_train_cli
 
 # smoke_seer's shapes (steps of about 0.5 s in stage 1 and 1 s in stage 2 on CI's CPUs, long enough to be hit),
 # fewer steps, a checkpoint after every step.
@@ -32,14 +32,8 @@ ARGS = [
 ]
 
 
-def _start(run_dir: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "seer_finetune", "train", *ARGS, f"trainer.output_dir={run_dir}"],
-        env={**os.environ, "SEER_CACHE": str(cache)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _start(run_dir: Path, cache: Path):
+    return start_train_cli(ARGS, run_dir, cache)
 
 
 def _finish(run_dir: Path, cache: Path) -> str:

@@ -3,12 +3,7 @@ exactly (in process, and after a real SIGKILL of a CLI run), `datasets` builders
 are not text under `data.invalid_files`."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +14,7 @@ from seer_finetune.config import ConfigError, DataConfig
 from seer_finetune.data import build_data
 from seer_finetune.metrics import read_metrics
 
-from helpers import ASSETS
+from helpers import ASSETS, kill_when, start_train_cli
 
 PLAYS = Path(__file__).resolve().parents[1] / "seer_finetune" / "assets" / "corpus" / "shakespeare"
 CHAT = PLAYS.parent / "shakespeare_chat" / "scenes.jsonl"
@@ -191,14 +186,8 @@ STREAM_ARGS = [
 ]
 
 
-def _train_cli(run_dir: Path, cache: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "seer_finetune", "train", *STREAM_ARGS, f"trainer.output_dir={run_dir}"],
-        env={**os.environ, "SEER_CACHE": str(cache)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _train_cli(run_dir: Path, cache: Path):
+    return start_train_cli(STREAM_ARGS, run_dir, cache)
 
 
 @pytest.mark.slow
@@ -211,14 +200,8 @@ def test_streaming_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
 
     run_dir = tmp_path / "killed"
     victim = _train_cli(run_dir, cache)
-    deadline = time.time() + 300
     # Step 7 starts the third block of 6 sequences (2 per step): the kill lands inside a block, mid-stream.
-    while not (run_dir / "checkpoints" / "step_000008").is_dir():
-        assert victim.poll() is None, victim.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_when(victim, run_dir / "checkpoints" / "step_000008")
     assert not (run_dir / "summary.json").exists()
     state = json.loads((run_dir / "checkpoints" / "step_000008" / "state.json").read_text())
     assert state["trainer"]["sampler"]["stream"]["served"] == 4  # 16 sequences drawn: block 2, 4 of 6 served

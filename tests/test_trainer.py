@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from seer_finetune.metrics import read_metrics
 from seer_finetune.modeling import load_trained
 from seer_finetune.trainer import Trainer, lr_lambda
 
-from helpers import save_tiny_model
+from helpers import kill_when, save_tiny_model, start_train_cli
 
 RESUME_ARGS = [
     "+exp=smoke",
@@ -34,15 +32,8 @@ RESUME_ARGS = [
 ]
 
 
-def _train_cli(run_dir: Path, cache: Path) -> subprocess.Popen:
-    env = {**os.environ, "SEER_CACHE": str(cache)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "seer_finetune", "train", *RESUME_ARGS, f"trainer.output_dir={run_dir}"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _train_cli(run_dir: Path, cache: Path):
+    return start_train_cli(RESUME_ARGS, run_dir, cache)
 
 
 @pytest.mark.slow
@@ -55,14 +46,8 @@ def test_sigkill_then_rerun_resumes_to_the_same_final_loss(tmp_path):
 
     run_dir = tmp_path / "killed"
     victim = _train_cli(run_dir, cache)
-    deadline = time.time() + 300
     # Kill as soon as a mid-run checkpoint exists (the process may be writing the next one).
-    while not (run_dir / "checkpoints" / "step_000006").is_dir():
-        assert victim.poll() is None, victim.stdout.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    kill_when(victim, run_dir / "checkpoints" / "step_000006")
     assert not (run_dir / "summary.json").exists()
 
     resumed = _train_cli(run_dir, cache)
