@@ -172,6 +172,23 @@ class CausalLMLoss:
         return choose_lm_loss(self.setting, device_type=self.device.type, logits=tokens * self.vocab_size,
                               liger_usable=self.liger_usable, softcapped=self.softcapped)
 
+    def mean(self, input_ids: torch.Tensor, labels: torch.Tensor, **forward: Any) -> torch.Tensor:
+        """Mean next-token loss over the targets of `labels` (unshifted, as transformers takes them; -100: none).
+
+        Args:
+            input_ids: int64 [B, L].
+            labels: int64 [B, L]: position i + 1's label is position i's target.
+            **forward: More inputs of the model (`position_ids`, ...).
+
+        Returns:
+            A 0-dim tensor: transformers' own loss for `full_logits`, else the fused sum over the target count.
+        """
+        kind = self.kind(input_ids.numel())
+        if kind == "full_logits":
+            return self.model(input_ids=input_ids, labels=labels, use_cache=False, **forward).loss
+        targets = next_token_targets(labels)
+        return self.summed(kind, targets, input_ids=input_ids, **forward) / (targets != IGNORE_INDEX).sum()
+
     def summed(self, kind: str, targets: torch.Tensor, **forward: Any) -> torch.Tensor:
         """The summed cross entropy over `targets` (already shifted; -100: none) from one forward of the model.
 

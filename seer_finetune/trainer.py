@@ -217,19 +217,16 @@ class Trainer:
         position_ids = batch["position_ids"].to(self.device)
         if not self.cfg.data.attend_within_documents:
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
-        kind = self.lm_loss.kind(input_ids.numel() // self.ctx.sp_size)
         if self.ctx.sp_size == 1:
             kwargs = {"position_ids": position_ids} if self.cfg.data.attend_within_documents else {}
-            if kind == "full_logits":
-                return self.model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs).loss
-            targets = next_token_targets(labels)
-            return self.lm_loss.summed(kind, targets, input_ids=input_ids, **kwargs) / (targets != -100).sum()
+            return self.lm_loss.mean(input_ids, labels, **kwargs)
         # Labels are shifted on the full sequence, then every tensor is cut to this rank's shard.
         shift_labels = next_token_targets(labels)
         total_targets = (shift_labels != -100).sum()
         chunk = input_ids.shape[1] // self.ctx.sp_size
         part = slice(self.ctx.sp_rank * chunk, (self.ctx.sp_rank + 1) * chunk)
         shard_labels = shift_labels[:, part].contiguous()
+        kind = self.lm_loss.kind(input_ids[:, part].numel())
         if kind != "full_logits":
             summed = self.lm_loss.summed(kind, shard_labels, input_ids=input_ids[:, part], position_ids=position_ids[:, part])
             return summed / total_targets

@@ -303,7 +303,6 @@ def test_ulysses_shards_with_the_chunked_loss_match_one_process(tmp_path):
     loss.backward()
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-6000:]
-    assert "LM loss chunked" in log
     sp2 = load_file(str(out))
     assert float(sp2.pop("__lm_loss__")) == pytest.approx(float(parts["lm_loss"]), rel=1e-6)
     expected = _grads(trainer.model)
