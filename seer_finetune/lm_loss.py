@@ -21,6 +21,7 @@ full-logits loss. `trainer.lm_loss=auto` keeps transformers' loss while a micro-
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 from typing import Any, Optional
 
@@ -145,12 +146,21 @@ class CausalLMLoss:
 
     @staticmethod
     def _head_or_none(model: torch.nn.Module, setting: str) -> Optional[torch.nn.Module]:
-        if setting == "auto":
-            try:
-                return output_head(model)
-            except ConfigError:
+        """The output head for a fused loss; None under `auto` where a fused loss cannot run (no head, or a
+        forward without `logits_to_keep`)."""
+        try:
+            head = output_head(model)
+            inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+            if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+                raise ConfigError(
+                    f"trainer.lm_loss={setting}: {type(inner).__name__}.forward takes no logits_to_keep, so it would "
+                    "project every position anyway; set trainer.lm_loss=full_logits"
+                )
+            return head
+        except ConfigError:
+            if setting == "auto":
                 return None
-        return output_head(model)
+            raise
 
     def _check_liger(self, zero3: bool) -> None:
         why = None
