@@ -1,23 +1,29 @@
 """The paper's YaRN + SeerAttention experiment end to end, on one GPU, as one command.
 
-Given a base model trained at `--native` tokens (SmolLM2-135M: 8k) and the corpora of
+Given a base model trained at `--native` tokens (SmolLM2-135M: 8k; Qwen2.5-Coder-1.5B: 32k) and the corpora of
 `../shared/data/get_corpora.sh`, it runs, with the same data, steps and learning rate:
   (a) the base model at its native length and, YaRN-scaled without training, at the target length;
-  (b) dense YaRN fine-tuning at the target length (`+exp=yarn32k_dense`);
-  (c) gate distillation at the native length with the base frozen (`+exp=gate_init8k`), then joint YaRN
-      fine-tuning from those gates at each of `--sparsities` (`+exp=yarn32k_sparsity<NN>`: 50%, 90%, 95%),
-      and any `--variant` (a sparse run with extra overrides, e.g. a gate-only stage at the target length).
+  (b) dense YaRN fine-tuning at the target length (`+exp=<prefix>_dense`, `--exp-prefix`: yarn32k, yarn128k);
+  (c) gate distillation at the native length with the base frozen (`--gate-init-exp`: gate_init8k,
+      gate_init32k), then joint YaRN fine-tuning from those gates at each of `--sparsities`
+      (`+exp=<prefix>_sparsity<NN>`: 50%, 90%, 95%), and any `--variant` (a sparse run with extra overrides,
+      e.g. a gate-only stage at the target length).
 Each is evaluated at the target length on two held-out families ("books": austen + shakespeare; "technical":
 hol_light) at its trained sparsity, with realised sparsity and the gate's recall of the true attention, also
 with oracle selection (blocks ranked by the true attention); passkey retrieval at 1/4, 1/2 and all of the target
 length, with 95% intervals and per layer whether the needle's block was kept; the training time of every run
-against the dense one. Writes `results.json`, `results.md` (the table) and PNG plots (perplexity against
+against the dense one, its peak GPU memory, and dense against 90% tokens/s. Every perplexity uses the trainer's
+loss (`lm_loss.CausalLMLoss`, `auto`): at 128k over a 151k vocabulary no evaluation holds the full logits.
+Writes `results.json`, `results.md` (the table) and PNG plots (perplexity against
 sparsity, LM and gate loss curves, realised density per layer) under `--out`, and logs every training run to
 W&B (offline by default). `--jobs N` trains N runs at once (on a GPU the small model leaves room for).
 Stages whose outputs exist are reused, so an interrupted invocation continues where it stopped.
 
     python benchmarks/bench_quality.py --model ~/.cache/seer-data/models/hf/smollm2-135m \
         --corpora ~/.cache/seer-data/corpora --out runs/quality
+    python benchmarks/bench_quality.py --model ~/.cache/seer-data/models/hf/qwen2.5-coder-1.5b \
+        --corpora ~/.cache/seer-data/corpora --out runs/quality128k --native 32768 --seq-len 131072 \
+        --exp-prefix yarn128k --gate-init-exp gate_init32k --sparsities 0.5 0.9 --no-other-budget
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> 
         f"optim.lr={args.lr}",
         f"trainer.max_steps={args.steps}",
         f"trainer.grad_accum_steps={args.grad_accum}",
-        "trainer.save_every=50",
+        f"trainer.save_every={args.save_every}",
         "trainer.progress_bar=false",
         f"trainer.output_dir={args.out / 'runs' / run}",
         f"logger={'wandb_offline' if args.wandb == 'offline' else 'wandb' if args.wandb == 'online' else 'jsonl'}",
@@ -145,7 +151,7 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
     factor = target // native
     def gate_init(name: str, gate_shape: list[str]) -> list[str]:
         return [
-            "+exp=gate_init8k",
+            f"+exp={args.gate_init_exp}",
             *common_overrides(args, folders, name, native),
             f"trainer.max_steps={args.init_steps}",
             f"optim.lr={args.gate_lr}",
@@ -154,7 +160,7 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
         ]
 
     specs = {
-        "dense": ["+exp=yarn32k_dense", f"rope.factor={factor}", *common_overrides(args, folders, "dense", target)],
+        "dense": [f"+exp={args.exp_prefix}_dense", f"rope.factor={factor}", *common_overrides(args, folders, "dense", target)],
         "gate_init": gate_init("gate_init", []),
     }
     variants = {name: (base, extra) for name, base, *extra in args.variant}
@@ -164,7 +170,7 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
         if init not in specs:
             specs[init] = gate_init(init, [o for o in extra if o.split("=", 1)[0] in GATE_SHAPE_FIELDS])
         specs[run] = [
-            f"+exp=yarn32k_{base}",
+            f"+exp={args.exp_prefix}_{base}",
             f"rope.factor={factor}",
             *common_overrides(args, folders, run, target),
             f"attention.gates_path={args.out / 'runs' / init / 'final'}",
@@ -194,9 +200,11 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
     if args.jobs == 1:
         for run in todo:
             print(f"[quality] training {run}", flush=True)
-            train_job(compose_config(specs[run]))
             if args.device == "cuda":
+                # Each run's `train/peak_memory_gib` is its own, not the largest of the runs before it.
                 torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            train_job(compose_config(specs[run]))
         return dirs
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
@@ -259,6 +267,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     the gap between the oracle and dense is the cost of block sparsity itself at this density.
     """
     from seer_finetune.config import RopeConfig
+    from seer_finetune.lm_loss import CausalLMLoss
     from seer_finetune.perplexity import perplexity
     from seer_finetune.modeling import load_model, load_tokenizer, load_trained
     from seer_finetune.passkey import passkey_accuracy
@@ -266,7 +275,8 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
     from seer_finetune.seer.plugin import runtime_from_config
 
     device = torch.device(args.device)
-    cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "dense", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
+    dense_exp = f"+exp={args.exp_prefix}_dense"
+    cfg = compose_config([dense_exp, *common_overrides(args, folders, "dense", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
     tokenizer = load_tokenizer(cfg.model)
     cache = args.out / "cache"
     windows = {
@@ -287,12 +297,15 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
             rows.append(json.loads(cache.read_text()))
             return
         model, runtime = load()
+        lm_loss = CausalLMLoss(model, "auto", device)
+        loss_fn = lambda batch: lm_loss.mean(batch["input_ids"].to(device), batch.get("labels", batch["input_ids"]).to(device),
+                                             position_ids=batch["position_ids"].to(device))
         row: dict[str, Any] = {"run": name, "length": length, "target_sparsity": sparsity_target}
         per_layer: dict[str, dict[str, list[float]]] = {name: {} for name in LAYER_STATS}
         for family in EVAL_FAMILIES:
             if runtime is not None:
                 runtime.take_stats()
-            result = perplexity(model, windows[(family, length)], device=device)
+            result = perplexity(model, windows[(family, length)], device=device, loss_fn=loss_fn)
             row[f"ppl_{family}"] = result["ppl"]
             row[f"windows_{family}"] = len(windows[(family, length)])
             if runtime is not None:
@@ -325,7 +338,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         print(f"[quality] {json.dumps(row)}", flush=True)
 
     # (a) the base model at its native length, then YaRN-scaled without training at the target length.
-    base_cfg = compose_config(["+exp=yarn32k_dense", *common_overrides(args, folders, "base", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
+    base_cfg = compose_config([dense_exp, *common_overrides(args, folders, "base", args.seq_len), f"rope.factor={args.seq_len // args.native}"])
     base = lambda rope: (load_model(base_cfg.model, rope, device=device, seed=0).to(dtype).eval(), None)
     record("base (native length)", lambda: base(RopeConfig(type="none")), args.native, 0.0)
     record("base + YaRN, no training", lambda: base(base_cfg.rope), args.seq_len, 0.0)
@@ -338,7 +351,7 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         a = compose_config(specs[run]).attention
         name = f"seer joint, {round((1 - density) * 100)}% sparsity"
         settings = [(name, False, a.budget), (f"{name}, oracle selection", True, a.budget)]
-        if run.startswith("sparsity"):
+        if run.startswith("sparsity") and args.other_budget:
             other = "row" if a.budget == "layer" else "layer"
             settings.append((f"{name}, {other} budget", False, other))
         else:
@@ -354,10 +367,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
 
 
 def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Per training run: optimizer steps, training seconds (the sum of its step times) and median tokens/s.
+    """Per training run: optimizer steps, training seconds (the sum of its step times), median tokens/s and the
+    peak GPU memory of its steps (`peak_memory_gib`, GiB; None off CUDA).
 
     A run with a gate-only stage (`attention.init_steps`) counts that stage's steps and seconds too
-    (`gate_stage_steps`, `gate_stage_s`); `train_s` includes them.
+    (`gate_stage_steps`, `gate_stage_s`); `train_s` and the peak include them.
     """
     def steps(folder: Path) -> list[dict]:
         return [r for r in read_metrics(folder) if "train/step_time_s" in r] if (folder / "metrics.jsonl").is_file() else []
@@ -366,12 +380,14 @@ def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
     for run, folder in dirs.items():
         main, stage = steps(folder), steps(folder / "gate_init")
         speeds = [r["train/tokens_per_s"] for r in main][1:]
+        peaks = [r["train/peak_memory_gib"] for r in main + stage if r.get("train/peak_memory_gib") is not None]
         cost[run] = {
             "steps": len(main),
             "gate_stage_steps": len(stage),
             "gate_stage_s": sum(r["train/step_time_s"] for r in stage),
             "train_s": sum(r["train/step_time_s"] for r in main + stage),
             "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
+            "peak_memory_gib": max(peaks) if peaks else None,
         }
     return cost
 
@@ -406,12 +422,14 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
     if passkey_runs:
         trials = next(iter(passkey_runs[0]["passkey"].values()))["trials"]
         lines += ["", f"Passkey: {trials} trials per length, needle depths 0.1 to 0.9, teacher-forced greedy answer."]
-    lines += ["", "| training run | steps | gate-only steps at the target length | training time vs dense |", "|---|---|---|---|"]
+    lines += ["", "| training run | steps | gate-only steps at the target length | training time vs dense | peak GPU memory |",
+              "|---|---|---|---|---|"]
     dense_s = cost["dense"]["train_s"]
     for run, c in cost.items():
         vs = "not comparable (runs shared the GPU)" if jobs > 1 else f"{c['train_s'] / dense_s:.2f}x"
         stage = c["gate_stage_steps"] if not run.startswith("gate_init") else "-"
-        lines.append(f"| {run} | {c['steps']} | {stage} | {vs} |")
+        peak = "-" if c.get("peak_memory_gib") is None else f"{c['peak_memory_gib']:.1f} GiB"
+        lines.append(f"| {run} | {c['steps']} | {stage} | {vs} | {peak} |")
     if jobs == 1 and "sparsity90" in cost:
         lines += ["", f"Training throughput at {seq_len} tokens: dense {cost['dense']['tokens_per_s']:.0f} tokens/s, 90% "
                   f"sparsity {cost['sparsity90']['tokens_per_s']:.0f} tokens/s "
@@ -494,6 +512,19 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     return made
 
 
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages a result depends on (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in ("torch", "triton", "transformers", "peft", "liger-kernel"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stage the data, train what is not trained yet, evaluate, write `results.json`, `results.md` and the plots.
 
@@ -509,10 +540,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--native", type=int, default=8192, help="the base model's trained context")
     parser.add_argument("--seq-len", type=int, default=32768, help="target context (training and evaluation)")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each 32k run")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each run at the target length")
     parser.add_argument("--init-steps", type=int, default=200, help="gate distillation steps at the native length")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every 32k run (model; gates use --gate-lr)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every run at the target length (model; gates use --gate-lr)")
+    parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps of each run (a rerun resumes)")
+    parser.add_argument("--exp-prefix", default="yarn32k",
+                        help="experiment family: conf/exp/<prefix>_dense.yaml and <prefix>_sparsity<NN>.yaml")
+    parser.add_argument("--gate-init-exp", default="gate_init8k", help="gate initialisation experiment (at --native)")
+    parser.add_argument("--other-budget", action=argparse.BooleanOptionalAction, default=True,
+                        help="also evaluate each sparse run's gates under the budget it did not train with")
     parser.add_argument("--gate-lr", type=float, default=1e-3)
     parser.add_argument("--train-mb", type=float, default=40.0, help="MB of files taken from each training corpus")
     parser.add_argument("--eval-mb", type=float, default=math.inf, help="MB of files taken from each evaluation corpus")
@@ -524,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--override", nargs="*", default=[], help="extra Hydra overrides for every training run")
     parser.add_argument("--sparsities", type=float, nargs="+", default=list(SPARSITIES),
-                        help="trained sparsities (each needs conf/exp/yarn32k_sparsity<NN>.yaml)")
+                        help="trained sparsities (each needs conf/exp/<prefix>_sparsity<NN>.yaml)")
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME BASE OVERRIDE",
                         help="one more sparse run: trained like BASE (e.g. sparsity90) with these Hydra overrides; "
                         "evaluated with the gate and with oracle selection")
@@ -550,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.cuda.is_available():
         report["gpu"] = torch.cuda.get_device_name()
     report["torch"] = torch.__version__
+    report["versions"] = package_versions()
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(text + "\n")
     print("\n" + text)

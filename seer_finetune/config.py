@@ -240,6 +240,10 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
 
+# How the next-token loss may be computed (`TrainerConfig.lm_loss`, `lm_loss.py`).
+LM_LOSS_CHOICES = ("auto", "full_logits", "chunked", "liger")
+
+
 @dataclass
 class TrainerConfig:
     """The training loop.
@@ -277,6 +281,12 @@ class TrainerConfig:
         plots: At the end of the run, draw PNG plots of `metrics.jsonl` into `<output_dir>/plots/` (losses,
             evaluation perplexity sparse vs dense, the gates' recall, loss and density per layer; `plots.py`).
             Needs matplotlib (`pip install seer-finetune[plots]`); without it one warning line and no plots.
+        lm_loss: How the next-token loss is computed (`lm_loss.py`). `full_logits`: transformers' own loss over
+            the model's logits ([tokens, vocabulary] in float32: 77 GB for 128k tokens over a 151k vocabulary).
+            `chunked`: the head and cross entropy on chunks of rows under activation checkpointing (PyTorch, any
+            device, any head). `liger`: Liger-Kernel's fused linear cross entropy (CUDA; a plain linear head; not
+            under ZeRO-3). `auto`: `full_logits` up to 2**28 logits per forward, above that `liger` on CUDA where
+            it applies, else `chunked`. All give the same loss and gradients up to float rounding.
     """
 
     max_steps: int = 100
@@ -296,6 +306,7 @@ class TrainerConfig:
     progress_bar: bool = True
     save_final: bool = True
     plots: bool = True
+    lm_loss: str = "auto"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .distributed import DistributedContext, all_reduce_sum, init_distributed
 from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
 from .extensions import TrainingExtension
 from .final_save import save_final_model
+from .lm_loss import CausalLMLoss, next_token_targets
 from .metrics import MetricsLogger, eval_key, is_distribution, require_wandb, split_layer_key
 from .modeling import count_parameters, load_tokenizer, resolve_device
 from .perplexity import perplexity
@@ -181,6 +182,8 @@ class Trainer:
         self.data = build_data(cfg.data, self.tokenizer)
         self.model, self.extension = build_model(self.cfg, self.device)
         self.model.train()
+        ds = cfg.deepspeed
+        self.lm_loss = CausalLMLoss(self.model, t.lm_loss, self.device, zero3=ds.enabled and ds.zero_stage == 3)
         optimizer = build_optimizer(self.model, self.extension, cfg)
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -205,9 +208,10 @@ class Trainer:
 
     def _lm_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token loss of the batch over its targets (the batch's `labels`: every token for text, the
-        assistant's for chat; -100 is no target). Under sequence parallelism, this rank's share of it (its tokens'
-        summed loss over the whole sequence's target count): the shares add up to the mean, and DeepSpeed adds
-        the sequence-parallel ranks' gradients (measured: tests/distributed)."""
+        assistant's for chat; -100 is no target), by `trainer.lm_loss` (`lm_loss.CausalLMLoss`). Under sequence
+        parallelism, this rank's share of it (its tokens' summed loss over the whole sequence's target count):
+        the shares add up to the mean, and DeepSpeed adds the sequence-parallel ranks' gradients (measured:
+        tests/distributed)."""
         input_ids = batch["input_ids"].to(self.device)
         labels = batch["labels"].to(self.device) if "labels" in batch else input_ids
         position_ids = batch["position_ids"].to(self.device)
@@ -215,13 +219,17 @@ class Trainer:
             position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
         if self.ctx.sp_size == 1:
             kwargs = {"position_ids": position_ids} if self.cfg.data.attend_within_documents else {}
-            return self.model(input_ids=input_ids, labels=labels, use_cache=False, **kwargs).loss
+            return self.lm_loss.mean(input_ids, labels, **kwargs)
         # Labels are shifted on the full sequence, then every tensor is cut to this rank's shard.
-        shift_labels = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        shift_labels = next_token_targets(labels)
         total_targets = (shift_labels != -100).sum()
         chunk = input_ids.shape[1] // self.ctx.sp_size
         part = slice(self.ctx.sp_rank * chunk, (self.ctx.sp_rank + 1) * chunk)
         shard_labels = shift_labels[:, part].contiguous()
+        kind = self.lm_loss.kind(input_ids[:, part].numel())
+        if kind != "full_logits":
+            summed = self.lm_loss.summed(kind, shard_labels, input_ids=input_ids[:, part], position_ids=position_ids[:, part])
+            return summed / total_targets
         out = self.model(
             input_ids=input_ids[:, part],
             position_ids=position_ids[:, part],
@@ -449,7 +457,8 @@ class Trainer:
         say(
             f"[seer-finetune] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
             f"({cfg.peft.method if not self.extension.freeze_base else 'extension only'}), "
-            f"{self.data.describe()}, device {self.device}{self.engine.layout}"
+            f"{self.data.describe()}, device {self.device}{self.engine.layout}, "
+            f"LM loss {self.lm_loss.kind(t.micro_batch_size * cfg.data.seq_len // self.ctx.sp_size)}"
             + (f", resumed at step {self.step}" if resumed else "")
         )
         if resumed and self.start.changes:

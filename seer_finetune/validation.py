@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .config import (
+    LM_LOSS_CHOICES,
     NEEDLE_TASKS,
     AttentionConfig,
     ConfigError,
@@ -246,6 +247,10 @@ def validate(cfg: SeerConfig) -> SeerConfig:
             "a new one (drop it to resume the run instead)"
         )
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.lm_loss", t.lm_loss, LM_LOSS_CHOICES)
+    if t.lm_loss == "liger" and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("trainer.lm_loss=liger reads the head's whole weight, which ZeRO-3 partitions: use "
+                          "trainer.lm_loss=chunked (or auto)")
     _choice("logger.wandb", cfg.logger.wandb, ("disabled", "offline", "online"))
 
     ds = cfg.deepspeed

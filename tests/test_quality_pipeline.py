@@ -113,3 +113,48 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before
     assert json.loads((out / "results.json").read_text())["rows"] == report["rows"]
+
+
+def test_the_128k_family_composes_from_the_same_code(tmp_path):
+    """`--exp-prefix yarn128k --gate-init-exp gate_init32k`: every training run of the Qwen table composes from its
+    experiment with the invocation's lengths, and the table reports each run's peak GPU memory and throughput."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_quality
+    from seer_finetune.compose import compose_config
+
+    folders = {name: tmp_path / "data" / name for name in ("train", "books", "technical")}
+    for folder in folders.values():
+        folder.mkdir(parents=True)
+        (folder / "a.txt").write_text("text")
+    args = argparse.Namespace(
+        model="builtin:tiny_qwen2", native=32768, seq_len=131072, steps=15, init_steps=100, grad_accum=1, lr=2e-4,
+        gate_lr=1e-3, train_eval_windows=1, num_proc=1, save_every=5, out=tmp_path, wandb="disabled", override=[],
+        sparsities=[0.5, 0.9], variant=[], exp_prefix="yarn128k", gate_init_exp="gate_init32k",
+    )
+    specs = bench_quality.run_specs(args, folders)
+    assert list(specs) == ["dense", "gate_init", "sparsity50", "sparsity90"]
+    cfgs = {run: compose_config(spec) for run, spec in specs.items()}
+    assert cfgs["gate_init"].data.seq_len == 32768 and cfgs["gate_init"].rope.type == "none"
+    assert cfgs["gate_init"].attention.mode == "gate_distill" and cfgs["gate_init"].trainer.max_steps == 100
+    for run in ("dense", "sparsity50", "sparsity90"):
+        c = cfgs[run]
+        assert (c.data.seq_len, c.rope.factor, c.rope.original_max_position_embeddings) == (131072, 4.0, 32768)
+        assert c.model.gradient_checkpointing and c.trainer.lm_loss == "auto" and c.trainer.max_steps == 15
+        assert c.trainer.save_every == 5 and c.peft.trainable_norms
+    for run, density in (("sparsity50", 0.5), ("sparsity90", 0.1)):
+        a = cfgs[run].attention
+        assert a.mode == "joint" and a.density == pytest.approx(density) and a.block_size == 128
+        assert a.gates_path == str(tmp_path / "runs" / "gate_init" / "final")
+    assert cfgs["gate_init"].attention.block_size == 128
+
+    rows = [{"run": "dense YaRN fine-tuning", "length": 131072, "target_sparsity": 0.0, "realised_sparsity": 0.0,
+             "ppl_books": 10.0, "ppl_technical": 3.0}]
+    cost = {run: {"steps": 15, "gate_stage_steps": 0, "gate_stage_s": 0.0, "train_s": s, "tokens_per_s": t,
+                  "peak_memory_gib": peak}
+            for run, s, t, peak in (("dense", 300.0, 8000.0, 61.25), ("gate_init", 60.0, 50000.0, 20.0),
+                                    ("sparsity90", 100.0, 24000.0, 58.5))}
+    text = bench_quality.table(rows, cost, 131072)
+    assert "| dense | 15 | 0 | 1.00x | 61.2 GiB |" in text and "| sparsity90 | 15 | 0 | 0.33x | 58.5 GiB |" in text
+    assert "dense 8000 tokens/s, 90% sparsity 24000 tokens/s (3.00x)" in text
