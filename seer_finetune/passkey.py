@@ -140,11 +140,11 @@ def passkey_accuracy(
             depth = float(depths[t % len(depths)])
             trial = build_trial(tokenizer, length, depth, rng.randrange(10_000, 100_000))
             ids = torch.tensor([trial.prompt + trial.answer], device=device)
-            logits = model(input_ids=ids, use_cache=False).logits[0]
             # Logits at position i predict token i + 1: the answer's tokens are predicted from the positions
-            # just before each of them.
-            start = len(trial.prompt) - 1
-            predicted = logits[start : start + len(trial.answer)].argmax(-1).tolist()
+            # just before each of them, the last len(answer) + 1 positions (only those are projected, so a long
+            # prompt never builds [length, vocabulary] logits).
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=len(trial.answer) + 1).logits[0]
+            predicted = logits[: len(trial.answer)].argmax(-1).tolist()
             hit = int(predicted == trial.answer)
             hits += hit
             per_depth[depth][0] += hit

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .data import collate
+from .lm_loss import CausalLMLoss
 
 
 @torch.no_grad()
@@ -36,10 +37,13 @@ def perplexity(
         {"loss": mean NLL in nats, "ppl": exp(loss), "tokens": number of predicted tokens}
     """
 
+    # `auto`: transformers' own loss for short windows, a fused one where full logits would not fit.
+    lm_loss = CausalLMLoss(model, "auto", device)
+
     def model_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         input_ids = batch["input_ids"].to(device)
         labels = batch["labels"].to(device) if "labels" in batch else input_ids
-        return model(input_ids=input_ids, position_ids=batch["position_ids"].to(device), labels=labels, use_cache=False).loss
+        return lm_loss.mean(input_ids, labels, position_ids=batch["position_ids"].to(device))
 
     loss_fn = loss_fn or model_loss
     was_training = model.training

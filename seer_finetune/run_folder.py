@@ -48,6 +48,7 @@ MUTABLE_FIELDS = (
     "trainer.keep_checkpoints",
     "trainer.eval_every",
     "trainer.eval_before",
+    "trainer.lm_loss",
     "trainer.log_every",
     "trainer.device",
     "trainer.progress_bar",

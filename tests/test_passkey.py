@@ -21,9 +21,11 @@ class _Echo(torch.nn.Module):
         super().__init__()
         self.vocab, self.shift = vocab, shift
 
-    def forward(self, input_ids, use_cache=False):
+    def forward(self, input_ids, use_cache=False, logits_to_keep=0):
         nxt = torch.roll(input_ids, -self.shift, dims=1)
-        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float()})()
+        # As transformers' models: a positive `logits_to_keep` keeps the last that many positions' logits.
+        logits = torch.nn.functional.one_hot(nxt, self.vocab).float()[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits})()
 
 
 def test_passkey_trial_layout_and_scoring():
