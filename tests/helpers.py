@@ -64,16 +64,22 @@ def assert_same_folder(expected: Path, got: Path) -> None:
             assert b.read_bytes() == a.read_bytes(), name
 
 
+# Bit-for-bit comparisons between processes need every process to reduce in the same order: MKL may otherwise
+# pick fewer threads for a matmul when the machine is busy (MKL_DYNAMIC), and the gate's KL loss between nearly
+# equal distributions turns such last-bit differences into visible ones.
+DETERMINISTIC_THREADS = {"MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+
+
 def start_train_cli(args: list[str], run_dir: Path, cache: Path):
-    """`python -m seer_finetune train ARGS trainer.output_dir=RUN_DIR` in its own process (token cache `cache`),
-    stdout and stderr together in its `stdout`."""
+    """`python -m seer_finetune train ARGS trainer.output_dir=RUN_DIR` in its own process (token cache `cache`,
+    `DETERMINISTIC_THREADS`), stdout and stderr together in its `stdout`."""
     import os
     import subprocess
     import sys
 
     return subprocess.Popen(
         [sys.executable, "-m", "seer_finetune", "train", *args, f"trainer.output_dir={run_dir}"],
-        env={**os.environ, "SEER_CACHE": str(cache)},
+        env={**os.environ, "SEER_CACHE": str(cache), **DETERMINISTIC_THREADS},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
