@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate_all(args, folders, specs, dirs)
     cost = training_cost(dirs)
     text = table(rows, cost, args.seq_len, args.jobs)
-    made = plots(rows, dirs, args.out)
+    made = plots(rows, dirs, args.out, tuple(EVAL_FAMILIES))
     report = {"command": " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])]), "rows": rows,
               "training": cost, "jobs": args.jobs}
     if torch.cuda.is_available():

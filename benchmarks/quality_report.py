@@ -9,10 +9,6 @@ from typing import Any
 
 from seer_finetune.metrics import read_metrics
 
-# The evaluation families, as `bench_quality.EVAL_FAMILIES` names them (the table's perplexity columns).
-FAMILIES = ("books", "technical")
-
-
 def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
     """Per training run: optimizer steps, training seconds (the sum of its step times), median tokens/s and the
     peak GPU memory of its steps (`peak_memory_gib`, GiB; None off CUDA).
@@ -84,13 +80,14 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
     return "\n".join(lines)
 
 
-def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[Path]:
+def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path, families=("books", "technical")) -> list[Path]:
     """Write the three PNG plots under `out` and return their paths.
 
     Args:
         rows: `evaluate_all`'s rows.
         dirs: each training run's folder (its `metrics.jsonl` gives the loss curves).
         out: the invocation's output folder.
+        families: the evaluation families (each row's `ppl_<family>`). Default books and technical.
 
     Returns:
         Paths of `ppl_vs_sparsity.png`, `loss_curves.png` and `density_per_layer.png`.
@@ -110,7 +107,7 @@ def plots(rows: list[dict[str, Any]], dirs: dict[str, Path], out: Path) -> list[
     gated = [dense, *(r for r in trained if "oracle" not in r["run"])]
     oracle = [dense, *(r for r in trained if "oracle" in r["run"])]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, family in enumerate(FAMILIES):
+    for i, family in enumerate(families):
         for series, style, label in ((gated, "o-", "gate"), (oracle, "s--", "oracle selection")):
             if len(series) < 2:
                 continue

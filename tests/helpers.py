@@ -86,6 +86,24 @@ def start_train_cli(args: list[str], run_dir: Path, cache: Path):
     )
 
 
+def finish_train_cli(args: list[str], run_dir: Path, cache: Path, timeout: float = 900.0) -> str:
+    """`start_train_cli` run to its end; fails on a non-zero exit. Returns its output."""
+    process = start_train_cli(args, run_dir, cache)
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out
+    return out
+
+
+def run_cli(*args: str, cwd, env=None):
+    """`python -m seer_finetune ARGS` in `cwd`, output captured (a `subprocess.CompletedProcess`)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 def kill_when(process, exists: Path, timeout: float = 300.0) -> None:
     """SIGKILL `process` as soon as the path `exists` appears (failing if the process ends or time runs out first)."""
     import signal

@@ -1,12 +1,11 @@
 """Composition, type checking and value validation of the Hydra configuration."""
 
-import subprocess
-import sys
-
 import pytest
 
 from seer_finetune.compose import available, compose_config
 from seer_finetune.config import ConfigError
+
+from helpers import run_cli
 
 
 def test_every_experiment_composes():
@@ -57,12 +56,6 @@ def test_override_reaches_the_dataclass():
 def test_bad_values_fail_at_compose_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
-
-
-def run_cli(*args: str, cwd, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
-    )
 
 
 def test_a_broken_wandb_install_fails_the_run_at_once_in_one_line(tmp_path):

@@ -4,13 +4,14 @@ named by file and line, W&B online without credentials refused before the run wr
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError, LoggerConfig
 from seer_finetune.metrics import require_wandb
+
+from helpers import run_cli
 
 
 @pytest.mark.parametrize(
@@ -39,12 +40,6 @@ from seer_finetune.metrics import require_wandb
 def test_bad_values_fail_at_compose_time(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose_config(overrides)
-
-
-def run_cli(*args: str, cwd, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "seer_finetune", *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env
-    )
 
 
 def _one_error_line(result: subprocess.CompletedProcess) -> str:

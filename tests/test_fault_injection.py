@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from seer_finetune.metrics import read_metrics
 
-from helpers import start_train_cli
+from helpers import finish_train_cli, start_train_cli
 
 # smoke_seer's shapes (steps of about 0.5 s in stage 1 and 1 s in stage 2 on CI's CPUs, long enough to be hit),
 # fewer steps, a checkpoint after every step.
@@ -37,10 +37,7 @@ def _start(run_dir: Path, cache: Path):
 
 
 def _finish(run_dir: Path, cache: Path) -> str:
-    process = _start(run_dir, cache)
-    out, _ = process.communicate(timeout=900)
-    assert process.returncode == 0, out
-    return out
+    return finish_train_cli(ARGS, run_dir, cache)
 
 
 def _kill_when(process: subprocess.Popen, ready, what: str, delay: float = 0.0, timeout: float = 600.0) -> None:

@@ -111,7 +111,6 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(setup):
 @pytest.mark.parametrize("setup", ["lora_embeddings_norms_tied", "full_untied"])
 def test_liger_loss_equals_transformers_loss_and_gradients(setup):
     """Liger-Kernel's Triton kernels run on the CPU under the Triton interpreter (tests/conftest.py)."""
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (pip install liger-kernel)")
     tied, peft, checkpointing = SETUPS[setup]
     reference = _model(tied, peft, checkpointing=checkpointing)
     ours = copy.deepcopy(reference)

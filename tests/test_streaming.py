@@ -14,7 +14,7 @@ from seer_finetune.config import ConfigError, DataConfig
 from seer_finetune.data import build_data
 from seer_finetune.metrics import read_metrics
 
-from helpers import ASSETS, kill_when, start_train_cli
+from helpers import ASSETS, finish_train_cli, kill_when, start_train_cli
 
 PLAYS = Path(__file__).resolve().parents[1] / "seer_finetune" / "assets" / "corpus" / "shakespeare"
 CHAT = PLAYS.parent / "shakespeare_chat" / "scenes.jsonl"
@@ -186,30 +186,21 @@ STREAM_ARGS = [
 ]
 
 
-def _train_cli(run_dir: Path, cache: Path):
-    return start_train_cli(STREAM_ARGS, run_dir, cache)
-
-
 @pytest.mark.slow
 def test_streaming_run_killed_with_sigkill_resumes_to_the_same_losses(tmp_path):
     cache = tmp_path / "cache"
-    reference = _train_cli(tmp_path / "uninterrupted", cache)
-    out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, out
+    finish_train_cli(STREAM_ARGS, tmp_path / "uninterrupted", cache)
     expected = read_metrics(tmp_path / "uninterrupted")
 
     run_dir = tmp_path / "killed"
-    victim = _train_cli(run_dir, cache)
+    victim = start_train_cli(STREAM_ARGS, run_dir, cache)
     # Step 7 starts the third block of 6 sequences (2 per step): the kill lands inside a block, mid-stream.
     kill_when(victim, run_dir / "checkpoints" / "step_000008")
     assert not (run_dir / "summary.json").exists()
     state = json.loads((run_dir / "checkpoints" / "step_000008" / "state.json").read_text())
     assert state["trainer"]["sampler"]["stream"]["served"] == 4  # 16 sequences drawn: block 2, 4 of 6 served
 
-    resumed = _train_cli(run_dir, cache)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
-    assert "resumed at step" in out
+    assert "resumed at step" in finish_train_cli(STREAM_ARGS, run_dir, cache)
     train_loss = lambda records: [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     got = train_loss(read_metrics(run_dir))
     assert got == train_loss(expected) and len(got) == 12

@@ -16,7 +16,7 @@ from seer_finetune.metrics import read_metrics
 from seer_finetune.modeling import load_trained
 from seer_finetune.trainer import Trainer, lr_lambda
 
-from helpers import kill_when, save_tiny_model, start_train_cli
+from helpers import finish_train_cli, kill_when, save_tiny_model, start_train_cli
 
 RESUME_ARGS = [
     "+exp=smoke",
@@ -32,28 +32,19 @@ RESUME_ARGS = [
 ]
 
 
-def _train_cli(run_dir: Path, cache: Path):
-    return start_train_cli(RESUME_ARGS, run_dir, cache)
-
-
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes_to_the_same_final_loss(tmp_path):
     cache = tmp_path / "cache"
-    reference = _train_cli(tmp_path / "uninterrupted", cache)
-    out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, out
+    finish_train_cli(RESUME_ARGS, tmp_path / "uninterrupted", cache)
     expected = read_metrics(tmp_path / "uninterrupted")
 
     run_dir = tmp_path / "killed"
-    victim = _train_cli(run_dir, cache)
+    victim = start_train_cli(RESUME_ARGS, run_dir, cache)
     # Kill as soon as a mid-run checkpoint exists (the process may be writing the next one).
     kill_when(victim, run_dir / "checkpoints" / "step_000006")
     assert not (run_dir / "summary.json").exists()
 
-    resumed = _train_cli(run_dir, cache)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
-    assert "resumed at step" in out
+    assert "resumed at step" in finish_train_cli(RESUME_ARGS, run_dir, cache)
     got = read_metrics(run_dir)
     train_loss = lambda records: [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     assert train_loss(got) == train_loss(expected)
