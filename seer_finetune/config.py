@@ -157,6 +157,9 @@ class AttentionConfig:
             blocks) or `layer` (the layer's total goes to the blocks of highest gate probability across heads
             and rows, so heads with concentrated attention leave blocks to heads with spread attention). A
             threshold needs no sharing out and ignores it.
+        row_mass: With `budget: layer`: every query-block row first keeps its most probable key blocks until they
+            hold this share of its gate probability (never more than its own share of the density); the rest of
+            the layer's total goes by rank across the layer. 0 (default): off.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
@@ -183,6 +186,7 @@ class AttentionConfig:
     sink_blocks: int = 0
     local_blocks: int = 1
     budget: str = "row"
+    row_mass: float = 0.0
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     ground_truth_query_fraction: float = 1.0

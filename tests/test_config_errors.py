@@ -20,6 +20,8 @@ from helpers import run_cli
         (["+exp=smoke_seer", "attention.density=null", "attention.threshold=2"], r"attention.threshold=2.0 must be in \[0, 1\]"),
         (["attention=seer_distill", "attention.threshold=-0.5"], r"attention.threshold=-0.5 must be in \[0, 1\]"),
         (["+exp=smoke_seer", "attention.init_steps=-1"], "attention.init_steps=-1 must be >= 0"),
+        (["+exp=smoke_seer", "attention.row_mass=1.0"], r"attention.row_mass=1.0 must be in \[0, 1\)"),
+        (["+exp=smoke_seer", "attention.budget=row", "attention.row_mass=0.3"], "it needs attention.budget=layer"),
         (["attention=seer_distill", "attention.init_steps=4"], "attention.init_steps needs attention.mode=joint"),
         (["+exp=smoke_seer", "attention.gate_loss_scale=nan"], "attention.gate_loss_scale=nan must be a finite number"),
         (["+exp=smoke_seer", "eval.densities=[1.0,2]"], r"eval.densities: 2.0 must be in \(0, 1\]"),

@@ -151,7 +151,7 @@ class SeerExtension(TrainingExtension):
             self.model,
             out_dir,
             base_model=self.cfg.model.name_or_path,
-            extra={"trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks, "budget": a.budget},
+            extra={"trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks, "local_blocks": a.local_blocks, "budget": a.budget, "row_mass": a.row_mass},
         )
 
     def set_training(self, training: bool) -> None:

@@ -40,6 +40,8 @@ class SeerSettings:
         local_blocks: Blocks ending at the diagonal always kept (1: the diagonal only). Default 1.
         budget: With a density: `row` (each query-block row keeps its share) or `layer` (the layer's total
             share goes to its most probable blocks across heads and rows); see `selection.SelectionPlan`.
+        row_mass: With the layer budget: each row first keeps its most probable blocks up to this share of its
+            gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
         loss_kind: `kl` or `mse`.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training. In evaluation every row gets one.
@@ -59,6 +61,7 @@ class SeerSettings:
     sink_blocks: int = 0
     local_blocks: int = 1
     budget: str = "row"
+    row_mass: float = 0.0
     loss_kind: str = "kl"
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
@@ -85,6 +88,8 @@ class SeerSettings:
             raise ValueError(f"threshold={self.threshold} must be in [0, 1]")
         if self.sink_blocks < 0 or self.local_blocks < 1:
             raise ValueError(f"sink_blocks={self.sink_blocks} must be >= 0 and local_blocks={self.local_blocks} >= 1")
+        if not 0.0 <= self.row_mass < 1.0:
+            raise ValueError(f"row_mass={self.row_mass} must be in [0, 1)")
         if not 0.0 < self.ground_truth_query_fraction <= 1.0:
             raise ValueError(f"ground_truth_query_fraction={self.ground_truth_query_fraction} must be in (0, 1]")
 
@@ -100,6 +105,7 @@ class SeerSettings:
             sink_blocks=int(a.sink_blocks),
             local_blocks=int(a.local_blocks),
             budget=a.budget,
+            row_mass=float(a.row_mass),
             loss_kind=a.gate_loss,
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
             kernel=a.kernel,

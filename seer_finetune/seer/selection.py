@@ -150,7 +150,11 @@ class SelectionPlan:
     total count (over heads and rows) goes instead to the blocks of highest gate probability anywhere in the
     layer: a head or row whose attention is concentrated on few blocks gives its share to those whose attention
     is spread, which keeps the most probability mass for the same density. With `threshold` t, a row keeps the
-    candidates whose gate probability is at least t. The forced blocks (`forced_blocks`: the diagonal, the
+    candidates whose gate probability is at least t. With the layer budget and `row_mass` p > 0, every row first
+    keeps its most probable candidates until they hold p of the row's gate probability (forced blocks count, and
+    a row never takes more than its quota this way); the rest of the layer's total goes by rank as above. It
+    protects rows whose gate is flat (spread over many blocks) from losing every block beyond the forced ones to
+    rows with a peaked gate. The forced blocks (`forced_blocks`: the diagonal, the
     `local_blocks - 1` blocks before it, and `sink_blocks` leading blocks) are always kept.
 
     Args:
@@ -160,6 +164,8 @@ class SelectionPlan:
         sink_blocks: Leading candidate blocks always kept. Default 0.
         local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1.
         budget: With `density`: `row` or `layer` (see above). Default `row`.
+        row_mass: With the layer budget: the share of each row's gate probability its first picks must hold
+            (see above), in [0, 1); the row budget and a threshold ignore it. Default 0 (off).
     """
 
     def __init__(
@@ -171,6 +177,7 @@ class SelectionPlan:
         sink_blocks: int = 0,
         local_blocks: int = 1,
         budget: str = "row",
+        row_mass: float = 0.0,
     ):
         if (density is None) == (threshold is None):
             raise ValueError("a selection needs exactly one of density or threshold")
@@ -180,6 +187,9 @@ class SelectionPlan:
             raise ValueError(f"density={density} must be in (0, 1]")
         if budget not in BUDGETS:
             raise ValueError(f"budget={budget!r} must be one of {', '.join(BUDGETS)}")
+        if not 0.0 <= row_mass < 1.0:
+            raise ValueError(f"row_mass={row_mass} must be in [0, 1)")
+        self.row_mass = row_mass
         self.candidates = candidates
         self.density, self.threshold, self.budget = density, threshold, budget
         self.forced = forced_blocks(candidates, sink_blocks, local_blocks)
@@ -196,6 +206,7 @@ class SelectionPlan:
             sink_blocks=settings.sink_blocks,
             local_blocks=settings.local_blocks,
             budget=settings.budget,
+            row_mass=settings.row_mass,
         )
 
     def layer_extra(self, heads: int) -> list[int]:
@@ -228,7 +239,8 @@ class SelectionPlan:
             return (cand & (probs >= self.threshold)) | forced
         if self.budget == "layer":
             log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
-            return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]))
+            first = self._row_mass_picks(log_probs, cand, forced) if self.row_mass > 0.0 else None  # [B, H, nB, nB]
+            return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first)
         quota = self.quota[:, None, :, None]
         # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
         key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
@@ -238,22 +250,47 @@ class SelectionPlan:
         return (ranks < quota) & cand
 
 
+    def _row_mass_picks(self, log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """bool `[B, H, nB, nB]`: per row, the most probable non-forced candidates taken until the row's kept
+        probability (forced blocks included) reaches `row_mass`, at most the row's quota minus its forced
+        blocks."""
+        probs = log_probs.exp().masked_fill(~cand, 0.0)
+        forced_mass = (probs * forced).sum(-1, keepdim=True)
+        free = probs.masked_fill(forced, -1.0).masked_fill(~cand, -1.0)
+        ordered, order = free.sort(dim=-1, descending=True)
+        before = ordered.clamp_min(0.0).cumsum(-1) - ordered.clamp_min(0.0)  # mass of the better blocks
+        room = (self.quota[:, None, :, None] - self.forced.sum(-1)[:, None, :, None]).clamp_min(0)
+        rank = torch.arange(ordered.shape[-1], device=ordered.device)
+        take = (forced_mass + before < self.row_mass) & (rank < room) & (ordered >= 0.0)
+        return torch.zeros_like(take).scatter_(-1, order, take)
+
+
 def _select_by_layer_budget(
-    log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, extra: list[int]
+    log_probs: torch.Tensor,
+    cand: torch.Tensor,
+    forced: torch.Tensor,
+    extra: list[int],
+    first: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Forced blocks plus, per batch element b, the `extra[b]` most probable other candidates across all heads
-    and rows.
+    and rows (the `first` blocks ahead of all others).
 
     Args:
         log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
         cand, forced: bool `[B, H, nB, nB]`.
         extra: From `SelectionPlan.layer_extra`.
+        first: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before every other block (in their
+            own order of probability), e.g. `SelectionPlan._row_mass_picks`.
 
     Returns:
         bool `[B, H, nB, nB]`.
     """
     bsz = log_probs.shape[0]
-    key = log_probs.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
+    key = log_probs
+    if first is not None:
+        # Log-probabilities are <= 0: shifting by a constant above their range puts `first` ahead, in order.
+        key = torch.where(first, log_probs.clamp_min(-1e4) + 2e4, log_probs)
+    key = key.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
     picked = torch.zeros_like(key, dtype=torch.bool)
     top = max(extra)
     if top > 0:

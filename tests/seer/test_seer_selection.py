@@ -302,3 +302,83 @@ def test_layer_budget_moves_blocks_from_concentrated_to_spread_heads():
     assert mask[0, 1].sum() == 2 * quotas.sum() - nb
     with pytest.raises(ValueError, match="budget"):
         SelectionPlan(cand, density=0.3, budget="head").select(scores)
+
+
+def _naive_row_mass_selection(log_probs, cand, forced, quota, row_mass, extra):
+    """Row by row: the floor picks (most probable free blocks while the kept mass is below row_mass, at most
+    quota minus forced), then the rest of the layer's `extra` blocks by probability across the layer."""
+    bsz, heads, nq, nk = log_probs.shape
+    probs = log_probs.exp().masked_fill(~cand, 0.0)
+    out = forced.clone()
+    for b in range(bsz):
+        first = torch.zeros(heads, nq, nk, dtype=torch.bool)
+        for h in range(heads):
+            for i in range(nq):
+                mass = float(probs[b, h, i][forced[b, h, i]].sum())
+                room = max(0, int(quota[b, i]) - int(forced[b, h, i].sum()))
+                free = [(float(probs[b, h, i, j]), j) for j in range(nk) if cand[b, h, i, j] and not forced[b, h, i, j]]
+                for p, j in sorted(free, key=lambda t: (-t[0], t[1])):
+                    if room == 0 or mass >= row_mass:
+                        break
+                    first[h, i, j], mass, room = True, mass + p, room - 1
+        picks = first.nonzero().tolist()
+        if len(picks) > extra[b]:
+            picks = sorted(picks, key=lambda t: -float(probs[b, t[0], t[1], t[2]]))[: extra[b]]
+        rest = [
+            (float(probs[b, h, i, j]), (h, i, j))
+            for h, i, j in (cand[b] & ~forced[b] & ~first).nonzero().tolist()
+        ]
+        rest = [t for _, t in sorted(rest, key=lambda t: -t[0])[: max(0, extra[b] - len(picks))]]
+        for h, i, j in picks + rest:
+            out[b, h, i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("row_mass", [0.3, 0.6, 0.95])
+def test_row_mass_floor_against_a_naive_loop(row_mass):
+    """`row_mass` picks, row by row, the most probable blocks up to that share of the row's gate probability
+    (capped by the row's quota), ranks them ahead of the layer's other blocks, and keeps the layer's total."""
+    torch.manual_seed(0)
+    docs = torch.tensor([[0] * 70 + [1] * 90, [0] * 160])
+    cand = block_candidates(160, 8, docs)
+    # Rows of every kind: peaked (large logit spread) and flat (small), so the floor matters.
+    spread = torch.rand(2, 3, cand.shape[1], 1) * 6.0
+    scores = torch.randn(2, 3, cand.shape[1], cand.shape[2]) * spread
+    plain = SelectionPlan(cand, density=0.2, sink_blocks=1, local_blocks=2, budget="layer")
+    plan = SelectionPlan(cand, density=0.2, sink_blocks=1, local_blocks=2, budget="layer", row_mass=row_mass)
+    got = plan.select(scores)
+    log_probs = gate_log_probs(scores, cand)
+    ref = _naive_row_mass_selection(
+        log_probs, cand[:, None].expand_as(got), plan.forced[:, None].expand_as(got), plan.quota, row_mass,
+        plan.layer_extra(3),
+    )
+    assert torch.equal(got, ref)
+    # The same number of blocks as without the floor: the density does not move.
+    assert torch.equal(got.sum(dim=(1, 2, 3)), plain.select(scores).sum(dim=(1, 2, 3)))
+    # Every row holds at least min(row_mass, what its quota's best blocks hold) of its gate probability.
+    probs = log_probs.exp().masked_fill(~cand[:, None], 0.0)
+    kept = (probs * got).sum(-1)
+    best = torch.zeros_like(kept)
+    for b in range(2):
+        for i in range(cand.shape[1]):
+            q = int(plan.quota[b, i])
+            for h in range(3):
+                f = plan.forced[b, i]
+                free = probs[b, h, i].masked_fill(f, 0.0).sort(descending=True).values
+                best[b, h, i] = probs[b, h, i][f].sum() + free[: max(0, q - int(f.sum()))].sum()
+    assert (kept >= torch.minimum(best, torch.full_like(best, row_mass)) - 1e-5).all()
+
+
+def test_row_mass_gives_blocks_to_a_flat_row():
+    """A peaked head takes all of the layer budget without the floor; with it the flat head keeps blocks too."""
+    cand = block_candidates(32 * 8, 8)  # 32 blocks
+    scores = torch.zeros(1, 2, 32, 32)
+    scores[0, 0] = torch.randn(32, 32) * 10.0  # peaked head
+    scores[0, 1] = torch.randn(32, 32) * 0.01  # flat head
+    kw = dict(density=0.2, budget="layer")
+    plain = SelectionPlan(cand, **kw).select(scores)
+    floored = SelectionPlan(cand, **kw, row_mass=0.5).select(scores)
+    assert plain[0, 1].sum() - 32 < floored[0, 1].sum() - 32  # beyond the diagonal
+    assert plain.sum() == floored.sum()
+    with pytest.raises(ValueError, match="row_mass"):
+        SelectionPlan(cand, **kw, row_mass=1.0)
