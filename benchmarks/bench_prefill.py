@@ -16,7 +16,8 @@ Every prefill is one forward with `logits_to_keep=1` (the LM head scores the las
 `DynamicCache` filled as generation would. The cap of a density d is what the model could gain if attention
 alone shrank to d: `dense / (no_attention + d * (dense - no_attention))`, from the measured cuDNN and
 no-attention times. Decode: greedy tokens/s over `--decode-tokens` steps after the prefill, every step attending
-densely to the cache (the dense model on SDPA, and the seer model, whose decode is dense too). At density 1.0 the
+densely to the cache (the dense model on SDPA, and the seer model, whose decode is dense too), both without SDPA's
+cuDNN backend, which builds a new graph for every cache length (`seer_finetune.seer.decode`). At density 1.0 the
 seer prefill's first token is checked against the dense model's.
 
     python benchmarks/bench_prefill.py --json benchmarks/results/prefill.json --markdown benchmarks/results/prefill.md
@@ -129,7 +130,12 @@ def register_baselines() -> None:
         return out.transpose(1, 2).contiguous(), None
 
     def flex(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        out = module.bench_flex_fn(query, key, value, block_mask=module.bench_block_mask, scale=scaling, enable_gqa=True)
+        # Flex's default tiles (128) must divide the mask's blocks: smaller blocks need tiles of their size.
+        block = module.bench_block_mask.BLOCK_SIZE[0]
+        options = {"BLOCK_M": block, "BLOCK_N": block} if block < 128 else None
+        out = module.bench_flex_fn(
+            query, key, value, block_mask=module.bench_block_mask, scale=scaling, enable_gqa=True, kernel_options=options
+        )
         return out.transpose(1, 2).contiguous(), None
 
     def none(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -241,6 +247,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
 
     from bench_attention import flex_block_mask
     from seer_finetune.seer.attach import attention_modules
+    from seer_finetune.seer.decode import CACHED_SDPA, register_cached_sdpa
 
     config = model_config(shape, max(args.lengths))
     torch.manual_seed(args.seed)
@@ -348,7 +355,9 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
             _free(device)
 
         if args.decode_tokens > 0:
-            dense.set_attn_implementation("sdpa")
+            # transformers' SDPA with the cache-friendly backends, as `generate` runs it (`seer.decode`).
+            register_cached_sdpa()
+            dense.set_attn_implementation(CACHED_SDPA)
             guarded("decode dense", lambda: {"tokens_per_s": decode_rate(dense, ids, args.decode_tokens, device)})
             density = min(args.densities)
             runtime.configure(mode="dense" if density >= 1.0 else "joint", density=None if density >= 1.0 else density)

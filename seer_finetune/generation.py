@@ -177,6 +177,8 @@ def generate_ids(
         raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
+    from .seer.decode import use_cached_sdpa  # seer.loading imports this module
+
     device = next(model.parameters()).device
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
@@ -189,16 +191,17 @@ def generate_ids(
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         if temperature > 0 and seed is not None:
             torch.manual_seed(seed + start)
-        result = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos,
-            # Sampling knobs a saved generation config may carry must not apply to greedy decoding.
-            top_k=None,
-            **sampling,
-        )
+        with use_cached_sdpa(model):
+            result = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos,
+                # Sampling knobs a saved generation config may carry must not apply to greedy decoding.
+                top_k=None,
+                **sampling,
+            )
         for row in result[:, width:].tolist():
             cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
             out.append(row[:cut])

@@ -191,3 +191,43 @@ def test_generate_command_errors_are_one_line(trained, tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_decode_runs_without_cudnn_and_dense_generation_is_unchanged(monkeypatch):
+    """Tokens appended to a cache run on SDPA without its cuDNN backend (which rebuilds a graph for every cache
+    length); a dense model generates through `sdpa_cached` the same tokens as on plain SDPA, with a padded batch
+    too, and gets its own attention implementation back afterwards."""
+    from seer_finetune.seer import decode
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    with decode.cache_sdpa_backends():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+    loaded = load_for_generation("builtin:tiny_llama")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    import transformers.integrations.sdpa_attention as hf_sdpa
+
+    seen = []
+    original = hf_sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, *args, **kwargs):
+        seen.append((query.shape[2], key.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return original(module, query, key, *args, **kwargs)
+
+    # cached_sdpa_forward looks transformers' SDPA attention up at each call.
+    monkeypatch.setattr(hf_sdpa, "sdpa_attention_forward", spy)
+    prompts = [tokenizer(p)["input_ids"] for p in play_prompts(tokenizer, [37, 90])]
+    got = generate_ids(model, prompts, pad_token_id=tokenizer.pad_token_id, max_new_tokens=6)
+    monkeypatch.undo()
+    assert model.config._attn_implementation == "sdpa"
+    assert any(q < k for q, k, _ in seen) and any(q == k for q, k, _ in seen)
+    # Decode steps ran without cuDNN; the prefill kept SDPA's own choice.
+    assert not any(cudnn for q, k, cudnn in seen if q < k)
+    assert all(cudnn == before for q, k, cudnn in seen if q == k)
+    for prompt, tokens in zip(prompts, got):
+        want = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, do_sample=False, top_k=None
+        )[0, len(prompt) :]
+        assert tokens == want.tolist()[: len(tokens)]
