@@ -131,8 +131,11 @@ def sparse_runs(args) -> dict[str, float]:
     return runs
 
 
-# Settings that change the gate's parameters: gates initialised under other values cannot be loaded.
-GATE_SHAPE_FIELDS = ("attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size")
+# Settings that change the gate's parameters or what they compute: gates initialised under other values are refused.
+GATE_SHAPE_FIELDS = (
+    "attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size",
+    "attention.gate_rope_units",
+)
 
 
 def gate_init_run(run: str, extra: list[str]) -> str:

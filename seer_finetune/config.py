@@ -144,7 +144,8 @@ class AttentionConfig:
         gate_hidden_size: Per-head projection width of the gate.
         gate_rope_units: How the gate's RoPE at block positions reads the model's scaling lengths: `tokens`
             (as they are, the SeerAttention reference) or `blocks` (divided by the block size, so YaRN
-            interpolates the gate's positions as it does the model's).
+            interpolates the gate's positions as it does the model's), or `none` (no positional encoding in the
+            gate: scores from the pooled content alone).
         q_pooling: Pooling of Q over a block, one or more of avg|max|min.
         k_pooling: Pooling of K over a block, one or more of avg|max|min.
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.

@@ -187,7 +187,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         for pool in pools:
             _choice(name, pool, ("avg", "max", "min"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
-    _choice("attention.gate_rope_units", a.gate_rope_units, ("tokens", "blocks"))
+    _choice("attention.gate_rope_units", a.gate_rope_units, ("tokens", "blocks", "none"))
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)

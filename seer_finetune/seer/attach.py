@@ -98,8 +98,9 @@ def attach_seer_gates(
         gate_hidden_size: Per-head gate width. Default 128.
         q_pooling, k_pooling: Block poolings. Defaults avg / max+min.
         use_rope: Apply the model's rotary embedding at block positions inside the gate. Default True.
-        rope_units: `tokens` (the model's rotary settings as they are) or `blocks` (lengths divided by the block
-            size, see `gate.gate_rotary_embedding`). Default `tokens`.
+        rope_units: `tokens` (the model's rotary settings as they are), `blocks` (lengths divided by the block
+            size, see `gate.gate_rotary_embedding`) or `none` (no positional encoding, as `use_rope=False`).
+            Default `tokens`.
 
     Returns:
         The gates in layer order (they are also `module.seer_gate` of each attention module).
@@ -114,6 +115,8 @@ def attach_seer_gates(
         if not pools or any(p not in POOLINGS for p in pools):
             raise ValueError(f"{name}={list(pools)} must name one or more of {', '.join(POOLINGS)}")
     register_seer()
+    use_rope = use_rope and rope_units != "none"
+    rope_units = rope_units if use_rope else "none"
     rotary = rotary_module(base) if use_rope else None
     if use_rope and rotary is None:
         raise ValueError(f"{type(base).__name__} has no rotary_emb module to build the gate's block RoPE from")

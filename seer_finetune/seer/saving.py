@@ -82,7 +82,7 @@ def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str,
         "q_pooling": list(g.q_pooling),
         "k_pooling": list(g.k_pooling),
         "use_rope": g.rotary is not None,
-        "rope_units": getattr(g, "rope_units", "tokens"),
+        "rope_units": getattr(g, "rope_units", "tokens") if g.rotary is not None else "none",
         **(extra or {}),
     }
 
@@ -161,9 +161,14 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         ("num_heads", g.num_heads),
         ("num_kv_heads", g.num_kv_heads),
         ("head_dim", g.head_dim),
+        # Scores of gates trained with other block positions would be silently different.
+        ("rope_units", getattr(g, "rope_units", "tokens")),
     ):
-        if config[key] != have:
-            raise ValueError(f"gates in {path} have {key}={config[key]!r} but the model's gates have {have!r}")
+        saved = config[key] if key in config else "tokens"  # files from before rope_units was saved
+        if key == "rope_units" and not config.get("use_rope", True):
+            saved = "none"
+        if saved != have:
+            raise ValueError(f"gates in {path} have {key}={saved!r} but the model's gates have {have!r}")
     load_gates_state_dict(model, load_file(str(Path(path) / WEIGHTS_NAME)))
     return g.runtime
 

@@ -105,6 +105,27 @@ def test_mismatched_gates_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match=r"attention.gates_path=.*block_size"):
         build_extension(tiny_model("llama"), _cfg("tiny", block_size=32, gates_path=str(tmp_path)))
+    # Same parameters, other block positions: the scores would differ silently, so the load is refused too.
+    with pytest.raises(ConfigError, match=r"rope_units='tokens' but the model's gates have 'blocks'"):
+        build_extension(tiny_model("llama"), _cfg("tiny", gate_rope_units="blocks", gates_path=str(tmp_path)))
+
+
+def test_gates_without_positions_save_and_reload(tmp_path):
+    """`gate_rope_units=none`: no rotary in the gates, saved as such, reloaded as such, refused by RoPE gates."""
+    model = tiny_model("llama")
+    ext = build_extension(model, _cfg("tiny-llama", gate_rope_units="none"))
+    assert all(g.rotary is None for g in seer_gates(model))
+    ext.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (meta["use_rope"], meta["rope_units"]) == (False, "none")
+    fresh = tiny_model("llama")
+    runtime = load_gates(fresh, tmp_path, runtime=SeerRuntime(mode="joint", density=0.5))
+    assert all(g.rotary is None and g.rope_units == "none" for g in seer_gates(fresh))
+    masks, _ = _selections(model, ext.runtime)
+    fresh_masks, _ = _selections(fresh, runtime)
+    assert masks and all(torch.equal(masks[i], fresh_masks[i]) for i in masks)
+    with pytest.raises(ValueError, match="rope_units='none'"):
+        load_gates(build_extension(tiny_model("llama"), _cfg("tiny-llama")).model, tmp_path)
 
 
 def test_extension_state_dict_round_trip():
