@@ -17,7 +17,7 @@ Every prefill is one forward with `logits_to_keep=1` (the LM head scores the las
 alone shrank to d: `dense / (no_attention + d * (dense - no_attention))`, from the measured cuDNN and
 no-attention times. Decode: greedy tokens/s over `--decode-tokens` steps after the prefill, every step attending
 densely to the cache (the dense model on SDPA, and the seer model, whose decode is dense too), both without SDPA's
-cuDNN backend, which builds a new graph for every cache length (`seer_finetune.seer.decode`). At density 1.0 the
+cuDNN backend, which builds a new graph for every cache length (`seer_finetune.generation`). At density 1.0 the
 seer prefill's first token is checked against the dense model's.
 
     python benchmarks/bench_prefill.py --json benchmarks/results/prefill.json --markdown benchmarks/results/prefill.md
@@ -247,7 +247,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
 
     from bench_attention import flex_block_mask
     from seer_finetune.seer.attach import attention_modules
-    from seer_finetune.seer.decode import CACHED_SDPA, register_cached_sdpa
+    from seer_finetune.generation import CACHED_SDPA, register_cached_sdpa
 
     config = model_config(shape, max(args.lengths))
     torch.manual_seed(args.seed)

@@ -8,6 +8,8 @@ Commands:
     export  a training checkpoint (plain or DeepSpeed) to the run's final folder (same overrides as the run)
     generate  text from any model folder, with or without gates
               (`python -m seer_finetune generate runs/smoke_seer --prompt "..." --density 0.1`; --help for options)
+    lm-eval lm-eval-harness's command line with the `seer` model type (`--model seer --model_args
+            pretrained=runs/x,density=0.1 --tasks ...`; needs `pip install seer-finetune[lm-eval]`)
 Add `--print-config` to print the composed configuration and exit.
 """
 
@@ -18,7 +20,7 @@ import sys
 from .config import ConfigError
 
 USAGE = __doc__
-COMMANDS = ("train", "eval", "bench", "export", "generate")
+COMMANDS = ("train", "eval", "bench", "export", "generate", "lm-eval")
 PRINT_CONFIG = "--print-config"
 
 
@@ -33,6 +35,10 @@ def _run(command: str, args: list[str], print_config: bool) -> int:
     if command == "generate":
         jobs.generate_job(args)
         return 0
+    if command == "lm-eval":
+        from .seer.lm_eval_adapter import main as lm_eval_main
+
+        return lm_eval_main(args)
     from .compose import compose_config, to_yaml
 
     cfg = compose_config(args)

@@ -9,9 +9,10 @@ up for inference; `read_prompts` reads the prompts of the `generate` command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -133,6 +134,54 @@ def load_named_model(name: str, *, device, dtype: Optional[torch.dtype], seed: i
     return model.to(device).eval()
 
 
+CACHED_SDPA = "sdpa_cached"
+
+
+def cache_sdpa_backends():
+    """Context restricting SDPA to the flash, memory-efficient and math backends: PyTorch builds a cuDNN graph
+    per shape, so with cuDNN every decode step (one more cached key each time) paid a new graph, about 100 ms on
+    an H100 (9 tokens/s for a 135M model at any length)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def cached_sdpa_forward(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, on `cache_sdpa_backends` when the queries are fewer than the keys (tokens
+    appended to a cache); a prefill (as many queries as keys) runs unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] < key.shape[2]:
+        with cache_sdpa_backends():
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_cached_sdpa() -> None:
+    """Register `sdpa_cached` (attention and transformers' SDPA mask) with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CACHED_SDPA, cached_sdpa_forward)
+    AttentionMaskInterface.register(CACHED_SDPA, sdpa_mask)
+
+
+@contextlib.contextmanager
+def use_cached_sdpa(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, a model on transformers' `sdpa` attention runs `sdpa_cached` instead (other
+    implementations, the seer one included, are left as they are)."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != "sdpa":
+        yield
+        return
+    register_cached_sdpa()
+    model.set_attn_implementation(CACHED_SDPA)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 def prepare_for_generation(model: torch.nn.Module, tokenizer) -> torch.nn.Module:
     """Generation defaults that do not depend on the call: the pad token, and no length warning from a
     `max_length` the saved generation config never meant as a limit."""
@@ -177,8 +226,6 @@ def generate_ids(
         raise ConfigError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
-    from .seer.decode import use_cached_sdpa  # seer.loading imports this module
-
     device = next(model.parameters()).device
     eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
     stops = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])

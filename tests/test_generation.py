@@ -197,10 +197,10 @@ def test_decode_runs_without_cudnn_and_dense_generation_is_unchanged(monkeypatch
     """Tokens appended to a cache run on SDPA without its cuDNN backend (which rebuilds a graph for every cache
     length); a dense model generates through `sdpa_cached` the same tokens as on plain SDPA, with a padded batch
     too, and gets its own attention implementation back afterwards."""
-    from seer_finetune.seer import decode
+    from seer_finetune.generation import cache_sdpa_backends
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
-    with decode.cache_sdpa_backends():
+    with cache_sdpa_backends():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
@@ -231,3 +231,25 @@ def test_decode_runs_without_cudnn_and_dense_generation_is_unchanged(monkeypatch
             input_ids=torch.tensor([prompt]), max_new_tokens=6, pad_token_id=tokenizer.pad_token_id, do_sample=False, top_k=None
         )[0, len(prompt) :]
         assert tokens == want.tolist()[: len(tokens)]
+
+
+def test_lora_run_loads_merged_with_the_logits_of_the_adapter(trained):
+    """`load_for_generation` merges a LoRA run's adapter (and its trained embeddings and norms) into a plain
+    transformers model: no peft module is left, the tied embeddings stay tied, and the logits are the unmerged
+    adapter's."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    from seer_finetune.seer.saving import load_seer_model
+
+    loaded = load_for_generation(trained, density=0.5)
+    model = loaded.model
+    assert not any(isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for m in model.modules())
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.tie_weights()  # what other tools call on a loaded model; it failed on the unmerged one
+    unmerged, runtime = load_seer_model(trained)
+    assert any(isinstance(m, BaseTunerLayer) for m in unmerged.modules())
+    runtime.configure(density=0.5)
+    ids = loaded.tokenizer(play_prompts(loaded.tokenizer, [300]), return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, unmerged(input_ids=ids).logits, atol=1e-4, rtol=1e-4)

@@ -11,65 +11,18 @@ decode (each new token reading only the cache blocks its gate picks) is not buil
 Queries shorter than the cache run on SDPA's flash, memory-efficient or math backends, never cuDNN's: PyTorch
 builds a cuDNN graph per shape, so every decode step (one more cached key each time) paid a new graph, about
 100 ms on an H100 (9 tokens/s for a 135M model at any length). Dense models generate the same way through the
-`sdpa_cached` attention registered here (`use_cached_sdpa`); a prompt's prefill keeps PyTorch's own choice.
+`sdpa_cached` attention (`generation.use_cached_sdpa`); a prompt's prefill keeps PyTorch's own choice.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from ..generation import cache_sdpa_backends
 from .gate import AttnGate
-
-CACHED_SDPA = "sdpa_cached"
-
-
-def cache_sdpa_backends():
-    """Context restricting SDPA to the flash, memory-efficient and math backends (not cuDNN, whose per-shape
-    graph is rebuilt at every decode step)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-def cached_sdpa_forward(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, on `cache_sdpa_backends` when the queries are fewer than the keys (tokens
-    appended to a cache); a prefill (as many queries as keys) runs unchanged."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] < key.shape[2]:
-        with cache_sdpa_backends():
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def register_cached_sdpa() -> None:
-    """Register `sdpa_cached` (attention and transformers' SDPA mask) with transformers (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(CACHED_SDPA, cached_sdpa_forward)
-    AttentionMaskInterface.register(CACHED_SDPA, sdpa_mask)
-
-
-@contextlib.contextmanager
-def use_cached_sdpa(model: nn.Module) -> Iterator[None]:
-    """Within the block, a model on transformers' `sdpa` attention runs `sdpa_cached` instead (other
-    implementations, the seer one included, are left as they are)."""
-    current = getattr(model.config, "_attn_implementation", None)
-    if current != "sdpa":
-        yield
-        return
-    register_cached_sdpa()
-    model.set_attn_implementation(CACHED_SDPA)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(current)
-
 
 def attend_to_cache(
     module: nn.Module,
