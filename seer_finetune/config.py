@@ -155,12 +155,13 @@ class AttentionConfig:
         local_blocks: Key blocks ending at the diagonal always kept (1: the diagonal only; 2 adds the block
             before it, so every query sees at least its previous block_size tokens).
         budget: How a density is shared out: `row` (every query-block row keeps that fraction of its key
-            blocks) or `layer` (the layer's total goes to the blocks of highest gate probability across heads
-            and rows, so heads with concentrated attention leave blocks to heads with spread attention). A
+            blocks), `layer` (the layer's total goes to the blocks of highest gate probability across heads and
+            rows, so heads with concentrated attention leave blocks to heads with spread attention) or `head`
+            (the same within each head: every head keeps its share, spread over its rows by probability). A
             threshold needs no sharing out and ignores it.
-        row_mass: With `budget: layer`: every query-block row first keeps its most probable key blocks until they
-            hold this share of its gate probability (never more than its own share of the density); the rest of
-            the layer's total goes by rank across the layer. 0 (default): off.
+        row_mass: With `budget: layer` or `head`: every query-block row first keeps its most probable key blocks
+            until they hold this share of its gate probability (never more than its own share of the density);
+            the rest of the budget goes by rank. 0 (default): off.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the

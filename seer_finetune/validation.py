@@ -191,11 +191,11 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)
-    _choice("attention.budget", a.budget, ("row", "layer"))
+    _choice("attention.budget", a.budget, ("row", "layer", "head"))
     if not 0.0 <= a.row_mass < 1.0:
         raise ConfigError(f"attention.row_mass={a.row_mass} must be in [0, 1)")
-    if a.row_mass > 0.0 and a.budget != "layer":
-        raise ConfigError(f"attention.row_mass={a.row_mass} shares out the layer budget: it needs attention.budget=layer")
+    if a.row_mass > 0.0 and a.budget == "row":
+        raise ConfigError(f"attention.row_mass={a.row_mass} shares out a layer or head budget: it needs attention.budget=layer or head")
     _fraction("attention.ground_truth_query_fraction", a.ground_truth_query_fraction, open_low=True)
     if a.density is not None:
         _fraction("attention.density", a.density, open_low=True)

@@ -38,9 +38,10 @@ class SeerSettings:
         threshold: Alternative to density: minimum gate probability of a kept block.
         sink_blocks: Leading candidate blocks always kept. Default 0.
         local_blocks: Blocks ending at the diagonal always kept (1: the diagonal only). Default 1.
-        budget: With a density: `row` (each query-block row keeps its share) or `layer` (the layer's total
-            share goes to its most probable blocks across heads and rows); see `selection.SelectionPlan`.
-        row_mass: With the layer budget: each row first keeps its most probable blocks up to this share of its
+        budget: With a density: `row` (each query-block row keeps its share), `layer` (the layer's total
+            share goes to its most probable blocks across heads and rows) or `head` (likewise within each head);
+            see `selection.SelectionPlan`.
+        row_mass: With the layer or head budget: each row first keeps its most probable blocks up to this share of its
             gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
         loss_kind: `kl` or `mse`.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth

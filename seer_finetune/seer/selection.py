@@ -18,7 +18,7 @@ import torch
 
 from .gate import num_blocks
 
-BUDGETS = ("row", "layer")
+BUDGETS = ("row", "layer", "head")
 
 
 def block_candidates(
@@ -154,7 +154,9 @@ class SelectionPlan:
     keeps its most probable candidates until they hold p of the row's gate probability (forced blocks count, and
     a row never takes more than its quota this way); the rest of the layer's total goes by rank as above. It
     protects rows whose gate is flat (spread over many blocks) from losing every block beyond the forced ones to
-    rows with a peaked gate. The forced blocks (`forced_blocks`: the diagonal, the
+    rows with a peaked gate. `budget="head"` shares out like the layer budget within each head: every head keeps
+    the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each other). The forced
+    blocks (`forced_blocks`: the diagonal, the
     `local_blocks - 1` blocks before it, and `sink_blocks` leading blocks) are always kept.
 
     Args:
@@ -163,8 +165,8 @@ class SelectionPlan:
         threshold: Minimum gate probability of a kept block, in [0, 1]. Exactly one of density and threshold.
         sink_blocks: Leading candidate blocks always kept. Default 0.
         local_blocks: Blocks ending at the diagonal always kept, diagonal included. Default 1.
-        budget: With `density`: `row` or `layer` (see above). Default `row`.
-        row_mass: With the layer budget: the share of each row's gate probability its first picks must hold
+        budget: With `density`: `row`, `layer` or `head` (see above). Default `row`.
+        row_mass: With the layer or head budget: the share of each row's gate probability its first picks must hold
             (see above), in [0, 1); the row budget and a threshold ignore it. Default 0 (off).
     """
 
@@ -237,10 +239,17 @@ class SelectionPlan:
         if self.threshold is not None:
             probs = gate_log_probs(scores, self.candidates).exp()
             return (cand & (probs >= self.threshold)) | forced
-        if self.budget == "layer":
+        if self.budget in ("layer", "head"):
             log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
             first = self._row_mass_picks(log_probs, cand, forced) if self.row_mass > 0.0 else None  # [B, H, nB, nB]
-            return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first)
+            if self.budget == "layer":
+                return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first)
+            # Per head: each (batch element, head) is a layer of one head with that head's share.
+            bsz, heads = scores.shape[:2]
+            per_head = lambda t: None if t is None else t.reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
+            extra = [e for e in self.layer_extra(1) for _ in range(heads)]
+            picked = _select_by_layer_budget(per_head(log_probs), per_head(cand), per_head(forced), extra, per_head(first))
+            return picked.view(scores.shape)
         quota = self.quota[:, None, :, None]
         # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
         key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))

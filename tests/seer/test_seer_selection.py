@@ -301,7 +301,10 @@ def test_layer_budget_moves_blocks_from_concentrated_to_spread_heads():
     quotas = row_quotas(cand, 0.3)
     assert mask[0, 1].sum() == 2 * quotas.sum() - nb
     with pytest.raises(ValueError, match="budget"):
-        SelectionPlan(cand, density=0.3, budget="head").select(scores)
+        SelectionPlan(cand, density=0.3, budget="model").select(scores)
+    # Per head, the concentrated head keeps its own share (the diagonal plus its most probable others).
+    by_head = SelectionPlan(cand, density=0.3, budget="head").select(scores)
+    assert by_head[0, 0].sum() == by_head[0, 1].sum() == quotas.sum()
 
 
 def _naive_row_mass_selection(log_probs, cand, forced, quota, row_mass, extra):
@@ -382,3 +385,26 @@ def test_row_mass_gives_blocks_to_a_flat_row():
     assert plain.sum() == floored.sum()
     with pytest.raises(ValueError, match="row_mass"):
         SelectionPlan(cand, **kw, row_mass=1.0)
+
+
+def test_head_budget_gives_every_head_its_share_spread_by_probability():
+    """`budget="head"`: each head keeps the row quotas' total (no head lends blocks to another), and within a head
+    the blocks go where the gate is most probable, as the layer budget does for one head."""
+    torch.manual_seed(1)
+    docs = torch.tensor([[0] * 200 + [1] * 120, [0] * 320])
+    cand = block_candidates(320, 8, docs)  # 40 blocks: the quotas leave room beyond the forced blocks
+    scores = torch.randn(2, 3, cand.shape[1], cand.shape[2]) * torch.tensor([0.2, 2.0, 8.0])[None, :, None, None]
+    kw = dict(density=0.3, sink_blocks=1, local_blocks=2)
+    by_head = SelectionPlan(cand, **kw, budget="head").select(scores)
+    by_row = SelectionPlan(cand, **kw, budget="row").select(scores)
+    assert torch.equal(by_head.sum(dim=(2, 3)), by_row.sum(dim=(2, 3)))  # every head: its own share
+    assert not (by_head & ~cand[:, None]).any()
+    for h in range(3):
+        one = SelectionPlan(cand, **kw, budget="layer").select(scores[:, h : h + 1])
+        assert torch.equal(by_head[:, h : h + 1], one)
+    # The layer budget moves blocks between these heads; the head budget does not.
+    by_layer = SelectionPlan(cand, **kw, budget="layer").select(scores)
+    assert not torch.equal(by_layer.sum(dim=(2, 3)), by_head.sum(dim=(2, 3)))
+    # With the floor, too.
+    floored = SelectionPlan(cand, **kw, budget="head", row_mass=0.4).select(scores)
+    assert torch.equal(floored.sum(dim=(2, 3)), by_row.sum(dim=(2, 3)))
