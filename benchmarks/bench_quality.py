@@ -355,11 +355,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         a = compose_config(specs[run]).attention
         name = f"seer joint, {round((1 - density) * 100)}% sparsity"
         settings = [(name, False, a.budget), (f"{name}, oracle selection", True, a.budget)]
-        if run.startswith("sparsity") and args.other_budget:
+        if not run.startswith("sparsity"):  # a --variant: its rows carry its name
+            settings = [(f"{label}, {run}", oracle, budget) for label, oracle, budget in settings]
+        elif args.other_budget:
             other = "row" if a.budget == "layer" else "layer"
             settings.append((f"{name}, {other} budget", False, other))
-        else:
-            settings = [(f"{label}, {run}", oracle, budget) for label, oracle, budget in settings]
         for label, oracle, budget in settings:
             runtime = runtime_from_config(a)
             # The gate loss's ground truth on every row also gives each layer's recall.

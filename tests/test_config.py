@@ -50,7 +50,7 @@ def test_override_reaches_the_dataclass():
         (["attention=seer_joint", "attention.local_blocks=0"], "attention.local_blocks=0 must be > 0"),
         (["attention=seer_joint", "attention.gate_rope_units=octaves"], "attention.gate_rope_units='octaves' is not one of"),
         (["attention=seer_joint", "attention.sink_blocks=-1"], "attention.sink_blocks=-1 must be >= 0"),
-        (["attention=seer_joint", "attention.budget=head"], "attention.budget='head' is not one of"),
+        (["attention=seer_joint", "attention.budget=model"], "attention.budget='model' is not one of"),
     ],
 )
 def test_bad_values_fail_at_compose_time(overrides, message):

@@ -57,6 +57,7 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
         if not (gates_dir / CONFIG_NAME).is_file():
             raise ConfigError(f"eval: attention.gates_path={a.gates_path} holds no seer gates ({CONFIG_NAME})")
         model, runtime = load_seer_model(path, gates_path=gates_dir, runtime=runtime, device=device, dtype=dtype)
+        _note_other_selection(gates_dir, runtime)
         return model, runtime, str(gates_dir), True
     model = load_model(cfg.model, cfg.rope, device=device, attn_implementation="sdpa", seed=cfg.trainer.seed)
     if a.gates_path:
@@ -73,6 +74,22 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
         rope_units=a.gate_rope_units,
     )
     return model.eval(), runtime, "untrained (random) gates", False
+
+
+def _note_other_selection(gates_dir: Path, runtime: SeerRuntime) -> None:
+    """Say so when the configured selection (forced blocks, budget, row mass) differs from the one the gates
+    trained with: the evaluation uses the configured one, e.g. another experiment's."""
+    from .saving import read_gates_config
+
+    trained = read_gates_config(gates_dir)
+    now = runtime.settings
+    differ = [
+        f"{key}={trained[key]!r} (trained) vs {getattr(now, key)!r}"
+        for key in ("sink_blocks", "local_blocks", "budget", "row_mass")
+        if key in trained and trained[key] != getattr(now, key)
+    ]
+    if differ:
+        print(f"[seer-finetune] eval: selecting blocks with the configured settings, not the trained ones: {', '.join(differ)}", flush=True)
 
 
 def _windows(cfg: SeerConfig, tokenizer, lengths: list[int]):

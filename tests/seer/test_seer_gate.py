@@ -148,7 +148,7 @@ def test_settings_are_frozen_and_validated_and_changes_are_scoped():
     rt = SeerRuntime(mode="joint", density=0.5)
     with pytest.raises(FrozenInstanceError):
         rt.settings.density = 0.1
-    for bad in (dict(mode="sparse"), dict(density=1.5), dict(threshold=-0.1), dict(budget="head"),
+    for bad in (dict(mode="sparse"), dict(density=1.5), dict(threshold=-0.1), dict(budget="model"),
                 dict(kernel="reference"), dict(density=0.5, threshold=0.1), dict(local_blocks=0)):
         with pytest.raises(ValueError):
             SeerSettings(**bad)

@@ -186,3 +186,17 @@ def test_full_model_folder_excludes_gates_and_composes(tmp_path):
     got_masks, got_logits = _selections(loaded, runtime)
     assert all(torch.equal(masks[i], got_masks[i]) for i in masks)
     torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_says_when_it_selects_otherwise_than_the_gates_trained(tmp_path, capsys):
+    """`eval` of a saved run under another configuration selects with the configured settings and says which
+    differ from the trained ones; the same settings say nothing."""
+    from seer_finetune.seer.density_sweep import _note_other_selection
+
+    model = tiny_model("llama")
+    build_extension(model, _cfg("tiny-llama", sink_blocks=1, local_blocks=2, budget="layer", row_mass=0.3)).save_pretrained(tmp_path)
+    _note_other_selection(tmp_path, SeerRuntime(mode="joint", sink_blocks=1, local_blocks=2, budget="layer", row_mass=0.3))
+    assert capsys.readouterr().out == ""
+    _note_other_selection(tmp_path, SeerRuntime(mode="joint", sink_blocks=1, local_blocks=2, budget="row"))
+    out = capsys.readouterr().out
+    assert "budget='layer' (trained) vs 'row'" in out and "row_mass=0.3 (trained) vs 0.0" in out and "sink_blocks" not in out
