@@ -24,6 +24,7 @@ from torch import nn
 from ..generation import cache_sdpa_backends
 from .gate import AttnGate
 
+
 def attend_to_cache(
     module: nn.Module,
     gate: AttnGate,

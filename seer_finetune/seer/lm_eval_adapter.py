@@ -35,8 +35,11 @@ MODEL_NAME = "seer"
 
 
 def _dtype(value) -> Optional[torch.dtype]:
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return None if value in (None, "auto") else value
+    """A torch dtype from lm-eval's model_args (None for `auto` or nothing: as saved)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value is None or value == "auto":
+        return None
     dtype = getattr(torch, str(value), None)
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"lm-eval model_args: dtype={value!r} is not a torch dtype (e.g. bfloat16, float32, auto)")

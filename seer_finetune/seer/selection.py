@@ -150,14 +150,14 @@ class SelectionPlan:
     total count (over heads and rows) goes instead to the blocks of highest gate probability anywhere in the
     layer: a head or row whose attention is concentrated on few blocks gives its share to those whose attention
     is spread, which keeps the most probability mass for the same density. With `threshold` t, a row keeps the
-    candidates whose gate probability is at least t. With the layer budget and `row_mass` p > 0, every row first
-    keeps its most probable candidates until they hold p of the row's gate probability (forced blocks count, and
-    a row never takes more than its quota this way); the rest of the layer's total goes by rank as above. It
+    candidates whose gate probability is at least t. With the layer (or head) budget and `row_mass` p > 0, every
+    row first keeps its most probable candidates until they hold p of the row's gate probability (forced blocks
+    count, and a row never takes more than its quota this way); the rest of the total goes by rank as above. It
     protects rows whose gate is flat (spread over many blocks) from losing every block beyond the forced ones to
     rows with a peaked gate. `budget="head"` shares out like the layer budget within each head: every head keeps
-    the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each other). The forced
-    blocks (`forced_blocks`: the diagonal, the
-    `local_blocks - 1` blocks before it, and `sink_blocks` leading blocks) are always kept.
+    the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each other). The
+    forced blocks (`forced_blocks`: the diagonal, the `local_blocks - 1` blocks before it, and `sink_blocks`
+    leading blocks) are always kept.
 
     Args:
         candidates: bool `[B, nB, nB]` from `block_candidates`.
@@ -257,7 +257,6 @@ class SelectionPlan:
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return (ranks < quota) & cand
-
 
     def _row_mass_picks(self, log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
         """bool `[B, H, nB, nB]`: per row, the most probable non-forced candidates taken until the row's kept
