@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import platform
 import statistics
@@ -60,6 +61,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed prefills per variant (median)")
     p.add_argument("--decode-tokens", type=int, default=16, help="decode steps timed after a prefill (0: no decode)")
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument(
+        "--liger",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Liger-Kernel's RMSNorm, SwiGLU and RoPE in every model, dense and seer alike (default: on CUDA when installed)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write every record here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table (with command, GPU, versions)")
@@ -226,6 +233,25 @@ def decode_rate(model, ids: torch.Tensor, steps: int, device: torch.device) -> f
 # -- one model ---------------------------------------------------------------------------------------------------
 
 
+def apply_liger(model) -> bool:
+    """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in `model` (its recommended setup for Llama and Qwen2 models;
+    the loss kernels are left out: a prefill computes no loss). Applied before the seer copy, so both have them.
+
+    Returns:
+        Whether they were applied (a failure is printed, and the shape runs without them: its rows say so).
+    """
+    try:
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(
+            model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    except Exception as exc:  # noqa: BLE001 - a benchmark option: report and go on without it
+        print(f"[bench prefill] Liger-Kernel not applied: {type(exc).__name__}: {exc}", flush=True)
+        return False
+    return True
+
+
 def seer_model(dense, block: int, device: torch.device, budget: str = "layer"):
     """A copy of `dense` with untrained gates of the trained configs' shape (hidden 128, sink 1, local 2, the
     given budget)."""
@@ -253,6 +279,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
     torch.manual_seed(args.seed)
     with torch.device(device):
         dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    liger = bool(args.liger) and apply_liger(dense)
     seer, runtime = seer_model(dense, args.block, device, args.budget)
     layers = attention_modules(dense)
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim
@@ -275,7 +302,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
     gen = torch.Generator().manual_seed(args.seed)
     for length in args.lengths:
         ids = torch.randint(0, config.vocab_size, (1, length), generator=gen).to(device)
-        base = dict(model=shape, length=length, params=params, layers=len(layers), block=args.block)
+        base = dict(model=shape, length=length, params=params, layers=len(layers), block=args.block, liger=liger)
 
         def record(variant: str, **values) -> dict:
             row = {**base, "variant": variant, **values}
@@ -458,6 +485,15 @@ def environment(argv: Optional[list[str]], device: torch.device) -> dict[str, An
     return env
 
 
+def liger_version(enabled: bool) -> str:
+    """Liger-Kernel's version when it is applied, else "off"."""
+    if not enabled:
+        return "off"
+    from importlib.metadata import version
+
+    return version("liger-kernel")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run every shape, length and variant; print the table; write `--json` and `--markdown`.
 
@@ -473,8 +509,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("bench prefill needs a CUDA GPU (or --device cpu --shapes tiny for a functional check)", file=sys.stderr)
         return 2
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.liger is None:
+        args.liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     register_baselines()
     env = environment(argv, device)
+    env["liger"] = liger_version(args.liger)
     print(json.dumps(env), flush=True)
     records: list[dict] = []
     for shape in args.shapes:
@@ -483,7 +522,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = format_table(summary, args.densities)
     notes = (
         f"Prefill of one prompt (batch 1, {str(dtype).replace('torch.', '')}, random weights, `logits_to_keep=1`, "
-        f"KV cache filled), median of {args.repeats} after a warm-up; seer: untrained gates of block {args.block}, "
+        f"KV cache filled), median of {args.repeats} after a warm-up; Liger-Kernel RMSNorm, SwiGLU and RoPE in every "
+        f"model: {env['liger']}; seer: untrained gates of block {args.block}, "
         f"sink 1, local 2, {args.budget} budget, gates + selection + block-sparse attention included. Flex: compiled "
         "FlexAttention with the blocks the seer prefill selected, mask built outside the timing (no gate, no "
         "selection). Speedups are against the dense cuDNN time (on CPU: PyTorch's SDPA). Cap d: dense / (no-attention + d x attention), what cutting attention alone to d could give: "

@@ -122,12 +122,15 @@ def common_overrides(args, folders: dict[str, Path], run: str, seq_len: int) -> 
 
 
 def sparse_runs(args) -> dict[str, float]:
-    """Density of each trained sparse run: `sparsity<NN>` for `--sparsities`, then each `--variant`."""
+    """Density of each trained sparse run: `sparsity<NN>` for `--sparsities`, then each `--variant` (the density of
+    its base, `sparsity<NN>`)."""
     runs = {f"sparsity{round(100 * s)}": round(1.0 - s, 6) for s in args.sparsities}
     for name, base, *_ in args.variant:
-        if base not in runs:
-            raise SystemExit(f"--variant {name}: its base run {base!r} is not one of {', '.join(runs)}")
-        runs[name] = runs[base]
+        match = re.fullmatch(r"sparsity(\d{1,2})", base)
+        if not match:
+            raise SystemExit(f"--variant {name}: its base run must be sparsity<NN> (e.g. sparsity90), not {base!r}")
+        # A base need not be trained itself (not in --sparsities): it names the experiment and the density.
+        runs[name] = round(1.0 - int(match.group(1)) / 100, 6)
     return runs
 
 
@@ -138,9 +141,9 @@ GATE_SHAPE_FIELDS = (
 )
 
 
-def gate_init_run(run: str, extra: list[str]) -> str:
-    """The gate-initialisation run a sparse run starts from: its own when `extra` changes the gate's shape."""
-    return f"gate_init_{run}" if any(o.split("=", 1)[0] in GATE_SHAPE_FIELDS for o in extra) else "gate_init"
+def gate_shape(extra: list[str]) -> tuple[str, ...]:
+    """The overrides of `extra` that change the gate's shape (`GATE_SHAPE_FIELDS`), in order."""
+    return tuple(o for o in extra if o.split("=", 1)[0] in GATE_SHAPE_FIELDS)
 
 
 def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
@@ -149,7 +152,7 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
     A `--variant NAME BASE OVERRIDE...` trains like its base run (e.g. `sparsity90`) with the extra overrides
     last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training). A
     variant that changes the gate's shape (`GATE_SHAPE_FIELDS`) gets its own gate initialisation,
-    `gate_init_<NAME>`, with the same gate overrides.
+    `gate_init_<NAME>`, with the same gate overrides; later variants with the same gate overrides share it.
     """
     target, native = args.seq_len, args.native
     factor = target // native
@@ -168,11 +171,14 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
         "gate_init": gate_init("gate_init", []),
     }
     variants = {name: (base, extra) for name, base, *extra in args.variant}
+    init_of_shape = {(): "gate_init"}
     for run, density in sparse_runs(args).items():
         base, extra = variants.get(run, (run, []))
-        init = gate_init_run(run, extra)
-        if init not in specs:
-            specs[init] = gate_init(init, [o for o in extra if o.split("=", 1)[0] in GATE_SHAPE_FIELDS])
+        shape = gate_shape(extra)
+        if shape not in init_of_shape:
+            init_of_shape[shape] = f"gate_init_{run}"
+            specs[init_of_shape[shape]] = gate_init(init_of_shape[shape], list(shape))
+        init = init_of_shape[shape]
         specs[run] = [
             f"+exp={args.exp_prefix}_{base}",
             f"rope.factor={factor}",

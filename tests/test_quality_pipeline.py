@@ -158,3 +158,41 @@ def test_the_128k_family_composes_from_the_same_code(tmp_path):
     text = bench_quality.table(rows, cost, 131072)
     assert "| dense | 15 | 0 | 1.00x | 61.2 GiB |" in text and "| sparsity90 | 15 | 0 | 0.33x | 58.5 GiB |" in text
     assert "dense 8000 tokens/s, 90% sparsity 24000 tokens/s (3.00x)" in text
+
+
+def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_path):
+    """A variant that changes the gate's shape gets its own gate initialisation, trained once for every variant
+    with the same gate overrides (in any base run); a variant that leaves the gate alone starts from the recipe's.
+    A variant's base need not be trained itself: it names the experiment and the density."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_quality
+
+    folders = {name: tmp_path / "data" / name for name in ("train", "books", "technical")}
+    args = argparse.Namespace(
+        model="builtin:tiny_llama", native=8192, seq_len=32768, steps=10, init_steps=20, grad_accum=1, lr=2e-4,
+        gate_lr=1e-3, train_eval_windows=1, num_proc=1, save_every=5, out=tmp_path, wandb="disabled", override=[],
+        sparsities=[0.9], exp_prefix="yarn32k", gate_init_exp="gate_init8k",
+        variant=[
+            ["norope", "sparsity90", "attention.gate_rope_units=none"],
+            ["norope50", "sparsity50", "attention.gate_rope_units=none"],
+            ["norope_mass", "sparsity90", "attention.gate_rope_units=none", "attention.row_mass=0.3"],
+            ["wide", "sparsity90", "attention.gate_hidden_size=256"],
+            ["mass", "sparsity90", "attention.row_mass=0.3"],
+        ],
+    )
+    specs = bench_quality.run_specs(args, folders)
+    assert [run for run in specs if run.startswith("gate_init")] == ["gate_init", "gate_init_norope", "gate_init_wide"]
+    assert "attention.gate_rope_units=none" in specs["gate_init_norope"]
+    assert "attention.row_mass=0.3" not in specs["gate_init_norope"]
+    assert "sparsity50" not in specs and "+exp=yarn32k_sparsity50" in specs["norope50"]
+    assert "attention.density=0.5" in specs["norope50"] and "attention.density=0.1" in specs["norope"]
+    init_of = {run: next(o for o in spec if o.startswith("attention.gates_path=")).rsplit("/", 2)[-2]
+               for run, spec in specs.items() if not run.startswith(("gate_init", "dense"))}
+    assert init_of == {"sparsity90": "gate_init", "norope": "gate_init_norope",
+                       "norope50": "gate_init_norope", "norope_mass": "gate_init_norope", "wide": "gate_init_wide",
+                       "mass": "gate_init"}
+    args.variant = [["odd", "dense", "attention.row_mass=0.3"]]
+    with pytest.raises(SystemExit, match="base run must be sparsity<NN>"):
+        bench_quality.run_specs(args, folders)
