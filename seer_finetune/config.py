@@ -146,6 +146,10 @@ class AttentionConfig:
             (as they are, the SeerAttention reference) or `blocks` (divided by the block size, so YaRN
             interpolates the gate's positions as it does the model's), or `none` (no positional encoding in the
             gate: scores from the pooled content alone).
+        gate_rope_fraction: Share of the gate's per-head hidden features that carry RoPE, in (0, 1]: the first
+            `gate_hidden_size * gate_rope_fraction` of them (rounded down to an even count, at least 2) score
+            positions and content, the rest content alone (partial rotary embeddings). 1.0 (default): every
+            feature. Must be 1.0 with `gate_rope_units: none`.
         q_pooling: Pooling of Q over a block, one or more of avg|max|min.
         k_pooling: Pooling of K over a block, one or more of avg|max|min.
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.
@@ -180,6 +184,7 @@ class AttentionConfig:
     block_size: int = 64
     gate_hidden_size: int = 128
     gate_rope_units: str = "tokens"
+    gate_rope_fraction: float = 1.0
     q_pooling: list[str] = field(default_factory=lambda: ["avg"])
     k_pooling: list[str] = field(default_factory=lambda: ["max", "min"])
     detach_gate_inputs: bool = True

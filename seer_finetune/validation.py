@@ -188,6 +188,13 @@ def validate(cfg: SeerConfig) -> SeerConfig:
             _choice(name, pool, ("avg", "max", "min"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
     _choice("attention.gate_rope_units", a.gate_rope_units, ("tokens", "blocks", "none"))
+    _fraction("attention.gate_rope_fraction", a.gate_rope_fraction, open_low=True)
+    if a.gate_rope_units == "none" and a.gate_rope_fraction != 1.0:
+        raise ConfigError(
+            f"attention.gate_rope_fraction={a.gate_rope_fraction} splits the gate's RoPE, but "
+            "attention.gate_rope_units=none gives it none: set gate_rope_units to tokens or blocks, or leave the "
+            "fraction at 1.0"
+        )
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)

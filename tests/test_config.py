@@ -49,6 +49,12 @@ def test_override_reaches_the_dataclass():
         (["attention.density=1.5"], "attention.density"),
         (["attention=seer_joint", "attention.local_blocks=0"], "attention.local_blocks=0 must be > 0"),
         (["attention=seer_joint", "attention.gate_rope_units=octaves"], "attention.gate_rope_units='octaves' is not one of"),
+        (["attention=seer_joint", "attention.gate_rope_fraction=0"], r"attention.gate_rope_fraction=0.0 must be in \(0, 1\]"),
+        (["attention=seer_joint", "attention.gate_rope_fraction=1.5"], r"attention.gate_rope_fraction=1.5 must be in \(0, 1\]"),
+        (
+            ["attention=seer_joint", "attention.gate_rope_units=none", "attention.gate_rope_fraction=0.5"],
+            "attention.gate_rope_fraction=0.5 splits the gate's RoPE, but attention.gate_rope_units=none",
+        ),
         (["attention=seer_joint", "attention.sink_blocks=-1"], "attention.sink_blocks=-1 must be >= 0"),
         (["attention=seer_joint", "attention.budget=model"], "attention.budget='model' is not one of"),
     ],

@@ -180,10 +180,14 @@ def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_pat
             ["norope_mass", "sparsity90", "attention.gate_rope_units=none", "attention.row_mass=0.3"],
             ["wide", "sparsity90", "attention.gate_hidden_size=256"],
             ["mass", "sparsity90", "attention.row_mass=0.3"],
+            ["halfrope", "sparsity90", "attention.gate_rope_fraction=0.5"],
         ],
     )
     specs = bench_quality.run_specs(args, folders)
-    assert [run for run in specs if run.startswith("gate_init")] == ["gate_init", "gate_init_norope", "gate_init_wide"]
+    assert [run for run in specs if run.startswith("gate_init")] == [
+        "gate_init", "gate_init_norope", "gate_init_wide", "gate_init_halfrope"
+    ]
+    assert "attention.gate_rope_fraction=0.5" in specs["gate_init_halfrope"]
     assert "attention.gate_rope_units=none" in specs["gate_init_norope"]
     assert "attention.row_mass=0.3" not in specs["gate_init_norope"]
     assert "sparsity50" not in specs and "+exp=yarn32k_sparsity50" in specs["norope50"]
@@ -192,7 +196,7 @@ def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_pat
                for run, spec in specs.items() if not run.startswith(("gate_init", "dense"))}
     assert init_of == {"sparsity90": "gate_init", "norope": "gate_init_norope",
                        "norope50": "gate_init_norope", "norope_mass": "gate_init_norope", "wide": "gate_init_wide",
-                       "mass": "gate_init"}
+                       "mass": "gate_init", "halfrope": "gate_init_halfrope"}
     args.variant = [["odd", "dense", "attention.row_mass=0.3"]]
     with pytest.raises(SystemExit, match="base run must be sparsity<NN>"):
         bench_quality.run_specs(args, folders)

@@ -15,7 +15,7 @@ from typing import Optional
 from torch import nn
 
 from .attention import ATTN_NAME, register_seer
-from .gate import POOLINGS, AttnGate, gate_rotary_embedding
+from .gate import POOLINGS, AttnGate, gate_rotary_dim, gate_rotary_embedding
 from .runtime import SeerRuntime
 
 
@@ -88,6 +88,7 @@ def attach_seer_gates(
     k_pooling: tuple[str, ...] = ("max", "min"),
     use_rope: bool = True,
     rope_units: str = "tokens",
+    rope_fraction: float = 1.0,
 ) -> list[AttnGate]:
     """Give every attention module of a loaded causal LM a gate and switch it to the `seer` attention.
 
@@ -101,6 +102,9 @@ def attach_seer_gates(
         rope_units: `tokens` (the model's rotary settings as they are), `blocks` (lengths divided by the block
             size, see `gate.gate_rotary_embedding`) or `none` (no positional encoding, as `use_rope=False`).
             Default `tokens`.
+        rope_fraction: Share of the gate's per-head features that carry RoPE, in (0, 1] (`gate.gate_rotary_dim`
+            rounds it to an even count); the rest score pooled content alone. Must be 1.0 without RoPE. Default
+            1.0 (every feature).
 
     Returns:
         The gates in layer order (they are also `module.seer_gate` of each attention module).
@@ -117,6 +121,10 @@ def attach_seer_gates(
     register_seer()
     use_rope = use_rope and rope_units != "none"
     rope_units = rope_units if use_rope else "none"
+    if not use_rope and rope_fraction != 1.0:
+        raise ValueError(f"rope_fraction={rope_fraction} needs RoPE in the gate, but its rope units are 'none'")
+    # Checked before any gate is built, so a bad fraction or a too narrow gate fails with nothing attached.
+    rotary_dim = gate_rotary_dim(gate_hidden_size, rope_fraction) if use_rope else 0
     rotary = rotary_module(base) if use_rope else None
     if use_rope and rotary is None:
         raise ValueError(f"{type(base).__name__} has no rotary_emb module to build the gate's block RoPE from")
@@ -135,13 +143,14 @@ def attach_seer_gates(
             q_pooling=q_pooling,
             k_pooling=k_pooling,
             rotary=(
-                gate_rotary_embedding(config, rotary, gate_hidden_size, block_size=block_size, units=rope_units)
+                gate_rotary_embedding(config, rotary, rotary_dim, block_size=block_size, units=rope_units)
                 if rotary is not None
                 else None
             ),
             layer_idx=int(attn.layer_idx),
         ).to(device)
-        gate.rope_units = rope_units  # saved in seer_gates.json; the rotary holds no parameters
+        # Saved in seer_gates.json: the rotary holds no parameters, so only these say how it was built.
+        gate.rope_units, gate.rope_fraction = rope_units, float(rope_fraction)
         # Plain attributes (not parameters/buffers): runtime state that is neither trained nor saved.
         gate.runtime = runtime
         gate.seer_captured = {}

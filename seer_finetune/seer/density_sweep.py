@@ -72,6 +72,7 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
         q_pooling=tuple(a.q_pooling),
         k_pooling=tuple(a.k_pooling),
         rope_units=a.gate_rope_units,
+        rope_fraction=float(a.gate_rope_fraction),
     )
     return model.eval(), runtime, "untrained (random) gates", False
 

@@ -3,9 +3,10 @@
 The gate reads the attention layer's pre-RoPE queries and keys, pools them over blocks of `block_size` tokens
 (queries with avg by default, keys with max and min), projects each head's pooled features to
 `gate_hidden_size`, applies the model's own rotary embedding at block positions (so YaRN or any other
-`rope_type` of the base model carries over), and scores every (query block, key block) pair. GQA: one key
-projection per KV head, one query projection per query head; query head h reads KV head h // group as in
-transformers' `repeat_kv`.
+`rope_type` of the base model carries over) to the first `rotary_dim` of those features (all of them by default;
+the rest then score content alone, as in partial rotary embeddings), and scores every (query block, key block)
+pair. GQA: one key projection per KV head, one query projection per query head; query head h reads KV head
+h // group as in transformers' `repeat_kv`.
 
 Gate weights are kept in float32 whatever the model's dtype: they are tiny, and the gate's softmax over a few
 hundred blocks is sensitive to bf16 rounding.
@@ -69,10 +70,37 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
 ROPE_UNITS = ("tokens", "blocks")
 
 
+def gate_rotary_dim(hidden_size: int, fraction: float = 1.0) -> int:
+    """How many of the gate's per-head features carry RoPE: the first `rotary_dim` of `hidden_size`.
+
+    Features rotate in pairs (rotate-half), so the share is rounded down to an even count, and a positive share
+    rotates at least one pair. The remaining `hidden_size - rotary_dim` features carry no position: their part of
+    a score depends on the pooled content alone.
+
+    Args:
+        hidden_size: The gate's per-head width.
+        fraction: Share of `hidden_size` to rotate, in (0, 1]. Default 1.0 (every feature of an even width).
+
+    Returns:
+        The even number of rotated features, in [2, hidden_size].
+
+    Raises:
+        ValueError: `fraction` outside (0, 1], or a width too narrow for one rotated pair.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"gate rope fraction {fraction!r} must be in (0, 1]")
+    # The tolerance keeps a product that float arithmetic lands just under a whole number on that number
+    # (0.58 * 100 = 57.99999999999999 would otherwise rotate 56 features, not 58).
+    dims = max(2, 2 * (int(hidden_size * fraction + 1e-9) // 2))
+    if dims > hidden_size:
+        raise ValueError(f"gate hidden size {hidden_size} is too narrow for RoPE: it rotates features in pairs")
+    return dims
+
+
 def gate_rotary_embedding(
     model_config, rotary_module: nn.Module, hidden_size: int, *, block_size: int = 64, units: str = "tokens"
 ) -> nn.Module:
-    """A rotary embedding of the model's own class and settings, sized for the gate's hidden width.
+    """A rotary embedding of the model's own class and settings, sized for the gate's rotated width.
 
     The gate rotates pooled queries and keys at block positions (0, 1, 2, ... per block). With `units="tokens"`
     the model's scaling settings are kept as they are (as in the SeerAttention reference); they are lengths in
@@ -82,11 +110,15 @@ def gate_rotary_embedding(
     gate's positions are interpolated the way YaRN interpolates the model's: gates distilled at the native
     length meet, at 4x the length, the angles they were trained on (benchmarks/results/gate_rope_units.md).
 
+    For partial RoPE pass the rotated width (`gate_rotary_dim`) as `hidden_size`: the module is then the model's
+    rotary for a head of that width, so the rotated features span the model's whole frequency range (at a coarser
+    spacing), and `apply_rotary` leaves the features beyond it as they are.
+
     Args:
         model_config: The model's config (its `rope_parameters`, YaRN included, are kept).
         rotary_module: The model's rotary embedding module (e.g. `model.model.rotary_emb`); its class is
-            instantiated again on a copy of the config whose `head_dim` is the gate's hidden size.
-        hidden_size: The gate's per-head width.
+            instantiated again on a copy of the config whose `head_dim` is `hidden_size`.
+        hidden_size: The gate's rotated per-head width: its whole hidden size, or `gate_rotary_dim` of it.
         block_size: Tokens per block (used with `units="blocks"`). Default 64.
         units: `tokens` or `blocks`, see above. Default `tokens`.
 
@@ -134,8 +166,14 @@ class AttnGate(nn.Module):
         hidden_size: Per-head projection width. Default 128.
         q_pooling: Poolings of queries over a block. Default ("avg",).
         k_pooling: Poolings of keys over a block. Default ("max", "min").
-        rotary: Optional rotary module from `gate_rotary_embedding` (None: no positional encoding).
+        rotary: Optional rotary module from `gate_rotary_embedding` (None: no positional encoding). It rotates
+            the first features of its own width; the others keep no position.
         layer_idx: The layer this gate belongs to (for metrics and saving).
+
+    Attributes:
+        rope_units, rope_fraction: How `rotary` was built (`tokens` and 1.0 unless the caller says otherwise,
+            `none` without a rotary); `attach.attach_seer_gates` sets them, and saving records them so gates
+            reload with the positions they were trained on.
 
     Parameters:
         q_weight: `[num_heads, head_dim * len(q_pooling), hidden_size]`.
@@ -168,6 +206,8 @@ class AttnGate(nn.Module):
         self.q_weight = nn.Parameter(torch.empty(num_heads, head_dim * len(self.q_pooling), hidden_size))
         self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
         self.rotary = rotary
+        self.rope_units = "tokens" if rotary is not None else "none"
+        self.rope_fraction = 1.0
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -220,9 +260,15 @@ class AttnGate(nn.Module):
         scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)) / math.sqrt(self.hidden_size)
         return scores.reshape(bsz, num_heads, nb, nb)
 
+    @property
+    def rotary_dim(self) -> int:
+        """Features per head that carry RoPE (0 without a rotary): the rotary's width, two per frequency."""
+        return 0 if self.rotary is None else 2 * self.rotary.inv_freq.numel()
+
     def extra_repr(self) -> str:
+        rope = "none" if self.rotary is None else f"{self.rope_units}, rope_dims={self.rotary_dim}/{self.hidden_size}"
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"block={self.block_size}, hidden={self.hidden_size}, q_pool={list(self.q_pooling)}, "
-            f"k_pool={list(self.k_pooling)}, rope={self.rotary is not None}"
+            f"k_pool={list(self.k_pooling)}, rope={rope}"
         )

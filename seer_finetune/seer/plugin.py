@@ -52,6 +52,7 @@ class SeerExtension(TrainingExtension):
                 q_pooling=tuple(a.q_pooling),
                 k_pooling=tuple(a.k_pooling),
                 rope_units=a.gate_rope_units,
+                rope_fraction=float(a.gate_rope_fraction),
             )
         except (NotImplementedError, ValueError) as exc:
             raise ConfigError(f"attention.backend=seer: {exc}") from None

@@ -83,6 +83,7 @@ def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str,
         "k_pooling": list(g.k_pooling),
         "use_rope": g.rotary is not None,
         "rope_units": getattr(g, "rope_units", "tokens") if g.rotary is not None else "none",
+        "rope_fraction": float(getattr(g, "rope_fraction", 1.0)),
         **(extra or {}),
     }
 
@@ -151,8 +152,11 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
             k_pooling=tuple(config["k_pooling"]),
             use_rope=bool(config.get("use_rope", True)),
             rope_units=str(config.get("rope_units", "tokens")),
+            rope_fraction=float(config.get("rope_fraction", 1.0)),
         )
     g = gates[0]
+    # Files from before a field was saved hold gates built as that field's default then.
+    defaults = {"rope_units": "tokens", "rope_fraction": 1.0}
     for key, have in (
         ("block_size", g.block_size),
         ("gate_hidden_size", g.hidden_size),
@@ -161,10 +165,12 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         ("num_heads", g.num_heads),
         ("num_kv_heads", g.num_kv_heads),
         ("head_dim", g.head_dim),
-        # Scores of gates trained with other block positions would be silently different.
+        # Scores of gates trained with other block positions, or with RoPE on other features, would be silently
+        # different: the weights fit either way.
         ("rope_units", getattr(g, "rope_units", "tokens")),
+        ("rope_fraction", float(getattr(g, "rope_fraction", 1.0))),
     ):
-        saved = config[key] if key in config else "tokens"  # files from before rope_units was saved
+        saved = config[key] if key in config else defaults.get(key)
         if key == "rope_units" and not config.get("use_rope", True):
             saved = "none"
         if saved != have:

@@ -9,7 +9,7 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from seer_finetune.seer import AttnGate, SeerRuntime, attach_seer_gates, seer_gates
-from seer_finetune.seer.gate import apply_rotary, pool_blocks
+from seer_finetune.seer.gate import apply_rotary, gate_rotary_dim, gate_rotary_embedding, pool_blocks
 from seer_helpers import random_ids, tiny_model
 
 
@@ -99,6 +99,97 @@ def test_block_units_interpolate_the_gates_positions_like_yarn_does_the_models()
     assert model.config.rope_parameters["original_max_position_embeddings"] == 8192
     with pytest.raises(ValueError, match="rope units"):
         attach_seer_gates(tiny_model("llama"), SeerRuntime(mode="gate_distill"), rope_units="octaves")
+
+
+def _yarn_model():
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    return tiny_model("llama", rope_parameters=yarn, max_position_embeddings=256)
+
+
+@pytest.mark.parametrize(
+    "hidden, fraction, dims",
+    [(32, 1.0, 32), (32, 0.5, 16), (32, 0.3, 8), (32, 0.01, 2), (10, 0.7, 6), (15, 1.0, 14), (100, 0.58, 58)],
+)
+def test_rotated_width_is_the_share_rounded_down_to_pairs(hidden, fraction, dims):
+    assert gate_rotary_dim(hidden, fraction) == dims
+
+
+@pytest.mark.parametrize(
+    "hidden, fraction, message",
+    [(32, 0.0, "fraction"), (32, 1.5, "fraction"), (32, float("nan"), "fraction"), (1, 1.0, "too narrow")],
+)
+def test_rotated_width_refuses_bad_shares(hidden, fraction, message):
+    with pytest.raises(ValueError, match=message):
+        gate_rotary_dim(hidden, fraction)
+
+
+def test_rope_fraction_one_is_the_full_width_rotary_bit_for_bit():
+    """Fraction 1.0 builds exactly the gate of a rotary over the whole hidden width (the construction without a
+    fraction), so its scores are identical."""
+    model = _yarn_model()
+    attach_seer_gates(model, SeerRuntime(mode="gate_distill", block_size=16), gate_hidden_size=32, rope_units="blocks")
+    gate = seer_gates(model)[0]
+    assert (gate.rope_fraction, gate.rotary_dim) == (1.0, 32) and "rope=blocks, rope_dims=32/32" in repr(gate)
+    full = gate_rotary_embedding(model.config, model.model.rotary_emb, 32, block_size=16, units="blocks")
+    reference = AttnGate(4, 2, 16, block_size=16, hidden_size=32, rotary=full)
+    reference.load_state_dict(gate.state_dict())
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 100, 4, 16), torch.randn(2, 100, 2, 16)
+    assert torch.equal(gate(q, k), reference(q, k))
+
+
+def test_partial_rope_rotates_the_first_dims_at_their_width_and_leaves_the_rest_position_free():
+    hidden, block, nb = 32, 16, 6
+    model = _yarn_model()
+    runtime = SeerRuntime(mode="gate_distill", block_size=block)
+    attach_seer_gates(model, runtime, gate_hidden_size=hidden, rope_fraction=0.3)
+    gate = seer_gates(model)[0]
+    rd = gate.rotary_dim
+    assert (rd, gate.rope_fraction) == (8, 0.3) and "rope_dims=8/32" in repr(gate)
+    # The rotated dims: the model's own rotary class and settings (YaRN) for a head of width rd.
+    narrow = type(model.model.rotary_emb)(config=model.config.__class__(**{**model.config.to_dict(), "head_dim": rd}))
+    assert gate.rotary.rope_type == "yarn"
+    torch.testing.assert_close(gate.rotary.inv_freq, narrow.inv_freq)
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, nb * block, 4, 16), torch.randn(1, nb * block, 2, 16)
+    qh = torch.einsum("bnhf,hfo->bhno", pool_blocks(q, None, block, gate.q_pooling), gate.q_weight)
+    kh = torch.einsum("bnhf,hfo->bhno", pool_blocks(k, None, block, gate.k_pooling), gate.k_weight)
+    cos, sin = narrow(qh, torch.arange(nb)[None])
+    c, s = cos[:, None, :, : rd // 2], sin[:, None, :, : rd // 2]
+
+    def rope(x):  # rotate-half on the first rd features, written out; the rest as they are
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2 : rd]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, x[..., rd:]), dim=-1)
+
+    want = rope(qh) @ rope(kh).repeat_interleave(2, dim=1).transpose(-1, -2) / math.sqrt(hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(gate(q, k), want)
+
+    def part(features, q, k):
+        """The gate's scores from `features` of its hidden width alone (its other query weights zeroed)."""
+        only = AttnGate(4, 2, 16, block_size=block, hidden_size=hidden, rotary=gate.rotary)
+        weights = gate.state_dict()
+        q_weight = torch.zeros_like(weights["q_weight"])
+        q_weight[..., features] = weights["q_weight"][..., features]
+        only.load_state_dict({"q_weight": q_weight, "k_weight": weights["k_weight"]})
+        with torch.no_grad():
+            return only(q, k)
+
+    # Move the key blocks to other positions: scores from the unrotated dims follow the content alone, those
+    # from the rotated dims change with the positions.
+    perm = torch.tensor([3, 5, 0, 4, 1, 2])
+    moved = k.view(1, nb, block, 2, 16)[:, perm].reshape_as(k)
+    content, positional = slice(rd, None), slice(0, rd)
+    torch.testing.assert_close(part(content, q, moved), part(content, q, k)[..., perm])
+    assert not torch.allclose(part(positional, q, moved), part(positional, q, k)[..., perm], atol=1e-3)
+
+
+def test_rope_fraction_needs_rope():
+    with pytest.raises(ValueError, match="rope_fraction=0.5 needs RoPE"):
+        attach_seer_gates(tiny_model("llama"), SeerRuntime(mode="gate_distill"), rope_units="none", rope_fraction=0.5)
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\]"):
+        attach_seer_gates(tiny_model("llama"), SeerRuntime(mode="gate_distill"), rope_fraction=0.0)
 
 
 def _gate_loss_grads(arch: str, detach: bool):

@@ -67,7 +67,7 @@ def test_reloaded_gates_keep_their_trained_selection_settings(tmp_path):
     ext.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert (meta["sink_blocks"], meta["local_blocks"], meta["budget"], meta["row_mass"]) == (2, 3, "layer", 0.4)
-    assert meta["rope_units"] == "tokens"
+    assert (meta["rope_units"], meta["rope_fraction"]) == ("tokens", 1.0)
     runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings
     s = runtime.settings
     assert (s.sink_blocks, s.local_blocks, s.budget, s.row_mass) == (2, 3, "layer", 0.4)
@@ -126,6 +126,38 @@ def test_gates_without_positions_save_and_reload(tmp_path):
     assert masks and all(torch.equal(masks[i], fresh_masks[i]) for i in masks)
     with pytest.raises(ValueError, match="rope_units='none'"):
         load_gates(build_extension(tiny_model("llama"), _cfg("tiny-llama")).model, tmp_path)
+
+
+def test_gates_with_partial_rope_save_reload_and_refuse_another_fraction(tmp_path):
+    """`gate_rope_fraction`: saved, reloaded with the same rotated width, and refused by gates with another one;
+    files from before the field existed hold gates that rotate every feature."""
+    from seer_finetune.config import ConfigError
+
+    model = tiny_model("llama")
+    ext = build_extension(model, _cfg("tiny-llama", gate_rope_units="blocks", gate_rope_fraction=0.5))
+    assert all((g.rope_fraction, g.rotary_dim) == (0.5, 8) for g in seer_gates(model))
+    ext.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert (meta["rope_units"], meta["rope_fraction"]) == ("blocks", 0.5)
+    fresh = tiny_model("llama")
+    runtime = load_gates(fresh, tmp_path, runtime=SeerRuntime(mode="joint", density=0.5))
+    for saved, loaded in zip(seer_gates(model), seer_gates(fresh)):
+        assert (loaded.rope_units, loaded.rope_fraction, loaded.rotary_dim) == ("blocks", 0.5, 8)
+        torch.testing.assert_close(loaded.rotary.inv_freq, saved.rotary.inv_freq)
+    masks, _ = _selections(model, ext.runtime)
+    fresh_masks, _ = _selections(fresh, runtime)
+    assert masks and all(torch.equal(masks[i], fresh_masks[i]) for i in masks)
+    # Same parameters, RoPE on other features: the scores would differ silently, so the load is refused.
+    with pytest.raises(ConfigError, match=r"attention.gates_path=.*rope_fraction=0.5 but the model's gates have 1.0"):
+        build_extension(tiny_model("llama"), _cfg("tiny-llama", gate_rope_units="blocks", gates_path=str(tmp_path)))
+
+    meta.pop("rope_fraction")  # a file from before the fraction was saved
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    before = tiny_model("llama")
+    load_gates(before, tmp_path)
+    assert all((g.rope_fraction, g.rotary_dim) == (1.0, 16) for g in seer_gates(before))
+    with pytest.raises(ValueError, match=r"rope_fraction=1.0 but the model's gates have 0.5"):
+        load_gates(model, tmp_path)
 
 
 def test_extension_state_dict_round_trip():
