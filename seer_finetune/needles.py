@@ -92,12 +92,34 @@ def sentence_ends(tokenizer, ids: Sequence[int]) -> list[bool]:
     return [ends[t] for t in ids]
 
 
-def _snap(cut: int, ends: Sequence[bool], offset: int) -> int:
-    """`cut` moved back to just after the nearest sentence end of the haystack window (within `SNAP_WINDOW`)."""
+def _snap(cut: int, ends: Sequence[bool]) -> int:
+    """`cut` moved back to just after the nearest sentence end of the haystack window (within `SNAP_WINDOW`).
+
+    Args:
+        cut: A position in the window, 0 to its length.
+        ends: `sentence_ends` of the window's tokens (only tokens before `cut` are read).
+    """
     for j in range(cut, max(0, cut - SNAP_WINDOW), -1):
-        if ends[offset + j - 1]:
+        if ends[j - 1]:
             return j
     return cut
+
+
+def _cycled(seq: Sequence, start: int, length: int) -> list:
+    """`length` items of `seq` from `start` on, wrapping around to its start as often as needed.
+
+    The same items as `(list(seq) * reps)[start : start + length]` for enough `reps`, without copying all of
+    `seq`: a haystack is about a million tokens and a trial reads only its window of it.
+
+    Args:
+        seq: The items (a haystack's token ids or its `sentence_ends`), at least one.
+        start: The first item, in `[0, len(seq))`.
+        length: How many items.
+    """
+    out = list(seq[start : start + length])
+    while len(out) < length:
+        out += seq[: length - len(out)]
+    return out
 
 
 def build_trial(
@@ -154,14 +176,12 @@ def build_trial(
     budget = length - max_new - len(intro) - len(tail) - sum(map(len, needle_ids))
     if budget < 8 * (extra + 1):
         raise ValueError(f"needle length {length} is too short for the {task} task's needles and question")
-    # The haystack window, cycled when the corpus is shorter than the window.
+    # The haystack window, cycled when the corpus is shorter than the window; needles snap to its sentence ends.
     offset = rng.randrange(len(haystack))
-    reps = (offset + budget) // len(haystack) + 1
-    stream, stream_ends = list(haystack) * reps, list(ends) * reps
-    window = stream[offset : offset + budget]
-    cuts = [_snap(int(round(depth * budget)), stream_ends, offset)]
+    window, window_ends = _cycled(haystack, offset, budget), _cycled(ends, offset, budget)
+    cuts = [_snap(int(round(depth * budget)), window_ends)]
     for _ in range(extra):
-        cuts.append(_snap(rng.randrange(budget + 1), stream_ends, offset))
+        cuts.append(_snap(rng.randrange(budget + 1), window_ends))
     # Insert in haystack order; equal cuts keep the first needle first.
     order = sorted(range(len(cuts)), key=lambda i: (cuts[i], i))
     prompt, spans, prev = list(intro), [None] * len(cuts), 0

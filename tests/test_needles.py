@@ -14,8 +14,10 @@ from seer_finetune.config import ConfigError
 from seer_finetune.generation import load_generation_tokenizer
 from seer_finetune.jobs import eval_job
 from seer_finetune.needles import (
+    ADJECTIVES,
     EXTRA_NEEDLES,
     INTRO,
+    NOUNS,
     SNAP_WINDOW,
     TASKS,
     build_trial,
@@ -95,6 +97,61 @@ def test_trials_are_reproducible_and_short_corpora_are_cycled(tokenizer, haystac
         build_trial(tokenizer, ids, ends, "multiquery", 120, 0.5, random.Random(1))
     with pytest.raises(ValueError, match="must be one of"):
         build_trial(tokenizer, ids, ends, "haystack", 600, 0.5, random.Random(1))
+
+
+def _straightforward_window(haystack, ends, budget, depth, extra, rng):
+    """The haystack window and the needles' cuts in it, built the plain way: the whole haystack repeated until
+    the window fits, the window sliced out, each cut snapped back on the repeated sentence ends.
+
+    Args:
+        haystack, ends: Token ids and their `sentence_ends`.
+        budget: The window's length in tokens.
+        depth: The first needle's depth.
+        extra: Needles besides the first.
+        rng: The trial's generator, just before it draws the window's start.
+    """
+    offset = rng.randrange(len(haystack))
+    reps = (offset + budget) // len(haystack) + 1
+    stream, stream_ends = list(haystack) * reps, list(ends) * reps
+
+    def snap(cut):
+        for j in range(cut, max(0, cut - SNAP_WINDOW), -1):
+            if stream_ends[offset + j - 1]:
+                return j
+        return cut
+
+    cuts = [snap(int(round(depth * budget)))] + [snap(rng.randrange(budget + 1)) for _ in range(extra)]
+    return stream[offset : offset + budget], cuts
+
+
+@pytest.mark.parametrize("size", [None, 1000, 150])  # the whole play; wrapped once; wrapped several times
+@pytest.mark.parametrize("task", ["single", "multikey", "multiquery"])
+def test_trial_haystack_is_the_window_of_the_repeated_corpus(tokenizer, haystack, size, task):
+    # build_trial reads only its window of the haystack; its prompts must stay those of the plain construction
+    # (same seed, same prompts): the same window, the same needle positions, in the same order.
+    ids, ends = haystack
+    ids, ends = ids[:size], ends[:size]
+    intro = tokenizer(INTRO)["input_ids"]
+    for seed in range(4):
+        for depth in (0.0, 0.5, 1.0):
+            trial = build_trial(tokenizer, ids, ends, task, 900, depth, random.Random(seed))
+            # Replay the generator's draws before the window (keys, values) to rebuild it the plain way.
+            rng = random.Random(seed)
+            extra = EXTRA_NEEDLES[task]
+            rng.sample([f"{a}-{n}" for a in ADJECTIVES for n in NOUNS], extra + 1)
+            for _ in range(extra + 1):
+                rng.randrange(1_000_000, 10_000_000)
+            tail = tokenizer(question(task, trial.keys), add_special_tokens=False)["input_ids"]
+            budget = len(trial.prompt) - len(intro) - len(tail) - sum(e - s for s, e in trial.needles)
+            window, cuts = _straightforward_window(ids, ends, budget, depth, extra, rng)
+            # The prompt without its needles is intro, window, question.
+            spans = sorted(trial.needles)
+            kept = [t for i, t in enumerate(trial.prompt) if not any(s <= i < e for s, e in spans)]
+            assert kept == intro + window + tail
+            # Each needle sits at its cut of the window.
+            for (start, _), cut in zip(trial.needles, cuts):
+                before = sum(e - s for s, e in spans if e <= start)
+                assert start - len(intro) - before == cut
 
 
 def test_score_answer_needs_every_value_as_a_whole_number():
