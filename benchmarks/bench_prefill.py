@@ -68,6 +68,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         help="Liger-Kernel's RMSNorm, SwiGLU and RoPE in every model, dense and seer alike (default: on CUDA when installed)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder: one profiled seer prefill per length at the lowest density, its kernels by device time (a table per length, and the top entries in the JSON)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every record here")
     p.add_argument("--markdown", type=Path, default=None, help="write the table (with command, GPU, versions)")
     return p.parse_args(argv)
@@ -205,6 +211,26 @@ def prefill(model, ids: torch.Tensor):
     return out.logits[:, -1].argmax(-1), cache
 
 
+def profile_prefill(model, ids: torch.Tensor, path: Path, rows: int = 30) -> list[dict]:
+    """One prefill under the PyTorch profiler: its operators and kernels by self device time.
+
+    Writes the profiler's table to `path` and returns the top `rows` entries as `{"name", "ms", "calls"}` (device
+    time of the one prefill), so a run's JSON says where the time went (gates, selection, kernels, linear layers).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with profile(activities=activities) as prof:
+        prefill(model, ids)
+        _sync(ids.device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if ids.is_cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=key, row_limit=rows) + "\n")
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return [{"name": e.key, "ms": getattr(e, key) / 1e3, "calls": e.count} for e in top]
+
+
 def cache_keyword(model) -> str:
     """The forward's name for the KV cache: `cache` (transformers >= 5.2x) or `past_key_values` (earlier)."""
     import inspect
@@ -262,6 +288,8 @@ def seer_model(dense, block: int, device: torch.device, budget: str = "layer"):
         mode="dense", block_size=block, sink_blocks=1, local_blocks=2, budget=budget, compute_loss=False
     )
     runtime.training = False
+    # As in generation: no per-forward statistics (nothing would read them).
+    runtime.record_stats = False
     # Gates are created float32 (as in training) on the device of each attention module.
     attach_seer_gates(model, runtime, gate_hidden_size=128, rope_units="blocks")
     return model.to(device).eval(), runtime
@@ -358,6 +386,8 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
                 return out
 
             seer_row = guarded(f"seer d={density:g}", run_seer)
+            if args.profile is not None and density == min(args.densities) and seer_row and "ms" in seer_row:
+                seer_row["profile_top"] = profile_prefill(seer, ids, args.profile / f"seer_{shape}_{length}_d{density:g}.txt")
             seer_token = seer_row.get("first_token") if seer_row else None
             runtime.record_block_masks = False
             masks = dict(runtime.block_masks)

@@ -66,6 +66,12 @@ def test_cache_equals_no_cache_at_density_half(trained):
         with_cache = _generate(loaded.model, loaded.tokenizer, prompt)
         without = _generate(loaded.model, loaded.tokenizer, prompt, use_cache=False)
         assert with_cache.tolist() == without.tolist()
+    # Generation keeps no per-forward statistics: nothing takes them, and they would grow with every prompt.
+    assert not loaded.runtime.record_stats and loaded.runtime.stats == {}
+    loaded.runtime.record_stats = True
+    ids = loaded.tokenizer(play_prompts(loaded.tokenizer, [250])[0], return_tensors="pt")
+    loaded.model.generate(**ids, pad_token_id=loaded.tokenizer.pad_token_id, max_new_tokens=1, do_sample=False, top_k=None)
+    assert any(key.startswith("density/") for entry in loaded.runtime.stats.values() for key in entry)
 
 
 @pytest.mark.parametrize("setting", [dict(density=0.5), dict(density=0.1), dict(threshold=0.05), dict(density=1.0)])

@@ -34,7 +34,7 @@ import seer_kernels
 
 from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
-from .masking import compaction_order, seer_mask, split_document_ids
+from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
 from .selection import (
     SelectionPlan,
@@ -112,7 +112,9 @@ def seer_attention_forward(
     layout = Layout(query.shape[2], query.shape[0], None if doc_ids is None else id(doc_ids), query.device)
     # Padding before real tokens (left-padded generation) moves behind them, so each prompt gets the blocks it
     # has alone; the output goes back to the original order at the end.
-    order = _compaction(rt, layout, valid)
+    order, any_padding = _padding(rt, layout, valid)
+    if not any_padding:
+        valid = None  # every token is real: the gates pool whole blocks without a mask
     if order is not None:
         query, key, value = (_reorder(x, order, dim=2) for x in (query, key, value))
         doc_ids, valid = doc_ids.gather(1, order), valid.gather(1, order)
@@ -158,7 +160,8 @@ def seer_attention_forward(
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
         rt.record_loss(layer, gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind))
-        if block_mask is not None:
+        # A checkpoint recomputation would only overwrite the first pass's recall with the same values.
+        if block_mask is not None and rt.record_stats and not recomputing:
             recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)
             rt.record(f"recall/{layer}", recall)
             rt.record(f"oracle_recall/{layer}", oracle_recall)
@@ -240,15 +243,15 @@ def _candidates(rt: SeerRuntime, layout: Layout, doc_ids, valid) -> torch.Tensor
     return found
 
 
-def _compaction(rt: SeerRuntime, layout: Layout, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`masking.compaction_order` of this forward's padding, decided by its first layer (the test reads a flag
-    back from the device: once per forward, not once per layer). Kept beside the forward's candidates, under a
-    key of its own."""
+def _padding(rt: SeerRuntime, layout: Layout, valid: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], bool]:
+    """`masking.padding_layout` of this forward (the compaction order, and whether any token is padding), decided
+    by its first layer: one read from the device per forward, not per layer. Kept beside the forward's
+    candidates, under a key of its own."""
     if valid is None:
-        return None
-    key = ("compaction", layout)
+        return None, False
+    key = ("padding", layout)
     if key not in rt.forward.candidates:
-        rt.forward.candidates[key] = compaction_order(valid)
+        rt.forward.candidates[key] = padding_layout(valid)
     return rt.forward.candidates[key]
 
 
@@ -289,9 +292,10 @@ def _select(
             scores = log_probs.detach()
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True)
-        rt.record(f"density/{layer}", realised_density(block_mask, candidates))
-        # Per head: with a threshold or the layer budget heads keep different shares, which a layer mean hides.
-        rt.record(f"density_heads/{layer}", _density_per_head(block_mask, candidates))
+        if rt.record_stats:
+            rt.record(f"density/{layer}", realised_density(block_mask, candidates))
+            # Per head: with a threshold or the layer budget heads keep different shares, which a layer mean hides.
+            rt.record(f"density_heads/{layer}", _density_per_head(block_mask, candidates))
         if rt.keeps_graph:
             state.block_masks[layer] = block_mask
     if rt.record_block_masks:

@@ -288,9 +288,10 @@ def _needle_rows(cfg: SeerConfig, model, runtime: Optional[SeerRuntime], tokeniz
         tag = {"setting": kind, "value": value, "selection": "dense" if kind == "density" and value >= 1.0 else "gate"}
         changes = sparsity_settings(density=value if kind == "density" else None, threshold=value if kind == "threshold" else None)
         with (runtime.using(**changes) if runtime is not None else contextlib.nullcontext()):
-            saved = runtime.training if runtime is not None else None
+            saved = (runtime.training, runtime.record_stats) if runtime is not None else None
             if runtime is not None:
-                runtime.training = False
+                # Generation: no gate loss, and no statistics (nothing takes them; they would pile up per prompt).
+                runtime.training, runtime.record_stats = False, False
             try:
                 rows = evaluate_needles(
                     model,
@@ -305,7 +306,7 @@ def _needle_rows(cfg: SeerConfig, model, runtime: Optional[SeerRuntime], tokeniz
                 )
             finally:
                 if runtime is not None:
-                    runtime.training = saved
+                    runtime.training, runtime.record_stats = saved
         for row in rows:
             out.append({**tag, **row})
         print("\n" + format_needle_table(out[-len(rows) :]), flush=True)

@@ -32,21 +32,28 @@ def num_blocks(seq_len: int, block_size: int) -> int:
 def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int, poolings: Sequence[str]) -> torch.Tensor:
     """Pool token features over blocks, ignoring tokens outside the sequence and padding tokens.
 
+    Reductions read `x` in its own dtype and accumulate in float32; no float32 copy of `x` is made (at 128k
+    tokens a layer's queries are hundreds of MB).
+
     Args:
         x: `[B, L, H, D]` token features.
         valid: optional bool `[B, L]`, False for padding tokens (they do not enter any pooled value).
-            None: every token is valid.
+            None: every token is valid (whole blocks are reduced without a mask).
         block_size: Tokens per block; the last block may be partial.
         poolings: Names from avg|max|min; their results are concatenated along the feature axis.
 
     Returns:
         float32 `[B, nB, H, D * len(poolings)]`. A block without valid tokens pools to zeros.
     """
+    unknown = [name for name in poolings if name not in POOLINGS]
+    if unknown or not poolings:
+        raise ValueError(f"unknown pooling {unknown[0] if unknown else None!r}: use one of {', '.join(POOLINGS)}")
+    if valid is None:
+        return _pool_unmasked(x, block_size, poolings)
     bsz, seq_len, heads, dim = x.shape
     nb = num_blocks(seq_len, block_size)
     pad = nb * block_size - seq_len
-    x = x.float()
-    keep = torch.ones(bsz, seq_len, dtype=torch.bool, device=x.device) if valid is None else valid.bool()
+    keep = valid.bool()
     if pad:
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad))
         keep = torch.nn.functional.pad(keep, (0, pad), value=False)
@@ -57,14 +64,38 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
     pooled = []
     for name in poolings:
         if name == "avg":
-            pooled.append((x * keep).sum(2) / count.clamp_min(1))
+            # Multiplying by 0/1 is exact in any dtype; the sum accumulates in float32.
+            pooled.append((x * keep).sum(2, dtype=torch.float32) / count.clamp_min(1))
         elif name == "max":
-            pooled.append(x.masked_fill(~keep, float("-inf")).amax(2).masked_fill(empty, 0.0))
-        elif name == "min":
-            pooled.append(x.masked_fill(~keep, float("inf")).amin(2).masked_fill(empty, 0.0))
+            pooled.append(x.masked_fill(~keep, float("-inf")).amax(2).float().masked_fill(empty, 0.0))
         else:
-            raise ValueError(f"unknown pooling {name!r}: use one of {', '.join(POOLINGS)}")
+            pooled.append(x.masked_fill(~keep, float("inf")).amin(2).float().masked_fill(empty, 0.0))
     return torch.cat(pooled, dim=-1)
+
+
+def _pool_unmasked(x: torch.Tensor, block_size: int, poolings: Sequence[str]) -> torch.Tensor:
+    """`pool_blocks` with every token valid: one reduction per pooling over the whole blocks (a view of `x`),
+    and one over the partial last block if there is one."""
+    bsz, seq_len, heads, dim = x.shape
+    whole = seq_len // block_size
+    parts = []
+    if whole:
+        parts.append(x[:, : whole * block_size].reshape(bsz, whole, block_size, heads, dim))
+    if whole * block_size < seq_len:
+        parts.append(x[:, whole * block_size :].unsqueeze(1))  # [B, 1, L mod block, H, D]
+    pooled = []
+    for blocks in parts:
+        reduced = [_reduce_blocks(blocks, name) for name in poolings]
+        pooled.append(reduced[0] if len(reduced) == 1 else torch.cat(reduced, dim=-1))
+    return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
+
+
+def _reduce_blocks(blocks: torch.Tensor, name: str) -> torch.Tensor:
+    """float32 `[B, n, H, D]`: the `name` pooling of `blocks [B, n, T, H, D]` over its token axis."""
+    if name == "avg":
+        return blocks.mean(2, dtype=torch.float32)
+    # The extreme of values in x's dtype is one of them: converting after the reduction is exact.
+    return (blocks.amax(2) if name == "max" else blocks.amin(2)).float()
 
 
 ROPE_UNITS = ("tokens", "blocks")
@@ -151,6 +182,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """
     rd = cos.shape[-1]
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
     rot, rest = x[..., :rd], x[..., rd:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
@@ -252,18 +285,33 @@ class AttnGate(nn.Module):
         qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight.float())
         kh = torch.einsum("bnhf,hfo->bhno", kp, k_weight.float())
         if self.rotary is not None:
-            positions = torch.arange(nb, device=q.device)[None]
-            cos, sin = self.rotary(qh, positions)
-            qh, kh = apply_rotary(qh, cos.float(), sin.float()), apply_rotary(kh, cos.float(), sin.float())
+            cos, sin = self._block_rotary(nb, qh)
+            qh, kh = apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin)
         group = self.num_heads // self.num_kv_heads
-        qh = qh.view(bsz, num_kv_heads, group, nb, self.hidden_size)
-        scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)) / math.sqrt(self.hidden_size)
+        # The 1/sqrt(hidden) scale goes on the queries ([B, H, nB, hidden]), not on the nB x nB scores.
+        qh = (qh * (1.0 / math.sqrt(self.hidden_size))).view(bsz, num_kv_heads, group, nb, self.hidden_size)
+        scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2))
         return scores.reshape(bsz, num_heads, nb, nb)
 
     @property
     def rotary_dim(self) -> int:
         """Features per head that carry RoPE (0 without a rotary): the rotary's width, two per frequency."""
         return 0 if self.rotary is None else 2 * self.rotary.inv_freq.numel()
+
+    def _block_rotary(self, nb: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (cos, sin) `[1, nB, rotary_dim]` at block positions 0..nB-1, from the gate's rotary module.
+
+        Every forward at a length asks for the same angles, so they are kept per (length, device, module); a
+        rotary whose angles depend on what it saw before (`dynamic` rope types) is asked every time.
+        """
+        cached = getattr(self, "_rotary_cache", None)
+        if cached is not None and cached[:2] == (nb, like.device) and cached[2] is self.rotary:
+            return cached[3]
+        cos, sin = self.rotary(like, torch.arange(nb, device=like.device)[None])
+        angles = (cos.float(), sin.float())
+        if "dynamic" not in str(getattr(self.rotary, "rope_type", "")):
+            self._rotary_cache = (nb, like.device, self.rotary, angles)
+        return angles
 
     def extra_repr(self) -> str:
         rope = "none" if self.rotary is None else f"{self.rope_units}, rope_dims={self.rotary_dim}/{self.hidden_size}"

@@ -164,6 +164,8 @@ def load_for_generation(
     if not dense and density is None and threshold is None:
         density, threshold = gates.get("density"), gates.get("threshold")
     configure_sparsity(runtime, density=None if dense else density, threshold=None if dense else threshold, kernel=kernel)
+    # Nothing takes per-forward statistics during generation: kept, they would grow with every prompt.
+    runtime.record_stats = False
     return GenerationModel(prepare_for_generation(model, tokenizer), tokenizer, runtime)
 
 

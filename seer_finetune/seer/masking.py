@@ -80,13 +80,29 @@ def compaction_order(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         int64 `[B, L]` (position in the original row of the token that goes to each place), or None when no
         padding token comes before a real one (nothing to move).
     """
+    return padding_layout(valid)[0]
+
+
+def padding_layout(valid: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], bool]:
+    """`compaction_order(valid)`, and whether any token is padding, from one read of the device.
+
+    Attention reads this once per forward: without padding the gates pool whole blocks without a mask.
+
+    Args:
+        valid: bool `[B, L]`, False for padding tokens (from `split_document_ids`), or None.
+
+    Returns:
+        (the compaction order or None, as `compaction_order`; True when some token is padding).
+    """
     if valid is None:
-        return None
+        return None, False
     # A padding token before a real one: somewhere a False is followed (not necessarily directly) by a True.
     later_real = valid.flip(-1).cummax(-1).values.flip(-1)
-    if not bool((later_real & ~valid).any()):
-        return None
-    return torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    padded = ~valid
+    any_padding, padding_first = torch.stack([padded.any(), (later_real & padded).any()]).tolist()
+    if not padding_first:
+        return None, bool(any_padding)
+    return torch.argsort(padded.to(torch.int8), dim=-1, stable=True), True
 
 
 def seer_mask(

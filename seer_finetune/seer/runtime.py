@@ -121,7 +121,8 @@ class ForwardState:
     Attributes:
         forward_id: Counts the model's forwards; keys the statistics so a recomputation overwrites its own.
         candidates: `attention.Layout` -> bool `[B, nB, nB]` candidate blocks, computed by the first layer (per
-            layer they would be dozens of small launches).
+            layer they would be dozens of small launches); `("padding", layout)` -> the forward's
+            `masking.padding_layout`.
         plans: (layout, settings) -> `SelectionPlan` (forced blocks, quotas) shared by every layer likewise.
         block_masks: layer -> block mask selected in this forward's first pass (the selection is a no-grad
             function of the same inputs, so the recomputation reuses it).
@@ -129,7 +130,7 @@ class ForwardState:
     """
 
     forward_id: int = 0
-    candidates: dict[Any, torch.Tensor] = field(default_factory=dict)
+    candidates: dict[Any, Any] = field(default_factory=dict)
     plans: dict[tuple[Any, SeerSettings], SelectionPlan] = field(default_factory=dict)
     block_masks: dict[int, torch.Tensor] = field(default_factory=dict)
     ground_truth: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
@@ -147,6 +148,9 @@ class SeerRuntime:
         training: The trainer's mode: ground truth on a query subset and gate losses with gradient. In
             evaluation the gate loss is still recorded, without gradient, on every row.
         record_block_masks: Keep each layer's last block mask in `block_masks` (for inspection and tests).
+        record_stats: Keep per-forward statistics (densities, recall, gate losses) for `take_stats`. On by default
+            (training and `eval` read them); generation turns it off, since nothing takes them there and they
+            would pile up with every prompt.
         block_masks: layer -> bool `[B, Hq, nB, nB]` of the last sparse forward, when recorded.
         forward: The current `ForwardState`.
     """
@@ -156,6 +160,7 @@ class SeerRuntime:
         self._settings = dataclasses.replace(base, **changes) if changes else base
         self.training = True
         self.record_block_masks = False
+        self.record_stats = True
         self.block_masks: dict[int, torch.Tensor] = {}
         self.forward = ForwardState()
         self._losses: dict[int, torch.Tensor] = {}
@@ -214,7 +219,9 @@ class SeerRuntime:
 
     def record(self, key: str, value: torch.Tensor) -> None:
         """Keep a detached scalar (or a vector of a fixed length per key, e.g. one value per head) of the current
-        forward for `take_stats`."""
+        forward for `take_stats` (nothing while `record_stats` is off)."""
+        if not self.record_stats:
+            return
         self._stats.setdefault(self.forward.forward_id, {})[key] = value.detach().float()
 
     @property

@@ -234,8 +234,8 @@ class SelectionPlan:
         Returns:
             bool `[B, H, nB, nB]`, a subset of the candidates.
         """
-        cand = self.candidates[:, None].expand_as(scores)
-        forced = self.forced[:, None].expand_as(scores)
+        # [B, 1, nB, nB]: broadcast over the heads, never materialised per head.
+        cand, forced = self.candidates[:, None], self.forced[:, None]
         if self.threshold is not None:
             probs = gate_log_probs(scores, self.candidates).exp()
             return (cand & (probs >= self.threshold)) | forced
@@ -246,7 +246,7 @@ class SelectionPlan:
                 return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first)
             # Per head: each (batch element, head) is a layer of one head with that head's share.
             bsz, heads = scores.shape[:2]
-            per_head = lambda t: None if t is None else t.reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
+            per_head = lambda t: None if t is None else t.expand_as(scores).reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
             extra = [e for e in self.layer_extra(1) for _ in range(heads)]
             picked = _select_by_layer_budget(per_head(log_probs), per_head(cand), per_head(forced), extra, per_head(first))
             return picked.view(scores.shape)
@@ -285,7 +285,7 @@ def _select_by_layer_budget(
 
     Args:
         log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
-        cand, forced: bool `[B, H, nB, nB]`.
+        cand, forced: bool `[B, H, nB, nB]`, or `[B, 1, nB, nB]` for every head alike.
         extra: From `SelectionPlan.layer_extra`.
         first: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before every other block (in their
             own order of probability), e.g. `SelectionPlan._row_mass_picks`.
@@ -310,7 +310,7 @@ def _select_by_layer_budget(
             index = torch.topk(key, top, dim=-1, sorted=True).indices
             limit = torch.tensor(extra, device=key.device)[:, None]
             picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < limit)
-    return (picked.view_as(cand) & cand) | forced
+    return (picked.view(log_probs.shape) & cand) | forced
 
 
 def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,23 @@ def test_pooling_matches_brute_force_with_partial_block_and_padding():
         pool_blocks(x, None, 8, ("median",))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seq_len", [24, 23, 5])
+def test_pooling_without_padding_reduces_whole_blocks_as_the_masked_path_does(dtype, seq_len):
+    """`valid=None` takes the unmasked reductions (whole blocks, then the partial last one): the same float32
+    values as the masked path with every token valid, for bf16 inputs too (accumulated in float32)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, seq_len, 3, 4).to(dtype)
+    everyone = torch.ones(2, seq_len, dtype=torch.bool)
+    for poolings in (("avg",), ("max", "min"), ("avg", "max", "min")):
+        got = pool_blocks(x, None, 8, poolings)
+        assert got.dtype == torch.float32 and got.shape == (2, -(-seq_len // 8), 3, 4 * len(poolings))
+        torch.testing.assert_close(got, pool_blocks(x, everyone, 8, poolings), rtol=1e-6, atol=1e-6)
+    # Against the float32 brute force: the average of bf16 values is not rounded back to bf16.
+    want = torch.stack([x[:, b : b + 8].float().mean(1) for b in range(0, seq_len, 8)], dim=1)
+    torch.testing.assert_close(pool_blocks(x, None, 8, ("avg",)), want, rtol=1e-6, atol=1e-6)
+
+
 def test_scores_follow_gqa_layout():
     """Query head h is scored against KV head h // group, as transformers' repeat_kv pairs them."""
     torch.manual_seed(1)
@@ -136,6 +153,24 @@ def test_rope_fraction_one_is_the_full_width_rotary_bit_for_bit():
     torch.manual_seed(0)
     q, k = torch.randn(2, 100, 4, 16), torch.randn(2, 100, 2, 16)
     assert torch.equal(gate(q, k), reference(q, k))
+
+
+def test_block_angles_are_computed_once_per_length_and_rotary_module():
+    """The gate asks its rotary module for the block angles once per length (and device, and module): a
+    second forward reuses them with identical scores, another length or a replaced module asks again."""
+    model = _yarn_model()
+    attach_seer_gates(model, SeerRuntime(mode="gate_distill", block_size=16), gate_hidden_size=32, rope_units="blocks")
+    gate = seer_gates(model)[0]
+    calls = []
+    gate.rotary.register_forward_hook(lambda _m, args, _out: calls.append(args[1].shape[-1]))
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 100, 4, 16), torch.randn(1, 100, 2, 16)
+    first = gate(q, k)
+    assert torch.equal(gate(q, k), first) and calls == [7]
+    gate(q[:, :40], k[:, :40])
+    assert calls == [7, 3]
+    gate.rotary = gate_rotary_embedding(model.config, model.model.rotary_emb, 32, block_size=16, units="blocks")
+    assert torch.equal(gate(q, k), first)  # the same settings give the same angles, asked of the new module
 
 
 def test_partial_rope_rotates_the_first_dims_at_their_width_and_leaves_the_rest_position_free():
