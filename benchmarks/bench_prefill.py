@@ -68,6 +68,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         help="Liger-Kernel's RMSNorm, SwiGLU and RoPE in every model, dense and seer alike (default: on CUDA when installed)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-gate", action="store_true", help="the seer model's gate path under torch.compile (attention.compile_gate)")
     p.add_argument(
         "--profile",
         type=Path,
@@ -278,14 +279,15 @@ def apply_liger(model) -> bool:
     return True
 
 
-def seer_model(dense, block: int, device: torch.device, budget: str = "layer"):
+def seer_model(dense, block: int, device: torch.device, budget: str = "layer", compile_gate: bool = False):
     """A copy of `dense` with untrained gates of the trained configs' shape (hidden 128, sink 1, local 2, the
-    given budget)."""
+    given budget), the gate path compiled when `compile_gate`."""
     from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
     model = copy.deepcopy(dense)
     runtime = SeerRuntime(
-        mode="dense", block_size=block, sink_blocks=1, local_blocks=2, budget=budget, compute_loss=False
+        mode="dense", block_size=block, sink_blocks=1, local_blocks=2, budget=budget, compute_loss=False,
+        compile_gate=compile_gate,
     )
     runtime.training = False
     # As in generation: no per-forward statistics (nothing would read them).
@@ -308,7 +310,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
     with torch.device(device):
         dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     liger = bool(args.liger) and apply_liger(dense)
-    seer, runtime = seer_model(dense, args.block, device, args.budget)
+    seer, runtime = seer_model(dense, args.block, device, args.budget, args.compile_gate)
     layers = attention_modules(dense)
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim
     params = sum(p.numel() for p in dense.parameters())
@@ -544,6 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     register_baselines()
     env = environment(argv, device)
     env["liger"] = liger_version(args.liger)
+    env["compile_gate"] = args.compile_gate
     print(json.dumps(env), flush=True)
     records: list[dict] = []
     for shape in args.shapes:

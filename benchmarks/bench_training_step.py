@@ -35,6 +35,10 @@ GROUND_TRUTH_KERNELS = re.compile(r"_ground_truth|_lse_", re.I)
 VARIANTS = {
     "dense (YaRN baseline, SDPA)": ["+exp=yarn32k_dense"],
     "seer joint, density 0.1": ["+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null"],
+    # The gate path (pooling to log-probabilities, gate loss) under torch.compile: fewer, fused launches.
+    "seer joint, density 0.1, compiled gate": [
+        "+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null", "attention.compile_gate=true",
+    ],
     # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
     "seer joint, density 0.1, row budget": [
         "+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null", "attention.budget=row",

@@ -172,6 +172,9 @@ class AttentionConfig:
             ground truth and the gate loss are computed.
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
             `pytorch` or `triton`.
+        compile_gate: Run each layer's gate path (pooling, projections, block RoPE, log-softmax, gate loss)
+            under `torch.compile`: a few fused kernels instead of dozens of launches per layer. The first step
+            pays the compilation. Default False.
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
         init_steps: With `mode: joint`: first distil the gates for this many steps at the run's own length and
             RoPE scaling (base frozen, output in `<output_dir>/gate_init`; starting from `gates_path` when set,
@@ -198,6 +201,7 @@ class AttentionConfig:
     gate_loss_scale: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
+    compile_gate: bool = False
     gates_path: Optional[str] = None
     init_steps: int = 0
 

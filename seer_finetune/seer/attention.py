@@ -36,14 +36,8 @@ from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .selection import (
-    SelectionPlan,
-    block_candidates,
-    block_recall,
-    gate_log_probs,
-    gate_loss,
-    realised_density,
-)
+from .gate_path import layer_gate_loss, layer_log_probs
+from .selection import SelectionPlan, block_candidates, block_recall, realised_density
 
 ATTN_NAME = "seer"
 
@@ -131,7 +125,7 @@ def seer_attention_forward(
     q_pre, k_pre, head_shard = _gate_inputs(gate, query)
     if order is not None:
         q_pre, k_pre = _reorder(q_pre, order, dim=1), _reorder(k_pre, order, dim=1)
-    log_probs = gate_log_probs(gate(q_pre, k_pre, valid, head_shard=head_shard), candidates)
+    log_probs = layer_log_probs(gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=s.compile_gate)
     layer = gate.layer_idx
     # Gradient checkpointing runs a layer a second time during backward: reuse what the first pass chose.
     recomputing = layer in rt.forward.block_masks
@@ -159,7 +153,7 @@ def seer_attention_forward(
     if ground_truth is not None:
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
-        rt.record_loss(layer, gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind))
+        rt.record_loss(layer, layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=s.compile_gate))
         # A checkpoint recomputation would only overwrite the first pass's recall with the same values.
         if block_mask is not None and rt.record_stats and not recomputing:
             recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)

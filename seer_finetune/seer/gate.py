@@ -188,6 +188,55 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
+def block_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    *,
+    block_size: int,
+    q_pooling: Sequence[str],
+    k_pooling: Sequence[str],
+    hidden_size: int,
+) -> torch.Tensor:
+    """A gate's unnormalised block scores as a function of its inputs and weights (`AttnGate.forward`).
+
+    Weights and angles are arguments rather than module attributes, so one compiled graph of this function
+    serves the gates of every layer (`gate_path`).
+
+    Args:
+        q: pre-RoPE queries `[B, L, Hq, D]`.
+        k: pre-RoPE keys `[B, L, Hkv, D]` (`Hq % Hkv == 0`; query head h reads KV head h // (Hq / Hkv)).
+        q_weight: float32 `[Hq, D * len(q_pooling), hidden_size]`.
+        k_weight: float32 `[Hkv, D * len(k_pooling), hidden_size]`.
+        cos, sin: float32 `[1, nB, rotary_dim]` block RoPE angles, or None for no RoPE.
+        valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling).
+        block_size: Tokens per block.
+        q_pooling, k_pooling: Poolings of queries and keys (`pool_blocks`).
+        hidden_size: Per-head projection width.
+
+    Returns:
+        float32 `[B, Hq, nB, nB]` (row = query block, column = key block).
+    """
+    bsz, seq_len, num_heads = q.shape[:3]
+    num_kv_heads = k.shape[2]
+    nb = num_blocks(seq_len, block_size)
+    qp = pool_blocks(q, valid, block_size, q_pooling)  # [B, nB, Hq, Fq]
+    kp = pool_blocks(k, valid, block_size, k_pooling)  # [B, nB, Hkv, Fk]
+    qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight)
+    kh = torch.einsum("bnhf,hfo->bhno", kp, k_weight)
+    if cos is not None:
+        qh, kh = apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin)
+    # The 1/sqrt(hidden) scale goes on the queries ([B, H, nB, hidden]), not on the nB x nB scores.
+    group = num_heads // num_kv_heads
+    qh = (qh * (1.0 / math.sqrt(hidden_size))).view(bsz, num_kv_heads, group, nb, hidden_size)
+    scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2))
+    return scores.reshape(bsz, num_heads, nb, nb)
+
+
 class AttnGate(nn.Module):
     """Block-level attention predictor for one attention layer.
 
@@ -269,6 +318,14 @@ class AttnGate(nn.Module):
             float32 `[B, num_heads / count, nB, nB]` logits (row = query block, column = key block); masking to the
             causal/document candidates and the softmax are the caller's (see `selection.gate_log_probs`).
         """
+        q_weight, k_weight, cos, sin = self.operands(q, k, head_shard)
+        return block_scores(q, k, q_weight, k_weight, cos, sin, valid, **self.shape_kwargs)
+
+    def operands(
+        self, q: torch.Tensor, k: torch.Tensor, head_shard: tuple[int, int] = (0, 1)
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What `block_scores` takes besides the inputs: this shard's query and key weights (float32), and the
+        block RoPE angles (None, None without a rotary). Checks the inputs' head counts against the shard."""
         index, count = head_shard
         num_heads, num_kv_heads = self.num_heads // count, self.num_kv_heads // count
         if q.shape[2] != num_heads or k.shape[2] != num_kv_heads or self.num_kv_heads % count:
@@ -276,41 +333,40 @@ class AttnGate(nn.Module):
                 f"gate of layer {self.layer_idx} expects {num_heads} query / {num_kv_heads} key heads "
                 f"(shard {index} of {count}), got q {tuple(q.shape)} and k {tuple(k.shape)}"
             )
-        q_weight = self.q_weight[index * num_heads : (index + 1) * num_heads]
-        k_weight = self.k_weight[index * num_kv_heads : (index + 1) * num_kv_heads]
-        bsz, seq_len = q.shape[:2]
-        nb = num_blocks(seq_len, self.block_size)
-        qp = pool_blocks(q, valid, self.block_size, self.q_pooling)  # [B, nB, Hq, Fq]
-        kp = pool_blocks(k, valid, self.block_size, self.k_pooling)  # [B, nB, Hkv, Fk]
-        qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight.float())
-        kh = torch.einsum("bnhf,hfo->bhno", kp, k_weight.float())
-        if self.rotary is not None:
-            cos, sin = self._block_rotary(nb, qh)
-            qh, kh = apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin)
-        group = self.num_heads // self.num_kv_heads
-        # The 1/sqrt(hidden) scale goes on the queries ([B, H, nB, hidden]), not on the nB x nB scores.
-        qh = (qh * (1.0 / math.sqrt(self.hidden_size))).view(bsz, num_kv_heads, group, nb, self.hidden_size)
-        scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2))
-        return scores.reshape(bsz, num_heads, nb, nb)
+        q_weight = self.q_weight[index * num_heads : (index + 1) * num_heads].float()
+        k_weight = self.k_weight[index * num_kv_heads : (index + 1) * num_kv_heads].float()
+        if self.rotary is None:
+            return q_weight, k_weight, None, None
+        cos, sin = self._block_rotary(num_blocks(q.shape[1], self.block_size), q.device)
+        return q_weight, k_weight, cos, sin
+
+    @property
+    def shape_kwargs(self) -> dict:
+        """The keyword arguments of `block_scores` that describe this gate."""
+        return dict(
+            block_size=self.block_size, q_pooling=self.q_pooling, k_pooling=self.k_pooling, hidden_size=self.hidden_size
+        )
 
     @property
     def rotary_dim(self) -> int:
         """Features per head that carry RoPE (0 without a rotary): the rotary's width, two per frequency."""
         return 0 if self.rotary is None else 2 * self.rotary.inv_freq.numel()
 
-    def _block_rotary(self, nb: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_rotary(self, nb: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (cos, sin) `[1, nB, rotary_dim]` at block positions 0..nB-1, from the gate's rotary module.
 
         Every forward at a length asks for the same angles, so they are kept per (length, device, module); a
         rotary whose angles depend on what it saw before (`dynamic` rope types) is asked every time.
         """
         cached = getattr(self, "_rotary_cache", None)
-        if cached is not None and cached[:2] == (nb, like.device) and cached[2] is self.rotary:
+        if cached is not None and cached[:2] == (nb, device) and cached[2] is self.rotary:
             return cached[3]
-        cos, sin = self.rotary(like, torch.arange(nb, device=like.device)[None])
+        # The rotary module returns its angles in the dtype of this (empty) tensor: float32, as the gate runs.
+        like = torch.empty(0, device=device, dtype=torch.float32)
+        cos, sin = self.rotary(like, torch.arange(nb, device=device)[None])
         angles = (cos.float(), sin.float())
         if "dynamic" not in str(getattr(self.rotary, "rope_type", "")):
-            self._rotary_cache = (nb, like.device, self.rotary, angles)
+            self._rotary_cache = (nb, device, self.rotary, angles)
         return angles
 
     def extra_repr(self) -> str:

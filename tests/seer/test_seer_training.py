@@ -129,3 +129,34 @@ def test_gradient_checkpointing_recomputes_without_double_counting(monkeypatch):
     assert grads[0].keys() == grads[1].keys() and any("seer_gate" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_gate_path_trains_like_the_eager_one(checkpointing):
+    """`compile_gate`: the gate path under torch.compile gives the eager losses and gradients (model and gates),
+    with packed documents, GQA and gradient checkpointing's recomputation."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    ids = random_ids(1, 120)
+    results = []
+    for compiled in (False, True):
+        model = topic_model("llama")
+        torch.manual_seed(3)
+        ext = build_extension(model, _cfg(mode="joint", density=0.5, compile_gate=compiled, ground_truth_query_fraction=1.0))
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=ids, labels=ids, position_ids=packed_position_ids([50, 70]), use_cache=False)
+        gate_loss = ext.extra_losses()["gate_loss"]
+        (out.loss + gate_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(out.loss.detach()), float(gate_loss.detach()), grads))
+    # Compiled for real: the log-probabilities and the loss, each one graph without breaks, for all layers.
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    (lm0, gate0, grads0), (lm1, gate1, grads1) = results
+    assert lm1 == pytest.approx(lm0, rel=1e-5) and gate1 == pytest.approx(gate0, rel=1e-5)
+    assert grads0.keys() == grads1.keys() and any("seer_gate" in n for n in grads0)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,80 @@
+"""The gate's work in each layer, eager or under `torch.compile` (`attention.compile_gate`).
+
+Per layer and forward the gate pools Q and K, projects, rotates and scores the blocks, log-softmaxes the scores
+over the candidates and, in training, compares them with the ground truth: a few dozen small operations, each
+its own kernel launch (and again in backward and in checkpoint recomputation). At 32k tokens those launches,
+not their arithmetic, bound the step. Compiled, they become a few fused kernels. The functions take the weights
+as arguments, so one compiled graph serves the gates of every layer (a graph per input shape).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+
+from .gate import AttnGate, block_scores
+from .selection import gate_log_probs, gate_loss
+
+
+def block_log_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    **shape,
+) -> torch.Tensor:
+    """`gate.block_scores` log-softmaxed over the candidate blocks (`selection.gate_log_probs`).
+
+    Returns:
+        float32 `[B, Hq, nB, nB]`, -inf outside `candidates` (bool `[B, nB, nB]`).
+    """
+    return gate_log_probs(block_scores(q, k, q_weight, k_weight, cos, sin, valid, **shape), candidates)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn: Callable) -> Callable:
+    """`fn` under `torch.compile`, built once per process."""
+    return torch.compile(fn)
+
+
+def layer_log_probs(
+    gate: AttnGate,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    candidates: torch.Tensor,
+    *,
+    head_shard: tuple[int, int] = (0, 1),
+    compiled: bool = False,
+) -> torch.Tensor:
+    """The gate's log-probabilities over key blocks for one layer's pre-RoPE `q [B, L, Hq', D]` and
+    `k [B, L, Hkv', D]` (see `AttnGate.forward` for `valid` and `head_shard`).
+
+    Args:
+        compiled: Run the compiled graph (`torch.compile` of `block_log_probs`). Default False (eager).
+
+    Returns:
+        float32 `[B, Hq', nB, nB]`, -inf outside `candidates`.
+    """
+    q_weight, k_weight, cos, sin = gate.operands(q, k, head_shard)
+    fn = _compiled(block_log_probs) if compiled else block_log_probs
+    return fn(q, k, q_weight, k_weight, cos, sin, valid, candidates, **gate.shape_kwargs)
+
+
+def layer_gate_loss(
+    log_probs: torch.Tensor,
+    ground_truth: torch.Tensor,
+    candidates: torch.Tensor,
+    *,
+    kind: str = "kl",
+    compiled: bool = False,
+) -> torch.Tensor:
+    """`selection.gate_loss`, compiled when `compiled` (same arguments)."""
+    fn = _compiled(gate_loss) if compiled else gate_loss
+    return fn(log_probs, ground_truth, candidates, kind=kind)
