@@ -9,7 +9,8 @@ Two of transformers' registries carry it, so no modeling file is copied or patch
 One call per layer and forward, in steps:
 1. inputs: check the call; take the pre-RoPE q/k the gate's hooks captured (`attach.py`), regrouped like the
    attention inputs under sequence parallelism;
-2. gate scores: the gate's block logits, log-softmaxed over the candidate blocks;
+2. gate scores: the gate's block logits, log-softmaxed over the candidate blocks (`gate_path`: eager, or one
+   compiled graph with `compile_gate`);
 3. selection: the forward's `SelectionPlan` (built by its first layer, shared by all) turns the gate's scores
    (or, for the oracle, the true pooled attention) into a block mask;
 4. kernel: block-sparse attention over the kept blocks, or dense attention with its ground truth when only the
@@ -34,9 +35,9 @@ import seer_kernels
 
 from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
+from .gate_path import layer_gate_loss, layer_log_probs
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .gate_path import layer_gate_loss, layer_log_probs
 from .selection import SelectionPlan, block_candidates, block_recall, realised_density
 
 ATTN_NAME = "seer"
@@ -153,7 +154,8 @@ def seer_attention_forward(
     if ground_truth is not None:
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
-        rt.record_loss(layer, layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=s.compile_gate))
+        loss = layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=s.compile_gate)
+        rt.record_loss(layer, loss)
         # A checkpoint recomputation would only overwrite the first pass's recall with the same values.
         if block_mask is not None and rt.record_stats and not recomputing:
             recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)
