@@ -35,10 +35,10 @@ import seer_kernels
 
 from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
-from .gate_path import layer_gate_loss, layer_log_probs
+from .gate_path import layer_gate_loss, layer_log_probs, layer_selection_stats
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .selection import SelectionPlan, block_candidates, block_recall, realised_density
+from .selection import SelectionPlan, block_candidates
 
 ATTN_NAME = "seer"
 
@@ -156,11 +156,11 @@ def seer_attention_forward(
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
         loss = layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=s.compile_gate)
         rt.record_loss(layer, loss)
-        # A checkpoint recomputation would only overwrite the first pass's recall with the same values.
-        if block_mask is not None and rt.record_stats and not recomputing:
-            recall, oracle_recall = block_recall(block_mask if rows is None else block_mask[:, :, rows], ground_truth)
-            rt.record(f"recall/{layer}", recall)
-            rt.record(f"oracle_recall/{layer}", oracle_recall)
+    # A checkpoint recomputation would only overwrite the first pass's statistics with the same values.
+    if block_mask is not None and rt.record_stats and not recomputing:
+        stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=s.compile_gate)
+        for name, value in stats.items():
+            rt.record(f"{name}/{layer}", value)
     return _restore(out, order).transpose(1, 2).contiguous(), None
 
 
@@ -288,22 +288,11 @@ def _select(
             scores = log_probs.detach()
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True)
-        if rt.record_stats:
-            rt.record(f"density/{layer}", realised_density(block_mask, candidates))
-            # Per head: with a threshold or the layer budget heads keep different shares, which a layer mean hides.
-            rt.record(f"density_heads/{layer}", _density_per_head(block_mask, candidates))
         if rt.keeps_graph:
             state.block_masks[layer] = block_mask
     if rt.record_block_masks:
         rt.block_masks[layer] = block_mask
     return block_mask, oracle_truth
-
-
-def _density_per_head(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """float32 `[Hq]`: each head's fraction of candidate blocks kept, over the batch and rows."""
-    cand = candidates[:, None].expand_as(block_mask)
-    kept = (block_mask & cand).sum(dim=(0, 2, 3), dtype=torch.float32)
-    return kept / cand.sum(dim=(0, 2, 3), dtype=torch.float32).clamp_min(1.0)
 
 
 # -- step 5: ground truth for the loss ----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The gate's work in each layer, eager or under `torch.compile` (`attention.compile_gate`).
+"""The gate's work in each layer, eager or under `torch.compile` (`attention.compile_gate`): its
+log-probabilities, its loss, and the statistics of the blocks it selected.
 
 Per layer and forward the gate pools Q and K, projects, rotates and scores the blocks, log-softmaxes the scores
 over the candidates and, in training, compares them with the ground truth: a few dozen small operations, each
@@ -15,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from .gate import AttnGate, block_scores
-from .selection import gate_log_probs, gate_loss
+from .selection import block_recall, density_per_head, gate_log_probs, gate_loss, realised_density
 
 
 def block_log_probs(
@@ -78,3 +79,42 @@ def layer_gate_loss(
     """`selection.gate_loss`, compiled when `compiled` (same arguments)."""
     fn = _compiled(gate_loss) if compiled else gate_loss
     return fn(log_probs, ground_truth, candidates, kind=kind)
+
+
+def selection_stats(
+    block_mask: torch.Tensor,
+    candidates: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    ground_truth: Optional[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """What a layer records of its selection: `density` (kept share of the candidates, 0-dim), `density_heads`
+    (per head, `[H]`) and, with a ground truth, `recall` and `oracle_recall` (`selection.block_recall`).
+
+    Args:
+        block_mask: bool `[B, H, nB, nB]`.
+        candidates: bool `[B, nB, nB]`.
+        rows: the query blocks the ground truth covers (None: all).
+        ground_truth: optional float32 `[B, H, nQ, nB]`.
+    """
+    stats = {
+        "density": realised_density(block_mask, candidates),
+        "density_heads": density_per_head(block_mask, candidates),
+    }
+    if ground_truth is not None:
+        stats["recall"], stats["oracle_recall"] = block_recall(
+            block_mask if rows is None else block_mask[:, :, rows], ground_truth
+        )
+    return stats
+
+
+def layer_selection_stats(
+    block_mask: torch.Tensor,
+    candidates: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    ground_truth: Optional[torch.Tensor],
+    *,
+    compiled: bool = False,
+) -> dict[str, torch.Tensor]:
+    """`selection_stats`, compiled when `compiled` (same arguments)."""
+    fn = _compiled(selection_stats) if compiled else selection_stats
+    return fn(block_mask, candidates, rows, ground_truth)

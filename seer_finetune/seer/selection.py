@@ -325,6 +325,19 @@ def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torc
     return kept / cand.sum(dtype=torch.float32).clamp_min(1.0)
 
 
+def density_per_head(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """float32 `[H]`: each head's fraction of candidate blocks kept, over the batch and rows (with a threshold or
+    the layer budget heads keep different shares, which a layer mean hides).
+
+    Args:
+        block_mask: bool `[B, H, nB, nB]`.
+        candidates: bool `[B, nB, nB]`.
+    """
+    cand = candidates[:, None].expand_as(block_mask)
+    kept = (block_mask & cand).sum(dim=(0, 2, 3), dtype=torch.float32)
+    return kept / cand.sum(dim=(0, 2, 3), dtype=torch.float32).clamp_min(1.0)
+
+
 def block_recall(block_mask: torch.Tensor, ground_truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How much of the ground truth a selection keeps, and how much the best selection of the same size would.
 

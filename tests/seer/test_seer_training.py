@@ -133,8 +133,8 @@ def test_gradient_checkpointing_recomputes_without_double_counting(monkeypatch):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_gate_path_trains_like_the_eager_one(checkpointing):
-    """`compile_gate`: the gate path under torch.compile gives the eager losses and gradients (model and gates),
-    with packed documents, GQA and gradient checkpointing's recomputation."""
+    """`compile_gate`: the gate path under torch.compile gives the eager losses, gradients (model and gates) and
+    statistics, with packed documents, GQA and gradient checkpointing's recomputation."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -152,10 +152,14 @@ def test_compiled_gate_path_trains_like_the_eager_one(checkpointing):
         gate_loss = ext.extra_losses()["gate_loss"]
         (out.loss + gate_loss).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((float(out.loss.detach()), float(gate_loss.detach()), grads))
-    # Compiled for real: the log-probabilities and the loss, each one graph without breaks, for all layers.
-    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
-    (lm0, gate0, grads0), (lm1, gate1, grads1) = results
+        results.append((float(out.loss.detach()), float(gate_loss.detach()), grads, ext.metrics()))
+    # Compiled for real: the log-probabilities, the loss and the statistics, each one graph without breaks, for
+    # all layers.
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"]
+    (lm0, gate0, grads0, metrics0), (lm1, gate1, grads1, metrics1) = results
+    assert metrics0.keys() == metrics1.keys() and any("recall" in name for name in metrics0)
+    for name, value in metrics0.items():
+        assert metrics1[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert lm1 == pytest.approx(lm0, rel=1e-5) and gate1 == pytest.approx(gate0, rel=1e-5)
     assert grads0.keys() == grads1.keys() and any("seer_gate" in n for n in grads0)
     for name in grads0:
