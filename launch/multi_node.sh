@@ -36,7 +36,7 @@ exit
 # Per-rank part: the DeepSpeed launcher has set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
 import sys
 
-from seer_finetune.__main__ import main
+from seer_finetune.__main__ import leave, main
 
 overrides = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-sys.exit(main(["train", *overrides]))
+leave(main(["train", *overrides]))

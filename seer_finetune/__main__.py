@@ -15,6 +15,7 @@ Add `--print-config` to print the composed configuration and exit.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError
@@ -70,5 +71,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def leave(code: int) -> None:
+    """Exit with `code`.
+
+    A process that ran a distributed job and destroyed its process group skips the interpreter's teardown: by then
+    its files are written and its logger closed, and the teardown of the communication libraries' threads (gloo,
+    DeepSpeed's shared-memory collectives on CPU) can still abort a finished run with SIGABRT ("terminate called
+    without an active exception"), which its launcher would report as a failure.
+    """
+    engine = sys.modules.get("seer_finetune.deepspeed_engine")
+    if engine is not None and engine.left_process_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def cli() -> None:
+    """The `seer-finetune` console script: `main` on the command line, then `leave`."""
+    leave(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -33,6 +33,14 @@ from .ulysses import register_ulysses
 
 DS_DIR = "deepspeed"
 
+# Set once this process has destroyed its process group at the end of a run (`DeepSpeedEngine.close`).
+_left_process_group = False
+
+
+def left_process_group() -> bool:
+    """Whether this process finished a distributed run and destroyed its process group (see `__main__`)."""
+    return _left_process_group
+
 
 def checkpoint_root(run_dir: Path) -> Path:
     """The folder of a run's DeepSpeed checkpoints (`latest` and one `step_NNNNNN` tag folder each)."""
@@ -267,3 +275,5 @@ class DeepSpeedEngine(Engine):
             torch.distributed.barrier()
             self.ds_engine.destroy()
             torch.distributed.destroy_process_group()
+            global _left_process_group
+            _left_process_group = True

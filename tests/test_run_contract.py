@@ -307,3 +307,23 @@ def test_overwrite_killed_while_moving_is_finished_by_the_next_run(tmp_path):
     finish_pending_move(run, is_main=True)
     assert sorted(p.name for p in run.iterdir()) == ["previous_1"]
     assert sorted(p.name for p in (run / "previous_1").iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("after_distributed_run", [False, True])
+def test_leaving_skips_the_teardown_only_after_a_distributed_run(after_distributed_run):
+    """`leave(code)` exits with `code`; once a distributed run has destroyed its process group it skips the
+    interpreter's teardown (where comm threads could abort a finished run), after flushing what was printed."""
+    import subprocess
+    import sys
+
+    program = (
+        "import atexit, seer_finetune.deepspeed_engine as engine\n"
+        "from seer_finetune.__main__ import leave\n"
+        "atexit.register(lambda: print('teardown ran', flush=True))\n"
+        f"engine._left_process_group = {after_distributed_run}\n"
+        "print('work done', end='')\n"
+        "leave(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and proc.stdout.startswith("work done"), proc.stderr[-2000:]
+    assert ("teardown ran" in proc.stdout) != after_distributed_run

@@ -8,6 +8,7 @@ import sys
 from deepspeed.utils import safe_get_full_grad
 from safetensors.torch import save_file
 
+from seer_finetune.__main__ import leave
 from seer_finetune.compose import compose_config
 from seer_finetune.trainer import Trainer
 
@@ -27,3 +28,6 @@ if trainer.ctx.is_main:
 # writes, or with the process group alive, can abort in gloo's teardown ("terminate called without an active
 # exception", SIGABRT).
 trainer.engine.close()
+# Past this point only the interpreter's teardown is left, where the comm libraries' threads can still abort a
+# finished run; leave as `python -m seer_finetune` does.
+leave(0)
