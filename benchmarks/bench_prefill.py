@@ -517,15 +517,6 @@ def environment(argv: Optional[list[str]], device: torch.device) -> dict[str, An
     return env
 
 
-def liger_version(enabled: bool) -> str:
-    """Liger-Kernel's version when it is applied, else "off"."""
-    if not enabled:
-        return "off"
-    from importlib.metadata import version
-
-    return version("liger-kernel")
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     """Run every shape, length and variant; print the table; write `--json` and `--markdown`.
 
@@ -545,7 +536,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.liger = device.type == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     register_baselines()
     env = environment(argv, device)
-    env["liger"] = liger_version(args.liger)
+    from bench_quality import package_versions
+
+    env["liger"] = package_versions()["liger-kernel"] if args.liger else "off"
     env["compile_gate"] = args.compile_gate
     print(json.dumps(env), flush=True)
     records: list[dict] = []

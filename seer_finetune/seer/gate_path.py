@@ -16,32 +16,27 @@ from typing import Callable, Optional
 import torch
 
 from .gate import AttnGate, block_scores
-from .selection import block_recall, density_per_head, gate_log_probs, gate_loss, realised_density
+from .selection import block_recall, density_per_head, gate_log_probs, gate_loss
 
 
-def block_log_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    cos: Optional[torch.Tensor],
-    sin: Optional[torch.Tensor],
-    valid: Optional[torch.Tensor],
-    candidates: torch.Tensor,
-    **shape,
-) -> torch.Tensor:
-    """`gate.block_scores` log-softmaxed over the candidate blocks (`selection.gate_log_probs`).
+def block_log_probs(candidates: torch.Tensor, *operands: Optional[torch.Tensor], **shape) -> torch.Tensor:
+    """`gate.block_scores(*operands, **shape)` log-softmaxed over the candidate blocks (`selection.gate_log_probs`).
 
     Returns:
         float32 `[B, Hq, nB, nB]`, -inf outside `candidates` (bool `[B, nB, nB]`).
     """
-    return gate_log_probs(block_scores(q, k, q_weight, k_weight, cos, sin, valid, **shape), candidates)
+    return gate_log_probs(block_scores(*operands, **shape), candidates)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
     """`fn` under `torch.compile`, built once per process."""
     return torch.compile(fn)
+
+
+def _run(fn: Callable, compiled: bool) -> Callable:
+    """`fn`, or its compiled graph when `compiled`."""
+    return _compiled(fn) if compiled else fn
 
 
 def layer_log_probs(
@@ -64,8 +59,7 @@ def layer_log_probs(
         float32 `[B, Hq', nB, nB]`, -inf outside `candidates`.
     """
     q_weight, k_weight, cos, sin = gate.operands(q, k, head_shard)
-    fn = _compiled(block_log_probs) if compiled else block_log_probs
-    return fn(q, k, q_weight, k_weight, cos, sin, valid, candidates, **gate.shape_kwargs)
+    return _run(block_log_probs, compiled)(candidates, q, k, q_weight, k_weight, cos, sin, valid, **gate.shape_kwargs)
 
 
 def layer_gate_loss(
@@ -77,8 +71,7 @@ def layer_gate_loss(
     compiled: bool = False,
 ) -> torch.Tensor:
     """`selection.gate_loss`, compiled when `compiled` (same arguments)."""
-    fn = _compiled(gate_loss) if compiled else gate_loss
-    return fn(log_probs, ground_truth, candidates, kind=kind)
+    return _run(gate_loss, compiled)(log_probs, ground_truth, candidates, kind=kind)
 
 
 def selection_stats(
@@ -96,10 +89,9 @@ def selection_stats(
         rows: the query blocks the ground truth covers (None: all).
         ground_truth: optional float32 `[B, H, nQ, nB]`.
     """
-    stats = {
-        "density": realised_density(block_mask, candidates),
-        "density_heads": density_per_head(block_mask, candidates),
-    }
+    per_head = density_per_head(block_mask, candidates)
+    # Every head has the same candidates, so the layer's share is the mean of the heads' (one pass, not two).
+    stats = {"density": per_head.mean(), "density_heads": per_head}
     if ground_truth is not None:
         stats["recall"], stats["oracle_recall"] = block_recall(
             block_mask if rows is None else block_mask[:, :, rows], ground_truth
@@ -116,5 +108,4 @@ def layer_selection_stats(
     compiled: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`selection_stats`, compiled when `compiled` (same arguments)."""
-    fn = _compiled(selection_stats) if compiled else selection_stats
-    return fn(block_mask, candidates, rows, ground_truth)
+    return _run(selection_stats, compiled)(block_mask, candidates, rows, ground_truth)

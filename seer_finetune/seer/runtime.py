@@ -50,8 +50,8 @@ class SeerSettings:
         detach_gate_inputs: Detach the captured pre-RoPE Q/K before the gate, so the gate loss trains only the
             gates.
         compute_loss: Compute the ground truth and the gate loss (off to measure sparse perplexity alone).
-        compile_gate: Run each layer's gate path (pooling to log-probabilities, and the gate loss) as one graph
-            compiled by `torch.compile` (`gate_path`): fewer, fused launches. Default False.
+        compile_gate: Run each layer's gate path (pooling to log-probabilities, the gate loss, the selection's
+            statistics) as graphs compiled by `torch.compile` (`gate_path`): fewer, fused launches. Default False.
         oracle: Select blocks by each layer's true block-pooled attention instead of the gate's scores: what a
             perfect gate would reach at the same density or threshold (an evaluation bound; it costs a
             ground-truth pass per layer).

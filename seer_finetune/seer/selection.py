@@ -333,9 +333,9 @@ def density_per_head(block_mask: torch.Tensor, candidates: torch.Tensor) -> torc
         block_mask: bool `[B, H, nB, nB]`.
         candidates: bool `[B, nB, nB]`.
     """
-    cand = candidates[:, None].expand_as(block_mask)
-    kept = (block_mask & cand).sum(dim=(0, 2, 3), dtype=torch.float32)
-    return kept / cand.sum(dim=(0, 2, 3), dtype=torch.float32).clamp_min(1.0)
+    kept = (block_mask & candidates[:, None]).sum(dim=(0, 2, 3), dtype=torch.float32)
+    # Every head has the same candidates: their count, over the batch and rows.
+    return kept / candidates.sum(dtype=torch.float32).clamp_min(1.0)
 
 
 def block_recall(block_mask: torch.Tensor, ground_truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
