@@ -260,23 +260,21 @@ def decode_rate(model, ids: torch.Tensor, steps: int, device: torch.device) -> f
 # -- one model ---------------------------------------------------------------------------------------------------
 
 
-def apply_liger(model) -> bool:
-    """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in `model` (its recommended setup for Llama and Qwen2 models;
-    the loss kernels are left out: a prefill computes no loss). Applied before the seer copy, so both have them.
+def apply_liger(model, device: torch.device) -> bool:
+    """Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in `model`, as training applies them (`model.fused_kernels`;
+    Liger's recommended setup for Llama and Qwen2 models). Applied before the seer copy, so both have them.
 
     Returns:
-        Whether they were applied (a failure is printed, and the shape runs without them: its rows say so).
+        Whether they were applied (a refusal is printed, and the shape runs without them: its rows say so).
     """
-    try:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    from seer_finetune.config import ConfigError
+    from seer_finetune.fused_kernels import apply_fused_kernels
 
-        _apply_liger_kernel_to_instance(
-            model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
-        )
-    except Exception as exc:  # noqa: BLE001 - a benchmark option: report and go on without it
-        print(f"[bench prefill] Liger-Kernel not applied: {type(exc).__name__}: {exc}", flush=True)
+    try:
+        return apply_fused_kernels(model, "liger", device) == "liger"
+    except ConfigError as exc:
+        print(f"[bench prefill] Liger-Kernel not applied: {exc}", flush=True)
         return False
-    return True
 
 
 def seer_model(dense, block: int, device: torch.device, budget: str = "layer", compile_gate: bool = False):
@@ -309,7 +307,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
     torch.manual_seed(args.seed)
     with torch.device(device):
         dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
-    liger = bool(args.liger) and apply_liger(dense)
+    liger = bool(args.liger) and apply_liger(dense, device)
     seer, runtime = seer_model(dense, args.block, device, args.budget, args.compile_gate)
     layers = attention_modules(dense)
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim

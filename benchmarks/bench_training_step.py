@@ -4,14 +4,19 @@ Both runs use the project's trainer end to end (YaRN 8k -> 32k, LoRA + embedding
 checkpointing), on a model with SmolLM2-135M's architecture (random weights: `builtin:smollm2_135m_arch`),
 fed with the embedded corpus. For each variant: median step time over a few steps, then one profiled step
 whose GPU kernel time is split into attention (dense SDPA kernels, or this project's block-sparse forward /
-backward and ground-truth kernels) and everything else. Prints a table and writes JSON.
+backward and ground-truth kernels) and everything else; GPU busy is that kernel time over the step's wall time.
+Every variant runs with the same `model.fused_kernels` (`--fused-kernels`: Liger-Kernel's RMSNorm, SwiGLU and
+RoPE, or transformers' own modules). Liger patches RoPE for a whole modeling module, so compare the two settings
+across two processes (two runs of this script), not within one. Prints a table and writes JSON.
 
     python benchmarks/bench_training_step.py --out benchmarks/results/training_step.json [--steps 3] [--seq-len 32768]
+        [--fused-kernels auto|liger|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import statistics
@@ -26,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from seer_finetune.compose import compose_config  # noqa: E402
+from seer_finetune.modeling import base_model  # noqa: E402
 from seer_finetune.trainer import Trainer  # noqa: E402
 
 # Kernel-name patterns of attention work: PyTorch's SDPA backends, and seer_kernels' Triton kernels.
@@ -126,11 +132,20 @@ def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: 
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "loss": metrics["train/loss"],
         "density": metrics.get("seer/density"),
+        "fused_kernels": getattr(base_model(trainer.model), "seer_fused_kernels", "none"),
     }
     result.update(profile_step(trainer))
+    result["gpu_busy"] = result["gpu_ms"] / result["step_ms"]
     del trainer
     torch.cuda.empty_cache()
     return result
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,20 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", default="", help="run only the variants whose name contains this (dense always runs)")
+    parser.add_argument("--fused-kernels", choices=("auto", "liger", "none"), default="auto",
+                        help="model.fused_kernels of every variant (default auto: Liger on CUDA)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         chosen = {n: e for i, (n, e) in enumerate(VARIANTS.items()) if i == 0 or args.only in n}
-        results = [run_variant(name, extra, args.seq_len, args.steps, Path(tmp)) for name, extra in chosen.items()]
+        shared = [f"model.fused_kernels={args.fused_kernels}"]
+        results = [
+            run_variant(name, [*extra, *shared], args.seq_len, args.steps, Path(tmp)) for name, extra in chosen.items()
+        ]
     dense = results[0]
-    print(f"\n32k training step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture")
-    print(f"{'variant':32s} {'step ms':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
+    print(
+        f"\ntraining step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture, "
+        f"fused kernels outside attention: {dense['fused_kernels']} (model.fused_kernels={args.fused_kernels})"
+    )
+    print(f"{'variant':40s} {'step ms':>9s} {'vs dense':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'GPU busy':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
     for r in results:
         print(
-            f"{r['variant']:32s} {r['step_ms']:9.1f} {r['tokens_per_s']:9.0f} {r['attention_ms']:9.2f} {r['ground_truth_ms']:8.2f} "
-            f"{r['gpu_ms']:9.1f} {r['kernel_launches']:8d} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
+            f"{r['variant']:40s} {r['step_ms']:9.1f} {r['step_ms'] / dense['step_ms']:8.3f}x {r['tokens_per_s']:9.0f} "
+            f"{r['attention_ms']:9.2f} {r['ground_truth_ms']:8.2f} {r['gpu_ms']:9.1f} {100 * r['gpu_busy']:8.1f}% "
+            f"{r['kernel_launches']:8d} {r['peak_memory_gib']:9.2f} {dense['attention_ms'] / max(r['attention_ms'], 1e-9):13.2f}x"
         )
     for r in results[1:]:
         print(f"\n{r['variant']}: attention kernels of the profiled step")
@@ -170,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__,
+            "versions": {name: _version(name) for name in ("transformers", "triton", "peft", "liger-kernel")},
+            "fused_kernels": args.fused_kernels,
             "command": "python benchmarks/bench_training_step.py " + " ".join(argv or sys.argv[1:]),
         }
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

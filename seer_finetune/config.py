@@ -32,6 +32,10 @@ class ModelConfig:
         trust_remote_code: Passed to transformers; off unless asked for.
         gradient_checkpointing: Recompute activations in backward to save memory.
         tokenizer: Tokenizer name or path; defaults to `name_or_path`.
+        fused_kernels: Fused kernels for the work outside attention (`fused_kernels.py`): `auto` (default) gives
+            the model Liger-Kernel's RMSNorm, SwiGLU and RoPE on CUDA where Liger is installed and patches the
+            architecture, `liger` requires them (an error where they cannot run), `none` keeps transformers' own.
+            Dense and seer runs get the same kernels.
     """
 
     name_or_path: str = MISSING
@@ -39,6 +43,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     tokenizer: Optional[str] = None
+    fused_kernels: str = "auto"
 
 
 @dataclass
@@ -254,6 +259,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
 
+
+# Fused kernels outside attention (`ModelConfig.fused_kernels`, `fused_kernels.py`).
+FUSED_KERNEL_CHOICES = ("auto", "liger", "none")
 
 # How the next-token loss may be computed (`TrainerConfig.lm_loss`, `lm_loss.py`).
 LM_LOSS_CHOICES = ("auto", "full_logits", "chunked", "liger")

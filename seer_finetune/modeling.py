@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import ConfigError, ModelConfig, PeftConfig, RopeConfig
+from .fused_kernels import apply_fused_kernels
 from .rope import apply_rope_scaling
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -130,6 +131,8 @@ def load_model(
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot load model {path}: {str(exc).splitlines()[0]}") from None
     model.to(device)
+    # What the model runs outside attention (`liger` or `none`), for the run's start line and its records.
+    model.seer_fused_kernels = apply_fused_kernels(model, cfg.fused_kernels, device)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -35,7 +35,7 @@ from .extensions import TrainingExtension
 from .final_save import save_final_model
 from .lm_loss import CausalLMLoss, next_token_targets
 from .metrics import MetricsLogger, eval_key, is_distribution, require_wandb, split_layer_key
-from .modeling import count_parameters, load_tokenizer, resolve_device
+from .modeling import base_model, count_parameters, load_tokenizer, resolve_device
 from .perplexity import perplexity
 from .plots import write_plots
 from .run_folder import (
@@ -458,7 +458,8 @@ class Trainer:
             f"[seer-finetune] {cfg.model.name_or_path}: {trainable:,} of {total:,} parameters train "
             f"({cfg.peft.method if not self.extension.freeze_base else 'extension only'}), "
             f"{self.data.describe()}, device {self.device}{self.engine.layout}, "
-            f"LM loss {self.lm_loss.kind(t.micro_batch_size * cfg.data.seq_len // self.ctx.sp_size)}"
+            f"LM loss {self.lm_loss.kind(t.micro_batch_size * cfg.data.seq_len // self.ctx.sp_size)}, "
+            f"fused kernels {getattr(base_model(self.model), 'seer_fused_kernels', 'none')}"
             + (f", resumed at step {self.step}" if resumed else "")
         )
         if resumed and self.start.changes:

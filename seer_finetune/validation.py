@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .config import (
+    FUSED_KERNEL_CHOICES,
     LM_LOSS_CHOICES,
     NEEDLE_TASKS,
     AttentionConfig,
@@ -155,6 +156,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     """Check values and cross-field rules; raise ConfigError naming the field on the first problem."""
     m, r, d, a, p, o, t = cfg.model, cfg.rope, cfg.data, cfg.attention, cfg.peft, cfg.optim, cfg.trainer
     _choice("model.dtype", m.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _choice("model.fused_kernels", m.fused_kernels, FUSED_KERNEL_CHOICES)
     _positive("data.seq_len", d.seq_len)
     if d.eval_seq_len is not None:
         _positive("data.eval_seq_len", d.eval_seq_len)

@@ -1,0 +1,101 @@
+"""`model.fused_kernels`: which models get Liger-Kernel's RMSNorm, SwiGLU and RoPE, the errors where they cannot
+run, and (on CUDA) that a patched model computes what the plain one does."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from seer_finetune.assembly import build_model
+from seer_finetune.compose import compose_config
+from seer_finetune.config import ConfigError, PeftConfig
+from seer_finetune.fused_kernels import apply_fused_kernels, choose_fused_kernels, liger_installed
+from seer_finetune.modeling import apply_peft, base_model
+
+from helpers import tiny_config
+
+needs_liger = pytest.mark.skipif(not liger_installed(), reason="Liger-Kernel is a dependency; not installed here")
+
+
+@needs_liger
+def test_auto_picks_liger_on_cuda_for_architectures_it_patches_and_nothing_elsewhere():
+    assert choose_fused_kernels("auto", device_type="cuda", model_type="llama") == "liger"
+    assert choose_fused_kernels("auto", device_type="cuda", model_type="qwen2") == "liger"
+    assert choose_fused_kernels("auto", device_type="cuda", model_type="gpt2") == "none"
+    assert choose_fused_kernels("auto", device_type="cpu", model_type="llama") == "none"
+    assert choose_fused_kernels("liger", device_type="cuda", model_type="llama") == "liger"
+    for device_type in ("cpu", "cuda"):
+        assert choose_fused_kernels("none", device_type=device_type, model_type="llama") == "none"
+
+
+@needs_liger
+def test_liger_where_it_cannot_run_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"model.fused_kernels=liger: its kernels need CUDA; use model.fused_kernels=none"):
+        choose_fused_kernels("liger", device_type="cpu", model_type="llama")
+    with pytest.raises(ConfigError, match=r"does not patch 'gpt2' models"):
+        choose_fused_kernels("liger", device_type="cuda", model_type="gpt2")
+    with pytest.raises(ConfigError, match=r"model.fused_kernels='fast'"):
+        choose_fused_kernels("fast", device_type="cuda", model_type="llama")
+
+
+def test_the_field_is_validated_when_composing():
+    assert compose_config(["+exp=smoke"]).model.fused_kernels == "auto"
+    with pytest.raises(ConfigError, match=r"model.fused_kernels='fast' is not one of auto, liger, none"):
+        compose_config(["+exp=smoke", "model.fused_kernels=fast"])
+
+
+@needs_liger
+def test_a_cpu_run_keeps_transformers_modules_and_refuses_liger():
+    cpu = torch.device("cpu")
+    model, _ = build_model(compose_config(["+exp=smoke"]), cpu)
+    plain = base_model(model)
+    assert plain.seer_fused_kernels == "none"
+    assert not any(type(m).__module__.startswith("liger_kernel") for m in plain.modules())
+    with pytest.raises(ConfigError, match=r"model.fused_kernels=liger: its kernels need CUDA"):
+        build_model(compose_config(["+exp=smoke", "model.fused_kernels=liger"]), cpu)
+
+
+def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss), grads
+
+
+@pytest.mark.gpu
+@needs_liger
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_liger_model_computes_the_plain_models_loss_and_gradients_on_cuda(model_type):
+    """bf16, LoRA + trainable norms, 512 tokens: the patched model's loss and LoRA/norm gradients match the plain
+    model's to bf16 rounding (both against a float32 reference, within twice the plain model's error)."""
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    config = tiny_config(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, max_position_embeddings=1024)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(cuda)
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    peft = PeftConfig(trainable_norms=True)
+    ids = torch.randint(2, config.vocab_size, (2, 512), device=cuda)
+    results = {}
+    # Liger patches RoPE for the whole modeling module, so the unpatched copies run first.
+    for name, model in (("reference", reference), ("plain", plain), ("fused", fused)):
+        if name == "fused":
+            assert apply_fused_kernels(fused, "liger", cuda) == "liger"
+            assert any(type(m).__module__.startswith("liger_kernel") for m in fused.modules())
+        torch.manual_seed(1)  # the same LoRA initialisation in every copy
+        results[name] = _loss_and_grads(apply_peft(model, peft).train(), ids)
+    ref_loss, ref_grads = results["reference"]
+    plain_loss, plain_grads = results["plain"]
+    fused_loss, fused_grads = results["fused"]
+    assert abs(fused_loss - ref_loss) <= 2 * abs(plain_loss - ref_loss) + 1e-3
+    assert fused_grads.keys() == ref_grads.keys() and fused_grads
+    for name, grad in ref_grads.items():
+        plain_err = (plain_grads[name] - grad).abs().max().item()
+        fused_err = (fused_grads[name] - grad).abs().max().item()
+        assert fused_err <= 2 * plain_err + 1e-3 * grad.abs().max().item(), (name, fused_err, plain_err)
