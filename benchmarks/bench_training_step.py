@@ -1,7 +1,8 @@
-"""One 32k-token joint training step on the GPU: SeerAttention at 90% sparsity against the dense YaRN baseline.
+"""One long-context joint training step on the GPU: SeerAttention at 90% sparsity against the dense YaRN baseline.
 
-Both runs use the project's trainer end to end (YaRN 8k -> 32k, LoRA + embeddings + norms, gradient
-checkpointing), on a model with SmolLM2-135M's architecture (random weights: `builtin:smollm2_135m_arch`),
+Both runs use the project's trainer end to end with a recipe's experiments (LoRA, gradient checkpointing, the
+fused loss), on a built-in architecture with random weights (`--shape`): SmolLM2-135M's (`yarn32k_*`, 8k -> 32k,
+block 64) or Qwen2.5-1.5B's (`yarn128k_*`, 32k -> 128k, block 128; the memory and speed side of the 1.5B recipe),
 fed with the embedded corpus. For each variant: median step time over a few steps, then one profiled step
 whose GPU kernel time is split into attention (dense SDPA kernels, or this project's block-sparse forward /
 backward and ground-truth kernels) and everything else; GPU busy is that kernel time over the step's wall time.
@@ -9,8 +10,8 @@ Every variant runs with the same `model.fused_kernels` (`--fused-kernels`: Liger
 RoPE, or transformers' own modules). Liger patches RoPE for a whole modeling module, so compare the two settings
 across two processes (two runs of this script), not within one. Prints a table and writes JSON.
 
-    python benchmarks/bench_training_step.py --out benchmarks/results/training_step.json [--steps 3] [--seq-len 32768]
-        [--fused-kernels auto|liger|none]
+    python benchmarks/bench_training_step.py --out benchmarks/results/training_step.json [--shape smollm2|qwen1.5b]
+        [--steps 3] [--seq-len N] [--fused-kernels auto|liger|none] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -38,25 +39,33 @@ from seer_finetune.trainer import Trainer  # noqa: E402
 ATTENTION_KERNELS = re.compile(r"flash|fmha|sdpa|cudnn.*(attn|attention|sdpa)|_sparse_fwd|_sparse_dq|_sparse_dkdv|_dkdv_work|_bwd_delta|_block_lists|_ground_truth|_lse_", re.I)
 GROUND_TRUTH_KERNELS = re.compile(r"_ground_truth|_lse_", re.I)
 
-VARIANTS = {
-    "dense (YaRN baseline, SDPA)": ["+exp=yarn32k_dense"],
-    "seer joint, density 0.1": ["+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null"],
-    # The gate path (pooling to log-probabilities, gate loss) under torch.compile: fewer, fused launches.
-    "seer joint, density 0.1, compiled gate": [
-        "+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null", "attention.compile_gate=true",
-    ],
-    # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
-    "seer joint, density 0.1, row budget": [
-        "+exp=yarn32k_sparsity90", "attention.init_steps=0", "attention.gates_path=null", "attention.budget=row",
-    ],
+# Per model shape: the built-in architecture (random weights), the default length, and the experiments whose
+# recipe the dense and seer variants run (YaRN 8k -> 32k on SmolLM2-135M; 32k -> 128k on Qwen2.5-1.5B, block 128).
+SHAPES = {
+    "smollm2": ("builtin:smollm2_135m_arch", 32768, "yarn32k_dense", "yarn32k_sparsity90"),
+    "qwen1.5b": ("builtin:qwen2_5_1_5b_arch", 131072, "yarn128k_dense", "yarn128k_sparsity90"),
 }
 
 
-def overrides(seq_len: int, out_dir: Path) -> list[str]:
-    """Hydra overrides every variant shares: the SmolLM2-135M architecture, the embedded corpus at `seq_len`
-    tokens, one sequence per step, nothing saved, metrics to `out_dir`."""
+def variants(shape: str) -> dict[str, list[str]]:
+    """The variants of `shape`, dense first: name -> the Hydra overrides that make it."""
+    _, _, dense_exp, seer_exp = SHAPES[shape]
+    seer = [f"+exp={seer_exp}", "attention.init_steps=0", "attention.gates_path=null"]
+    return {
+        "dense (YaRN baseline, SDPA)": [f"+exp={dense_exp}"],
+        "seer joint, density 0.1": seer,
+        # The gate path (pooling to log-probabilities, gate loss) under torch.compile: fewer, fused launches.
+        "seer joint, density 0.1, compiled gate": [*seer, "attention.compile_gate=true"],
+        # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
+        "seer joint, density 0.1, row budget": [*seer, "attention.budget=row"],
+    }
+
+
+def overrides(shape: str, seq_len: int, out_dir: Path) -> list[str]:
+    """Hydra overrides every variant shares: the architecture of `shape`, the embedded corpus at `seq_len` tokens,
+    one sequence per step, nothing saved, metrics to `out_dir`."""
     return [
-        "model.name_or_path=builtin:smollm2_135m_arch",
+        f"model.name_or_path={SHAPES[shape][0]}",
         "model.tokenizer=builtin:tiny_llama",
         "data=embedded_shakespeare",
         f"data.seq_len={seq_len}",
@@ -105,14 +114,14 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
             "attention_kernels": per_kernel}
 
 
-def run_variant(name: str, extra: list[str], seq_len: int, steps: int, workdir: Path) -> dict:
+def run_variant(name: str, extra: list[str], shape: str, seq_len: int, steps: int, workdir: Path) -> dict:
     """Build a trainer with `extra` overrides, warm it up for 2 steps, time `steps` steps, profile one more.
 
     Returns:
         The variant's record: median step ms, tokens/s, peak memory, last loss and density, and
         `profile_step`'s fields.
     """
-    cfg = compose_config([*extra, *overrides(seq_len, workdir / re.sub(r"\W+", "_", name))])
+    cfg = compose_config([*extra, *overrides(shape, seq_len, workdir / re.sub(r"\W+", "_", name))])
     trainer = Trainer(cfg)
     for _ in range(2):  # compile kernels, warm the allocator
         trainer.train_step()
@@ -158,25 +167,29 @@ def main(argv: list[str] | None = None) -> int:
         0, or 2 without a CUDA GPU.
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-len", type=int, default=32768)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2",
+                        help="model architecture and recipe (default smollm2: SmolLM2-135M, 8k -> 32k)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per step (default: the recipe's length)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", default="", help="run only the variants whose name contains this (dense always runs)")
     parser.add_argument("--fused-kernels", choices=("auto", "liger", "none"), default="auto",
                         help="model.fused_kernels of every variant (default auto: Liger on CUDA)")
     args = parser.parse_args(argv)
+    args.seq_len = args.seq_len or SHAPES[args.shape][1]
     if not torch.cuda.is_available():
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {n: e for i, (n, e) in enumerate(VARIANTS.items()) if i == 0 or args.only in n}
+        chosen = {n: e for i, (n, e) in enumerate(variants(args.shape).items()) if i == 0 or args.only in n}
         shared = [f"model.fused_kernels={args.fused_kernels}"]
         results = [
-            run_variant(name, [*extra, *shared], args.seq_len, args.steps, Path(tmp)) for name, extra in chosen.items()
+            run_variant(name, [*extra, *shared], args.shape, args.seq_len, args.steps, Path(tmp))
+            for name, extra in chosen.items()
         ]
     dense = results[0]
     print(
-        f"\ntraining step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, SmolLM2-135M architecture, "
+        f"\ntraining step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, {args.shape} architecture ({SHAPES[args.shape][0]}), "
         f"fused kernels outside attention: {dense['fused_kernels']} (model.fused_kernels={args.fused_kernels})"
     )
     print(f"{'variant':40s} {'step ms':>9s} {'vs dense':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'GPU busy':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
