@@ -137,7 +137,7 @@ def sparse_runs(args) -> dict[str, float]:
 # Settings that change the gate's parameters or what they compute: gates initialised under other values are refused.
 GATE_SHAPE_FIELDS = (
     "attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size",
-    "attention.gate_rope_units", "attention.gate_rope_fraction",
+    "attention.gate_rope_units", "attention.gate_rope_fraction", "attention.gate_query",
 )
 
 

@@ -155,6 +155,11 @@ class AttentionConfig:
             `gate_hidden_size * gate_rope_fraction` of them (rounded down to an even count, at least 2) score
             positions and content, the rest content alone (partial rotary embeddings). 1.0 (default): every
             feature. Must be 1.0 with `gate_rope_units: none`.
+        gate_query: How the gate scores a query block: `pooled` (its pooled query, default), `token_logit_max`
+            (every token's query against the key blocks, the max over the block's tokens) or `token_prob_max` (the
+            max over the block's tokens of each token's log-probability over its candidate key blocks, as the
+            block-max-pooled ground truth is built). The token modes read each token's query: q_pooling stays
+            [avg].
         q_pooling: Pooling of Q over a block, one or more of avg|max|min.
         k_pooling: Pooling of K over a block, one or more of avg|max|min.
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.
@@ -193,6 +198,7 @@ class AttentionConfig:
     gate_hidden_size: int = 128
     gate_rope_units: str = "tokens"
     gate_rope_fraction: float = 1.0
+    gate_query: str = "pooled"
     q_pooling: list[str] = field(default_factory=lambda: ["avg"])
     k_pooling: list[str] = field(default_factory=lambda: ["max", "min"])
     detach_gate_inputs: bool = True

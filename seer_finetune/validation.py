@@ -189,6 +189,12 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         for pool in pools:
             _choice(name, pool, ("avg", "max", "min"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
+    _choice("attention.gate_query", a.gate_query, ("pooled", "token_logit_max", "token_prob_max"))
+    if a.gate_query != "pooled" and list(a.q_pooling) != ["avg"]:
+        raise ConfigError(
+            f"attention.gate_query={a.gate_query} scores each token's own query, so attention.q_pooling="
+            f"{list(a.q_pooling)} has nothing to pool: leave q_pooling at its default [avg]"
+        )
     _choice("attention.gate_rope_units", a.gate_rope_units, ("tokens", "blocks", "none"))
     _fraction("attention.gate_rope_fraction", a.gate_rope_fraction, open_low=True)
     if a.gate_rope_units == "none" and a.gate_rope_fraction != 1.0:

@@ -15,7 +15,7 @@ from typing import Optional
 from torch import nn
 
 from .attention import ATTN_NAME, register_seer
-from .gate import POOLINGS, AttnGate, gate_rotary_dim, gate_rotary_embedding
+from .gate import POOLINGS, AttnGate, check_gate_query, gate_rotary_dim, gate_rotary_embedding
 from .runtime import SeerRuntime
 
 
@@ -89,6 +89,7 @@ def attach_seer_gates(
     use_rope: bool = True,
     rope_units: str = "tokens",
     rope_fraction: float = 1.0,
+    gate_query: str = "pooled",
 ) -> list[AttnGate]:
     """Give every attention module of a loaded causal LM a gate and switch it to the `seer` attention.
 
@@ -105,6 +106,8 @@ def attach_seer_gates(
         rope_fraction: Share of the gate's per-head features that carry RoPE, in (0, 1] (`gate.gate_rotary_dim`
             rounds it to an even count); the rest score pooled content alone. Must be 1.0 without RoPE. Default
             1.0 (every feature).
+        gate_query: How the gates score query blocks: `pooled`, `token_logit_max` or `token_prob_max`
+            (`gate.block_scores`); the token modes need `q_pooling` at its default. Default `pooled`.
 
     Returns:
         The gates in layer order (they are also `module.seer_gate` of each attention module).
@@ -118,6 +121,7 @@ def attach_seer_gates(
     for name, pools in (("q_pooling", q_pooling), ("k_pooling", k_pooling)):
         if not pools or any(p not in POOLINGS for p in pools):
             raise ValueError(f"{name}={list(pools)} must name one or more of {', '.join(POOLINGS)}")
+    check_gate_query(gate_query, q_pooling)
     register_seer()
     use_rope = use_rope and rope_units != "none"
     rope_units = rope_units if use_rope else "none"
@@ -148,6 +152,7 @@ def attach_seer_gates(
                 else None
             ),
             layer_idx=int(attn.layer_idx),
+            gate_query=gate_query,
         ).to(device)
         # Saved in seer_gates.json: the rotary holds no parameters, so only these say how it was built.
         gate.rope_units, gate.rope_fraction = rope_units, float(rope_fraction)

@@ -73,6 +73,7 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
         k_pooling=tuple(a.k_pooling),
         rope_units=a.gate_rope_units,
         rope_fraction=float(a.gate_rope_fraction),
+        gate_query=a.gate_query,
     )
     return model.eval(), runtime, "untrained (random) gates", False
 

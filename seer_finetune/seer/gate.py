@@ -8,6 +8,14 @@ the rest then score content alone, as in partial rotary embeddings), and scores 
 pair. GQA: one key projection per KV head, one query projection per query head; query head h reads KV head
 h // group as in transformers' `repeat_kv`.
 
+`gate_query` says how query blocks are scored. `pooled` (default) scores each pooled query block against each
+key block. The token modes score every query token against the pooled key blocks and take, per (query block,
+key block), the max over the block's tokens, as the oracle (the attention map max-pooled to blocks) does: one
+token that attends to a far block (a question token to a needle) is then not averaged away by the other tokens
+of its block. `token_logit_max` takes the max of the raw token logits, `token_prob_max` the max of each token's
+log-probabilities over its candidate key blocks. The per-token logits (`[B, Hq, L, nB]`, 13 GB at 128k tokens
+with 12 heads) are computed in chunks of query blocks and recomputed in backward, never held whole.
+
 Gate weights are kept in float32 whatever the model's dtype: they are tiny, and the gate's softmax over a few
 hundred blocks is sensitive to bf16 rounding.
 """
@@ -15,13 +23,18 @@ hundred blocks is sensitive to bf16 rounding.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 POOLINGS = ("avg", "max", "min")
+GATE_QUERIES = ("pooled", "token_logit_max", "token_prob_max")
+# Most float32 elements of per-token logits one chunk of query blocks holds (2**26: 256 MB). Read at each call.
+TOKEN_CHUNK_ELEMENTS = 2**26
 
 
 def num_blocks(seq_len: int, block_size: int) -> int:
@@ -188,6 +201,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
+def check_gate_query(gate_query: str, q_pooling: Sequence[str]) -> None:
+    """Refuse an unknown `gate_query`, and a token mode with a `q_pooling` other than the default `("avg",)`:
+    token modes read each token's own query, so a query pooling has nothing to pool, and one that asked for more
+    features (avg and max) would widen `q_weight` beyond the single query it reads."""
+    if gate_query not in GATE_QUERIES:
+        raise ValueError(f"gate_query={gate_query!r} must be one of {', '.join(GATE_QUERIES)}")
+    if gate_query != "pooled" and tuple(q_pooling) != ("avg",):
+        raise ValueError(
+            f"gate_query={gate_query} scores each token's own query, so q_pooling={list(q_pooling)} has nothing to "
+            "pool: leave q_pooling at its default [avg]"
+        )
+
+
 def block_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -201,6 +227,8 @@ def block_scores(
     q_pooling: Sequence[str],
     k_pooling: Sequence[str],
     hidden_size: int,
+    gate_query: str = "pooled",
+    candidates: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A gate's unnormalised block scores as a function of its inputs and weights (`AttnGate.forward`).
 
@@ -210,31 +238,160 @@ def block_scores(
     Args:
         q: pre-RoPE queries `[B, L, Hq, D]`.
         k: pre-RoPE keys `[B, L, Hkv, D]` (`Hq % Hkv == 0`; query head h reads KV head h // (Hq / Hkv)).
-        q_weight: float32 `[Hq, D * len(q_pooling), hidden_size]`.
+        q_weight: float32 `[Hq, D * len(q_pooling), hidden_size]` (`[Hq, D, hidden_size]` in the token modes).
         k_weight: float32 `[Hkv, D * len(k_pooling), hidden_size]`.
         cos, sin: float32 `[1, nB, rotary_dim]` block RoPE angles, or None for no RoPE.
-        valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling).
+        valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling and from the token maxima).
         block_size: Tokens per block.
         q_pooling, k_pooling: Poolings of queries and keys (`pool_blocks`).
         hidden_size: Per-head projection width.
+        gate_query: How query blocks are scored, one of `GATE_QUERIES` (see the module docstring). Default
+            `pooled`.
+        candidates: bool `[B, nB, nB]`, the key blocks each query block may attend to (`selection.block_candidates`);
+            `token_prob_max` normalises each token's logits over its block's row. None: the block-causal triangle.
+            The other modes ignore it.
 
     Returns:
-        float32 `[B, Hq, nB, nB]` (row = query block, column = key block).
+        float32 `[B, Hq, nB, nB]` (row = query block, column = key block). In `token_prob_max` these are
+        log-probabilities, -inf outside the candidates.
     """
+    check_gate_query(gate_query, q_pooling)
     bsz, seq_len, num_heads = q.shape[:3]
     num_kv_heads = k.shape[2]
     nb = num_blocks(seq_len, block_size)
-    qp = pool_blocks(q, valid, block_size, q_pooling)  # [B, nB, Hq, Fq]
     kp = pool_blocks(k, valid, block_size, k_pooling)  # [B, nB, Hkv, Fk]
-    qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight)
     kh = torch.einsum("bnhf,hfo->bhno", kp, k_weight)
     if cos is not None:
-        qh, kh = apply_rotary(qh, cos, sin), apply_rotary(kh, cos, sin)
+        kh = apply_rotary(kh, cos, sin)
+    if gate_query != "pooled":
+        if gate_query == "token_prob_max" and candidates is None:
+            candidates = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril().expand(bsz, nb, nb)
+        return _token_block_scores(
+            q, kh, q_weight, cos, sin, valid, candidates, block_size=block_size, hidden_size=hidden_size,
+            gate_query=gate_query,
+        )
+    qp = pool_blocks(q, valid, block_size, q_pooling)  # [B, nB, Hq, Fq]
+    qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight)
+    if cos is not None:
+        qh = apply_rotary(qh, cos, sin)
     # The 1/sqrt(hidden) scale goes on the queries ([B, H, nB, hidden]), not on the nB x nB scores.
     group = num_heads // num_kv_heads
     qh = (qh * (1.0 / math.sqrt(hidden_size))).view(bsz, num_kv_heads, group, nb, hidden_size)
     scores = torch.matmul(qh, kh[:, :, None].transpose(-1, -2))
     return scores.reshape(bsz, num_heads, nb, nb)
+
+
+def _token_block_scores(
+    q: torch.Tensor,
+    kh: torch.Tensor,
+    q_weight: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    valid: Optional[torch.Tensor],
+    candidates: Optional[torch.Tensor],
+    *,
+    block_size: int,
+    hidden_size: int,
+    gate_query: str,
+) -> torch.Tensor:
+    """`block_scores` of the token modes, over chunks of query blocks (`_token_chunk_scores`).
+
+    A chunk holds as many query blocks as keep its per-token logits within `TOKEN_CHUNK_ELEMENTS`. With
+    gradients, each chunk runs under a (non-reentrant) checkpoint: backward keeps only its inputs (views of `q`,
+    the weights, the projected keys) and recomputes the rest, where it would otherwise keep the chunk's float32
+    projected queries (Hq * hidden floats per token and layer) or, for `token_prob_max`, its logits.
+
+    Args:
+        kh: the projected, rotated key blocks `[B, Hkv, nB, hidden]`.
+        candidates: bool `[B, nB, nB]` (`token_prob_max`) or None.
+        Others as in `block_scores`.
+
+    Returns:
+        float32 `[B, Hq, nB, nB]`.
+    """
+    bsz, seq_len, num_heads = q.shape[:3]
+    nb = kh.shape[2]
+    blocks_per_chunk = max(1, TOKEN_CHUNK_ELEMENTS // (bsz * num_heads * block_size * nb))
+    chunk_scores = functools.partial(
+        _token_chunk_scores, block_size=block_size, hidden_size=hidden_size, gate_query=gate_query
+    )
+    recompute = torch.is_grad_enabled() and (q.requires_grad or q_weight.requires_grad or kh.requires_grad)
+    rows = []
+    for first in range(0, nb, blocks_per_chunk):
+        last = min(nb, first + blocks_per_chunk)
+        tokens = slice(first * block_size, min(seq_len, last * block_size))
+        inputs = (
+            q[:, tokens],
+            None if valid is None else valid[:, tokens],
+            q_weight,
+            kh,
+            None if cos is None else cos[:, first:last],
+            None if sin is None else sin[:, first:last],
+            None if candidates is None else candidates[:, first:last],
+        )
+        rows.append(checkpoint(chunk_scores, *inputs, use_reentrant=False) if recompute else chunk_scores(*inputs))
+    return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
+
+
+def _token_chunk_scores(
+    q: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    q_weight: torch.Tensor,
+    kh: torch.Tensor,
+    cos: Optional[torch.Tensor],
+    sin: Optional[torch.Tensor],
+    candidates: Optional[torch.Tensor],
+    *,
+    block_size: int,
+    hidden_size: int,
+    gate_query: str,
+) -> torch.Tensor:
+    """Token-mode scores of `n` consecutive query blocks.
+
+    Args:
+        q: pre-RoPE queries of the chunk's tokens `[B, T, Hq, D]`, T <= n * block_size (the sequence's last
+            block may be partial).
+        valid: optional bool `[B, T]`.
+        q_weight: float32 `[Hq, D, hidden]`.
+        kh: projected, rotated key blocks `[B, Hkv, nB, hidden]`.
+        cos, sin: `[1, n, rotary_dim]` angles of the chunk's query blocks, or None.
+        candidates: the chunk's rows of the candidates, bool `[B, n, nB]`, or None (`token_logit_max`).
+
+    Returns:
+        float32 `[B, Hq, n, nB]`.
+    """
+    bsz, num_tokens, num_heads, _ = q.shape
+    num_kv_heads, nb = kh.shape[1], kh.shape[2]
+    n = num_blocks(num_tokens, block_size)
+    pad = n * block_size - num_tokens
+    keep = valid
+    if pad:
+        # Fill the partial last block with excluded tokens, so the chunk reshapes to whole blocks.
+        q = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad))
+        if keep is None:
+            keep = torch.ones(bsz, num_tokens, dtype=torch.bool, device=q.device)
+        keep = torch.nn.functional.pad(keep, (0, pad), value=False)
+    qh = torch.einsum("bthd,hdo->bhto", q.float(), q_weight).reshape(bsz, num_heads, n, block_size, hidden_size)
+    if cos is not None:
+        # Every token of query block I turns by block I's angles, as its pooled query would.
+        qh = apply_rotary(qh, cos[:, :, None], sin[:, :, None])
+    group = num_heads // num_kv_heads
+    qh = (qh * (1.0 / math.sqrt(hidden_size))).reshape(bsz, num_kv_heads, group, n * block_size, hidden_size)
+    logits = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)).view(bsz, num_heads, n, block_size, nb)
+    if gate_query == "token_prob_max":
+        logits = logits.masked_fill(~candidates[:, None, :, None], float("-inf")).log_softmax(dim=-1)
+    if keep is not None:
+        keep = keep.view(bsz, 1, n, block_size, 1)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    # max's backward keeps the winning token's index alone, not the logits.
+    scores = logits.max(dim=3).values
+    if keep is not None:
+        # A block of padding alone scores 0, as a pooled query of no tokens does: finite, so its softmax over the
+        # candidates stays a distribution.
+        scores = scores.masked_fill(~keep.any(dim=3), 0.0)
+        if gate_query == "token_prob_max":
+            scores = scores.masked_fill(~candidates[:, None], float("-inf"))
+    return scores
 
 
 class AttnGate(nn.Module):
@@ -251,6 +408,8 @@ class AttnGate(nn.Module):
         rotary: Optional rotary module from `gate_rotary_embedding` (None: no positional encoding). It rotates
             the first features of its own width; the others keep no position.
         layer_idx: The layer this gate belongs to (for metrics and saving).
+        gate_query: How query blocks are scored, one of `GATE_QUERIES` (module docstring). The token modes need
+            `q_pooling` at its default (`check_gate_query`). Default `pooled`.
 
     Attributes:
         rope_units, rope_fraction: How `rotary` was built (`tokens` and 1.0 unless the caller says otherwise,
@@ -258,7 +417,8 @@ class AttnGate(nn.Module):
             reload with the positions they were trained on.
 
     Parameters:
-        q_weight: `[num_heads, head_dim * len(q_pooling), hidden_size]`.
+        q_weight: `[num_heads, head_dim * len(q_pooling), hidden_size]` (`[num_heads, head_dim, hidden_size]` in the
+            token modes, which read each token's query).
         k_weight: `[num_kv_heads, head_dim * len(k_pooling), hidden_size]`.
     """
 
@@ -274,6 +434,7 @@ class AttnGate(nn.Module):
         k_pooling: Sequence[str] = ("max", "min"),
         rotary: Optional[nn.Module] = None,
         layer_idx: int = 0,
+        gate_query: str = "pooled",
     ):
         super().__init__()
         if num_heads % num_kv_heads:
@@ -281,11 +442,14 @@ class AttnGate(nn.Module):
         for name, pools in (("q_pooling", q_pooling), ("k_pooling", k_pooling)):
             if not pools or any(p not in POOLINGS for p in pools):
                 raise ValueError(f"{name}={list(pools)} must name one or more of {', '.join(POOLINGS)}")
+        check_gate_query(gate_query, q_pooling)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.hidden_size = block_size, hidden_size
         self.q_pooling, self.k_pooling = tuple(q_pooling), tuple(k_pooling)
+        self.gate_query = gate_query
         self.layer_idx = layer_idx
-        self.q_weight = nn.Parameter(torch.empty(num_heads, head_dim * len(self.q_pooling), hidden_size))
+        q_features = head_dim * len(self.q_pooling) if gate_query == "pooled" else head_dim
+        self.q_weight = nn.Parameter(torch.empty(num_heads, q_features, hidden_size))
         self.k_weight = nn.Parameter(torch.empty(num_kv_heads, head_dim * len(self.k_pooling), hidden_size))
         self.rotary = rotary
         self.rope_units = "tokens" if rotary is not None else "none"
@@ -304,6 +468,7 @@ class AttnGate(nn.Module):
         k: torch.Tensor,
         valid: Optional[torch.Tensor] = None,
         head_shard: tuple[int, int] = (0, 1),
+        candidates: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Unnormalised block scores.
 
@@ -313,13 +478,15 @@ class AttnGate(nn.Module):
             valid: optional bool `[B, L]`, False for padding tokens (excluded from pooling).
             head_shard: `(index, count)`: `q`/`k` hold shard `index` of `count` equal contiguous shards of the
                 heads (sequence parallelism gives each rank whole sequences of a head shard). Default all heads.
+            candidates: optional bool `[B, nB, nB]` candidate key blocks, which `token_prob_max` normalises over
+                (see `block_scores`; None: the block-causal triangle).
 
         Returns:
             float32 `[B, num_heads / count, nB, nB]` logits (row = query block, column = key block); masking to the
             causal/document candidates and the softmax are the caller's (see `selection.gate_log_probs`).
         """
         q_weight, k_weight, cos, sin = self.operands(q, k, head_shard)
-        return block_scores(q, k, q_weight, k_weight, cos, sin, valid, **self.shape_kwargs)
+        return block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **self.shape_kwargs)
 
     def operands(
         self, q: torch.Tensor, k: torch.Tensor, head_shard: tuple[int, int] = (0, 1)
@@ -344,7 +511,11 @@ class AttnGate(nn.Module):
     def shape_kwargs(self) -> dict:
         """The keyword arguments of `block_scores` that describe this gate."""
         return dict(
-            block_size=self.block_size, q_pooling=self.q_pooling, k_pooling=self.k_pooling, hidden_size=self.hidden_size
+            block_size=self.block_size,
+            q_pooling=self.q_pooling,
+            k_pooling=self.k_pooling,
+            hidden_size=self.hidden_size,
+            gate_query=self.gate_query,
         )
 
     @property
@@ -374,5 +545,5 @@ class AttnGate(nn.Module):
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"block={self.block_size}, hidden={self.hidden_size}, q_pool={list(self.q_pooling)}, "
-            f"k_pool={list(self.k_pooling)}, rope={rope}"
+            f"k_pool={list(self.k_pooling)}, query={self.gate_query}, rope={rope}"
         )

@@ -20,12 +20,13 @@ from .selection import block_recall, density_per_head, gate_log_probs, gate_loss
 
 
 def block_log_probs(candidates: torch.Tensor, *operands: Optional[torch.Tensor], **shape) -> torch.Tensor:
-    """`gate.block_scores(*operands, **shape)` log-softmaxed over the candidate blocks (`selection.gate_log_probs`).
+    """`gate.block_scores(*operands, candidates=candidates, **shape)` log-softmaxed over the candidate blocks
+    (`selection.gate_log_probs`).
 
     Returns:
         float32 `[B, Hq, nB, nB]`, -inf outside `candidates` (bool `[B, nB, nB]`).
     """
-    return gate_log_probs(block_scores(*operands, **shape), candidates)
+    return gate_log_probs(block_scores(*operands, candidates=candidates, **shape), candidates)
 
 
 @functools.lru_cache(maxsize=None)

@@ -53,6 +53,7 @@ class SeerExtension(TrainingExtension):
                 k_pooling=tuple(a.k_pooling),
                 rope_units=a.gate_rope_units,
                 rope_fraction=float(a.gate_rope_fraction),
+                gate_query=a.gate_query,
             )
         except (NotImplementedError, ValueError) as exc:
             raise ConfigError(f"attention.backend=seer: {exc}") from None

@@ -84,6 +84,7 @@ def gates_config(model: nn.Module, *, base_model: str, extra: Optional[dict[str,
         "use_rope": g.rotary is not None,
         "rope_units": getattr(g, "rope_units", "tokens") if g.rotary is not None else "none",
         "rope_fraction": float(getattr(g, "rope_fraction", 1.0)),
+        "gate_query": g.gate_query,
         **(extra or {}),
     }
 
@@ -153,10 +154,11 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
             use_rope=bool(config.get("use_rope", True)),
             rope_units=str(config.get("rope_units", "tokens")),
             rope_fraction=float(config.get("rope_fraction", 1.0)),
+            gate_query=str(config.get("gate_query", "pooled")),
         )
     g = gates[0]
     # Files from before a field was saved hold gates built as that field's default then.
-    defaults = {"rope_units": "tokens", "rope_fraction": 1.0}
+    defaults = {"rope_units": "tokens", "rope_fraction": 1.0, "gate_query": "pooled"}
     for key, have in (
         ("block_size", g.block_size),
         ("gate_hidden_size", g.hidden_size),
@@ -169,6 +171,8 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         # different: the weights fit either way.
         ("rope_units", getattr(g, "rope_units", "tokens")),
         ("rope_fraction", float(getattr(g, "rope_fraction", 1.0))),
+        # A pooled and a token-mode gate have weights of the same shape but score different things.
+        ("gate_query", g.gate_query),
     ):
         saved = config[key] if key in config else defaults.get(key)
         if key == "rope_units" and not config.get("use_rope", True):

@@ -131,11 +131,19 @@ def test_gradient_checkpointing_recomputes_without_double_counting(monkeypatch):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_compiled_gate_path_trains_like_the_eager_one(checkpointing):
+@pytest.mark.parametrize(
+    "checkpointing, gate_query", [(False, "pooled"), (True, "pooled"), (False, "token_prob_max"), (True, "token_prob_max")]
+)
+def test_compiled_gate_path_trains_like_the_eager_one(monkeypatch, checkpointing, gate_query):
     """`compile_gate`: the gate path under torch.compile gives the eager losses, gradients (model and gates) and
-    statistics, with packed documents, GQA and gradient checkpointing's recomputation."""
+    statistics, with packed documents, GQA and gradient checkpointing's recomputation; `token_prob_max` as well
+    (in three chunks of query blocks, each checkpointed inside the compiled graph)."""
     from torch._dynamo.utils import counters
+
+    from seer_finetune.seer import gate as gate_module
+
+    # 4 heads, 16 tokens and 8 key blocks: three query blocks' logits per chunk.
+    monkeypatch.setattr(gate_module, "TOKEN_CHUNK_ELEMENTS", 4 * 16 * 8 * 3)
 
     torch._dynamo.reset()
     counters.clear()
@@ -144,7 +152,10 @@ def test_compiled_gate_path_trains_like_the_eager_one(checkpointing):
     for compiled in (False, True):
         model = topic_model("llama")
         torch.manual_seed(3)
-        ext = build_extension(model, _cfg(mode="joint", density=0.5, compile_gate=compiled, ground_truth_query_fraction=1.0))
+        ext = build_extension(
+            model,
+            _cfg(mode="joint", density=0.5, compile_gate=compiled, ground_truth_query_fraction=1.0, gate_query=gate_query),
+        )
         model.train()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
