@@ -69,6 +69,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-gate", action="store_true", help="the seer model's gate path under torch.compile (attention.compile_gate)")
+    p.add_argument("--gate-query", default="pooled", choices=("pooled", "token_logit_max", "token_prob_max"),
+                   help="how the gates score query blocks (attention.gate_query)")
     p.add_argument(
         "--profile",
         type=Path,
@@ -277,9 +279,12 @@ def apply_liger(model, device: torch.device) -> bool:
         return False
 
 
-def seer_model(dense, block: int, device: torch.device, budget: str = "layer", compile_gate: bool = False):
+def seer_model(
+    dense, block: int, device: torch.device, budget: str = "layer", compile_gate: bool = False,
+    gate_query: str = "pooled",
+):
     """A copy of `dense` with untrained gates of the trained configs' shape (hidden 128, sink 1, local 2, the
-    given budget), the gate path compiled when `compile_gate`."""
+    given budget and `gate_query`), the gate path compiled when `compile_gate`."""
     from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
     model = copy.deepcopy(dense)
@@ -291,7 +296,7 @@ def seer_model(dense, block: int, device: torch.device, budget: str = "layer", c
     # As in generation: no per-forward statistics (nothing would read them).
     runtime.record_stats = False
     # Gates are created float32 (as in training) on the device of each attention module.
-    attach_seer_gates(model, runtime, gate_hidden_size=128, rope_units="blocks")
+    attach_seer_gates(model, runtime, gate_hidden_size=128, rope_units="blocks", gate_query=gate_query)
     return model.to(device).eval(), runtime
 
 
@@ -308,7 +313,7 @@ def bench_shape(shape: str, args, device: torch.device, dtype: torch.dtype, reco
     with torch.device(device):
         dense = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
     liger = bool(args.liger) and apply_liger(dense, device)
-    seer, runtime = seer_model(dense, args.block, device, args.budget, args.compile_gate)
+    seer, runtime = seer_model(dense, args.block, device, args.budget, args.compile_gate, args.gate_query)
     layers = attention_modules(dense)
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, layers[0].head_dim
     params = sum(p.numel() for p in dense.parameters())
@@ -538,6 +543,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     env["liger"] = package_versions()["liger-kernel"] if args.liger else "off"
     env["compile_gate"] = args.compile_gate
+    env["gate_query"] = args.gate_query
     print(json.dumps(env), flush=True)
     records: list[dict] = []
     for shape in args.shapes:
@@ -548,7 +554,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"Prefill of one prompt (batch 1, {str(dtype).replace('torch.', '')}, random weights, `logits_to_keep=1`, "
         f"KV cache filled), median of {args.repeats} after a warm-up; Liger-Kernel RMSNorm, SwiGLU and RoPE in every "
         f"model: {env['liger']}; seer: untrained gates of block {args.block}, "
-        f"sink 1, local 2, {args.budget} budget, gates + selection + block-sparse attention included. Flex: compiled "
+        f"sink 1, local 2, {args.budget} budget, gate queries {args.gate_query}, gates + selection + block-sparse attention included. Flex: compiled "
         "FlexAttention with the blocks the seer prefill selected, mask built outside the timing (no gate, no "
         "selection). Speedups are against the dense cuDNN time (on CPU: PyTorch's SDPA). Cap d: dense / (no-attention + d x attention), what cutting attention alone to d could give: "
         "the linear layers, norms and embeddings stay."

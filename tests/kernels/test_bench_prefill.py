@@ -49,6 +49,29 @@ def test_main_at_tiny_shapes_on_cpu(tmp_path):
     assert report["env"]["torch"] == torch.__version__
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_token_gate_prefill_runs_and_is_dense_at_density_1(tmp_path):
+    out = tmp_path / "prefill.json"
+    argv = [
+        "--device", "cpu", "--shapes", "tiny", "--lengths", "300", "--densities", "1.0", "0.5", "--block", "32",
+        "--repeats", "1", "--decode-tokens", "0", "--no-flex", "--gate-query", "token_prob_max", "--json", str(out),
+    ]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert report["env"]["gate_query"] == "token_prob_max"
+    rows = {r["variant"]: r for r in report["records"]}
+    assert not [r for r in rows.values() if "error" in r]
+    assert rows["seer d=1"]["first_token"] == rows["dense_sdpa"]["first_token"]
+    assert rows["seer d=0.5"]["ms"] > 0
+    from transformers import AutoModelForCausalLM
+
+    from seer_finetune.seer.attach import attention_modules
+
+    dense = AutoModelForCausalLM.from_config(bench.model_config("tiny", 300), attn_implementation="sdpa")
+    seer, _ = bench.seer_model(dense, 32, torch.device("cpu"), gate_query="token_prob_max")
+    assert {m.seer_gate.gate_query for m in attention_modules(seer)} == {"token_prob_max"}
+
+
 def test_cap_and_ratios_from_records():
     base = dict(model="qwen1.5b", length=131072)
     records = [
