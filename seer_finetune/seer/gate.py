@@ -252,8 +252,9 @@ def block_scores(
             The other modes ignore it.
 
     Returns:
-        float32 `[B, Hq, nB, nB]` (row = query block, column = key block). In `token_prob_max` these are
-        log-probabilities, -inf outside the candidates.
+        float32 `[B, Hq, nB, nB]` (row = query block, column = key block). The token modes give -inf after each
+        row's own block (never a candidate); in `token_prob_max` the scores are log-probabilities, -inf outside
+        the candidates.
     """
     check_gate_query(gate_query, q_pooling)
     bsz, seq_len, num_heads = q.shape[:3]
@@ -320,16 +321,19 @@ def _token_block_scores(
     for first in range(0, nb, blocks_per_chunk):
         last = min(nb, first + blocks_per_chunk)
         tokens = slice(first * block_size, min(seq_len, last * block_size))
+        # Candidates are block-causal, so the chunk's rows score key blocks up to its last query block only: at
+        # long lengths that halves the per-token logits.
         inputs = (
             q[:, tokens],
             None if valid is None else valid[:, tokens],
             q_weight,
-            kh,
+            kh[:, :, :last],
             None if cos is None else cos[:, first:last],
             None if sin is None else sin[:, first:last],
-            None if candidates is None else candidates[:, first:last],
+            None if candidates is None else candidates[:, first:last, :last],
         )
-        rows.append(checkpoint(chunk_scores, *inputs, use_reentrant=False) if recompute else chunk_scores(*inputs))
+        chunk = checkpoint(chunk_scores, *inputs, use_reentrant=False) if recompute else chunk_scores(*inputs)
+        rows.append(torch.nn.functional.pad(chunk, (0, nb - last), value=float("-inf")) if last < nb else chunk)
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
 
 
@@ -353,12 +357,13 @@ def _token_chunk_scores(
             block may be partial).
         valid: optional bool `[B, T]`.
         q_weight: float32 `[Hq, D, hidden]`.
-        kh: projected, rotated key blocks `[B, Hkv, nB, hidden]`.
+        kh: projected, rotated key blocks `[B, Hkv, nK, hidden]` up to the chunk's last query block (nK: the
+            index of that block + 1).
         cos, sin: `[1, n, rotary_dim]` angles of the chunk's query blocks, or None.
-        candidates: the chunk's rows of the candidates, bool `[B, n, nB]`, or None (`token_logit_max`).
+        candidates: the chunk's rows of the candidates, bool `[B, n, nK]`, or None (`token_logit_max`).
 
     Returns:
-        float32 `[B, Hq, n, nB]`.
+        float32 `[B, Hq, n, nK]`, -inf after each row's own block.
     """
     bsz, num_tokens, num_heads, _ = q.shape
     num_kv_heads, nb = kh.shape[1], kh.shape[2]
@@ -389,9 +394,12 @@ def _token_chunk_scores(
         # A block of padding alone scores 0, as a pooled query of no tokens does: finite, so its softmax over the
         # candidates stays a distribution.
         scores = scores.masked_fill(~keep.any(dim=3), 0.0)
-        if gate_query == "token_prob_max":
-            scores = scores.masked_fill(~candidates[:, None], float("-inf"))
-    return scores
+    if gate_query == "token_prob_max":
+        return scores.masked_fill(~candidates[:, None], float("-inf"))
+    # Key blocks after a row's own are never candidates: -inf, as the chunks after the last query block get.
+    first = nb - n
+    future = torch.ones(n, nb, dtype=torch.bool, device=scores.device).triu_(first + 1)
+    return scores.masked_fill(future, float("-inf"))
 
 
 class AttnGate(nn.Module):

@@ -42,7 +42,7 @@ def reference_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates, mode
     Key block j: its valid tokens pooled (max, min; zeros without one), projected, rotated at j. Token i of
     query block I: projected, rotated at I, dotted with every key block over sqrt(hidden) (`token_prob_max`:
     then log-softmaxed over the candidates of I). Block score: the max over the valid tokens of I; a block
-    without valid tokens scores 0 (at its candidates, for `token_prob_max`).
+    without valid tokens scores 0 (at its candidates, for `token_prob_max`); -inf after block I.
     """
     q, k, q_weight, k_weight = (t.double() for t in (q, k, q_weight, k_weight))
     cos, sin = (None, None) if cos is None else (cos.double()[0], sin.double()[0])
@@ -75,7 +75,8 @@ def reference_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates, mode
             if mode == "token_prob_max":
                 logits = logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)
             out[b, :, blk] = logits.amax(1)
-    return out
+    # Key blocks after a query block's own are never candidates: -inf in both modes.
+    return out.masked_fill(torch.ones(nb, nb, dtype=torch.bool).triu(1), float("-inf"))
 
 
 def _angles(rotary_dim: int, nb: int = NB) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +126,9 @@ def test_token_modes_match_the_definition_forward_and_backward(
         monkeypatch.setattr(gate_module, "TOKEN_CHUNK_ELEMENTS", B * HQ * T * nb * blocks_per_chunk)
     original = gate_module._token_chunk_scores
 
-    def counted(q, *args, **kwargs):
-        chunks.append(q.shape[1])
-        return original(q, *args, **kwargs)
+    def counted(q, valid, q_weight, kh, *args, **kwargs):
+        chunks.append((q.shape[1], kh.shape[2]))
+        return original(q, valid, q_weight, kh, *args, **kwargs)
 
     monkeypatch.setattr(gate_module, "_token_chunk_scores", counted)
     q, k, q_weight, k_weight, valid, candidates = _inputs(padding, seq_len)
@@ -139,10 +140,14 @@ def test_token_modes_match_the_definition_forward_and_backward(
     assert got.dtype == torch.float32 and got.shape == (B, HQ, nb, nb)
     # Tokens per chunk: the last chunk ends with the last (maybe partial) block.
     per_chunk = T * (blocks_per_chunk or nb)
-    assert chunks == [min(per_chunk, seq_len - start) for start in range(0, seq_len, per_chunk)]
+    # ... and scores the key blocks up to its last query block only.
+    starts = range(0, seq_len, per_chunk)
+    assert chunks == [(min(per_chunk, seq_len - s), math.ceil(min(seq_len, s + per_chunk) / T)) for s in starts]
     assert not torch.isnan(got).any()
     if mode == "token_prob_max":
         assert torch.equal(torch.isinf(got), ~candidates[:, None].expand_as(got))
+    else:
+        assert torch.equal(torch.isinf(got), torch.ones(nb, nb, dtype=torch.bool).triu(1).expand_as(got))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     if padding:
         assert (got[1, :, 0, :1] == 0).all()  # the block of padding alone
@@ -171,7 +176,9 @@ def test_token_logit_max_of_blocks_of_equal_tokens_is_the_pooled_score():
     with torch.no_grad():
         pooled = block_scores(q, k, q_weight, k_weight, cos, sin, None, **shape)
         tokens = block_scores(q, k, q_weight, k_weight, cos, sin, None, gate_query="token_logit_max", **shape)
-        torch.testing.assert_close(tokens, pooled, rtol=1e-6, atol=1e-6)
+        causal = torch.ones(NB, NB, dtype=torch.bool).tril()
+        torch.testing.assert_close(tokens[..., causal], pooled[..., causal], rtol=1e-6, atol=1e-6)
+        assert torch.isinf(tokens[..., ~causal]).all()
         # ... and a token that differs from its block's average raises that block's maxima
         q[0, 3] += 3 * torch.randn(HQ, D)
         raised = block_scores(q, k, q_weight, k_weight, cos, sin, None, gate_query="token_logit_max", **shape)
