@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per step (default: the recipe's length)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--only", default="", help="run only the variants whose name contains this (dense always runs)")
+    parser.add_argument("--only", default="", help="run only the variants whose name this regular expression finds "
+                        "(re.search; e.g. 'density 0.1$' for the plain seer step); dense always runs")
     parser.add_argument("--fused-kernels", choices=("auto", "liger", "none"), default="auto",
                         help="model.fused_kernels of every variant (default auto: Liger on CUDA)")
     args = parser.parse_args(argv)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {n: e for i, (n, e) in enumerate(variants(args.shape).items()) if i == 0 or args.only in n}
+        chosen = {n: e for i, (n, e) in enumerate(variants(args.shape).items()) if i == 0 or re.search(args.only, n)}
         shared = [f"model.fused_kernels={args.fused_kernels}"]
         results = [
             run_variant(name, [*extra, *shared], args.shape, args.seq_len, args.steps, Path(tmp))
