@@ -11,6 +11,8 @@ it take checked inputs. Each op runs on one of two kernels, chosen by its `kerne
 - `"triton"`: the Triton kernels (`block_sparse`, `triton_*`); on Hopper at head_dim 128 the sparse forward, dQ
   and dK/dV run as warp-specialized Gluon kernels instead (`gluon`; `SEER_KERNELS_GLUON=0` turns them off);
 - `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
+
+`token_gate_block_scores` is the fused forward of the token-scored SeerAttention gate (inference only).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .indexing import block_mask_to_indices, causal_block_mask, document_ids_fro
 
 __all__ = [
     "KERNELS",
+    "TOKEN_GATE_MODES",
     "attention_ground_truth",
     "attention_with_ground_truth",
     "block_mask_to_indices",
@@ -31,9 +34,11 @@ __all__ = [
     "causal_block_mask",
     "document_ids_from_cu_seqlens",
     "num_blocks",
+    "token_gate_block_scores",
 ]
 
 KERNELS = ("auto", "pytorch", "triton")
+TOKEN_GATE_MODES = ("token_logit_max", "token_prob_max")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -220,3 +225,102 @@ def attention_with_ground_truth(
     from .pytorch_chunked import attention_with_ground_truth as chunked
 
     return chunked(q, k, v, block_size=block_size, sm_scale=scale, document_ids=document_ids, query_blocks=query_blocks)
+
+
+def _check_token_gate_inputs(
+    qt: torch.Tensor,
+    kh: torch.Tensor,
+    valid: torch.Tensor | None,
+    candidates: torch.Tensor | None,
+    *,
+    block_size: int,
+    mode: str,
+) -> None:
+    """Raise a ValueError for inputs outside `token_gate_block_scores`'s contract."""
+    if mode not in TOKEN_GATE_MODES:
+        raise ValueError(f"mode must be one of {TOKEN_GATE_MODES}, got {mode!r}")
+    if torch.is_grad_enabled() and (qt.requires_grad or kh.requires_grad):
+        raise ValueError(
+            "token_gate_block_scores is forward-only and qt or kh requires a gradient: call it under "
+            "torch.no_grad(), and use the PyTorch path for training (seer_finetune's gate.block_scores, which "
+            "recomputes its chunks in backward)"
+        )
+    if qt.dim() != 4 or kh.dim() != 4:
+        raise ValueError(
+            f"qt must be [B, Hq, L, hidden] and kh [B, Hkv, nB, hidden], got qt {tuple(qt.shape)} and "
+            f"kh {tuple(kh.shape)}"
+        )
+    if qt.dtype != torch.float32 or kh.dtype != torch.float32:
+        raise ValueError(f"qt and kh must be float32 (the gate scores in float32), got {qt.dtype} and {kh.dtype}")
+    if not isinstance(block_size, Integral) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    bsz, hq, seq_len, hidden = qt.shape
+    nb = num_blocks(seq_len, block_size)
+    if kh.shape[0] != bsz or kh.shape[2] != nb or kh.shape[3] != hidden:
+        raise ValueError(
+            f"kh {tuple(kh.shape)} must be [B, Hkv, nB, hidden] = [{bsz}, Hkv, {nb}, {hidden}] for qt "
+            f"{tuple(qt.shape)} in blocks of {block_size}"
+        )
+    if kh.shape[1] == 0 or hq % kh.shape[1]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({kh.shape[1]})")
+    if valid is not None and (valid.shape != (bsz, seq_len) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be bool {(bsz, seq_len)}, got {valid.dtype} {tuple(valid.shape)}")
+    if candidates is not None and (candidates.shape != (bsz, nb, nb) or candidates.dtype != torch.bool):
+        raise ValueError(f"candidates must be bool {(bsz, nb, nb)}, got {candidates.dtype} {tuple(candidates.shape)}")
+    others = [t for t in (kh, valid, candidates) if t is not None]
+    if any(t.device != qt.device for t in others):
+        devices = [str(t.device) for t in (qt, *others)]
+        raise ValueError(f"qt, kh, valid and candidates must share one device, got {devices}")
+
+
+def token_gate_block_scores(
+    qt: torch.Tensor,
+    kh: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    *,
+    block_size: int,
+    mode: str,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Block scores of a token-scored gate: every query token against the pooled key blocks, max over the tokens
+    of each query block. Forward only (no gradient).
+
+    With `s[i, j] = qt[b, h, i] . kh[b, h // (Hq / Hkv), j]` for token i of query block I (a valid one: not
+    padding, inside the sequence) and key block j <= I:
+    - `token_logit_max`: `S[I, j] = max_i s[i, j]`;
+    - `token_prob_max`: `S[I, j] = max_i (s[i, j] - logsumexp_{j' candidate of I} s[i, j'])` at the candidates
+      of I, -inf at the others.
+    A query block with no valid token scores 0 (at its candidates, in `token_prob_max`); key blocks after a
+    row's own (j > I) are -inf in both modes. Scores are computed in float32 and no `[B, Hq, L, nB]` per-token
+    logits are held (the Triton kernel keeps one tile of them in registers; the PyTorch one works in chunks).
+
+    Args:
+        qt: float32 `[B, Hq, L, hidden]`, each token's query as the gate scores it (projected, rotated at its
+            block's position, scaled by 1/sqrt(hidden)).
+        kh: float32 `[B, Hkv, nB, hidden]`, the projected, rotated key blocks; `Hq % Hkv == 0` (query head h
+            reads KV head h // (Hq / Hkv)); `nB = ceil(L / block_size)`.
+        valid: optional bool `[B, L]`, False for padding tokens (None: every token is valid).
+        candidates: optional bool `[B, nB, nB]`, the key blocks each query block may attend to (entries above the
+            diagonal are ignored); `token_prob_max` normalises over them. None: the block-causal triangle.
+            `token_logit_max` ignores it.
+        block_size: tokens per block (the last block may be partial; the Triton kernel pads the query tile to a
+            power of two >= 16, as it does the hidden width).
+        mode: `token_logit_max` or `token_prob_max` (`TOKEN_GATE_MODES`).
+        kernel: `"auto"`, `"pytorch"` or `"triton"` (see the module docstring).
+
+    Returns:
+        float32 `[B, Hq, nB, nB]` (row = query block, column = key block).
+
+    Raises:
+        ValueError: for an unknown `kernel` or `mode`, inputs outside the contract above, or (with gradients
+            enabled) a `qt` or `kh` that requires a gradient: the op has no backward, so it refuses them rather
+            than return scores that silently cut the graph.
+    """
+    on_triton = _runs_on_triton(kernel, qt)
+    _check_token_gate_inputs(qt, kh, valid, candidates, block_size=block_size, mode=mode)
+    if on_triton:
+        from .triton_token_gate import token_gate_forward as forward
+    else:
+        from .pytorch_chunked import token_gate_scores as forward
+    return forward(qt, kh, valid, candidates, block_size=block_size, prob=mode == "token_prob_max")

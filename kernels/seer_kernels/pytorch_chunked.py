@@ -243,3 +243,52 @@ def attention_with_ground_truth(
         query_blocks=query_blocks,
     )
     return out, gt
+
+
+@torch.no_grad()
+def token_gate_scores(
+    qt: torch.Tensor,
+    kh: torch.Tensor,
+    valid: torch.Tensor | None,
+    candidates: torch.Tensor | None,
+    *,
+    block_size: int,
+    prob: bool,
+) -> torch.Tensor:
+    """`seer_kernels.token_gate_block_scores` in chunked PyTorch; inputs are checked by that function.
+
+    A chunk of query blocks holds its tokens' logits `[B, Hq, n, block_size, keys]` against the key blocks up to
+    its last query block (within `_CHUNK_ELEMENTS`); the query heads of a KV group share one matmul.
+
+    Args:
+        qt: float32 `[B, Hq, L, hidden]`; kh: float32 `[B, Hkv, nB, hidden]`.
+        valid: bool `[B, L]` or None; candidates: bool `[B, nB, nB]` or None (the block-causal triangle).
+        block_size: tokens per block; prob: True for `token_prob_max`, False for `token_logit_max`.
+    Returns:
+        float32 `[B, Hq, nB, nB]`.
+    """
+    bsz, hq, seq_len, hidden = qt.shape
+    hkv, nb = kh.shape[1], kh.shape[2]
+    out = torch.full((bsz, hq, nb, nb), float("-inf"), dtype=torch.float32, device=qt.device)
+    causal = torch.ones(nb, nb, dtype=torch.bool, device=qt.device).tril_()
+    step = max(1, _CHUNK_ELEMENTS // max(1, bsz * hq * block_size * nb))
+    for first in range(0, nb, step):
+        last = min(nb, first + step)
+        t0, t1 = first * block_size, min(seq_len, last * block_size)
+        n, pad = last - first, (last - first) * block_size - (t1 - t0)
+        # The sequence's partial last block is filled with excluded tokens, so the chunk reshapes to whole blocks.
+        q_chunk = torch.nn.functional.pad(qt[:, :, t0:t1].float(), (0, 0, 0, pad))
+        keep = torch.ones(bsz, t1 - t0, dtype=torch.bool, device=qt.device) if valid is None else valid[:, t0:t1]
+        keep = torch.nn.functional.pad(keep, (0, pad), value=False).view(bsz, 1, n, block_size, 1)
+        logits = torch.matmul(_group_rows(q_chunk, hkv), kh[:, :, :last].float().transpose(-1, -2))
+        logits = _ungroup_rows(logits, hq).view(bsz, hq, n, block_size, last)
+        allowed = causal[first:last, :last].expand(bsz, n, last)
+        if prob and candidates is not None:
+            allowed = allowed & candidates[:, first:last, :last].bool()
+        allowed = allowed[:, None]  # [B, 1, n, last]
+        if prob:
+            logits = logits.masked_fill(~allowed[:, :, :, None], float("-inf")).log_softmax(dim=-1)
+        best = logits.masked_fill(~keep, float("-inf")).amax(dim=3)
+        best = best.masked_fill(~keep.any(dim=3), 0.0)  # a block of padding alone scores 0
+        out[:, :, first:last, :last] = best.masked_fill(~allowed, float("-inf"))
+    return out

@@ -14,7 +14,9 @@ key block), the max over the block's tokens, as the oracle (the attention map ma
 token that attends to a far block (a question token to a needle) is then not averaged away by the other tokens
 of its block. `token_logit_max` takes the max of the raw token logits, `token_prob_max` the max of each token's
 log-probabilities over its candidate key blocks. The per-token logits (`[B, Hq, L, nB]`, 13 GB at 128k tokens
-with 12 heads) are computed in chunks of query blocks and recomputed in backward, never held whole.
+with 12 heads) are never held whole: with gradients, or off CUDA, they are computed in chunks of query blocks and
+recomputed in backward; without gradients on CUDA the fused kernel `seer_kernels.token_gate_block_scores` scores
+them tile by tile.
 
 Gate weights are kept in float32 whatever the model's dtype: they are tiny, and the gate's softmax over a few
 hundred blocks is sensitive to bf16 rounding.
@@ -30,6 +32,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+import seer_kernels
 
 POOLINGS = ("avg", "max", "min")
 GATE_QUERIES = ("pooled", "token_logit_max", "token_prob_max")
@@ -300,7 +304,9 @@ def _token_block_scores(
     A chunk holds as many query blocks as keep its per-token logits within `TOKEN_CHUNK_ELEMENTS`. With
     gradients, each chunk runs under a (non-reentrant) checkpoint: backward keeps only its inputs (views of `q`,
     the weights, the projected keys) and recomputes the rest, where it would otherwise keep the chunk's float32
-    projected queries (Hq * hidden floats per token and layer) or, for `token_prob_max`, its logits.
+    projected queries (Hq * hidden floats per token and layer) or, for `token_prob_max`, its logits. Without
+    gradients on CUDA, the fused Triton kernel (`seer_kernels.token_gate_block_scores`) scores all tokens at once
+    instead, from their projected queries (float32 `[B, Hq, L, hidden]`, the only per-token tensor it needs).
 
     Args:
         kh: the projected, rotated key blocks `[B, Hkv, nB, hidden]`.
@@ -317,6 +323,16 @@ def _token_block_scores(
         _token_chunk_scores, block_size=block_size, hidden_size=hidden_size, gate_query=gate_query
     )
     recompute = torch.is_grad_enabled() and (q.requires_grad or q_weight.requires_grad or kh.requires_grad)
+    if not recompute and _runs_fused_kernel(q):
+        # Inference: the fused kernel never holds the per-token logits. The queries of whole blocks (the partial
+        # last one padded) go in as a view of the sequence's tokens.
+        pad = nb * block_size - seq_len
+        whole = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
+        qt = _token_queries(whole, q_weight, cos, sin, block_size=block_size, hidden_size=hidden_size)
+        qt = qt.view(bsz, num_heads, nb * block_size, hidden_size)[:, :, :seq_len]
+        return seer_kernels.token_gate_block_scores(
+            qt, kh, valid, candidates, block_size=block_size, mode=gate_query, kernel="triton"
+        )
     rows = []
     for first in range(0, nb, blocks_per_chunk):
         last = min(nb, first + blocks_per_chunk)
@@ -335,6 +351,11 @@ def _token_block_scores(
         chunk = checkpoint(chunk_scores, *inputs, use_reentrant=False) if recompute else chunk_scores(*inputs)
         rows.append(torch.nn.functional.pad(chunk, (0, nb - last), value=float("-inf")) if last < nb else chunk)
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
+
+
+def _runs_fused_kernel(q: torch.Tensor) -> bool:
+    """Whether gradient-free token-mode scores of queries `q` run on the fused Triton kernel: on CUDA."""
+    return q.is_cuda
 
 
 def _token_chunk_scores(
@@ -376,12 +397,8 @@ def _token_chunk_scores(
         if keep is None:
             keep = torch.ones(bsz, num_tokens, dtype=torch.bool, device=q.device)
         keep = torch.nn.functional.pad(keep, (0, pad), value=False)
-    qh = torch.einsum("bthd,hdo->bhto", q.float(), q_weight).reshape(bsz, num_heads, n, block_size, hidden_size)
-    if cos is not None:
-        # Every token of query block I turns by block I's angles, as its pooled query would.
-        qh = apply_rotary(qh, cos[:, :, None], sin[:, :, None])
-    group = num_heads // num_kv_heads
-    qh = (qh * (1.0 / math.sqrt(hidden_size))).reshape(bsz, num_kv_heads, group, n * block_size, hidden_size)
+    qh = _token_queries(q, q_weight, cos, sin, block_size=block_size, hidden_size=hidden_size)
+    qh = qh.reshape(bsz, num_kv_heads, num_heads // num_kv_heads, n * block_size, hidden_size)
     logits = torch.matmul(qh, kh[:, :, None].transpose(-1, -2)).view(bsz, num_heads, n, block_size, nb)
     if gate_query == "token_prob_max":
         logits = logits.masked_fill(~candidates[:, None, :, None], float("-inf")).log_softmax(dim=-1)
@@ -400,6 +417,22 @@ def _token_chunk_scores(
     first = nb - n
     future = torch.ones(n, nb, dtype=torch.bool, device=scores.device).triu_(first + 1)
     return scores.masked_fill(future, float("-inf"))
+
+
+def _token_queries(
+    q: torch.Tensor, q_weight: torch.Tensor, cos: Optional[torch.Tensor], sin: Optional[torch.Tensor], *,
+    block_size: int, hidden_size: int,
+) -> torch.Tensor:
+    """float32 `[B, Hq, n, block_size, hidden]`: the tokens' queries as the token modes score them (projected,
+    rotated at their block's angles `cos`, `sin` `[1, n, rotary_dim]` or None, scaled by 1/sqrt(hidden)), from
+    pre-RoPE queries of whole blocks `q [B, n * block_size, Hq, D]`."""
+    bsz, num_tokens, num_heads, _ = q.shape
+    n = num_tokens // block_size
+    qh = torch.einsum("bthd,hdo->bhto", q.float(), q_weight).reshape(bsz, num_heads, n, block_size, hidden_size)
+    if cos is not None:
+        # Every token of query block I turns by block I's angles, as its pooled query would.
+        qh = apply_rotary(qh, cos[:, :, None], sin[:, :, None])
+    return qh * (1.0 / math.sqrt(hidden_size))
 
 
 class AttnGate(nn.Module):
