@@ -15,7 +15,8 @@ from typing import Optional
 from torch import nn
 
 from .attention import ATTN_NAME, register_seer
-from .gate import POOLINGS, AttnGate, check_gate_query, gate_rotary_dim, gate_rotary_embedding
+from .gate import POOLINGS, AttnGate, check_gate_query
+from .gate_rope import gate_rotary_dim, gate_rotary_embedding
 from .runtime import SeerRuntime
 
 
@@ -101,9 +102,9 @@ def attach_seer_gates(
         q_pooling, k_pooling: Block poolings. Defaults avg / max+min.
         use_rope: Apply the model's rotary embedding at block positions inside the gate. Default True.
         rope_units: `tokens` (the model's rotary settings as they are), `blocks` (lengths divided by the block
-            size, see `gate.gate_rotary_embedding`) or `none` (no positional encoding, as `use_rope=False`).
+            size, see `gate_rope.gate_rotary_embedding`) or `none` (no positional encoding, as `use_rope=False`).
             Default `tokens`.
-        rope_fraction: Share of the gate's per-head features that carry RoPE, in (0, 1] (`gate.gate_rotary_dim`
+        rope_fraction: Share of the gate's per-head features that carry RoPE, in (0, 1] (`gate_rope.gate_rotary_dim`
             rounds it to an even count); the rest score pooled content alone. Must be 1.0 without RoPE. Default
             1.0 (every feature).
         gate_query: How the gates score query blocks: `pooled`, `token_logit_max` or `token_prob_max`

@@ -9,7 +9,8 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from seer_finetune.seer import AttnGate, SeerRuntime, attach_seer_gates, seer_gates
-from seer_finetune.seer.gate import apply_rotary, gate_rotary_dim, gate_rotary_embedding, pool_blocks
+from seer_finetune.seer.gate import pool_blocks
+from seer_finetune.seer.gate_rope import apply_rotary, gate_rotary_dim, gate_rotary_embedding
 from seer_helpers import random_ids, tiny_model
 
 
