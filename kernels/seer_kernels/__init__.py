@@ -235,6 +235,8 @@ def _check_token_gate_inputs(
     *,
     block_size: int,
     mode: str,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> None:
     """Raise a ValueError for inputs outside `token_gate_block_scores`'s contract."""
     if mode not in TOKEN_GATE_MODES:
@@ -267,10 +269,21 @@ def _check_token_gate_inputs(
         raise ValueError(f"valid must be bool {(bsz, seq_len)}, got {valid.dtype} {tuple(valid.shape)}")
     if candidates is not None and (candidates.shape != (bsz, nb, nb) or candidates.dtype != torch.bool):
         raise ValueError(f"candidates must be bool {(bsz, nb, nb)}, got {candidates.dtype} {tuple(candidates.shape)}")
-    others = [t for t in (kh, valid, candidates) if t is not None]
+    if (cos is None) != (sin is None):
+        raise ValueError("give both cos and sin, or neither")
+    if cos is not None:
+        rd = cos.shape[-1] if cos.dim() == 2 else -1
+        if cos.shape != sin.shape or cos.shape[:1] != (nb,) or rd % 2 or not 2 <= rd <= hidden:
+            raise ValueError(
+                f"cos and sin must be [nB, rotary_dim] = [{nb}, an even width in 2..{hidden}], got "
+                f"{tuple(cos.shape)} and {tuple(sin.shape)}"
+            )
+        if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+            raise ValueError(f"cos and sin must be float32, got {cos.dtype} and {sin.dtype}")
+    others = [t for t in (kh, valid, candidates, cos, sin) if t is not None]
     if any(t.device != qt.device for t in others):
         devices = [str(t.device) for t in (qt, *others)]
-        raise ValueError(f"qt, kh, valid and candidates must share one device, got {devices}")
+        raise ValueError(f"qt, kh, valid, candidates, cos and sin must share one device, got {devices}")
 
 
 def token_gate_block_scores(
@@ -281,6 +294,8 @@ def token_gate_block_scores(
     *,
     block_size: int,
     mode: str,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Block scores of a token-scored gate: every query token against the pooled key blocks, max over the tokens
@@ -296,8 +311,8 @@ def token_gate_block_scores(
     logits are held (the Triton kernel keeps one tile of them in registers; the PyTorch one works in chunks).
 
     Args:
-        qt: float32 `[B, Hq, L, hidden]`, each token's query as the gate scores it (projected, rotated at its
-            block's position, scaled by 1/sqrt(hidden)).
+        qt: float32 `[B, Hq, L, hidden]`, each token's query as the gate scores it (projected, scaled by
+            1/sqrt(hidden), and rotated at its block's position unless `cos`, `sin` are given).
         kh: float32 `[B, Hkv, nB, hidden]`, the projected, rotated key blocks; `Hq % Hkv == 0` (query head h
             reads KV head h // (Hq / Hkv)); `nB = ceil(L / block_size)`.
         valid: optional bool `[B, L]`, False for padding tokens (None: every token is valid).
@@ -307,6 +322,9 @@ def token_gate_block_scores(
         block_size: tokens per block (the last block may be partial; the Triton kernel pads the query tile to a
             power of two >= 16, as it does the hidden width).
         mode: `token_logit_max` or `token_prob_max` (`TOKEN_GATE_MODES`).
+        cos, sin: optional float32 `[nB, rotary_dim]` block RoPE angles (rotate-half convention, `rotary_dim` even
+            and at most hidden): the op turns token i's query by the angles of its block in the first
+            `rotary_dim` features before scoring, so the caller writes no rotated copy of `qt`. Default None.
         kernel: `"auto"`, `"pytorch"` or `"triton"` (see the module docstring).
 
     Returns:
@@ -318,9 +336,9 @@ def token_gate_block_scores(
             than return scores that silently cut the graph.
     """
     on_triton = _runs_on_triton(kernel, qt)
-    _check_token_gate_inputs(qt, kh, valid, candidates, block_size=block_size, mode=mode)
+    _check_token_gate_inputs(qt, kh, valid, candidates, block_size=block_size, mode=mode, cos=cos, sin=sin)
     if on_triton:
         from .triton_token_gate import token_gate_forward as forward
     else:
         from .pytorch_chunked import token_gate_scores as forward
-    return forward(qt, kh, valid, candidates, block_size=block_size, prob=mode == "token_prob_max")
+    return forward(qt, kh, valid, candidates, block_size=block_size, prob=mode == "token_prob_max", cos=cos, sin=sin)

@@ -254,6 +254,8 @@ def token_gate_scores(
     *,
     block_size: int,
     prob: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`seer_kernels.token_gate_block_scores` in chunked PyTorch; inputs are checked by that function.
 
@@ -264,6 +266,7 @@ def token_gate_scores(
         qt: float32 `[B, Hq, L, hidden]`; kh: float32 `[B, Hkv, nB, hidden]`.
         valid: bool `[B, L]` or None; candidates: bool `[B, nB, nB]` or None (the block-causal triangle).
         block_size: tokens per block; prob: True for `token_prob_max`, False for `token_logit_max`.
+        cos, sin: float32 `[nB, rotary_dim]` or None: each token's query is first turned by its block's angles.
     Returns:
         float32 `[B, Hq, nB, nB]`.
     """
@@ -278,6 +281,8 @@ def token_gate_scores(
         n, pad = last - first, (last - first) * block_size - (t1 - t0)
         # The sequence's partial last block is filled with excluded tokens, so the chunk reshapes to whole blocks.
         q_chunk = torch.nn.functional.pad(qt[:, :, t0:t1].float(), (0, 0, 0, pad))
+        if cos is not None:
+            q_chunk = _rotate_blocks(q_chunk, cos[first:last], sin[first:last], block_size)
         keep = torch.ones(bsz, t1 - t0, dtype=torch.bool, device=qt.device) if valid is None else valid[:, t0:t1]
         keep = torch.nn.functional.pad(keep, (0, pad), value=False).view(bsz, 1, n, block_size, 1)
         logits = torch.matmul(_group_rows(q_chunk, hkv), kh[:, :, :last].float().transpose(-1, -2))
@@ -292,3 +297,15 @@ def token_gate_scores(
         best = best.masked_fill(~keep.any(dim=3), 0.0)  # a block of padding alone scores 0
         out[:, :, first:last, :last] = best.masked_fill(~allowed, float("-inf"))
     return out
+
+
+def _rotate_blocks(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`q [B, H, n * block_size, F]` with every token turned by its block's angles `cos`, `sin` `[n, R]` in its
+    first R features (rotate-half convention; the rest pass through)."""
+    bsz, heads, tokens, feats = q.shape
+    rd, half = cos.shape[-1], cos.shape[-1] // 2
+    blocks = q.view(bsz, heads, tokens // block_size, block_size, feats)
+    rot, rest = blocks[..., :rd], blocks[..., rd:]
+    partner = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    turned = rot * cos[:, None] + partner * sin[:, None]
+    return torch.cat((turned, rest), dim=-1).view(bsz, heads, tokens, feats)

@@ -1,8 +1,8 @@
 """Fused token-scored gate: per (query block, key block), the max over the query block's tokens of each token's
 logit (or log-probability) against the pooled key blocks, without the `[B, Hq, L, nB]` per-token logits.
 
-One program per (query block I, batch element and query head) loads the block's projected query tokens once and
-walks the key blocks 0..I (the candidates are block-causal) in tiles of `BLOCK_J` key blocks:
+One program per (query block I, batch element and query head) loads the block's projected query tokens once
+(turning them by block I's RoPE angles when given, so the caller need not write rotated copies) and walks the key blocks 0..I (the candidates are block-causal) in tiles of `BLOCK_J` key blocks:
 - `token_logit_max`: one pass; each tile's logits `[BLOCK_T, BLOCK_J]` are reduced over the valid tokens and
   stored;
 - `token_prob_max`: a first pass computes each token's log-sum-exp over its row's candidate key blocks (online,
@@ -58,15 +58,37 @@ def _allowed_columns(cand_row, cols, row, PROB: tl.constexpr):
 
 
 @triton.jit
+def _rotate_at_block(q, q_head, pos, in_block, stride_ql, feats, COS, SIN, stride_an, row, rot_dim):
+    """`q [BLOCK_T, HIDDEN]` (the tokens at `pos` of one head, loaded from `q_head`) turned by query block `row`'s
+    angles in its first `rot_dim` features, rotate-half convention: feature f < rot_dim / 2 pairs with
+    f + rot_dim / 2 (negated), the next rot_dim / 2 with f - rot_dim / 2; the features beyond pass through."""
+    half = rot_dim // 2
+    rotated = feats < rot_dim
+    partner = tl.where(feats < half, feats + half, feats - half)
+    sign = tl.where(feats < half, -1.0, 1.0)
+    q_partner = tl.load(
+        q_head + pos.to(tl.int64)[:, None] * stride_ql + partner[None, :],
+        mask=in_block[:, None] & rotated[None, :],
+        other=0.0,
+    )
+    angles = row.to(tl.int64) * stride_an + feats
+    cos = tl.load(COS + angles, mask=rotated, other=1.0)
+    sin = tl.load(SIN + angles, mask=rotated, other=0.0)
+    return q * cos[None, :] + q_partner * (sign * sin)[None, :]
+
+
+@triton.jit
 def _token_gate_kernel(
-    QT, KH, VALID, CAND, OUT,  # noqa: N803
+    QT, KH, VALID, CAND, COS, SIN, OUT,  # noqa: N803
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kn,
     stride_vb,
     stride_cb, stride_ci,
+    stride_an,
     stride_ob, stride_oh, stride_oi,
-    seq_len, n_blocks, n_heads_q, group, block_size, hidden,
+    seq_len, n_blocks, n_heads_q, group, block_size, hidden, rot_dim,
     HAS_VALID: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
     PROB: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -93,6 +115,8 @@ def _token_gate_kernel(
         mask=in_block[:, None] & feat_ok[None, :],
         other=0.0,
     )
+    if HAS_ROPE:
+        q = _rotate_at_block(q, q_head, pos, in_block, stride_ql, feats, COS, SIN, stride_an, row, rot_dim)
     token_ok = in_block
     if HAS_VALID:
         token_ok = token_ok & (tl.load(VALID + b.to(tl.int64) * stride_vb + pos, mask=in_block, other=0) != 0)
@@ -174,6 +198,8 @@ def token_gate_forward(
     *,
     block_size: int,
     prob: bool,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
     precision: str = DOT_PRECISION,
     tiles: TokenGateTiles | None = None,
     out: torch.Tensor | None = None,
@@ -187,6 +213,8 @@ def token_gate_forward(
         kh: float32 `[B, Hkv, nB, hidden]`, `Hq % Hkv == 0`.
         valid: bool `[B, L]` or None (every token valid).
         candidates: bool `[B, nB, nB]` (read with `prob`), or None (the block-causal triangle).
+        cos, sin: optional float32 `[nB, rotary_dim]`: the kernel turns each token's query by its block's angles
+            (`qt` then holds unrotated queries).
         block_size: tokens per block (any positive size: the query tile is padded to a power of two >= 16).
         prob: True for `token_prob_max`, False for `token_logit_max`.
         precision: `tl.dot` input precision: `tf32x3` (default, `DOT_PRECISION`), `ieee` or `tf32`.
@@ -210,17 +238,22 @@ def token_gate_forward(
     cand8 = None if not prob or candidates is None else candidates.to(device=qt.device, dtype=torch.int8).contiguous()
     if prob and cand8 is None:
         cand8 = torch.ones(1, nb, nb, dtype=torch.int8, device=qt.device).expand(bsz, nb, nb)
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
     args = (
-        qt, kh, out if valid8 is None else valid8, out if cand8 is None else cand8, out,
+        qt, kh, out if valid8 is None else valid8, out if cand8 is None else cand8,
+        out if cos is None else cos, out if sin is None else sin, out,
         qt.stride(0), qt.stride(1), qt.stride(2),
         kh.stride(0), kh.stride(1), kh.stride(2),
         0 if valid8 is None else valid8.stride(0),
         0 if cand8 is None else cand8.stride(0), 0 if cand8 is None else cand8.stride(1),
+        0 if cos is None else cos.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        seq_len, nb, hq, hq // kh.shape[1], block_size, hidden,
+        seq_len, nb, hq, hq // kh.shape[1], block_size, hidden, 0 if cos is None else cos.shape[1],
     )
     kwargs = dict(
         HAS_VALID=valid8 is not None,
+        HAS_ROPE=cos is not None,
         PROB=prob,
         BLOCK_T=block_tokens,
         BLOCK_J=tiles.key_blocks,

@@ -217,7 +217,8 @@ def _token_block_scores(
     the weights, the projected keys) and recomputes the rest, where it would otherwise keep the chunk's float32
     projected queries (Hq * hidden floats per token and layer) or, for `token_prob_max`, its logits. Without
     gradients on CUDA, the fused Triton kernel (`seer_kernels.token_gate_block_scores`) scores all tokens at once
-    instead, from their projected queries (float32 `[B, Hq, L, hidden]`, the only per-token tensor it needs).
+    instead, from their projected, unrotated queries (float32 `[B, Hq, L, hidden]`, the only per-token tensor it
+    needs: it applies the block RoPE itself).
 
     Args:
         kh: the projected, rotated key blocks `[B, Hkv, nB, hidden]`.
@@ -235,14 +236,12 @@ def _token_block_scores(
     )
     recompute = torch.is_grad_enabled() and (q.requires_grad or q_weight.requires_grad or kh.requires_grad)
     if not recompute and _runs_fused_kernel(q):
-        # Inference: the fused kernel never holds the per-token logits. The queries of whole blocks (the partial
-        # last one padded) go in as a view of the sequence's tokens.
-        pad = nb * block_size - seq_len
-        whole = torch.nn.functional.pad(q, (0, 0, 0, 0, 0, pad)) if pad else q
-        qt = _token_queries(whole, q_weight, cos, sin, block_size=block_size, hidden_size=hidden_size)
-        qt = qt.view(bsz, num_heads, nb * block_size, hidden_size)[:, :, :seq_len]
+        # Inference: the fused kernel never holds the per-token logits, and it turns each token by its block's
+        # angles itself, so the only per-token tensor is one projection (the scale folded into the weights).
+        qt = torch.einsum("bthd,hdo->bhto", q.float(), q_weight * (1.0 / math.sqrt(hidden_size)))
         return seer_kernels.token_gate_block_scores(
-            qt, kh, valid, candidates, block_size=block_size, mode=gate_query, kernel="triton"
+            qt, kh, valid, candidates, block_size=block_size, mode=gate_query,
+            cos=None if cos is None else cos[0], sin=None if sin is None else sin[0], kernel="triton",
         )
     rows = []
     for first in range(0, nb, blocks_per_chunk):

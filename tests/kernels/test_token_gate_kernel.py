@@ -107,6 +107,36 @@ def test_pytorch_implementation_matches_a_per_token_loop(mode):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+def _angles(nb: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block RoPE angles `[nB, rotary_dim]` as the models' rotary modules make them (halves repeated)."""
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.arange(nb).float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("rotary_dim", [32, 8], ids=["full", "partial"])
+@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
+@pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
+def test_rotation_inside_the_op_equals_rotated_queries(mode, kernel, rotary_dim):
+    """Given the block angles, the op turns each token by its block's angles itself: the scores of unrotated
+    queries with `cos`, `sin` equal those of queries the gate rotated (`apply_rotary` per block) without."""
+    from seer_finetune.seer.gate_rope import apply_rotary
+
+    seq_len, block, hidden = 75, 16, 32
+    qt, kh = _operands(seq_len, block, hidden, seed=4)
+    valid, candidates = _layout(seq_len, block, padded=True)
+    nb = kh.shape[2]
+    cos, sin = _angles(nb, rotary_dim)
+    whole = torch.nn.functional.pad(qt, (0, 0, 0, nb * block - seq_len)).view(B, HQ, nb, block, hidden)
+    rotated = apply_rotary(whole, cos[None, :, None], sin[None, :, None]).view(B, HQ, nb * block, hidden)
+    call = dict(block_size=block, mode=mode, kernel=kernel)
+    want = token_gate_block_scores(rotated[:, :, :seq_len].contiguous(), kh, valid, candidates, **call)
+    got = token_gate_block_scores(qt, kh, valid, candidates, cos=cos, sin=sin, **call)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got, token_gate_block_scores(qt, kh, valid, candidates, **call))
+
+
 def _gate_inputs(seq_len: int, block: int, hidden: int, device: str = "cpu"):
     """Pre-RoPE queries and keys, float32 gate weights and block angles rotating half the hidden features."""
     g = torch.Generator().manual_seed(1)
@@ -129,7 +159,8 @@ def _gate_shape(block: int, hidden: int, mode: str) -> dict:
 @pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
 def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padded):
     """`block_scores` without gradients, routed to the kernel (on CPU: through the interpreter), gives the
-    scores of its chunked path; the kernel reads the gate's own projected, rotated, scaled token queries."""
+    scores of its chunked path; the kernel reads the gate's projected, scaled token queries and rotates them
+    itself (half the hidden features here: partial RoPE)."""
     seq_len, block, hidden = 75, 16, 32
     q, k, q_weight, k_weight, cos, sin = _gate_inputs(seq_len, block, hidden)
     valid, candidates = _layout(seq_len, block, padded)
@@ -140,7 +171,7 @@ def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padde
     original = seer_kernels.token_gate_block_scores
 
     def counted(qt, kh, *args, **kwargs):
-        calls.append((tuple(qt.shape), tuple(kh.shape), kwargs["kernel"]))
+        calls.append((tuple(qt.shape), tuple(kh.shape), kwargs["kernel"], tuple(kwargs["cos"].shape)))
         return original(qt, kh, *args, **kwargs)
 
     monkeypatch.setattr(seer_kernels, "token_gate_block_scores", counted)
@@ -148,7 +179,7 @@ def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padde
     with torch.no_grad():
         got = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
     nb = math.ceil(seq_len / block)
-    assert calls == [((B, HQ, seq_len, hidden), (B, HKV, nb, hidden), "triton")]
+    assert calls == [((B, HQ, seq_len, hidden), (B, HKV, nb, hidden), "triton", (nb, hidden // 2))]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # With gradients the chunked, checkpointed path runs even where the kernel could.
     q.requires_grad_()
@@ -233,6 +264,12 @@ def test_bad_inputs_are_refused(kernel):
         ((qt, kh, None, None), {**call, "mode": "pooled"}, "mode must be one of"),
         ((qt, kh, None, None), {**call, "block_size": 0}, "block_size must be a positive int"),
         ((qt, kh, None, None), {**call, "kernel": "cuda"}, "kernel must be one of"),
+        ((qt, kh, None, None), {**call, "cos": torch.ones(5, 8)}, "give both cos and sin, or neither"),
+        ((qt, kh, None, None), {**call, "cos": torch.ones(4, 8), "sin": torch.ones(4, 8)}, r"\[5, an even width"),
+        ((qt, kh, None, None), {**call, "cos": torch.ones(5, 7), "sin": torch.ones(5, 7)}, r"\[5, an even width"),
+        ((qt, kh, None, None), {**call, "cos": torch.ones(5, 64), "sin": torch.ones(5, 64)}, r"2\.\.32"),
+        ((qt, kh, None, None), {**call, "cos": torch.ones(5, 8).double(), "sin": torch.ones(5, 8).double()},
+         "cos and sin must be float32"),
     ]
     for args, kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
