@@ -126,7 +126,9 @@ def seer_attention_forward(
     q_pre, k_pre, head_shard = _gate_inputs(gate, query)
     if order is not None:
         q_pre, k_pre = _reorder(q_pre, order, dim=1), _reorder(k_pre, order, dim=1)
-    log_probs = layer_log_probs(gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=s.compile_gate)
+    log_probs = layer_log_probs(
+        gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=s.compile_gate, kernel=s.kernel
+    )
     layer = gate.layer_idx
     # Gradient checkpointing runs a layer a second time during backward: reuse what the first pass chose.
     recomputing = layer in rt.forward.block_masks

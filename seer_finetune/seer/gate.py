@@ -144,6 +144,7 @@ def block_scores(
     hidden_size: int,
     gate_query: str = "pooled",
     candidates: Optional[torch.Tensor] = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """A gate's unnormalised block scores as a function of its inputs and weights (`AttnGate.forward`).
 
@@ -165,6 +166,8 @@ def block_scores(
         candidates: bool `[B, nB, nB]`, the key blocks each query block may attend to (`selection.block_candidates`);
             `token_prob_max` normalises each token's logits over its block's row. None: the block-causal triangle.
             The other modes ignore it.
+        kernel: Where the token modes score without gradients (`attention.kernel`): `auto` (default) the fused
+            Triton kernel for CUDA tensors, `triton` the kernel always, `pytorch` never (the chunked path).
 
     Returns:
         float32 `[B, Hq, nB, nB]` (row = query block, column = key block). The token modes give -inf after each
@@ -184,7 +187,7 @@ def block_scores(
             candidates = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril().expand(bsz, nb, nb)
         return _token_block_scores(
             q, kh, q_weight, cos, sin, valid, candidates, block_size=block_size, hidden_size=hidden_size,
-            gate_query=gate_query,
+            gate_query=gate_query, kernel=kernel,
         )
     qp = pool_blocks(q, valid, block_size, q_pooling)  # [B, nB, Hq, Fq]
     qh = torch.einsum("bnhf,hfo->bhno", qp, q_weight)
@@ -209,6 +212,7 @@ def _token_block_scores(
     block_size: int,
     hidden_size: int,
     gate_query: str,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """`block_scores` of the token modes, over chunks of query blocks (`_token_chunk_scores`).
 
@@ -235,7 +239,7 @@ def _token_block_scores(
         _token_chunk_scores, block_size=block_size, hidden_size=hidden_size, gate_query=gate_query
     )
     recompute = torch.is_grad_enabled() and (q.requires_grad or q_weight.requires_grad or kh.requires_grad)
-    if not recompute and _runs_fused_kernel(q):
+    if not recompute and _runs_fused_kernel(q, kernel):
         # Inference: the fused kernel never holds the per-token logits, and it turns each token by its block's
         # angles itself, so the only per-token tensor is one projection (the scale folded into the weights).
         qt = torch.einsum("bthd,hdo->bhto", q.float(), q_weight * (1.0 / math.sqrt(hidden_size)))
@@ -263,9 +267,12 @@ def _token_block_scores(
     return rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)
 
 
-def _runs_fused_kernel(q: torch.Tensor) -> bool:
-    """Whether gradient-free token-mode scores of queries `q` run on the fused Triton kernel: on CUDA."""
-    return q.is_cuda
+def _runs_fused_kernel(q: torch.Tensor, kernel: str) -> bool:
+    """Whether gradient-free token-mode scores of queries `q` run on the fused Triton kernel (`block_scores`'s
+    `kernel`: on CUDA for `auto`)."""
+    if kernel not in seer_kernels.KERNELS:
+        raise ValueError(f"kernel={kernel!r} must be one of {', '.join(seer_kernels.KERNELS)}")
+    return kernel == "triton" or (kernel == "auto" and q.is_cuda)
 
 
 def _token_chunk_scores(

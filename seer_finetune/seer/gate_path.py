@@ -49,18 +49,23 @@ def layer_log_probs(
     *,
     head_shard: tuple[int, int] = (0, 1),
     compiled: bool = False,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """The gate's log-probabilities over key blocks for one layer's pre-RoPE `q [B, L, Hq', D]` and
     `k [B, L, Hkv', D]` (see `AttnGate.forward` for `valid` and `head_shard`).
 
     Args:
         compiled: Run the compiled graph (`torch.compile` of `block_log_probs`). Default False (eager).
+        kernel: `attention.kernel`, for the token modes' gradient-free scores (`gate.block_scores`). Default
+            `auto`.
 
     Returns:
         float32 `[B, Hq', nB, nB]`, -inf outside `candidates`.
     """
     q_weight, k_weight, cos, sin = gate.operands(q, k, head_shard)
-    return _run(block_log_probs, compiled)(candidates, q, k, q_weight, k_weight, cos, sin, valid, **gate.shape_kwargs)
+    return _run(block_log_probs, compiled)(
+        candidates, q, k, q_weight, k_weight, cos, sin, valid, kernel=kernel, **gate.shape_kwargs
+    )
 
 
 def layer_gate_loss(

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import seer_kernels
-from seer_finetune.seer import gate as gate_module
 from seer_finetune.seer.gate import block_scores
 from seer_finetune.seer.selection import block_candidates
 from seer_kernels import TOKEN_GATE_MODES, token_gate_block_scores, triton_token_gate
@@ -175,16 +174,22 @@ def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padde
         return original(qt, kh, *args, **kwargs)
 
     monkeypatch.setattr(seer_kernels, "token_gate_block_scores", counted)
-    monkeypatch.setattr(gate_module, "_runs_fused_kernel", lambda q: True)
     with torch.no_grad():
-        got = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
+        got = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="triton", **shape)
+        # `attention.kernel=pytorch` never launches it; `auto` only for CUDA tensors.
+        for kernel in ("pytorch", "auto"):
+            same = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel=kernel, **shape)
+            assert torch.equal(same, want)
     nb = math.ceil(seq_len / block)
     assert calls == [((B, HQ, seq_len, hidden), (B, HKV, nb, hidden), "triton", (nb, hidden // 2))]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # With gradients the chunked, checkpointed path runs even where the kernel could.
     q.requires_grad_()
-    again = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
+    again = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="triton", **shape)
     assert len(calls) == 1 and again.requires_grad
+    with pytest.raises(ValueError, match="kernel='cuda' must be one of"):
+        with torch.no_grad():
+            block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="cuda", **shape)
 
 
 @pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
@@ -221,12 +226,13 @@ def test_compiled_gate_launches_the_kernel_outside_its_graph(monkeypatch):
         return launcher(*args, **kwargs)
 
     monkeypatch.setattr(triton_token_gate, "token_gate_forward", counted)
-    monkeypatch.setattr(gate_module, "_runs_fused_kernel", lambda q: True)
     torch._dynamo.reset()
     with torch.no_grad():
-        eager = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
+        eager = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="triton", **shape)
         compiled_gate = torch.compile(block_scores)
-        compiled = compiled_gate(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
+        compiled = compiled_gate(
+            q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="triton", **shape
+        )
     torch._dynamo.reset()
     assert len(launches) == 2
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)

@@ -286,6 +286,31 @@ def test_joint_training_steps_in_token_prob_max_learn_and_select(monkeypatch):
     assert not torch.equal(seer_gates(model)[0].q_weight, before)
 
 
+@pytest.mark.parametrize("kernel", ["pytorch", "triton"])
+def test_attention_kernel_setting_decides_where_gradient_free_token_scores_run(monkeypatch, kernel):
+    """`attention.kernel` reaches the gates: a gradient-free forward of a tiny Llama scores its token gates on
+    the fused kernel with `triton` (here through the interpreter) and never with `pytorch`."""
+    import seer_kernels
+
+    calls = []
+    original = seer_kernels.token_gate_block_scores
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["kernel"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(seer_kernels, "token_gate_block_scores", counted)
+    model = tiny_model("llama")
+    ext = build_extension(model, _cfg(gate_query="token_logit_max", kernel=kernel))
+    ext.runtime.configure(compute_loss=False)
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=random_ids(1, 72), use_cache=False)
+    assert torch.isfinite(out.logits).all()
+    layers = len(seer_gates(model))
+    assert calls == (["triton"] * layers if kernel == "triton" else [])
+
+
 def _selections(model, runtime: SeerRuntime) -> dict[int, torch.Tensor]:
     runtime.record_block_masks = True
     runtime.configure(compute_loss=False)
