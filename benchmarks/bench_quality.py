@@ -12,7 +12,9 @@ Each is evaluated at the target length on two held-out families ("books": austen
 hol_light) at its trained sparsity, with realised sparsity and the gate's recall of the true attention, also
 with oracle selection (blocks ranked by the true attention); passkey retrieval at 1/4, 1/2 and all of the target
 length, with 95% intervals and per layer whether the needle's block was kept; the training time of every run
-against the dense one, its peak GPU memory, and dense against 90% tokens/s. Every perplexity uses the trainer's
+against the dense one, its peak GPU memory, and dense against 90% tokens/s; and, from a few steps of every run
+timed alone after training (`--time-steps`), the GPU time of each sparse recipe (its gate initialisation
+included) against the dense run's. Every perplexity uses the trainer's
 loss (`lm_loss.CausalLMLoss`, `auto`): at 128k over a 151k vocabulary no evaluation holds the full logits.
 Writes `results.json`, `results.md` (the table) and PNG plots (perplexity against
 sparsity, LM and gate loss curves, realised density per layer) under `--out`, and logs every training run to
@@ -35,6 +37,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -253,6 +256,60 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
     return dirs
 
 
+def _without(spec: list[str], keys: tuple[str, ...]) -> list[str]:
+    """`spec` without its overrides of `keys` (Hydra refuses two values for one group)."""
+    return [o for o in spec if o.split("=", 1)[0].lstrip("+") not in keys]
+
+
+def step_times_alone(args, specs: dict[str, list[str]]) -> dict[str, float]:
+    """Median seconds of one optimizer step of every training run with the device to itself.
+
+    Each run's configuration builds a fresh trainer (a sparse run starts from its trained gates; nothing is written
+    to its folder) that takes one warm-up step, then `--time-steps` timed steps. The runs' own step times cannot
+    give the recipe's cost when `--jobs` trains several at once on one GPU; these can. A run with a gate-only
+    stage at the target length (`attention.init_steps`) is timed in its joint stage.
+
+    Returns:
+        run -> seconds per step (median), for every run of `specs`.
+    """
+    from seer_finetune.trainer import Trainer
+
+    cuda = args.device == "cuda"
+    times = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for run, spec in specs.items():
+            keys = ("logger", "trainer.output_dir", "trainer.save_every", "trainer.resume", "trainer.eval_before")
+            joint_only = [] if run.startswith("gate_init") else ["attention.init_steps=0"]
+            cfg = compose_config([
+                *_without(spec, keys + ("attention.init_steps",)), *joint_only, "logger=jsonl",
+                f"trainer.output_dir={Path(tmp) / run}", "trainer.save_every=0", "trainer.save_final=false",
+                "trainer.resume=false", "trainer.eval_before=false",
+            ])
+            trainer = Trainer(cfg)
+            trainer.train_step()
+            seconds = []
+            for _ in range(args.time_steps):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                trainer.train_step()
+                if cuda:
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - start)
+            times[run] = statistics.median(seconds)
+            print(f"[quality] {run}: {times[run]:.3f} s a step, alone", flush=True)
+            del trainer
+            if cuda:
+                torch.cuda.empty_cache()
+    return times
+
+
+def gate_inits(specs: dict[str, list[str]]) -> dict[str, str]:
+    """Each sparse run's gate initialisation run (the folder above its `attention.gates_path`)."""
+    return {run: Path(o.split("=", 1)[1]).parent.name for run, spec in specs.items() for o in spec
+            if o.startswith("attention.gates_path=")}
+
+
 def eval_windows(tokenizer, folder: Path, length: int, max_windows: int, cache: Path):
     """Up to `max_windows` evaluation windows of `length` tokens from the documents under `folder`.
 
@@ -431,19 +488,25 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluated with the gate and with oracle selection")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs at once (above 1: separate processes sharing the GPU; times not compared)")
+    parser.add_argument("--time-steps", type=int, default=3,
+                        help="after training, time this many steps of every run alone on the device, for the "
+                        "recipe's cost against the dense run (0: off)")
     args = parser.parse_args(argv)
     if any(len(v) < 2 for v in args.variant):
         parser.error("--variant needs a name and a base run (e.g. --variant gate32k sparsity90 attention.init_steps=50)")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.time_steps < 0:
+        parser.error("--time-steps must be 0 or more")
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     # A file shorter than ~2 bytes per token of the target length cannot hold one evaluation window.
     folders = stage_data(args.corpora, args.out, args.train_mb, args.eval_mb, min_eval_bytes=2 * args.seq_len)
     specs = run_specs(args, folders)
     dirs = train_runs(args, specs)
+    alone = step_times_alone(args, specs) if args.time_steps else {}
     rows = evaluate_all(args, folders, specs, dirs)
-    cost = training_cost(dirs)
+    cost = training_cost(dirs, alone, gate_inits(specs))
     text = table(rows, cost, args.seq_len, args.jobs)
     made = plots(rows, dirs, args.out, tuple(EVAL_FAMILIES))
     report = {"command": " ".join(["python", "benchmarks/bench_quality.py", *(argv or sys.argv[1:])]), "rows": rows,

@@ -9,12 +9,22 @@ from typing import Any
 
 from seer_finetune.metrics import read_metrics
 
-def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+def training_cost(
+    dirs: dict[str, Path], alone: dict[str, float] | None = None, inits: dict[str, str] | None = None
+) -> dict[str, dict[str, float]]:
     """Per training run: optimizer steps, training seconds (the sum of its step times), median tokens/s and the
     peak GPU memory of its steps (`peak_memory_gib`, GiB; None off CUDA).
 
     A run with a gate-only stage (`attention.init_steps`) counts that stage's steps and seconds too
     (`gate_stage_steps`, `gate_stage_s`); `train_s` and the peak include them.
+
+    Args:
+        dirs: each run's folder.
+        alone: seconds per step of each run timed alone (`bench_quality.step_times_alone`), or None. With them,
+            `step_s_alone` and `recipe_s_alone`: the run's steps (its gate-only stage's counted at its joint
+            step's time, an upper bound) plus, for a sparse run, its gate initialisation's (`inits`), at those
+            times; and `recipe_vs_dense`, that against the dense run's steps at the dense step's time.
+        inits: each sparse run's gate initialisation run.
     """
     def steps(folder: Path) -> list[dict]:
         return [r for r in read_metrics(folder) if "train/step_time_s" in r] if (folder / "metrics.jsonl").is_file() else []
@@ -32,6 +42,14 @@ def training_cost(dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
             "tokens_per_s": statistics.median(speeds) if speeds else float("nan"),
             "peak_memory_gib": max(peaks) if peaks else None,
         }
+    if alone:
+        for run, c in cost.items():
+            c["step_s_alone"] = alone[run]
+            c["recipe_s_alone"] = (c["steps"] + c["gate_stage_steps"]) * alone[run]
+        for run, init in (inits or {}).items():
+            cost[run]["recipe_s_alone"] += cost[init]["recipe_s_alone"]
+        for run, c in cost.items():
+            c["recipe_vs_dense"] = c["recipe_s_alone"] / cost["dense"]["recipe_s_alone"]
     return cost
 
 
@@ -65,14 +83,24 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
     if passkey_runs:
         trials = next(iter(passkey_runs[0]["passkey"].values()))["trials"]
         lines += ["", f"Passkey: {trials} trials per length, needle depths 0.1 to 0.9, teacher-forced greedy answer."]
-    lines += ["", "| training run | steps | gate-only steps at the target length | training time vs dense | peak GPU memory |",
-              "|---|---|---|---|---|"]
+    timed = all("recipe_vs_dense" in c for c in cost.values())
+    lines += ["", "| training run | steps | gate-only steps at the target length | training time vs dense | peak GPU memory "
+              + ("| step alone | recipe GPU time vs dense (gate initialisation included) |" if timed else "|"),
+              "|---|---|---|---|---|" + ("---|---|" if timed else "")]
     dense_s = cost["dense"]["train_s"]
     for run, c in cost.items():
         vs = "not comparable (runs shared the GPU)" if jobs > 1 else f"{c['train_s'] / dense_s:.2f}x"
         stage = c["gate_stage_steps"] if not run.startswith("gate_init") else "-"
         peak = "-" if c.get("peak_memory_gib") is None else f"{c['peak_memory_gib']:.1f} GiB"
-        lines.append(f"| {run} | {c['steps']} | {stage} | {vs} | {peak} |")
+        line = f"| {run} | {c['steps']} | {stage} | {vs} | {peak} |"
+        if timed:
+            recipe = "-" if run.startswith("gate_init") else f"{c['recipe_vs_dense']:.2f}x"
+            line += f" {c['step_s_alone']:.3f} s | {recipe} |"
+        lines.append(line)
+    if timed:
+        lines += ["", "Step alone: median of a few steps of the run's configuration timed with the device to itself after "
+                  "training (`--time-steps`). Recipe: the run's steps and its gate initialisation's at those times; "
+                  "gate-only steps at the target length are counted at the joint step's time (an upper bound)."]
     if jobs == 1 and "sparsity90" in cost:
         lines += ["", f"Training throughput at {seq_len} tokens: dense {cost['dense']['tokens_per_s']:.0f} tokens/s, 90% "
                   f"sparsity {cost['sparsity90']['tokens_per_s']:.0f} tokens/s "

@@ -45,7 +45,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         "--model", "builtin:tiny_llama", "--corpora", str(corpora), "--out", str(out),
         "--native", "256", "--seq-len", "1024", "--steps", "2", "--init-steps", "2",
         "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
-        "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2",
+        "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2", "--time-steps", "1",
         "--variant", "gate_stage", "sparsity90", "attention.init_steps=1", "attention.gate_hidden_size=16",
         "--override", "attention.gate_hidden_size=32", "trainer.micro_batch_size=1", "trainer.save_every=0",
     ]
@@ -98,6 +98,16 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert per_row["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
     assert "passkey" not in per_row and per_row["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
     assert report["training"]["dense"]["tokens_per_s"] > 0 and report["training"]["sparsity90"]["train_s"] > 0
+    # Every run timed alone after training; a sparse recipe's cost adds its gate initialisation's steps.
+    training = report["training"]
+    assert all(c["step_s_alone"] > 0 for c in training.values())
+    for run, init in (("sparsity90", "gate_init"), ("gate_stage", "gate_init_gate_stage")):
+        own = (training[run]["steps"] + training[run]["gate_stage_steps"]) * training[run]["step_s_alone"]
+        assert training[run]["recipe_s_alone"] == pytest.approx(own + training[init]["steps"] * training[init]["step_s_alone"])
+        assert training[run]["recipe_vs_dense"] == pytest.approx(
+            training[run]["recipe_s_alone"] / (training["dense"]["steps"] * training["dense"]["step_s_alone"]))
+    assert training["dense"]["recipe_vs_dense"] == 1.0
+    assert "recipe GPU time vs dense (gate initialisation included)" in (out / "results.md").read_text()
     for png in ("ppl_vs_sparsity.png", "loss_curves.png", "density_per_layer.png"):
         assert (out / png).stat().st_size > 1000
     assert "| seer joint, 90% sparsity | 1024 |" in (out / "results.md").read_text()
