@@ -181,7 +181,9 @@ class AttentionConfig:
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
             ground truth and the gate loss are computed.
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
-            `pytorch` or `triton`.
+            `pytorch` or `triton`. The token gates (`gate_query: token_*`) train on the fused kernel's backward
+            only with an explicit `triton` (not yet checked on a GPU); `auto` keeps their chunked PyTorch path
+            in training.
         compile_gate: Run each layer's gate path (pooling, projections, block RoPE, log-softmax, gate loss)
             under `torch.compile`: a few fused kernels instead of dozens of launches per layer. The first step
             pays the compilation. Default False.

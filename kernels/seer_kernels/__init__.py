@@ -12,7 +12,8 @@ it take checked inputs. Each op runs on one of two kernels, chosen by its `kerne
   and dK/dV run as warp-specialized Gluon kernels instead (`gluon`; `SEER_KERNELS_GLUON=0` turns them off);
 - `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
 
-`token_gate_block_scores` is the fused forward of the token-scored SeerAttention gate (inference only).
+`token_gate_block_scores` is the fused token-scored SeerAttention gate: differentiable on the Triton kernel,
+forward-only on the PyTorch one.
 """
 
 from __future__ import annotations
@@ -237,15 +238,16 @@ def _check_token_gate_inputs(
     mode: str,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    on_triton: bool,
 ) -> None:
     """Raise a ValueError for inputs outside `token_gate_block_scores`'s contract."""
     if mode not in TOKEN_GATE_MODES:
         raise ValueError(f"mode must be one of {TOKEN_GATE_MODES}, got {mode!r}")
-    if torch.is_grad_enabled() and (qt.requires_grad or kh.requires_grad):
+    if not on_triton and _needs_gradient(qt, kh):
         raise ValueError(
-            "token_gate_block_scores is forward-only and qt or kh requires a gradient: call it under "
-            "torch.no_grad(), and use the PyTorch path for training (seer_finetune's gate.block_scores, which "
-            "recomputes its chunks in backward)"
+            "token_gate_block_scores is forward-only on the PyTorch kernel and qt or kh requires a gradient: call "
+            "it under torch.no_grad(), pass kernel='triton' (differentiable), or use the gate's chunked path for "
+            "training (seer_finetune's gate.block_scores, which recomputes its chunks in backward)"
         )
     if qt.dim() != 4 or kh.dim() != 4:
         raise ValueError(
@@ -286,6 +288,10 @@ def _check_token_gate_inputs(
         raise ValueError(f"qt, kh, valid, candidates, cos and sin must share one device, got {devices}")
 
 
+def _needs_gradient(qt: torch.Tensor, kh: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (qt.requires_grad or kh.requires_grad)
+
+
 def token_gate_block_scores(
     qt: torch.Tensor,
     kh: torch.Tensor,
@@ -299,7 +305,8 @@ def token_gate_block_scores(
     kernel: str = "auto",
 ) -> torch.Tensor:
     """Block scores of a token-scored gate: every query token against the pooled key blocks, max over the tokens
-    of each query block. Forward only (no gradient).
+    of each query block. Differentiable w.r.t. `qt` and `kh` on the Triton kernel (`kernel="triton"`, or `auto`
+    on CUDA tensors); forward-only on the PyTorch one.
 
     With `s[i, j] = qt[b, h, i] . kh[b, h // (Hq / Hkv), j]` for token i of query block I (a valid one: not
     padding, inside the sequence) and key block j <= I:
@@ -328,17 +335,32 @@ def token_gate_block_scores(
         kernel: `"auto"`, `"pytorch"` or `"triton"` (see the module docstring).
 
     Returns:
-        float32 `[B, Hq, nB, nB]` (row = query block, column = key block).
+        float32 `[B, Hq, nB, nB]` (row = query block, column = key block). On the Triton kernel, with gradients
+        enabled and `qt` or `kh` requiring one, the scores carry a backward: float32 gradients `[B, Hq, L,
+        hidden]` for `qt` (w.r.t. the unrotated queries when `cos`, `sin` are given) and `[B, Hkv, nB, hidden]`
+        for `kh`; each max passes its gradient to its winning token, and the constant entries (-inf, and the 0
+        of a block without valid tokens) pass none. `valid`, `candidates`, `cos` and `sin` get no gradient. The
+        backward keeps, besides the inputs, an int32 winner per (query block, key block) and query head, and in
+        `token_prob_max` one float per token and query head.
 
     Raises:
         ValueError: for an unknown `kernel` or `mode`, inputs outside the contract above, or (with gradients
-            enabled) a `qt` or `kh` that requires a gradient: the op has no backward, so it refuses them rather
-            than return scores that silently cut the graph.
+            enabled) a `qt` or `kh` that requires a gradient on the PyTorch kernel: it has no backward, so it
+            refuses them rather than return scores that silently cut the graph.
     """
     on_triton = _runs_on_triton(kernel, qt)
-    _check_token_gate_inputs(qt, kh, valid, candidates, block_size=block_size, mode=mode, cos=cos, sin=sin)
+    _check_token_gate_inputs(
+        qt, kh, valid, candidates, block_size=block_size, mode=mode, cos=cos, sin=sin, on_triton=on_triton
+    )
+    prob = mode == "token_prob_max"
+    if on_triton and _needs_gradient(qt, kh):
+        from .triton_token_gate import differentiable_token_gate_scores
+
+        return differentiable_token_gate_scores(
+            qt, kh, valid, candidates, block_size=block_size, prob=prob, cos=cos, sin=sin
+        )
     if on_triton:
         from .triton_token_gate import token_gate_forward as forward
     else:
         from .pytorch_chunked import token_gate_scores as forward
-    return forward(qt, kh, valid, candidates, block_size=block_size, prob=mode == "token_prob_max", cos=cos, sin=sin)
+    return forward(qt, kh, valid, candidates, block_size=block_size, prob=prob, cos=cos, sin=sin)

@@ -16,7 +16,8 @@ of its block. `token_logit_max` takes the max of the raw token logits, `token_pr
 log-probabilities over its candidate key blocks. The per-token logits (`[B, Hq, L, nB]`, 13 GB at 128k tokens
 with 12 heads) are never held whole: with gradients, or off CUDA, they are computed in chunks of query blocks and
 recomputed in backward; without gradients on CUDA the fused kernel `seer_kernels.token_gate_block_scores` scores
-them tile by tile.
+them tile by tile, and with gradients too when `kernel="triton"` is asked for explicitly (its backward has not
+yet been checked on a GPU, so `auto` keeps the chunked path in training).
 
 Gate weights are kept in float32 whatever the model's dtype: they are tiny, and the gate's softmax over a few
 hundred blocks is sensitive to bf16 rounding.
@@ -166,8 +167,9 @@ def block_scores(
         candidates: bool `[B, nB, nB]`, the key blocks each query block may attend to (`selection.block_candidates`);
             `token_prob_max` normalises each token's logits over its block's row. None: the block-causal triangle.
             The other modes ignore it.
-        kernel: Where the token modes score without gradients (`attention.kernel`): `auto` (default) the fused
-            Triton kernel for CUDA tensors, `triton` the kernel always, `pytorch` never (the chunked path).
+        kernel: Where the token modes score (`attention.kernel`): without gradients, `auto` (default) on the
+            fused Triton kernel for CUDA tensors, `triton` on the kernel always, `pytorch` never (the chunked
+            path); with gradients, on the kernel (forward and backward) only for an explicit `triton`.
 
     Returns:
         float32 `[B, Hq, nB, nB]` (row = query block, column = key block). The token modes give -inf after each
@@ -222,7 +224,10 @@ def _token_block_scores(
     projected queries (Hq * hidden floats per token and layer) or, for `token_prob_max`, its logits. Without
     gradients on CUDA, the fused Triton kernel (`seer_kernels.token_gate_block_scores`) scores all tokens at once
     instead, from their projected, unrotated queries (float32 `[B, Hq, L, hidden]`, the only per-token tensor it
-    needs: it applies the block RoPE itself).
+    needs: it applies the block RoPE itself). With gradients the kernel runs only for `kernel="triton"`: its
+    backward then keeps those projected queries per layer (what the checkpointed chunks recompute instead), plus
+    the winning token of each block pair; `auto` stays on the chunked path until the backward has been checked on
+    a GPU.
 
     Args:
         kh: the projected, rotated key blocks `[B, Hkv, nB, hidden]`.
@@ -239,9 +244,10 @@ def _token_block_scores(
         _token_chunk_scores, block_size=block_size, hidden_size=hidden_size, gate_query=gate_query
     )
     recompute = torch.is_grad_enabled() and (q.requires_grad or q_weight.requires_grad or kh.requires_grad)
-    if not recompute and _runs_fused_kernel(q, kernel):
-        # Inference: the fused kernel never holds the per-token logits, and it turns each token by its block's
-        # angles itself, so the only per-token tensor is one projection (the scale folded into the weights).
+    # Training takes the fused kernel's backward on an explicit opt-in alone (see the docstring).
+    if _runs_fused_kernel(q, kernel) and (not recompute or kernel == "triton"):
+        # The fused kernel never holds the per-token logits, and it turns each token by its block's angles
+        # itself, so the only per-token tensor is one projection (the scale folded into the weights).
         qt = torch.einsum("bthd,hdo->bhto", q.float(), q_weight * (1.0 / math.sqrt(hidden_size)))
         return seer_kernels.token_gate_block_scores(
             qt, kh, valid, candidates, block_size=block_size, mode=gate_query,

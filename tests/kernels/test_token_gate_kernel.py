@@ -2,8 +2,10 @@
 and against the gate's own token path (`gate.block_scores`, itself tested against a float64 definition in
 tests/seer/test_seer_gate_query.py), on awkward shapes: a partial last block, a block size and a hidden width that
 are not powers of two, GQA 6/2, left padding with a block of padding alone, packed documents, key tiles narrower
-than the row. Then the routing in `gate.block_scores` and the refusals. On CPU the kernel runs in Triton's
-interpreter (float32: its bf16 dots are wrong), which ignores the dot precision; a GPU test checks that too."""
+than the row. Then the backward (gradients of `qt` and `kh` against autograd through the definition, and of the
+gate's inputs and weights against its chunked path), the routing in `gate.block_scores` and the refusals. On CPU
+the kernels run in Triton's interpreter (float32: its bf16 dots are wrong), which ignores the dot precision and
+runs the atomics one program at a time; GPU tests check those too."""
 
 from __future__ import annotations
 
@@ -183,10 +185,12 @@ def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padde
     nb = math.ceil(seq_len / block)
     assert calls == [((B, HQ, seq_len, hidden), (B, HKV, nb, hidden), "triton", (nb, hidden // 2))]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # With gradients the chunked, checkpointed path runs even where the kernel could.
+    # With gradients only an explicit `triton` takes the kernel: `auto` and `pytorch` keep the chunked path.
     q.requires_grad_()
-    again = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="triton", **shape)
-    assert len(calls) == 1 and again.requires_grad
+    for kernel in ("pytorch", "auto", "triton"):
+        trained = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel=kernel, **shape)
+        assert trained.requires_grad
+    assert len(calls) == 2 and calls[1][2] == "triton"
     with pytest.raises(ValueError, match="kernel='cuda' must be one of"):
         with torch.no_grad():
             block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="cuda", **shape)
@@ -238,13 +242,15 @@ def test_compiled_gate_launches_the_kernel_outside_its_graph(monkeypatch):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["pytorch", "triton", "auto"])
-def test_inputs_requiring_gradients_are_refused_unless_gradients_are_off(kernel):
+@pytest.mark.parametrize("kernel", ["pytorch", "auto"])
+def test_pytorch_kernel_refuses_inputs_requiring_gradients_unless_gradients_are_off(kernel):
+    """The PyTorch kernel (`auto` on CPU tensors) has no backward; the Triton one differentiates."""
     qt, kh = _operands(32, 16, 32)
     for needs_grad in (qt, kh):
         needs_grad.requires_grad_()
-        with pytest.raises(ValueError, match="forward-only.*torch.no_grad"):
+        with pytest.raises(ValueError, match="forward-only on the PyTorch kernel.*torch.no_grad.*kernel='triton'"):
             token_gate_block_scores(qt, kh, block_size=16, mode="token_logit_max", kernel=kernel)
+        assert token_gate_block_scores(qt, kh, block_size=16, mode="token_logit_max", kernel="triton").requires_grad
         needs_grad.requires_grad_(False)
     qt.requires_grad_()
     with torch.no_grad():
@@ -323,3 +329,128 @@ def test_kernel_matches_pytorch_on_gpu(mode):
         fused = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
     chunked = block_scores(q, k, q_weight.requires_grad_(), k_weight, cos, sin, valid, candidates=candidates, **shape)
     torch.testing.assert_close(fused, chunked.detach(), rtol=1e-4, atol=1e-4)
+
+
+def _differentiable_reference(qt, kh, valid, candidates, cos, sin, *, block: int, mode: str) -> torch.Tensor:
+    """The op's definition through autograd, holding all per-token logits `[B, Hq, L, nB]` (small shapes only):
+    each token rotated by its block's angles, scored against every key block (log-softmaxed over its block's
+    candidates in `token_prob_max`), maxed over the valid tokens of each block."""
+    bsz, hq, seq_len, _ = qt.shape
+    nb = kh.shape[2]
+    block_of = torch.arange(seq_len, device=qt.device) // block
+    if cos is not None:
+        rd, half = cos.shape[1], cos.shape[1] // 2
+        rot = qt[..., :rd]
+        partner = torch.cat((-rot[..., half:], rot[..., :half]), -1)
+        qt = torch.cat((rot * cos[block_of] + partner * sin[block_of], qt[..., rd:]), -1)
+    logits = qt @ kh.repeat_interleave(hq // kh.shape[1], 1).transpose(-1, -2)
+    allowed = torch.ones(nb, nb, dtype=torch.bool, device=qt.device).tril().expand(bsz, nb, nb)
+    if mode == "token_prob_max":
+        allowed = allowed & candidates
+        logits = logits.masked_fill(~allowed[:, None, block_of], float("-inf")).log_softmax(-1)
+    keep = torch.ones(bsz, seq_len, dtype=torch.bool, device=qt.device) if valid is None else valid
+    pad = nb * block - seq_len
+    keep = torch.nn.functional.pad(keep, (0, pad), value=False).view(bsz, 1, nb, block, 1)
+    logits = torch.nn.functional.pad(logits, (0, 0, 0, pad)).view(bsz, hq, nb, block, nb)
+    best = logits.masked_fill(~keep, float("-inf")).amax(3).masked_fill(~keep.any(3), 0.0)
+    return best.masked_fill(~allowed[:, None], float("-inf"))
+
+
+def _upstream_gradient(scores: torch.Tensor, seed: int = 7) -> torch.Tensor:
+    """A random gradient of the scores, 0 at their -inf entries (as a softmax over them gives)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(scores.shape, generator=g).to(scores.device).masked_fill(torch.isinf(scores), 0.0)
+
+
+@pytest.fixture
+def tiles_of_two(monkeypatch):
+    """Key tiles of 2 blocks: rows of 5 blocks run 3 tiles, so several tiles add to each key block's gradient."""
+    monkeypatch.setattr(triton_token_gate, "default_tiles", lambda *args: TokenGateTiles(2, 4, 1))
+
+
+@pytest.mark.parametrize("layout", ["dense", "padded_packed_partial_rope"])
+@pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
+def test_kernel_gradients_match_autograd_through_the_definition(tiles_of_two, mode, layout):
+    """75 tokens in blocks of 16 (a partial last block), GQA 6/2, hidden 32; with padding (a block of padding
+    alone), two packed documents and RoPE on 8 of the 32 features, or none of them."""
+    seq_len, block, hidden = 75, 16, 32
+    qt, kh = _operands(seq_len, block, hidden, seed=5)
+    padded = layout != "dense"
+    valid, candidates = _layout(seq_len, block, padded)
+    cos, sin = _angles(kh.shape[2], 8) if padded else (None, None)
+    call = dict(block_size=block, mode=mode, cos=cos, sin=sin)
+    fused_qt, fused_kh = qt.clone().requires_grad_(), kh.clone().requires_grad_()
+    got = token_gate_block_scores(fused_qt, fused_kh, valid, candidates, kernel="triton", **call)
+    ref_qt, ref_kh = qt.clone().requires_grad_(), kh.clone().requires_grad_()
+    want = _differentiable_reference(ref_qt, ref_kh, valid, candidates, cos, sin, block=block, mode=mode)
+    with torch.no_grad():
+        forward_only = token_gate_block_scores(qt, kh, valid, candidates, kernel="triton", **call)
+    assert got.requires_grad and torch.equal(got.detach(), forward_only)
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+
+    upstream = _upstream_gradient(want)
+    got.backward(upstream)
+    want.backward(upstream)
+    torch.testing.assert_close(fused_qt.grad, ref_qt.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused_kh.grad, ref_kh.grad, rtol=1e-5, atol=1e-5)
+    # Tokens of a block of padding alone, and padding tokens, get no gradient.
+    if padded:
+        assert not fused_qt.grad[1, :, : block + 5].any()
+
+
+def _gate_gradients(mode: str, kernel: str, device: str = "cpu", seq_len: int = 75, block: int = 16, hidden: int = 32):
+    """The token gate's scores (`block_scores`, padding, packed documents, RoPE on half the hidden features) and
+    the gradients of a random loss on them w.r.t. q, k, q_weight and k_weight."""
+    inputs = _gate_inputs(seq_len, block, hidden, device=device)
+    for t in inputs[:4]:
+        t.requires_grad_()
+    q, k, q_weight, k_weight, cos, sin = inputs
+    valid, candidates = _layout(seq_len, block, padded=True, device=device)
+    shape = _gate_shape(block, hidden, mode)
+    scores = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel=kernel, **shape)
+    scores.backward(_upstream_gradient(scores))
+    return scores.detach(), [t.grad for t in inputs[:4]]
+
+
+@pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
+def test_gate_trains_on_the_kernel_with_the_gradients_of_its_chunked_path(tiles_of_two, monkeypatch, mode):
+    """`block_scores(kernel="triton")` with gradients runs the fused kernel forward and backward, and gives q, k and
+    the gate weights the gradients of the chunked, checkpointed path (`kernel="pytorch"`)."""
+    launches = []
+
+    def counted(name):
+        launcher = getattr(triton_token_gate, name)
+
+        def launch(*args, **kwargs):
+            launches.append(name)
+            return launcher(*args, **kwargs)
+
+        return launch
+
+    for name in ("token_gate_forward", "token_gate_backward"):
+        monkeypatch.setattr(triton_token_gate, name, counted(name))
+    chunked, chunked_grads = _gate_gradients(mode, "pytorch")
+    assert launches == []
+    fused, fused_grads = _gate_gradients(mode, "triton")
+    assert launches == ["token_gate_forward", "token_gate_backward"]
+    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("q", "k", "q_weight", "k_weight"), fused_grads, chunked_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+    # `auto` on CPU tensors keeps the chunked path in training: no launch, the same gradients.
+    auto, auto_grads = _gate_gradients(mode, "auto")
+    assert len(launches) == 2 and torch.equal(auto, chunked)
+    assert all(torch.equal(got, want) for got, want in zip(auto_grads, chunked_grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", TOKEN_GATE_MODES)
+def test_kernel_gradients_match_the_chunked_path_on_gpu(mode):
+    """4133 tokens in blocks of 64 (the last partial), hidden 128, GQA 6/2, padding and documents, default tiles
+    and dot precision (tf32x3), real atomics: the gate's gradients on the fused kernel against its chunked path."""
+    shape = dict(device="cuda", seq_len=4133, block=64, hidden=128)
+    chunked, chunked_grads = _gate_gradients(mode, "pytorch", **shape)
+    fused, fused_grads = _gate_gradients(mode, "triton", **shape)
+    torch.testing.assert_close(fused, chunked, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(("q", "k", "q_weight", "k_weight"), fused_grads, chunked_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
