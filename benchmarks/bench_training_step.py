@@ -60,8 +60,12 @@ def variants(shape: str) -> dict[str, list[str]]:
         "seer joint, density 0.1, row budget": [*seer, "attention.budget=row"],
         # The ground truth on a quarter of the query blocks instead of half: its cost halves.
         "seer joint, density 0.1, ground truth on 1/4 of the rows": [*seer, "attention.ground_truth_query_fraction=0.25"],
-        # Gates that score every query token against the pooled key blocks (the PyTorch path in training).
+        # Gates that score every query token against the pooled key blocks: the chunked PyTorch path in training
+        # (`auto`), and the fused token-gate kernel with its backward (opt-in: `attention.kernel=triton`).
         "seer joint, density 0.1, token-scored gate": [*seer, "attention.gate_query=token_prob_max"],
+        "seer joint, density 0.1, token-scored gate, fused kernel": [
+            *seer, "attention.gate_query=token_prob_max", "attention.kernel=triton",
+        ],
     }
 
 
