@@ -17,7 +17,6 @@ across two processes (two runs of this script), not within one. Prints a table a
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import re
 import statistics
@@ -158,13 +157,6 @@ def run_variant(name: str, extra: list[str], shape: str, seq_len: int, steps: in
     return result
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Time the dense variant and those `--only` selects, print the table, write `--out`.
 
@@ -213,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in r["attention_kernels"][:12]:
             print(f"  {k['ms']:8.2f} ms {k['launches']:6d} x  {k['kernel'][:90]}")
     if args.out:
+        from bench_quality import package_versions
+
         meta = {
             "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__,
-            "versions": {name: _version(name) for name in ("transformers", "triton", "peft", "liger-kernel")},
+            "versions": package_versions(),
             "fused_kernels": args.fused_kernels,
             "command": "python benchmarks/bench_training_step.py " + " ".join(argv or sys.argv[1:]),
         }

@@ -15,16 +15,10 @@ The fused loss is separate (`trainer.lm_loss`, `lm_loss.py`).
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .config import FUSED_KERNEL_CHOICES, ConfigError
-
-
-def liger_installed() -> bool:
-    """Whether Liger-Kernel can be imported (checked without importing it)."""
-    return importlib.util.find_spec("liger_kernel") is not None
+from .lm_loss import liger_installed
 
 
 def liger_model_types() -> frozenset[str]:

@@ -12,15 +12,11 @@ from transformers import AutoModelForCausalLM
 from seer_finetune.assembly import build_model
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError, PeftConfig
-from seer_finetune.fused_kernels import apply_fused_kernels, choose_fused_kernels, liger_installed
+from seer_finetune.fused_kernels import apply_fused_kernels, choose_fused_kernels
 from seer_finetune.modeling import apply_peft, base_model
 
 from helpers import tiny_config
 
-needs_liger = pytest.mark.skipif(not liger_installed(), reason="Liger-Kernel is a dependency; not installed here")
-
-
-@needs_liger
 def test_auto_picks_liger_on_cuda_for_architectures_it_patches_and_nothing_elsewhere():
     assert choose_fused_kernels("auto", device_type="cuda", model_type="llama") == "liger"
     assert choose_fused_kernels("auto", device_type="cuda", model_type="qwen2") == "liger"
@@ -31,7 +27,6 @@ def test_auto_picks_liger_on_cuda_for_architectures_it_patches_and_nothing_elsew
         assert choose_fused_kernels("none", device_type=device_type, model_type="llama") == "none"
 
 
-@needs_liger
 def test_liger_where_it_cannot_run_is_a_one_line_error():
     with pytest.raises(ConfigError, match=r"model.fused_kernels=liger: its kernels need CUDA; use model.fused_kernels=none"):
         choose_fused_kernels("liger", device_type="cpu", model_type="llama")
@@ -47,7 +42,6 @@ def test_the_field_is_validated_when_composing():
         compose_config(["+exp=smoke", "model.fused_kernels=fast"])
 
 
-@needs_liger
 def test_a_cpu_run_keeps_transformers_modules_and_refuses_liger():
     cpu = torch.device("cpu")
     model, _ = build_model(compose_config(["+exp=smoke"]), cpu)
@@ -67,7 +61,6 @@ def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, d
 
 
 @pytest.mark.gpu
-@needs_liger
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_liger_model_computes_the_plain_models_loss_and_gradients_on_cuda(model_type):

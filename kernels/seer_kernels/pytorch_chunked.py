@@ -280,9 +280,10 @@ def token_gate_scores(
         t0, t1 = first * block_size, min(seq_len, last * block_size)
         n, pad = last - first, (last - first) * block_size - (t1 - t0)
         # The sequence's partial last block is filled with excluded tokens, so the chunk reshapes to whole blocks.
-        q_chunk = torch.nn.functional.pad(qt[:, :, t0:t1].float(), (0, 0, 0, pad))
+        q_chunk = qt[:, :, t0:t1].float()
         if cos is not None:
-            q_chunk = _rotate_blocks(q_chunk, cos[first:last], sin[first:last], block_size)
+            q_chunk = rotate_by_block(q_chunk, cos[first:last], sin[first:last], block_size)
+        q_chunk = torch.nn.functional.pad(q_chunk, (0, 0, 0, pad))
         keep = torch.ones(bsz, t1 - t0, dtype=torch.bool, device=qt.device) if valid is None else valid[:, t0:t1]
         keep = torch.nn.functional.pad(keep, (0, pad), value=False).view(bsz, 1, n, block_size, 1)
         logits = torch.matmul(_group_rows(q_chunk, hkv), kh[:, :, :last].float().transpose(-1, -2))
@@ -299,13 +300,13 @@ def token_gate_scores(
     return out
 
 
-def _rotate_blocks(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int) -> torch.Tensor:
-    """`q [B, H, n * block_size, F]` with every token turned by its block's angles `cos`, `sin` `[n, R]` in its
-    first R features (rotate-half convention; the rest pass through)."""
-    bsz, heads, tokens, feats = q.shape
+def rotate_by_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`x [B, H, T, F]` with token t turned by the angles of its block t // block_size (`cos`, `sin`
+    `[nB, R]`) in its first R features, rotate-half convention; the rest pass through. `-sin` turns back: the
+    rotation's transpose (its halves are equal, so sin commutes with rotate-half)."""
     rd, half = cos.shape[-1], cos.shape[-1] // 2
-    blocks = q.view(bsz, heads, tokens // block_size, block_size, feats)
-    rot, rest = blocks[..., :rd], blocks[..., rd:]
+    block_of = torch.arange(x.shape[2], device=x.device) // block_size
+    cos_t, sin_t = cos[block_of], sin[block_of]  # [T, R]: each token's block angles
+    rot = x[..., :rd]
     partner = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    turned = rot * cos[:, None] + partner * sin[:, None]
-    return torch.cat((turned, rest), dim=-1).view(bsz, heads, tokens, feats)
+    return torch.cat((rot * cos_t + partner * sin_t, x[..., rd:]), dim=-1)

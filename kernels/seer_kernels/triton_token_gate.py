@@ -33,6 +33,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .indexing import num_blocks
+from .pytorch_chunked import rotate_by_block
 from .triton_common import head_pointer
 from .triton_tuning import check_kernel_kwargs, interpreting
 
@@ -520,29 +521,8 @@ def token_gate_backward(
     )
     if inputs.cos is None:
         return dq_rot, dkh
-    return _unrotate_tokens(dq_rot, inputs.cos, inputs.sin, block_size), dkh
-
-
-def _unrotate_tokens(dq_rot: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The gradient of the unrotated queries from that of the rotated ones: `R_I^T dq_rot` for each token of block
-    I, in the first `rotary_dim` features (the others pass through).
-
-    The forward turns x into `x * cos + rotate_half(x) * sin`; rotate_half's transpose is minus itself, and
-    sin has equal halves (it commutes with rotate_half), so the transpose is `y * cos - rotate_half(y) * sin`:
-    the rotation by minus the angles.
-
-    Args:
-        dq_rot: float32 `[B, Hq, L, hidden]`.
-        cos, sin: float32 `[nB, rotary_dim]`.
-    Returns:
-        float32 `[B, Hq, L, hidden]`.
-    """
-    rot_dim, half = cos.shape[1], cos.shape[1] // 2
-    block_of = torch.arange(dq_rot.shape[2], device=dq_rot.device) // block_size
-    cos_t, sin_t = cos[block_of], sin[block_of]  # [L, rotary_dim]: each token's block angles
-    rot = dq_rot[..., :rot_dim]
-    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos_t - rotated_half * sin_t, dq_rot[..., rot_dim:]), dim=-1)
+    # The forward turned each token's query by its block's angles; its gradient turns back (the transpose).
+    return rotate_by_block(dq_rot, inputs.cos, -inputs.sin, block_size), dkh
 
 
 class TokenGateScores(torch.autograd.Function):
