@@ -53,8 +53,8 @@ def variants(shape: str) -> dict[str, list[str]]:
     return {
         "dense (YaRN baseline, SDPA)": [f"+exp={dense_exp}"],
         "seer joint, density 0.1": seer,
-        # The gate path (pooling to log-probabilities, gate loss) under torch.compile: fewer, fused launches.
-        "seer joint, density 0.1, compiled gate": [*seer, "attention.compile_gate=true"],
+        # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
+        "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
         # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
         "seer joint, density 0.1, row budget": [*seer, "attention.budget=row"],
         # The ground truth on half the query blocks (seer_joint's default is a quarter): twice its cost.

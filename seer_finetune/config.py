@@ -186,7 +186,8 @@ class AttentionConfig:
             in training.
         compile_gate: Run each layer's gate path (pooling, projections, block RoPE, log-softmax, gate loss)
             under `torch.compile`: a few fused kernels instead of dozens of launches per layer. The first step
-            pays the compilation. Default False.
+            pays the compilation. None (default): in training steps on CUDA, eager in evaluation, generation
+            and on CPU; true / false force it.
         gates_path: Folder of saved gates to start from (a `gate_distill` run's output).
         init_steps: With `mode: joint`: first distil the gates for this many steps at the run's own length and
             RoPE scaling (base frozen, output in `<output_dir>/gate_init`; starting from `gates_path` when set,
@@ -214,7 +215,7 @@ class AttentionConfig:
     gate_loss_scale: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
-    compile_gate: bool = False
+    compile_gate: Optional[bool] = None
     gates_path: Optional[str] = None
     init_steps: int = 0
 

@@ -35,7 +35,7 @@ import seer_kernels
 
 from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
-from .gate_path import layer_gate_loss, layer_log_probs, layer_selection_stats
+from .gate_path import compile_gate_now, layer_gate_loss, layer_log_probs, layer_selection_stats
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
 from .selection import SelectionPlan, block_candidates
@@ -124,10 +124,11 @@ def seer_attention_forward(
         return _restore(out, order).transpose(1, 2).contiguous(), None
 
     q_pre, k_pre, head_shard = _gate_inputs(gate, query)
+    compiled = compile_gate_now(s.compile_gate, query)
     if order is not None:
         q_pre, k_pre = _reorder(q_pre, order, dim=1), _reorder(k_pre, order, dim=1)
     log_probs = layer_log_probs(
-        gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=s.compile_gate, kernel=s.kernel
+        gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=compiled, kernel=s.kernel
     )
     layer = gate.layer_idx
     # Gradient checkpointing runs a layer a second time during backward: reuse what the first pass chose.
@@ -156,11 +157,11 @@ def seer_attention_forward(
     if ground_truth is not None:
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
-        loss = layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=s.compile_gate)
+        loss = layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=compiled)
         rt.record_loss(layer, loss)
     # A checkpoint recomputation would only overwrite the first pass's statistics with the same values.
     if block_mask is not None and rt.record_stats and not recomputing:
-        stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=s.compile_gate)
+        stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=compiled)
         for name, value in stats.items():
             rt.record(f"{name}/{layer}", value)
     return _restore(out, order).transpose(1, 2).contiguous(), None

@@ -35,6 +35,16 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
+def compile_gate_now(setting: Optional[bool], like: torch.Tensor) -> bool:
+    """Whether this forward runs the compiled gate path: `setting` when given (`attention.compile_gate`), else
+    (None, the default) when `like` is on CUDA and autograd is recording: training steps and their checkpoint
+    recomputation, where the eager path's launches bound the step. Evaluation, prefill and CPU runs stay eager,
+    so an interactive prompt never waits for a compilation."""
+    if setting is not None:
+        return bool(setting)
+    return like.is_cuda and torch.is_grad_enabled()
+
+
 def _run(fn: Callable, compiled: bool) -> Callable:
     """`fn`, or its compiled graph when `compiled`."""
     return _compiled(fn) if compiled else fn

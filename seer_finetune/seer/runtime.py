@@ -51,7 +51,8 @@ class SeerSettings:
             gates.
         compute_loss: Compute the ground truth and the gate loss (off to measure sparse perplexity alone).
         compile_gate: Run each layer's gate path (pooling to log-probabilities, the gate loss, the selection's
-            statistics) as graphs compiled by `torch.compile` (`gate_path`): fewer, fused launches. Default False.
+            statistics) as graphs compiled by `torch.compile` (`gate_path`): fewer, fused launches. None
+            (default): in training on CUDA only (`gate_path.compile_gate_now`).
         oracle: Select blocks by each layer's true block-pooled attention instead of the gate's scores: what a
             perfect gate would reach at the same density or threshold (an evaluation bound; it costs a
             ground-truth pass per layer).
@@ -70,7 +71,7 @@ class SeerSettings:
     kernel: str = "auto"
     detach_gate_inputs: bool = True
     compute_loss: bool = True
-    compile_gate: bool = False
+    compile_gate: Optional[bool] = None
     oracle: bool = False
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ class SeerSettings:
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
             kernel=a.kernel,
             detach_gate_inputs=bool(a.detach_gate_inputs),
-            compile_gate=bool(a.compile_gate),
+            compile_gate=None if a.compile_gate is None else bool(a.compile_gate),
         )
 
 

@@ -131,6 +131,24 @@ def test_gradient_checkpointing_recomputes_without_double_counting(monkeypatch):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_the_gate_path_compiles_by_default_only_in_training_on_cuda():
+    """`attention.compile_gate` unset: compiled for CUDA tensors while autograd records (training steps and their
+    recomputation), eager on CPU and without gradients (evaluation, prefill); true / false force it."""
+    from seer_finetune.compose import compose_config
+    from seer_finetune.seer.gate_path import compile_gate_now
+
+    assert compose_config(["+exp=smoke_seer"]).attention.compile_gate is None
+    assert compose_config(["+exp=smoke_seer", "attention.compile_gate=false"]).attention.compile_gate is False
+    cpu = torch.zeros(1)
+    assert not compile_gate_now(None, cpu)
+    assert compile_gate_now(True, cpu) and not compile_gate_now(False, cpu)
+    if torch.cuda.is_available():
+        cuda = torch.zeros(1, device="cuda")
+        assert compile_gate_now(None, cuda)
+        with torch.no_grad():
+            assert not compile_gate_now(None, cuda) and compile_gate_now(True, cuda)
+
+
 @pytest.mark.parametrize(
     "checkpointing, gate_query", [(False, "pooled"), (True, "pooled"), (False, "token_prob_max"), (True, "token_prob_max")]
 )
