@@ -6,14 +6,22 @@ one Triton kernel through its own patching entry point, which knows the modeling
 supports; this module only decides whether to call it and says clearly when it cannot. The kernels run on CUDA
 only, so a CPU run keeps transformers' own modules.
 
-The patch is applied to a model instance: its norm and MLP modules get Liger's forwards. Liger patches rotary
-embeddings at the level of transformers' modeling module, so once a model of one type is patched in a process,
-later models of that type use Liger's RoPE too (numerically the same rotation).
+The patch is applied to a model instance: its norm and MLP modules get Liger's forwards (their types stay
+transformers'). Liger's entry point also rebinds names in transformers' modeling module of the model's type: the
+norm and MLP classes, which would make every later model of that type in the process construct Liger's modules
+(a CPU model's, whose Triton kernels fail there, or one asked to run `none`), and the RoPE function, through
+which the patched instance's attention rotates. `apply_fused_kernels` restores the classes and keeps Liger's
+RoPE for CUDA tensors only: later CUDA models of that type rotate with it too (numerically the same rotation),
+CPU ones with transformers' own.
 
 The fused loss is separate (`trainer.lm_loss`, `lm_loss.py`).
 """
 
 from __future__ import annotations
+
+import functools
+import sys
+import types
 
 import torch
 
@@ -65,7 +73,8 @@ def apply_fused_kernels(model: torch.nn.Module, setting: str, device: torch.devi
     """Give `model` Liger-Kernel's RMSNorm, SwiGLU and RoPE where `setting` asks for them (`choose_fused_kernels`).
 
     Call it on the transformers model itself, before peft wraps it (Liger finds the layers under
-    `model.model`); LoRA layers added afterwards run inside the patched MLP forward unchanged.
+    `model.model`); LoRA layers added afterwards run inside the patched MLP forward unchanged. What Liger rebinds
+    in the model type's modeling module is confined to this model and CUDA tensors (see the module docstring).
 
     Args:
         model: A transformers causal LM.
@@ -80,8 +89,35 @@ def apply_fused_kernels(model: torch.nn.Module, setting: str, device: torch.devi
     if chosen == "liger":
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
+        modeling = sys.modules[type(model).__module__]
+        before = dict(vars(modeling))
         # The loss kernels stay off here: the trainer computes the loss itself (`trainer.lm_loss`).
         _apply_liger_kernel_to_instance(
             model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
         )
+        _confine_module_patches(modeling, before)
     return chosen
+
+
+def _confine_module_patches(modeling: types.ModuleType, before: dict) -> None:
+    """Undo what Liger rebound in `modeling` (given its names `before`) beyond the instance: classes get their
+    originals back; functions (the RoPE) run Liger's version on CUDA tensors and the original otherwise."""
+    for name, value in list(vars(modeling).items()):
+        old = before.get(name, value)
+        if value is old:
+            continue
+        if isinstance(old, type):
+            setattr(modeling, name, old)
+        elif isinstance(value, types.FunctionType):
+            setattr(modeling, name, _on_cuda_only(value, getattr(old, "seer_original", old)))
+
+
+def _on_cuda_only(liger_fn, original):
+    """`liger_fn` for calls whose first argument is a CUDA tensor, `original` for the others."""
+
+    @functools.wraps(original)
+    def dispatch(x, *args, **kwargs):
+        return (liger_fn if getattr(x, "is_cuda", False) else original)(x, *args, **kwargs)
+
+    dispatch.seer_original = original
+    return dispatch

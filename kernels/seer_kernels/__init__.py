@@ -8,8 +8,10 @@ This module is the one place that states the ops' contracts and checks their inp
 it take checked inputs. Each op runs on one of two kernels, chosen by its `kernel` argument:
 - `"pytorch"`: chunked pure PyTorch (`pytorch_chunked`), any device; the reference the GPU kernels are tested
   against;
-- `"triton"`: the Triton kernels (`block_sparse`, `triton_*`); on Hopper at head_dim 128 the sparse forward, dQ
-  and dK/dV run as warp-specialized Gluon kernels instead (`gluon`; `SEER_KERNELS_GLUON=0` turns them off);
+- `"triton"`: the Triton kernels (`block_sparse`, `triton_*`), on CUDA tensors (CPU ones only in Triton's
+  interpreter, `TRITON_INTERPRET=1`; elsewhere the ops refuse them); on Hopper at head_dim 128 the sparse
+  forward, dQ and dK/dV run as warp-specialized Gluon kernels instead (`gluon`; `SEER_KERNELS_GLUON=0` turns
+  them off);
 - `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
 
 `token_gate_block_scores` is the fused token-scored SeerAttention gate: differentiable on the Triton kernel,
@@ -86,6 +88,19 @@ def _check_inputs(
     dtypes = {t.dtype for t in named.values()}
     if len(dtypes) != 1 or q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {dtypes}")
+    _check_triton_device(q, ", ".join(named))
+
+
+def _check_triton_device(x: torch.Tensor, names: str) -> None:
+    """Raise a ValueError when the Triton kernels would get tensors off CUDA outside Triton's CPU interpreter
+    (where Triton's own error comes from deep inside the launch)."""
+    from .triton_tuning import interpreting
+
+    if not x.is_cuda and not interpreting():
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, got {names} on {x.device}: move them to CUDA, run Triton's CPU "
+            "interpreter (TRITON_INTERPRET=1, set before seer_kernels is imported) or pass kernel='pytorch'"
+        )
 
 
 def _check_block_mask(block_mask: torch.Tensor, q: torch.Tensor, block_size: int) -> None:
@@ -286,6 +301,8 @@ def _check_token_gate_inputs(
     if any(t.device != qt.device for t in others):
         devices = [str(t.device) for t in (qt, *others)]
         raise ValueError(f"qt, kh, valid, candidates, cos and sin must share one device, got {devices}")
+    if on_triton:
+        _check_triton_device(qt, "qt, kh")
 
 
 def _needs_gradient(qt: torch.Tensor, kh: torch.Tensor) -> bool:
@@ -344,9 +361,10 @@ def token_gate_block_scores(
         `token_prob_max` one float per token and query head.
 
     Raises:
-        ValueError: for an unknown `kernel` or `mode`, inputs outside the contract above, or (with gradients
-            enabled) a `qt` or `kh` that requires a gradient on the PyTorch kernel: it has no backward, so it
-            refuses them rather than return scores that silently cut the graph.
+        ValueError: for an unknown `kernel` or `mode`, inputs outside the contract above, CPU tensors on the
+            Triton kernel outside Triton's interpreter, or (with gradients enabled) a `qt` or `kh` that requires
+            a gradient on the PyTorch kernel: it has no backward, so it refuses them rather than return scores
+            that silently cut the graph.
     """
     on_triton = _runs_on_triton(kernel, qt)
     _check_token_gate_inputs(

@@ -1,26 +1,11 @@
-"""Fused token-scored gate: per (query block, key block), the max over the query block's tokens of each token's
-logit (or log-probability) against the pooled key blocks, without the `[B, Hq, L, nB]` per-token logits.
+"""Launchers of the fused token-scored gate's Triton kernels (`triton_token_gate_kernels`, which describes them)
+and their autograd function.
 
-One program per (query block I, batch element and query head) loads the block's projected query tokens once
-(turning them by block I's RoPE angles when given, so the caller need not write rotated copies) and walks the key blocks 0..I (the candidates are block-causal) in tiles of `BLOCK_J` key blocks:
-- `token_logit_max`: one pass; each tile's logits `[BLOCK_T, BLOCK_J]` are reduced over the valid tokens and
-  stored;
-- `token_prob_max`: a first pass computes each token's log-sum-exp over its row's candidate key blocks (online,
-  as flash attention does), a second recomputes the logits and reduces `logit - lse` over the valid tokens.
-Every program writes its whole output row: -inf after block I (and at non-candidates in `token_prob_max`), 0 for
-a query block without a valid token (at its candidates), so the output needs no initialisation.
-
-Backward: a max passes its gradient to its winning token alone, so the forward can save, per (query block, key
-block), the index of that token within the block (`SAVE_FOR_BACKWARD`), and in `token_prob_max` each token's
-log-sum-exp. `_token_gate_backward_kernel` (one program per query block and (batch element, query head), as the
-forward) turns the upstream gradient dS of its row into per-token gradients of the logits (dS at the winners,
-minus each token's softmax times its total in `token_prob_max`), writes the gradient of its tokens' rotated
-queries and adds the key blocks' gradients atomically (every query block I >= j and the query heads of a KV group
-reach key block j). The launcher `token_gate_backward` then turns the query gradient back by each block's angles.
-
-Layers: `_token_gate_kernel`, `_token_gate_backward_kernel` and their helpers; the launchers
-`token_gate_forward`, `token_gate_backward`; `TokenGateScores` (autograd); the public op
-`seer_kernels.token_gate_block_scores` checks the inputs and calls them.
+Layers: `token_gate_forward` and `token_gate_backward` launch the kernels with the tiles of
+`triton_token_gate_tiles.default_tiles` (unless given); `TokenGateScores` (autograd) saves what the forward
+wrote for the backward; the public op `seer_kernels.token_gate_block_scores` checks the inputs and calls them. The
+launcher `token_gate_backward` turns the kernel's query gradient (w.r.t. the rotated queries) back by each block's
+angles.
 """
 
 from __future__ import annotations
@@ -29,306 +14,19 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .indexing import num_blocks
 from .pytorch_chunked import rotate_by_block
-from .triton_common import head_pointer
-from .triton_tuning import check_kernel_kwargs, interpreting
-
+from .triton_token_gate_kernels import _token_gate_backward_kernel, _token_gate_kernel
+from .triton_token_gate_tiles import TokenGateTiles, default_tiles
+from .triton_tuning import check_kernel_kwargs
 
 # `tl.dot` input precision. Three tf32 products per float32 one (high and low parts): about float32 accuracy
 # (the gate is sensitive to rounding: it scores in float32) on tensor cores; "ieee" would run the dots on the
 # CUDA cores, several times slower, and plain "tf32" keeps only about 3 digits of each logit. Chosen from the
 # hardware's rates, not yet timed on a GPU.
 DOT_PRECISION = "tf32x3"
-
-
-@triton.jit
-def _key_tile(k_head, cols, row, stride_kn, feats, feat_ok):
-    """Key blocks `cols` `[BLOCK_J, HIDDEN]` of one KV head; those after `row` load as zeros (the callers mask
-    them)."""
-    return tl.load(
-        k_head + cols.to(tl.int64)[:, None] * stride_kn + feats[None, :],
-        mask=(cols <= row)[:, None] & feat_ok[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _key_tile_logits(q, k_head, cols, row, stride_kn, feats, feat_ok, PRECISION: tl.constexpr):
-    """Logits `[BLOCK_T, BLOCK_J]` of the query tokens `q` against key blocks `cols` (those after `row` are
-    zeros: they are masked by the callers)."""
-    k = _key_tile(k_head, cols, row, stride_kn, feats, feat_ok)
-    return tl.dot(q, tl.trans(k), input_precision=PRECISION)
-
-
-@triton.jit
-def _allowed_columns(cand_row, cols, row, PROB: tl.constexpr):
-    """bool `[BLOCK_J]`: the key blocks `cols` a token of query block `row` may score (block-causal, and among
-    the row's candidates in `token_prob_max`)."""
-    allowed = cols <= row
-    if PROB:
-        allowed = allowed & (tl.load(cand_row + cols, mask=allowed, other=0) != 0)
-    return allowed
-
-
-@triton.jit
-def _rotate_at_block(q, q_head, pos, in_block, stride_ql, feats, COS, SIN, stride_an, row, rot_dim):
-    """`q [BLOCK_T, HIDDEN]` (the tokens at `pos` of one head, loaded from `q_head`) turned by query block `row`'s
-    angles in its first `rot_dim` features, rotate-half convention: feature f < rot_dim / 2 pairs with
-    f + rot_dim / 2 (negated), the next rot_dim / 2 with f - rot_dim / 2; the features beyond pass through."""
-    half = rot_dim // 2
-    rotated = feats < rot_dim
-    partner = tl.where(feats < half, feats + half, feats - half)
-    sign = tl.where(feats < half, -1.0, 1.0)
-    q_partner = tl.load(
-        q_head + pos.to(tl.int64)[:, None] * stride_ql + partner[None, :],
-        mask=in_block[:, None] & rotated[None, :],
-        other=0.0,
-    )
-    angles = row.to(tl.int64) * stride_an + feats
-    cos = tl.load(COS + angles, mask=rotated, other=1.0)
-    sin = tl.load(SIN + angles, mask=rotated, other=0.0)
-    return q * cos[None, :] + q_partner * (sign * sin)[None, :]
-
-
-@triton.jit
-def _query_block(
-    QT, VALID, COS, SIN, b, h, row,  # noqa: N803
-    stride_qb, stride_qh, stride_ql, stride_vb, stride_an,
-    seq_len, block_size, hidden, rot_dim,
-    HAS_VALID: tl.constexpr,
-    HAS_ROPE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    HIDDEN: tl.constexpr,
-):
-    """The tokens of query block `row` of one (batch element, query head), as forward and backward score them.
-
-    Returns `(q, pos, in_block, token_ok)`: `q [BLOCK_T, HIDDEN]` float32 (rotated by the block's angles with
-    HAS_ROPE; zeros past the block, the sequence or `hidden`), the tokens' positions `[BLOCK_T]`, whether each
-    row of the tile is a token of the block, and whether it is a valid one (not padding).
-    """
-    offs_t = tl.arange(0, BLOCK_T)
-    pos = row * block_size + offs_t
-    in_block = (offs_t < block_size) & (pos < seq_len)
-    # HIDDEN is the feature width rounded up to a power of two; the features beyond `hidden` load as zeros.
-    feats = tl.arange(0, HIDDEN)
-    feat_ok = feats < hidden
-    q_head = head_pointer(QT, b, h, stride_qb, stride_qh)
-    q = tl.load(
-        q_head + pos.to(tl.int64)[:, None] * stride_ql + feats[None, :],
-        mask=in_block[:, None] & feat_ok[None, :],
-        other=0.0,
-    )
-    if HAS_ROPE:
-        q = _rotate_at_block(q, q_head, pos, in_block, stride_ql, feats, COS, SIN, stride_an, row, rot_dim)
-    token_ok = in_block
-    if HAS_VALID:
-        token_ok = token_ok & (tl.load(VALID + b.to(tl.int64) * stride_vb + pos, mask=in_block, other=0) != 0)
-    return q, pos, in_block, token_ok
-
-
-@triton.jit
-def _token_gate_kernel(
-    QT, KH, VALID, CAND, COS, SIN, OUT, WIN, LSE,  # noqa: N803
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb,
-    stride_cb, stride_ci,
-    stride_an,
-    stride_ob, stride_oh, stride_oi,
-    stride_wb, stride_wh, stride_wi,
-    stride_lb, stride_lh,
-    seq_len, n_blocks, n_heads_q, group, block_size, hidden, rot_dim,
-    HAS_VALID: tl.constexpr,
-    HAS_ROPE: tl.constexpr,
-    PROB: tl.constexpr,
-    SAVE_FOR_BACKWARD: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    HIDDEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One program: the output row of query block `row` of one (batch element, query head). With
-    SAVE_FOR_BACKWARD it also writes the row's winning tokens (`WIN`, int32 `[B, Hq, nB, nB]`: the index within
-    the block of the token whose (log-probability) logit is the max, any value where no token wins) and, with
-    PROB, the log-sum-exp of each of its tokens (`LSE`, float32 `[B, Hq, L]`)."""
-    # Rows with the most key blocks start first, so the short ones fill the GPU at the end.
-    row = n_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads_q
-    h = bh % n_heads_q
-    hk = h // group
-
-    q, pos, in_block, token_ok = _query_block(
-        QT, VALID, COS, SIN, b, h, row, stride_qb, stride_qh, stride_ql, stride_vb, stride_an,
-        seq_len, block_size, hidden, rot_dim, HAS_VALID, HAS_ROPE, BLOCK_T, HIDDEN,
-    )
-    feats = tl.arange(0, HIDDEN)
-    feat_ok = feats < hidden
-    # A block of padding alone scores 0, as a pooled query of no tokens would.
-    empty = tl.sum(token_ok.to(tl.int32), 0) == 0
-
-    k_head = head_pointer(KH, b, hk, stride_kb, stride_kh)
-    cand_row = CAND + b.to(tl.int64) * stride_cb + row.to(tl.int64) * stride_ci
-    n_tiles = tl.cdiv(row + 1, BLOCK_J)
-    lse = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if PROB:
-        m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for tile in range(0, n_tiles):
-            cols = tile * BLOCK_J + tl.arange(0, BLOCK_J)
-            allowed = _allowed_columns(cand_row, cols, row, PROB)
-            s = _key_tile_logits(q, k_head, cols, row, stride_kn, feats, feat_ok, PRECISION)
-            s = tl.where(allowed[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no candidate so far keeps m = -inf; shifting by 0 keeps exp() free of NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp(m_i - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
-            m_i = m_new
-        # -inf for a row without candidates; its output is -inf everywhere (the candidate mask below).
-        lse = m_i + tl.log(l_i)
-        if SAVE_FOR_BACKWARD:
-            tl.store(head_pointer(LSE, b, h, stride_lb, stride_lh) + pos, lse, mask=in_block)
-
-    out_row = head_pointer(OUT, b, h, stride_ob, stride_oh) + row.to(tl.int64) * stride_oi
-    win_row = head_pointer(WIN, b, h, stride_wb, stride_wh) + row.to(tl.int64) * stride_wi
-    for tile in range(0, n_tiles):
-        cols = tile * BLOCK_J + tl.arange(0, BLOCK_J)
-        allowed = _allowed_columns(cand_row, cols, row, PROB)
-        s = _key_tile_logits(q, k_head, cols, row, stride_kn, feats, feat_ok, PRECISION)
-        if PROB:
-            s = s - lse[:, None]
-        s = tl.where(token_ok[:, None], s, float("-inf"))
-        best = tl.where(empty, 0.0, tl.max(s, 0))
-        tl.store(out_row + cols, tl.where(allowed, best, float("-inf")), mask=cols < n_blocks)
-        if SAVE_FOR_BACKWARD:
-            # The same masked logits as the max: the saved token is the one whose value was stored.
-            tl.store(win_row + cols, tl.argmax(s, 0).to(tl.int32), mask=cols < n_blocks)
-    # Key blocks after the row's own are never candidates.
-    for tile in range(n_tiles, tl.cdiv(n_blocks, BLOCK_J)):
-        cols = tile * BLOCK_J + tl.arange(0, BLOCK_J)
-        tl.store(out_row + cols, tl.full([BLOCK_J], float("-inf"), dtype=tl.float32), mask=cols < n_blocks)
-
-
-@triton.jit
-def _winner_gradients(ds_row, win_row, cols, allowed, token_ok, offs_t):
-    """float32 `[BLOCK_T, BLOCK_J]`: the upstream gradient of the row's key blocks `cols` at the token that won
-    each of them, 0 at the other tokens, at key blocks that are not `allowed` (their score is a constant -inf) and
-    in a block without valid tokens (its constant 0)."""
-    ds = tl.load(ds_row + cols, mask=allowed, other=0.0)
-    winner = tl.load(win_row + cols, mask=allowed, other=-1)
-    wins = (offs_t[:, None] == winner[None, :]) & token_ok[:, None] & allowed[None, :]
-    return tl.where(wins, ds[None, :], 0.0)
-
-
-@triton.jit
-def _token_gate_backward_kernel(
-    QT, KH, VALID, CAND, COS, SIN, DS, WIN, LSE, DQ, DKH,  # noqa: N803
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb,
-    stride_cb, stride_ci,
-    stride_an,
-    stride_sb, stride_sh, stride_si,
-    stride_lb, stride_lh,
-    stride_db, stride_dh, stride_dl,
-    stride_gb, stride_gh, stride_gn,
-    seq_len, n_blocks, n_heads_q, group, block_size, hidden, rot_dim,
-    HAS_VALID: tl.constexpr,
-    HAS_ROPE: tl.constexpr,
-    PROB: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-    HIDDEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """One program: the gradients that query block `row` of one (batch element, query head) gives its tokens'
-    rotated queries (`DQ [B, Hq, L, hidden]`, written) and the key blocks of its KV head (`DKH [B, Hkv, nB,
-    hidden]`, float32, added atomically). `DS` and `WIN` share the strides `stride_s*` (`[B, Hq, nB, nB]`)."""
-    row = n_blocks - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_heads_q
-    h = bh % n_heads_q
-    hk = h // group
-
-    q, pos, in_block, token_ok = _query_block(
-        QT, VALID, COS, SIN, b, h, row, stride_qb, stride_qh, stride_ql, stride_vb, stride_an,
-        seq_len, block_size, hidden, rot_dim, HAS_VALID, HAS_ROPE, BLOCK_T, HIDDEN,
-    )
-    offs_t = tl.arange(0, BLOCK_T)
-    feats = tl.arange(0, HIDDEN)
-    feat_ok = feats < hidden
-    k_head = head_pointer(KH, b, hk, stride_kb, stride_kh)
-    dk_head = head_pointer(DKH, b, hk, stride_gb, stride_gh)
-    cand_row = CAND + b.to(tl.int64) * stride_cb + row.to(tl.int64) * stride_ci
-    ds_row = head_pointer(DS, b, h, stride_sb, stride_sh) + row.to(tl.int64) * stride_si
-    win_row = head_pointer(WIN, b, h, stride_sb, stride_sh) + row.to(tl.int64) * stride_si
-    n_tiles = tl.cdiv(row + 1, BLOCK_J)
-
-    lse = tl.zeros([BLOCK_T], dtype=tl.float32)
-    total = tl.zeros([BLOCK_T], dtype=tl.float32)
-    if PROB:
-        lse = tl.load(head_pointer(LSE, b, h, stride_lb, stride_lh) + pos, mask=token_ok, other=0.0)
-        # First pass: each token's total upstream gradient r_t, which every log-probability of its row shares
-        # through the log-sum-exp.
-        for tile in range(0, n_tiles):
-            cols = tile * BLOCK_J + tl.arange(0, BLOCK_J)
-            allowed = _allowed_columns(cand_row, cols, row, PROB)
-            total += tl.sum(_winner_gradients(ds_row, win_row, cols, allowed, token_ok, offs_t), 1)
-
-    dq = tl.zeros([BLOCK_T, HIDDEN], dtype=tl.float32)
-    for tile in range(0, n_tiles):
-        cols = tile * BLOCK_J + tl.arange(0, BLOCK_J)
-        allowed = _allowed_columns(cand_row, cols, row, PROB)
-        ds = _winner_gradients(ds_row, win_row, cols, allowed, token_ok, offs_t)
-        k = _key_tile(k_head, cols, row, stride_kn, feats, feat_ok)
-        if PROB:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            # Softmax of each valid token over its allowed key blocks; tl.where keeps the exp() of masked
-            # entries (possibly inf) out of the product.
-            p = tl.where(token_ok[:, None] & allowed[None, :], tl.exp(s - lse[:, None]), 0.0)
-            ds = ds - p * total[:, None]
-        dq += tl.dot(ds, k, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
-        tl.atomic_add(
-            dk_head + cols.to(tl.int64)[:, None] * stride_gn + feats[None, :],
-            dk,
-            mask=allowed[:, None] & feat_ok[None, :],
-        )
-    tl.store(
-        head_pointer(DQ, b, h, stride_db, stride_dh) + pos.to(tl.int64)[:, None] * stride_dl + feats[None, :],
-        dq,
-        mask=in_block[:, None] & feat_ok[None, :],
-    )
-
-
-@dataclass(frozen=True)
-class TokenGateTiles:
-    """Launch settings of the token-gate kernels.
-
-    Attributes:
-        key_blocks: key blocks per tile (`BLOCK_J`, a power of two; >= 16 on a GPU, where `tl.dot` needs it).
-        num_warps, num_stages: Triton launch settings.
-    """
-
-    key_blocks: int
-    num_warps: int
-    num_stages: int
-
-
-def default_tiles(block_tokens: int, hidden: int) -> TokenGateTiles:
-    """The tiles of a launch whose query tile has `block_tokens` rows and `hidden` (padded) features.
-
-    The interpreter takes wide key tiles (fewest interpreted steps). On a GPU, 64 key blocks per tile; a query
-    tile of more than 64 x 128 floats gets 8 warps, so the registers holding it stay within a thread's budget.
-    (A first choice: not yet tuned on a GPU, for the forward nor the backward.)
-    """
-    if interpreting():
-        return TokenGateTiles(64, 4, 1)
-    return TokenGateTiles(64, 8 if block_tokens * hidden > 64 * 128 else 4, 2)
 
 
 def _power_of_two_at_least_16(n: int) -> int:
@@ -349,10 +47,14 @@ class _LaunchInputs:
     block_tokens: int
     padded_hidden: int
     tiles: TokenGateTiles
+    rows: int
 
 
-def _prepare(qt, kh, valid, candidates, cos, sin, *, block_size: int, prob: bool, tiles) -> _LaunchInputs:
-    """Unit last strides, int8 masks, the padded tile sizes and the tiles (`default_tiles` unless given)."""
+def _prepare(
+    qt, kh, valid, candidates, cos, sin, *, block_size: int, prob: bool, tiles, backward: bool = False
+) -> _LaunchInputs:
+    """Unit last strides, int8 masks, the padded tile sizes and the tiles (`default_tiles` for the forward or the
+    `backward` kernel, unless given) with their query rows per sub-tile."""
     qt, kh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qt, kh))
     bsz, _, seq_len, hidden = qt.shape
     nb = num_blocks(seq_len, block_size)
@@ -364,10 +66,9 @@ def _prepare(qt, kh, valid, candidates, cos, sin, *, block_size: int, prob: bool
         cand8 = torch.ones(1, nb, nb, dtype=torch.int8, device=qt.device).expand(bsz, nb, nb)
     if cos is not None:
         cos, sin = cos.detach().contiguous(), sin.detach().contiguous()
-    return _LaunchInputs(
-        qt, kh, valid8, cand8, cos, sin, nb, block_tokens, padded_hidden,
-        tiles or default_tiles(block_tokens, padded_hidden),
-    )
+    tiles = tiles or default_tiles(block_tokens, padded_hidden, backward=backward)
+    rows = min(block_tokens, tiles.query_rows or block_tokens)
+    return _LaunchInputs(qt, kh, valid8, cand8, cos, sin, nb, block_tokens, padded_hidden, tiles, rows)
 
 
 def _shared_args(inputs: _LaunchInputs, stand_in: torch.Tensor) -> tuple:
@@ -390,7 +91,8 @@ def _constexprs(inputs: _LaunchInputs, prob: bool, precision: str) -> dict:
     """The constexpr arguments both kernels take."""
     return dict(
         HAS_VALID=inputs.valid8 is not None, HAS_ROPE=inputs.cos is not None, PROB=prob,
-        BLOCK_T=inputs.block_tokens, BLOCK_J=inputs.tiles.key_blocks, HIDDEN=inputs.padded_hidden, PRECISION=precision,
+        BLOCK_T=inputs.block_tokens, ROWS=inputs.rows, BLOCK_J=inputs.tiles.key_blocks, HIDDEN=inputs.padded_hidden,
+        PRECISION=precision,
     )
 
 
@@ -432,7 +134,7 @@ def token_gate_forward(
         block_size: tokens per block (any positive size: the query tile is padded to a power of two >= 16).
         prob: True for `token_prob_max`, False for `token_logit_max`.
         precision: `tl.dot` input precision: `tf32x3` (default, `DOT_PRECISION`), `ieee` or `tf32`.
-        tiles: launch settings (default: `default_tiles`).
+        tiles: launch settings (default: `default_tiles` of the forward kernel).
         out: optional float32 `[B, Hq, nB, nB]` to write into (any contents: the kernel writes every entry).
         winners: optional int32 `[B, Hq, nB, nB]` (contiguous) to save, for the backward, the index within query
             block I of the token that wins each (I, j <= I) (any value where no token wins).
@@ -491,13 +193,16 @@ def token_gate_backward(
     Args:
         grad: `[B, Hq, nB, nB]`, the upstream gradient of the scores (read at the finite entries only: the -inf
             ones, and the 0 of a block without valid tokens, are constants).
-        qt, kh, valid, candidates, cos, sin, block_size, prob, precision, tiles: as given to `token_gate_forward`.
+        qt, kh, valid, candidates, cos, sin, block_size, prob, precision: as given to `token_gate_forward`.
+        tiles: launch settings (default: `default_tiles` of the backward kernel).
         winners, lse: what `token_gate_forward` saved (`lse` None unless `prob`).
 
     Returns:
         `(dqt, dkh)`: float32 `[B, Hq, L, hidden]` and float32 `[B, Hkv, nB, hidden]`.
     """
-    inputs = _prepare(qt, kh, valid, candidates, cos, sin, block_size=block_size, prob=prob, tiles=tiles)
+    inputs = _prepare(
+        qt, kh, valid, candidates, cos, sin, block_size=block_size, prob=prob, tiles=tiles, backward=True
+    )
     bsz, hq, seq_len, hidden = inputs.qt.shape
     nb = inputs.n_blocks
     grad = grad.to(torch.float32).contiguous()

@@ -21,6 +21,9 @@ from seer_finetune.seer.selection import block_candidates, gate_log_probs
 from seer_helpers import packed_position_ids, random_ids, tiny_model
 
 TOKEN_MODES = ("token_logit_max", "token_prob_max")
+CUDA = torch.cuda.is_available()
+# Where the kernel-setting test runs its model: the Triton kernels take CPU tensors only in the interpreter.
+DEVICE = "cuda" if CUDA else "cpu"
 # Awkward shapes: 75 tokens in blocks of 16 (the fifth block has 11), 6 query heads on 2 KV heads.
 B, L, HQ, HKV, D, T, HIDDEN = 2, 75, 6, 2, 8, 16, 12
 NB = math.ceil(L / T)
@@ -289,7 +292,8 @@ def test_joint_training_steps_in_token_prob_max_learn_and_select(monkeypatch):
 @pytest.mark.parametrize("kernel", ["pytorch", "triton"])
 def test_attention_kernel_setting_decides_where_gradient_free_token_scores_run(monkeypatch, kernel):
     """`attention.kernel` reaches the gates: a gradient-free forward of a tiny Llama scores its token gates on
-    the fused kernel with `triton` (here through the interpreter) and never with `pytorch`."""
+    the fused kernel with `triton` (on CPU through the interpreter, on a GPU on CUDA tensors) and never with
+    `pytorch`."""
     import seer_kernels
 
     calls = []
@@ -300,12 +304,12 @@ def test_attention_kernel_setting_decides_where_gradient_free_token_scores_run(m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(seer_kernels, "token_gate_block_scores", counted)
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(DEVICE)
     ext = build_extension(model, _cfg(gate_query="token_logit_max", kernel=kernel))
     ext.runtime.configure(compute_loss=False)
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=random_ids(1, 72), use_cache=False)
+        out = model(input_ids=random_ids(1, 72).to(DEVICE), use_cache=False)
     assert torch.isfinite(out.logits).all()
     layers = len(seer_gates(model))
     assert calls == (["triton"] * layers if kernel == "triton" else [])
