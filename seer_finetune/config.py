@@ -178,6 +178,9 @@ class AttentionConfig:
             the rest of the budget goes by rank. 0 (default): off.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
+        gate_target_temperature: Temperature of the ground truth the gate loss compares with: below 1 each
+            row's distribution is sharpened (`p ** (1 / T)`, renormalised), so the blocks a top-k selection keeps
+            weigh more than the tail it drops. Default 1.0 (as it is).
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
             ground truth and the gate loss are computed.
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
@@ -213,6 +216,7 @@ class AttentionConfig:
     row_mass: float = 0.0
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
+    gate_target_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     compile_gate: Optional[bool] = None

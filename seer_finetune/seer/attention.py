@@ -157,7 +157,10 @@ def seer_attention_forward(
     if ground_truth is not None:
         cand_rows = candidates if rows is None else candidates[:, rows]
         lp_rows = log_probs if rows is None else log_probs[:, :, rows]
-        loss = layer_gate_loss(lp_rows, ground_truth, cand_rows, kind=s.loss_kind, compiled=compiled)
+        loss = layer_gate_loss(
+            lp_rows, ground_truth, cand_rows, kind=s.loss_kind, target_temperature=s.target_temperature,
+            compiled=compiled,
+        )
         rt.record_loss(layer, loss)
     # A checkpoint recomputation would only overwrite the first pass's statistics with the same values.
     if block_mask is not None and rt.record_stats and not recomputing:

@@ -84,10 +84,13 @@ def layer_gate_loss(
     candidates: torch.Tensor,
     *,
     kind: str = "kl",
+    target_temperature: float = 1.0,
     compiled: bool = False,
 ) -> torch.Tensor:
     """`selection.gate_loss`, compiled when `compiled` (same arguments)."""
-    return _run(gate_loss, compiled)(log_probs, ground_truth, candidates, kind=kind)
+    return _run(gate_loss, compiled)(
+        log_probs, ground_truth, candidates, kind=kind, target_temperature=target_temperature
+    )
 
 
 def selection_stats(

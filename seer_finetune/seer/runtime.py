@@ -44,6 +44,7 @@ class SeerSettings:
         row_mass: With the layer or head budget: each row first keeps its most probable blocks up to this share of its
             gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
         loss_kind: `kl` or `mse`.
+        target_temperature: The gate loss compares with the ground truth at this temperature (`selection.gate_loss`).
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training. In evaluation every row gets one.
         kernel: `seer_kernels` implementation: `auto`, `pytorch` or `triton`.
@@ -67,6 +68,7 @@ class SeerSettings:
     budget: str = "row"
     row_mass: float = 0.0
     loss_kind: str = "kl"
+    target_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     detach_gate_inputs: bool = True
@@ -95,6 +97,8 @@ class SeerSettings:
             raise ValueError(f"sink_blocks={self.sink_blocks} must be >= 0 and local_blocks={self.local_blocks} >= 1")
         if not 0.0 <= self.row_mass < 1.0:
             raise ValueError(f"row_mass={self.row_mass} must be in [0, 1)")
+        if not self.target_temperature > 0.0:
+            raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
         if not 0.0 < self.ground_truth_query_fraction <= 1.0:
             raise ValueError(f"ground_truth_query_fraction={self.ground_truth_query_fraction} must be in (0, 1]")
 
@@ -112,6 +116,7 @@ class SeerSettings:
             budget=a.budget,
             row_mass=float(a.row_mass),
             loss_kind=a.gate_loss,
+            target_temperature=float(a.gate_target_temperature),
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
             kernel=a.kernel,
             detach_gate_inputs=bool(a.detach_gate_inputs),

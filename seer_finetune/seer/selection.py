@@ -365,6 +365,7 @@ def gate_loss(
     candidates: torch.Tensor,
     *,
     kind: str = "kl",
+    target_temperature: float = 1.0,
 ) -> torch.Tensor:
     """Distance between the gate's block distribution and the ground truth, averaged over rows.
 
@@ -374,12 +375,21 @@ def gate_loss(
         candidates: bool `[B, nQ, nB]` candidate blocks of those rows.
         kind: `kl` for KL(ground truth || gate) summed over key blocks, or `mse` for the squared error of the
             probabilities summed over key blocks. Default `kl`.
+        target_temperature: Compare with the ground truth sharpened (below 1) or flattened (above 1): each row's
+            `p ** (1 / T)`, renormalised, so the loss weighs the blocks a top-k selection keeps more than the tail
+            it drops. Zeros stay zero. Default 1.0 (the ground truth as it is).
 
     Returns:
         0-dim float32 tensor: the mean over batch, heads and rows.
     """
     cand = candidates[:, None].expand_as(log_probs)
     gt = ground_truth.float()
+    if target_temperature != 1.0:
+        # In log space relative to each row's maximum, so small probabilities raised to a large power do not
+        # underflow before the renormalisation; a row of zeros (no ground truth) stays zeros.
+        logs = torch.where(gt > 0, gt.clamp_min(torch.finfo(gt.dtype).tiny).log(), float("-inf"))
+        logs = (logs - logs.amax(-1, keepdim=True).clamp_min(torch.finfo(gt.dtype).min)) / target_temperature
+        gt = logs.softmax(-1).nan_to_num(0.0)
     if kind == "kl":
         # xlogy gives 0 where gt = 0; log q is finite on candidates and gt is 0 elsewhere.
         logq = log_probs.masked_fill(~cand, 0.0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
+from seer_finetune.seer.runtime import SeerSettings
 from seer_finetune.seer.selection import (
     block_recall,
     row_quotas,
@@ -166,6 +167,41 @@ def test_gate_loss_kl_and_mse():
     assert float(gate_loss(log_q, log_q.exp(), cand)) == pytest.approx(0.0, abs=1e-6)
     mse = gate_loss(log_q, gt, cand, kind="mse")
     assert float(mse) == pytest.approx(float(((log_q.exp() - gt) ** 2).sum(-1).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.25, 0.5, 2.0])
+def test_gate_loss_against_a_ground_truth_at_a_temperature(temperature):
+    """`target_temperature=T` compares with each row's `p ** (1 / T)` renormalised (a float64 brute force), keeps
+    blocks without ground truth at zero (a row with none gives no loss and no NaN), and is the plain loss at 1."""
+    torch.manual_seed(2)
+    nb = 6
+    cand = block_candidates(nb * 4, 4)
+    log_q = gate_log_probs(torch.randn(1, 2, nb, nb), cand)
+    gt = gate_log_probs(torch.randn(1, 2, nb, nb) * 4, cand).exp()
+    gt[0, 0, 3, 1] = 0.0  # a candidate block without attention mass
+    gt[0, 1, 4] = 0.0  # a row without ground truth
+    got = gate_loss(log_q, gt, cand, kind="kl", target_temperature=temperature)
+    brute = 0.0
+    for h in range(2):
+        for i in range(nb):
+            row = gt[0, h, i].double() ** (1 / temperature)
+            if row.sum() == 0:
+                continue
+            row = row / row.sum()
+            brute += sum(float(row[j] * (row[j].log() - log_q[0, h, i, j])) for j in range(i + 1) if row[j] > 0)
+    assert float(got) == pytest.approx(brute / (2 * nb), rel=1e-5, abs=1e-6)
+    assert float(gate_loss(log_q, gt, cand, target_temperature=1.0)) == float(gate_loss(log_q, gt, cand))
+
+
+def test_gate_target_temperature_is_validated():
+    from seer_finetune.compose import compose_config
+    from seer_finetune.config import ConfigError
+
+    assert compose_config(["+exp=smoke_seer", "attention.gate_target_temperature=0.5"]).attention.gate_target_temperature == 0.5
+    with pytest.raises(ConfigError, match=r"attention.gate_target_temperature=0.0 must be > 0"):
+        compose_config(["+exp=smoke_seer", "attention.gate_target_temperature=0"])
+    with pytest.raises(ValueError, match="target_temperature=-1.0 must be > 0"):
+        SeerSettings(target_temperature=-1.0)
 
 
 def test_model_density_per_layer_within_two_points():
