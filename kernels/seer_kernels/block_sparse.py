@@ -1,8 +1,13 @@
 """The autograd function of block-sparse attention on the GPU kernels (Triton, with Gluon where it applies).
 
 The forward builds the per-query-block key lists, runs the sparse forward and keeps its output and base-2
-log-sum-exp; the backward builds the transposed lists (per key block, the query blocks) only then, since the
-forward does not need them, and recomputes the probabilities from the saved log-sum-exp (no L x L state).
+log-sum-exp; the backward builds both lists again from the saved block mask (per query block the key blocks, and
+transposed, per key block the query blocks) and recomputes the probabilities from the saved log-sum-exp (no L x L
+state).
+
+Everything the backward reads goes through `save_for_backward`: gradient checkpointing drops those tensors after
+the forward and recomputes them, while a tensor kept as a `ctx` attribute would stay alive with the graph until
+the whole backward ends (int32 lists of `[B, Hq, nB, nB]`, four times the bool mask, in every layer at once).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ class BlockSparseAttention(torch.autograd.Function):
             q, k, v, kv_idx, kv_cnt, block_size=block_size, sm_scale=sm_scale, document_ids=docs
         )
         ctx.save_for_backward(q, k, v, out, lse, block_mask, docs)
-        ctx.lists = (kv_idx, kv_cnt)
         ctx.block_size = block_size
         ctx.sm_scale = sm_scale
         ctx.split_long_columns = split_long_columns
@@ -41,7 +45,7 @@ class BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, block_mask, docs = ctx.saved_tensors
-        kv_idx, kv_cnt = ctx.lists
+        kv_idx, kv_cnt = block_lists(block_mask, document_ids=docs, block_size=ctx.block_size)
         q_idx, q_cnt = block_lists(block_mask, document_ids=docs, block_size=ctx.block_size, transpose=True)
         dq, dk, dv = sparse_attention_backward(
             dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,

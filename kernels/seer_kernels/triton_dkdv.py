@@ -30,9 +30,6 @@ from .triton_tuning import (
     set_descriptor_tiles,
 )
 
-# Float32 dK/dV accumulators and arrival counters of the segmented dK/dV kernel, per (device, stream): all zeros
-# between launches (the kernel restores them), grown when a larger problem comes.
-_SEGMENT_SCRATCH: dict = {}
 # Shortest segment the work list cuts (entries of a group list); shorter lists stay whole.
 MIN_SEGMENT = 16
 
@@ -344,7 +341,7 @@ def _sparse_dkdv_segments_kernel(
     running group * nB steps while the rest of the GPU idles. A tile whose list is one segment is written
     directly, as in `_sparse_dkdv_kernel`. The segments of a longer one add their float32 partials into
     DK_ACC / DV_ACC and count themselves in ARRIVALS; the last to arrive writes dK / dV and zeroes what it used,
-    so the scratch is all zeros again when the kernel ends (it is reused across calls without a memset)."""
+    so the scratch is all zeros again when the kernel ends."""
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N
     n_tiles = n_blocks * SPLIT_N
     n_items = tl.load(META)
@@ -419,18 +416,17 @@ def _sparse_dkdv_segments_kernel(
 
 
 def _segment_scratch(device: torch.device, acc_numel: int, n_counters: int):
-    """The zeroed `(dk_acc, dv_acc, arrivals)` scratch of the segmented kernel on the current stream of `device`."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _SEGMENT_SCRATCH.get(key)
-    if buf is None or buf[0].numel() < acc_numel or buf[2].numel() < n_counters:
-        buf = (
-            torch.zeros(acc_numel, dtype=torch.float32, device=device),
-            torch.zeros(acc_numel, dtype=torch.float32, device=device),
-            torch.zeros(n_counters, dtype=torch.int32, device=device),
-        )
-        _SEGMENT_SCRATCH[key] = buf
-    return buf
+    """The zeroed `(dk_acc, dv_acc, arrivals)` scratch of one launch of the segmented kernel.
+
+    Allocated per launch rather than kept between them: the accumulators are float32 copies of dK and dV (256 MiB
+    together at 128k tokens, 2 KV heads of 128), which a kept buffer would add to every later peak of the step
+    (the next layers' recomputed activations); zeroing them costs a fraction of a millisecond.
+    """
+    return (
+        torch.zeros(acc_numel, dtype=torch.float32, device=device),
+        torch.zeros(acc_numel, dtype=torch.float32, device=device),
+        torch.zeros(n_counters, dtype=torch.int32, device=device),
+    )
 
 
 def _persistent_programs(device: torch.device) -> int:

@@ -346,6 +346,13 @@ def ground_truth_forward(
     return out
 
 
+def _all_blocks(q: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool `[B, Hq, nB, nB]` of ones for queries `q [B, Hq, L, D]`: every causal block (the lists drop the rest)."""
+    bsz, hq, seq_len, _ = q.shape
+    nb = num_blocks(seq_len, block_size)
+    return torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
+
+
 class AttentionWithGroundTruth(torch.autograd.Function):
     """`seer_kernels.attention_with_ground_truth` on the GPU kernels; inputs are checked by that function.
 
@@ -358,10 +365,7 @@ class AttentionWithGroundTruth(torch.autograd.Function):
     def forward(ctx, q, k, v, block_size, document_ids, sm_scale, query_blocks):
         q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
         docs = prepare_documents(document_ids, q)
-        bsz, hq, seq_len, _ = q.shape
-        nb = num_blocks(seq_len, block_size)
-        full = torch.ones(bsz, hq, nb, nb, dtype=torch.bool, device=q.device)
-        kv_idx, kv_cnt = block_lists(full, document_ids=docs, block_size=block_size)
+        kv_idx, kv_cnt = block_lists(_all_blocks(q, block_size), document_ids=docs, block_size=block_size)
         out, lse = sparse_attention_forward(
             q, k, v, kv_idx, kv_cnt, block_size=block_size, sm_scale=sm_scale, document_ids=docs
         )
@@ -369,8 +373,9 @@ class AttentionWithGroundTruth(torch.autograd.Function):
             q, k, block_size=block_size, sm_scale=sm_scale, document_ids=docs, query_blocks=query_blocks, lse=lse
         )
         ctx.mark_non_differentiable(gt)
+        # The block lists are rebuilt in backward rather than kept on ctx, where gradient checkpointing could not
+        # drop them (see block_sparse.py).
         ctx.save_for_backward(q, k, v, out, lse, docs)
-        ctx.lists = (full, kv_idx, kv_cnt)
         ctx.block_size = block_size
         ctx.sm_scale = sm_scale
         return out, gt
@@ -378,7 +383,8 @@ class AttentionWithGroundTruth(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dgt):
         q, k, v, out, lse, docs = ctx.saved_tensors
-        full, kv_idx, kv_cnt = ctx.lists
+        full = _all_blocks(q, ctx.block_size)
+        kv_idx, kv_cnt = block_lists(full, document_ids=docs, block_size=ctx.block_size)
         q_idx, q_cnt = block_lists(full, document_ids=docs, block_size=ctx.block_size, transpose=True)
         dq, dk, dv = sparse_attention_backward(
             dout, q, k, v, out, lse, kv_idx, kv_cnt, q_idx, q_cnt,

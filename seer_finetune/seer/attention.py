@@ -21,10 +21,17 @@ One call per layer and forward, in steps:
 Gate inputs are detached from the model's graph by default (`detach_gate_inputs`, as in the SeerAttention paper):
 the gate loss then trains only the gates and cannot pull the model's Q/K towards easier-to-predict attention. The
 LM loss reaches the model only through the (block-sparse) attention output; selection runs under no_grad.
+
+Under gradient checkpointing a layer runs twice: its first pass, and a recomputation in backward that must save
+the same tensors for backward. With detached gate inputs, steps 2 and 5 save nothing for the model's backward
+(the gate loss's gradient is taken in the first pass, `gate_path.loss_with_gradients`), so the recomputation runs
+step 4 alone over the first pass's blocks; otherwise it runs every step again, reusing the first pass's blocks
+and ground truth, and its loss is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -35,7 +42,9 @@ import seer_kernels
 
 from .decode import attend_to_cache
 from .gate import AttnGate, num_blocks
-from .gate_path import compile_gate_now, layer_gate_loss, layer_log_probs, layer_selection_stats
+from .gate_path import (
+    compile_gate_now, gate_graph, layer_gate_loss, layer_log_probs, layer_selection_stats, loss_with_gradients,
+)
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
 from .selection import SelectionPlan, block_candidates
@@ -127,16 +136,28 @@ def seer_attention_forward(
     compiled = compile_gate_now(s.compile_gate, query)
     if order is not None:
         q_pre, k_pre = _reorder(q_pre, order, dim=1), _reorder(k_pre, order, dim=1)
-    log_probs = layer_log_probs(
-        gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=compiled, kernel=s.kernel
-    )
-    layer = gate.layer_idx
+    layer, state = gate.layer_idx, rt.forward
     # Gradient checkpointing runs a layer a second time during backward: reuse what the first pass chose.
-    recomputing = layer in rt.forward.block_masks
-    rows = None
+    recomputing = layer in state.passes
+    # Detached gate inputs (the default): the gate's graph reaches its own weights only, so its loss's gradient is
+    # taken in this forward and nothing of the gate is saved for the model's backward (gate_path.gate_graph).
+    own_graph = not (q_pre.requires_grad or k_pre.requires_grad)
+    if recomputing and own_graph:
+        out = _attend_again(rt, layer, query, key, value, kernel_args)
+        return _restore(out, order).transpose(1, 2).contiguous(), None
+    if rt.keeps_graph:
+        state.passes.add(layer)
+    loss_graph = rt.keeps_graph and s.compute_loss
+    with _gate_context(own_graph, loss_graph):
+        log_probs = layer_log_probs(
+            gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=compiled, kernel=s.kernel
+        )
+    rows = state.rows.get(layer) if recomputing else None
     if s.compute_loss and rt.training and not recomputing:
         nb = num_blocks(layout.seq_len, s.block_size)
         rows = _sample_query_blocks(nb, s.ground_truth_query_fraction, query.device)
+        if rt.keeps_graph:
+            state.rows[layer] = rows
 
     block_mask = None
     if rt.sparse:
@@ -147,7 +168,9 @@ def seer_attention_forward(
         )
         ground_truth = None
         if s.compute_loss:
-            rows, ground_truth = _sparse_ground_truth(rt, layer, query, key, rows, oracle_truth, kernel_args)
+            rows, ground_truth = _sparse_ground_truth(
+                rt, layer, query, key, rows, oracle_truth, kernel_args, keep=not own_graph
+            )
     else:
         # Dense output (gate distillation): the ground truth comes from the same fused forward.
         out, ground_truth = seer_kernels.attention_with_ground_truth(
@@ -155,19 +178,49 @@ def seer_attention_forward(
         )
 
     if ground_truth is not None:
-        cand_rows = candidates if rows is None else candidates[:, rows]
-        lp_rows = log_probs if rows is None else log_probs[:, :, rows]
-        loss = layer_gate_loss(
-            lp_rows, ground_truth, cand_rows, kind=s.loss_kind, target_temperature=s.target_temperature,
-            compiled=compiled,
-        )
-        rt.record_loss(layer, loss)
+        with _gate_context(own_graph, loss_graph):
+            cand_rows = candidates if rows is None else candidates[:, rows]
+            lp_rows = log_probs if rows is None else log_probs[:, :, rows]
+            loss = layer_gate_loss(
+                lp_rows, ground_truth, cand_rows, kind=s.loss_kind, target_temperature=s.target_temperature,
+                compiled=compiled,
+            )
+            if own_graph and loss_graph:
+                loss = loss_with_gradients(loss, list(gate.parameters()))
+        # A recomputation (gate inputs not detached) rebuilds the loss's graph for the checkpoint's saved tensors
+        # only: the first pass's loss is the one backward runs through, and keeping this one would keep its graph.
+        if not recomputing:
+            rt.record_loss(layer, loss)
     # A checkpoint recomputation would only overwrite the first pass's statistics with the same values.
     if block_mask is not None and rt.record_stats and not recomputing:
         stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=compiled)
         for name, value in stats.items():
             rt.record(f"{name}/{layer}", value)
     return _restore(out, order).transpose(1, 2).contiguous(), None
+
+
+def _gate_context(own_graph: bool, with_gradient: bool):
+    """Where the gate path runs: `gate_path.gate_graph` when its graph reaches the gate's weights only; else as
+    the model's own ops (the loss's graph reaches the model's Q/K, so it stays in the model's graph and
+    checkpoint)."""
+    return gate_graph(with_gradient) if own_graph else contextlib.nullcontext()
+
+
+def _attend_again(
+    rt: SeerRuntime, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_args: dict
+) -> torch.Tensor:
+    """A checkpoint recomputation's attention output `[B, Hq, L, D]` when the gate saved nothing for backward:
+    the same kernel call as the first pass (the checkpoint expects the tensors it saved), over its blocks."""
+    s, state = rt.settings, rt.forward
+    if rt.sparse:
+        block_mask = state.block_mask(layer)
+        if rt.record_block_masks:
+            rt.block_masks[layer] = block_mask
+        return seer_kernels.block_sparse_attention(
+            query, key, value, block_mask, split_long_columns=s.sink_blocks > 0, **kernel_args
+        )
+    rows = state.rows.get(layer)
+    return seer_kernels.attention_with_ground_truth(query, key, value, query_blocks=rows, **kernel_args)[0]
 
 
 def _reorder(x: torch.Tensor, order: torch.Tensor, *, dim: int) -> torch.Tensor:
@@ -281,7 +334,7 @@ def _select(
     """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks)."""
     state, s = rt.forward, rt.settings
     oracle_truth = None
-    block_mask = state.block_masks.get(layer)
+    block_mask = state.block_mask(layer)
     if block_mask is None:
         plan = state.plans.get((layout, s))
         if plan is None:
@@ -295,7 +348,7 @@ def _select(
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True)
         if rt.keeps_graph:
-            state.block_masks[layer] = block_mask
+            state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:
         rt.block_masks[layer] = block_mask
     return block_mask, oracle_truth
@@ -312,11 +365,14 @@ def _sparse_ground_truth(
     rows: Optional[torch.Tensor],
     oracle_truth: Optional[torch.Tensor],
     kernel_args: dict,
+    *,
+    keep: bool,
 ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
     """(query rows, float32 `[B, Hq, nQ, nB]` ground truth) for the gate loss of a sparse forward.
 
-    The sparse kernel does not produce the dense attention map, so the ground truth is its own pass; a
-    recomputation (gradient checkpointing) reuses the first pass's rows and values instead of paying twice.
+    The sparse kernel does not produce the dense attention map, so the ground truth is its own pass. With `keep`
+    (a loss whose graph a gradient checkpoint recomputes: gate inputs not detached) the recomputation reuses the
+    first pass's rows and values instead of paying twice; they are then held until the backward.
     """
     cached = rt.forward.ground_truth.get(layer)
     if cached is not None:
@@ -325,7 +381,7 @@ def _sparse_ground_truth(
         # The oracle already computed every row of it.
         return rows, (oracle_truth if rows is None else oracle_truth[:, :, rows])
     truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), query_blocks=rows, **kernel_args)
-    if rt.keeps_graph:
+    if keep and rt.keeps_graph:
         rt.forward.ground_truth[layer] = (rows, truth)
     return rows, truth
 

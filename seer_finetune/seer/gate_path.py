@@ -3,15 +3,21 @@ log-probabilities, its loss, and the statistics of the blocks it selected.
 
 Per layer and forward the gate pools Q and K, projects, rotates and scores the blocks, log-softmaxes the scores
 over the candidates and, in training, compares them with the ground truth: a few dozen small operations, each
-its own kernel launch (and again in backward and in checkpoint recomputation). At 32k tokens those launches,
-not their arithmetic, bound the step. Compiled, they become a few fused kernels. The functions take the weights
-as arguments, so one compiled graph serves the gates of every layer (a graph per input shape).
+its own kernel launch (and again in backward). At 32k tokens those launches, not their arithmetic, bound the
+step. Compiled, they become a few fused kernels. The functions take the weights as arguments, so one compiled
+graph serves the gates of every layer (a graph per input shape).
+
+With detached gate inputs the loss reaches the gate's own weights only, so its gradient can be taken in the
+layer's forward (`gate_graph`, `loss_with_gradients`): backward then keeps the weights' gradients (the size of the
+weights) instead of the loss's graph, whose float32 `[B, Hq, nB, nB]` log-probabilities and `[B, Hq, nQ, nB]`
+ground truth would otherwise be kept (or, under gradient checkpointing, cached and recomputed) for every layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -128,3 +134,61 @@ def layer_selection_stats(
 ) -> dict[str, torch.Tensor]:
     """`selection_stats`, compiled when `compiled` (same arguments)."""
     return _run(selection_stats, compiled)(block_mask, candidates, rows, ground_truth)
+
+
+@contextlib.contextmanager
+def gate_graph(with_gradient: bool) -> Iterator[None]:
+    """Where the gate path of a layer with detached inputs runs (its log-probabilities, its loss and
+    `loss_with_gradients`).
+
+    With `with_gradient`, tensors saved for the gate's backward are kept as they are, not handed to the hooks of
+    an enclosing gradient checkpoint: the graph is differentiated and freed within the forward, and a
+    recomputation skips it. Without, the path runs without a graph.
+    """
+    if not with_gradient:
+        with torch.no_grad():
+            yield
+        return
+    # Only the innermost pair of hooks applies. Identity hooks keep tensors an op saves of its own output in a
+    # reference cycle until that op's backward runs; `loss_with_gradients` runs every op of the graph.
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def loss_with_gradients(loss: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`loss` whose gradient w.r.t. `weights` (the leaves its graph reaches, all of them) is taken now; inside
+    `gate_graph(True)`.
+
+    Args:
+        loss: 0-dim float32, with a graph reaching no leaf outside `weights`.
+        weights: The gate's parameters.
+
+    Returns:
+        A 0-dim tensor equal to `loss` whose backward adds `incoming * d loss / d weight` to each weight (the
+        gradient autograd gives, up to the float32 rounding of applying the incoming factor last: exactly the same
+        when it is a power of two, e.g. 1). Its graph keeps only those gradients.
+    """
+    if not loss.requires_grad:
+        return loss
+    weights = [w for w in weights if w.requires_grad]
+    grads = torch.autograd.grad(loss, weights, allow_unused=True)
+    grads = tuple(torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads))
+    return _PrecomputedGradients.apply(loss.detach(), grads, *weights)
+
+
+class _PrecomputedGradients(torch.autograd.Function):
+    """forward(value, gradients, *weights) -> a copy of `value`; backward: each weight's gradient times the
+    incoming one."""
+
+    @staticmethod
+    def forward(ctx, value, grads, *weights):
+        ctx.save_for_backward(*grads)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *(grad * g for g in ctx.saved_tensors))

@@ -5,7 +5,8 @@ Three lifetimes, three objects:
   edited in place; `SeerRuntime.configure` / `SeerRuntime.using` swap in a validated copy (the `eval` job does
   this per density).
 - `ForwardState`: what one forward of the model computes once and every layer (and gradient checkpointing's
-  recomputation) reuses: the selection plan of each layout, the selected blocks and the ground truth per layer.
+  recomputation) reuses: the selection plan of each layout, per layer the selected blocks (as bits) and the
+  ground truth's rows (the ground truth itself only where the recomputation rebuilds the gate loss's graph).
   A new one starts at every forward of the model, in one place (`SeerRuntime.begin_forward`).
 - records: the per-layer gate losses of the last forward (taken by the trainer for backward) and scalar
   statistics per forward (averaged when the trainer logs them).
@@ -128,22 +129,62 @@ class SeerSettings:
 class ForwardState:
     """Values of one forward of the model, shared by its layers and by checkpoint recomputation.
 
+    What is kept per layer lives from the layer's first pass to the end of the backward, in every layer at once,
+    so it is kept small: the selected blocks as bits, the ground truth only where the recomputation rebuilds the
+    gate loss.
+
     Attributes:
         forward_id: Counts the model's forwards; keys the statistics so a recomputation overwrites its own.
         candidates: `attention.Layout` -> bool `[B, nB, nB]` candidate blocks, computed by the first layer (per
             layer they would be dozens of small launches); `("padding", layout)` -> the forward's
             `masking.padding_layout`.
         plans: (layout, settings) -> `SelectionPlan` (forced blocks, quotas) shared by every layer likewise.
-        block_masks: layer -> block mask selected in this forward's first pass (the selection is a no-grad
-            function of the same inputs, so the recomputation reuses it).
-        ground_truth: layer -> (query rows or None, ground truth) of the first pass, reused likewise.
+        passes: Layers whose first pass ran in this forward with a graph: a second call is gradient
+            checkpointing's recomputation.
+        rows: layer -> the query blocks (int64 `[nQ]`, or None for all) of the first pass's ground truth.
+        block_masks: layer -> (uint8 `[B, H, nB, ceil(nB / 8)]` bits, nB): the blocks selected in the first pass
+            (`keep_block_mask` / `block_mask`; the selection is a no-grad function of the same inputs, so the
+            recomputation reuses it).
+        ground_truth: layer -> (query rows or None, ground truth) of the first pass, for a recomputation that
+            rebuilds the gate loss's graph (gate inputs not detached).
     """
 
     forward_id: int = 0
     candidates: dict[Any, Any] = field(default_factory=dict)
     plans: dict[tuple[Any, SeerSettings], SelectionPlan] = field(default_factory=dict)
-    block_masks: dict[int, torch.Tensor] = field(default_factory=dict)
+    passes: set[int] = field(default_factory=set)
+    rows: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
+    block_masks: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)
     ground_truth: dict[int, tuple[Optional[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+    def keep_block_mask(self, layer: int, block_mask: torch.Tensor) -> None:
+        """Keep a layer's bool `[B, H, nB, nB]` selection as bits (an eighth of its bytes)."""
+        self.block_masks[layer] = (pack_bits(block_mask), block_mask.shape[-1])
+
+    def block_mask(self, layer: int) -> Optional[torch.Tensor]:
+        """The bool `[B, H, nB, nB]` selection kept for `layer`, or None."""
+        kept = self.block_masks.get(layer)
+        return None if kept is None else unpack_bits(*kept)
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    # Made on the device (no host-to-device copy in every layer).
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool `[..., n]` -> uint8 `[..., ceil(n / 8)]`, eight entries of the last axis per byte (lowest bit first)."""
+    pad = -mask.shape[-1] % 8
+    if pad:
+        mask = torch.nn.functional.pad(mask, (0, pad))
+    bits = mask.reshape(*mask.shape[:-1], -1, 8).to(torch.uint8)
+    return (bits << _bit_shifts(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: uint8 `[..., ceil(n / 8)]` -> bool `[..., n]` (contiguous)."""
+    mask = ((packed[..., None] >> _bit_shifts(packed.device)) & 1).bool().reshape(*packed.shape[:-1], -1)
+    return mask if mask.shape[-1] == n else mask[..., :n].contiguous()
 
 
 class SeerRuntime:

@@ -381,15 +381,23 @@ def test_triton_split_long_columns_cuts_long_lists(kernel_variant, dtype, docs, 
 
     monkeypatch.setattr(triton_dkdv, "MIN_SEGMENT", 1)
     monkeypatch.setattr(triton_dkdv, "_persistent_programs", lambda device: 40)
+    scratches = []
+    allocate = triton_dkdv._segment_scratch
+
+    def recorded(*args):
+        scratches.append(allocate(*args))
+        return scratches[-1]
+
+    monkeypatch.setattr(triton_dkdv, "_segment_scratch", recorded)
     pb = LaunchProblem(2, 4, 2, 150, 16, 16, 0.3, docs, dtype, 11, sink=True)
     out, lse = pb.forward()
     for cfg in (TileConfig(16, 16, 4, 1), TileConfig(16, 8, 4, 1)):
-        for _ in range(2):  # the second run starts from the scratch the first one left behind
-            grads = pb.backward(out, lse, dkdv_config=cfg)
-            for name, got, want in zip("qkv", grads, pb.ref_leaves):
-                assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
-    (dk_acc, dv_acc, arrivals), = triton_dkdv._SEGMENT_SCRATCH.values()
-    assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
+        grads = pb.backward(out, lse, dkdv_config=cfg)
+        for name, got, want in zip("qkv", grads, pb.ref_leaves):
+            assert_close_rel(got, want.grad, dtype, f"d{name} {cfg}")
+    assert len(scratches) == 2
+    for dk_acc, dv_acc, arrivals in scratches:
+        assert not dk_acc.any() and not dv_acc.any() and not arrivals.any()
 
 
 def test_split_long_columns_through_the_public_function(monkeypatch):
