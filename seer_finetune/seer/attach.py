@@ -57,8 +57,11 @@ def _install_capture_hooks(attn: nn.Module) -> None:
     def capture(name):
         def hook(_module, _inputs, output):
             x = output.detach() if gate.runtime.settings.detach_gate_inputs else output
+            # A copy, not a view: a fused RoPE may rotate the projection's output in place before attention runs
+            # (Liger's does, on CUDA), and the gate must see the values before RoPE. The copy lives until the
+            # layer's gate has pooled it.
             # [B, L, H * D] (projection) or [B, L, H, D] (per-head norm) -> [B, L, H, D]
-            gate.seer_captured[name] = x.reshape(x.shape[0], x.shape[1], -1, head_dim)
+            gate.seer_captured[name] = x.reshape(x.shape[0], x.shape[1], -1, head_dim).clone()
 
         return hook
 

@@ -253,6 +253,23 @@ def test_detached_gate_inputs_stop_gradients_at_the_gate(arch):
         assert attn.q_norm.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_captured_inputs_keep_their_values_when_rope_rotates_in_place(detach):
+    """A fused RoPE may rotate the projections' outputs in place after the capture hooks ran (Liger's kernel does,
+    on CUDA): the gate still gets the pre-RoPE values."""
+    model = tiny_model("llama")
+    attach_seer_gates(model, SeerRuntime(mode="gate_distill", block_size=16, detach_gate_inputs=detach), gate_hidden_size=16)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(1, 32, model.config.hidden_size)
+    for name, proj in (("q", attn.q_proj), ("k", attn.k_proj)):
+        out = proj(x)
+        before = out.detach().clone()
+        with torch.no_grad():
+            out.mul_(-3.0)  # what an in-place rotation does to the projection's output storage
+        captured = attn.seer_gate.seer_captured.pop(name)
+        torch.testing.assert_close(captured.reshape(before.shape), before, rtol=0, atol=0)
+
+
 def test_hooks_follow_lora_wrapping():
     """Gates attached before LoRA still see the LoRA-adapted queries."""
     from peft import LoraConfig, get_peft_model
