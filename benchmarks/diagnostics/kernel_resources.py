@@ -75,10 +75,31 @@ def signature(kernel, constexprs: dict, descriptors: dict) -> dict:
     return sig
 
 
+def compile_for_sm90(src, num_warps: int, num_stages: int) -> tuple[int, str]:
+    """Compile a Triton `ASTSource` for Hopper (sm_90) without a GPU.
+
+    Returns:
+        (dynamic shared memory in bytes, the `cuobjdump --dump-resource-usage` line with `REG:` / `STACK:`).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": num_warps, "num_stages": num_stages})
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        out = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
+                             capture_output=True, text=True, check=True).stdout
+    return compiled.metadata.shared, next(ln for ln in out.splitlines() if "REG:" in ln)
+
+
 def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> str:
     """One line of `cuobjdump --dump-resource-usage` for kernel `name` (REG, STACK, SHARED, ...)."""
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from seer_kernels.triton_tuning import default_config
 
@@ -96,20 +117,10 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
     sig = signature(kernel, constexprs, descriptors)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=divisibility(kernel, sig))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        out = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                             capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in out.splitlines() if "REG:" in ln)
+    shared, line = compile_for_sm90(src, cfg.num_warps, cfg.num_stages)
     usage = re.sub(r"\s*SHARED.*", "", line.strip())
     return (f"{name:14s} tiles {cfg.block_m}x{cfg.block_n} warps {cfg.num_warps} stages {cfg.num_stages} TMA {tma}: "
-            f"{usage} dynamic shared {compiled.metadata.shared // 1024} KiB")
+            f"{usage} dynamic shared {shared // 1024} KiB")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,14 +14,13 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # benchmarks/diagnostics/token_gate_resources.py -> repository root
-sys.path[:0] = [str(ROOT / "kernels")]
+sys.path[:0] = [str(ROOT / "kernels"), str(Path(__file__).resolve().parent)]
+
+from kernel_resources import compile_for_sm90  # noqa: E402
 
 POINTERS = {"QT": "*fp32", "KH": "*fp32", "VALID": "*i8", "CAND": "*i8", "COS": "*fp32", "SIN": "*fp32",
             "OUT": "*fp32", "WIN": "*i32", "LSE": "*fp32", "DS": "*fp32", "DQ": "*fp32", "DKH": "*fp32"}
@@ -37,7 +36,6 @@ def compile_kernel(backward: bool, block_tokens: int, hidden: int, tiles, *, pro
         `{"shared": bytes, "registers": per thread, "stack": spill bytes per thread}`.
     """
     import triton
-    from triton.backends.compiler import GPUTarget
 
     from seer_kernels import triton_token_gate as tg
     from seer_kernels import triton_token_gate_kernels as kernels
@@ -52,19 +50,9 @@ def compile_kernel(backward: bool, block_tokens: int, hidden: int, tiles, *, pro
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
              if sig[n] != "constexpr" and n not in NOT_DIVISIBLE}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": tiles.num_warps, "num_stages": tiles.num_stages})
-    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        usage = subprocess.run([str(bindir / "cuobjdump"), "--dump-resource-usage", str(cubin)],
-                               capture_output=True, text=True, check=True).stdout
-    line = next(ln for ln in usage.splitlines() if "REG:" in ln)
+    shared, line = compile_for_sm90(src, tiles.num_warps, tiles.num_stages)
     number = lambda key: int(re.search(rf"{key}:(\d+)", line).group(1))
-    return {"shared": compiled.metadata.shared, "registers": number("REG"), "stack": number("STACK")}
+    return {"shared": shared, "registers": number("REG"), "stack": number("STACK")}
 
 
 def report(block: int, hidden: int, tiles=None) -> list[dict]:
