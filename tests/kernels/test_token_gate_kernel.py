@@ -379,6 +379,17 @@ def _differentiable_reference(qt, kh, valid, candidates, cos, sin, *, block: int
     return best.masked_fill(~allowed[:, None], float("-inf"))
 
 
+def _assert_scores_and_gradients_match(got, want, fused_inputs, ref_inputs) -> None:
+    """The kernel's scores `got` equal the reference's `want`, and so do the gradients of their inputs (`qt`, `kh`)
+    under one random upstream gradient."""
+    torch.testing.assert_close(got.detach(), want.detach(), **TOL)
+    upstream = _upstream_gradient(want)
+    got.backward(upstream)
+    want.backward(upstream)
+    for fused, ref in zip(fused_inputs, ref_inputs):
+        torch.testing.assert_close(fused.grad, ref.grad, **TOL)
+
+
 def _upstream_gradient(scores: torch.Tensor, seed: int = 7) -> torch.Tensor:
     """A random gradient of the scores, 0 at their -inf entries (as a softmax over them gives)."""
     g = torch.Generator().manual_seed(seed)
@@ -411,13 +422,7 @@ def test_kernel_gradients_match_autograd_through_the_definition(narrow_key_tiles
     with torch.no_grad():
         forward_only = token_gate_block_scores(qt, kh, valid, candidates, kernel="triton", **call)
     assert got.requires_grad and torch.equal(got.detach(), forward_only)
-    torch.testing.assert_close(got.detach(), want.detach(), **TOL)
-
-    upstream = _upstream_gradient(want)
-    got.backward(upstream)
-    want.backward(upstream)
-    torch.testing.assert_close(fused_qt.grad, ref_qt.grad, **TOL)
-    torch.testing.assert_close(fused_kh.grad, ref_kh.grad, **TOL)
+    _assert_scores_and_gradients_match(got, want, (fused_qt, fused_kh), (ref_qt, ref_kh))
     # Tokens of a block of padding alone, and padding tokens, get no gradient.
     if padded:
         assert not fused_qt.grad[1, :, : block + 5].any()
@@ -441,12 +446,7 @@ def test_query_sub_tiles_give_the_scores_and_gradients_of_whole_blocks(monkeypat
     ref_qt, ref_kh = qt.clone().requires_grad_(), kh.clone().requires_grad_()
     want = _differentiable_reference(ref_qt, ref_kh, valid, candidates, cos, sin, block=block, mode=mode)
     assert torch.equal(torch.isinf(got), torch.isinf(want))
-    torch.testing.assert_close(got.detach(), want.detach(), **TOL)
-    upstream = _upstream_gradient(want)
-    got.backward(upstream)
-    want.backward(upstream)
-    torch.testing.assert_close(fused_qt.grad, ref_qt.grad, **TOL)
-    torch.testing.assert_close(fused_kh.grad, ref_kh.grad, **TOL)
+    _assert_scores_and_gradients_match(got, want, (fused_qt, fused_kh), (ref_qt, ref_kh))
     assert not fused_qt.grad[1, :, : block + 5].any()
 
 
