@@ -47,7 +47,7 @@ from .gate_path import (
 )
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .selection import SelectionPlan, block_candidates
+from .selection import SelectionPlan, block_candidates, tempered_log_probs
 
 ATTN_NAME = "seer"
 
@@ -345,6 +345,8 @@ def _select(
             scores = torch.log(oracle_truth)
         else:
             scores = log_probs.detach()
+            if s.selection_temperature != 1.0:
+                scores = tempered_log_probs(scores, s.selection_temperature)
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True)
         if rt.keeps_graph:

@@ -79,7 +79,7 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
 
 
 def _note_other_selection(gates_dir: Path, runtime: SeerRuntime) -> None:
-    """Say so when the configured selection (forced blocks, budget, row mass) differs from the one the gates
+    """Say so when the configured selection (forced blocks, budget, row mass, selection temperature) differs from the one the gates
     trained with: the evaluation uses the configured one, e.g. another experiment's."""
     from .saving import read_gates_config
 
@@ -87,7 +87,7 @@ def _note_other_selection(gates_dir: Path, runtime: SeerRuntime) -> None:
     now = runtime.settings
     differ = [
         f"{key}={trained[key]!r} (trained) vs {getattr(now, key)!r}"
-        for key in ("sink_blocks", "local_blocks", "budget", "row_mass")
+        for key in ("sink_blocks", "local_blocks", "budget", "row_mass", "selection_temperature")
         if key in trained and trained[key] != getattr(now, key)
     ]
     if differ:

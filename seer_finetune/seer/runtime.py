@@ -46,6 +46,9 @@ class SeerSettings:
             gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
         loss_kind: `kl` or `mse`.
         target_temperature: The gate loss compares with the ground truth at this temperature (`selection.gate_loss`).
+        selection_temperature: Selection compares the gate's probabilities raised to this power, renormalised
+            per row (`selection.tempered_log_probs`); 1.0 (default) as they are. Equal to `target_temperature`,
+            it undoes the sharpening the gate learnt, so the budget is shared out by estimated attention mass.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training. In evaluation every row gets one.
         kernel: `seer_kernels` implementation: `auto`, `pytorch` or `triton`.
@@ -70,6 +73,7 @@ class SeerSettings:
     row_mass: float = 0.0
     loss_kind: str = "kl"
     target_temperature: float = 1.0
+    selection_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     detach_gate_inputs: bool = True
@@ -100,6 +104,8 @@ class SeerSettings:
             raise ValueError(f"row_mass={self.row_mass} must be in [0, 1)")
         if not self.target_temperature > 0.0:
             raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
+        if not self.selection_temperature > 0.0:
+            raise ValueError(f"selection_temperature={self.selection_temperature} must be > 0")
         if not 0.0 < self.ground_truth_query_fraction <= 1.0:
             raise ValueError(f"ground_truth_query_fraction={self.ground_truth_query_fraction} must be in (0, 1]")
 
@@ -118,11 +124,19 @@ class SeerSettings:
             row_mass=float(a.row_mass),
             loss_kind=a.gate_loss,
             target_temperature=float(a.gate_target_temperature),
+            selection_temperature=selection_temperature(a),
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
             kernel=a.kernel,
             detach_gate_inputs=bool(a.detach_gate_inputs),
             compile_gate=None if a.compile_gate is None else bool(a.compile_gate),
         )
+
+
+def selection_temperature(attention) -> float:
+    """The power selection raises the gate's probabilities to, for an `AttentionConfig`: its
+    `gate_selection_temperature`, or when that is None its `gate_target_temperature`."""
+    chosen = attention.gate_selection_temperature
+    return float(attention.gate_target_temperature if chosen is None else chosen)
 
 
 @dataclass

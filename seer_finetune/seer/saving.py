@@ -127,7 +127,7 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         model: A transformers causal LM (optionally peft-wrapped) of the architecture the gates were trained on.
         path: Folder with `seer_gates.safetensors` and `seer_gates.json`.
         runtime: Settings for newly attached gates (default: `joint` mode without a density, i.e. set one
-            before a sparse forward, keeping the sink and local blocks, the budget and its row mass the gates were trained with). Its block
+            before a sparse forward, keeping the sink and local blocks, the budget, its row mass and the selection temperature the gates were trained with). Its block
             size is replaced by the saved one.
 
     Returns:
@@ -143,6 +143,7 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
                 local_blocks=int(config.get("local_blocks", 1)),
                 budget=str(config.get("budget", "row")),
                 row_mass=float(config.get("row_mass", 0.0)),
+                selection_temperature=float(config.get("selection_temperature", 1.0)),
             )
         runtime.configure(block_size=int(config["block_size"]))
         gates = attach_seer_gates(

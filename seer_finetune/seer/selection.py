@@ -84,6 +84,26 @@ def gate_log_probs(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     return torch.log_softmax(masked, dim=-1)
 
 
+def tempered_log_probs(log_probs: torch.Tensor, power: float) -> torch.Tensor:
+    """Each row of `log_probs` raised to `power` and renormalised, in log space: `log(q ** power / sum q ** power)`.
+
+    A gate trained against a ground truth sharpened by temperature T (`gate_loss`'s `target_temperature`) learns
+    `p ** (1 / T)`; raising its probabilities to the power T estimates `p` again. The order within a row is kept;
+    only how rows and heads compare (the layer budget, the row mass floor, a threshold) changes.
+
+    Args:
+        log_probs: float32 `[..., nB]` log-probabilities normalised per row, -inf outside the candidates.
+        power: > 0.
+
+    Returns:
+        float32 `[..., nB]`, normalised per row, -inf where `log_probs` is; a row without any candidate stays -inf.
+    """
+    scaled = log_probs * power
+    norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    # A row of -inf only (no candidate) has a norm of -inf: keep it as it is rather than -inf - -inf = NaN.
+    return torch.where(torch.isfinite(norm), scaled - norm, scaled)
+
+
 def forced_blocks(candidates: torch.Tensor, sink_blocks: int = 0, local_blocks: int = 1) -> torch.Tensor:
     """Blocks kept whatever the gate says: the last `local_blocks` candidates up to the diagonal (the diagonal
     itself and the blocks right before it) and the first `sink_blocks` candidates of each row.

@@ -18,6 +18,7 @@ from seer_finetune.seer.selection import (
     gate_loss,
     realised_density,
     SelectionPlan,
+    tempered_log_probs,
 )
 from seer_helpers import packed_position_ids, random_ids, tiny_model
 
@@ -202,6 +203,65 @@ def test_gate_target_temperature_is_validated():
         compose_config(["+exp=smoke_seer", "attention.gate_target_temperature=0"])
     with pytest.raises(ValueError, match="target_temperature=-1.0 must be > 0"):
         SeerSettings(target_temperature=-1.0)
+
+
+@pytest.mark.parametrize("power", [0.5, 2.0])
+def test_tempered_log_probs_against_a_float64_power(power):
+    """Each row's `q ** power` renormalised (float64 brute force): the order within a row is kept, blocks outside
+    the candidates stay -inf, a row without any candidate stays -inf (no NaN), and power 1 changes nothing."""
+    torch.manual_seed(3)
+    nb = 7
+    cand = block_candidates(nb * 4, 4)
+    log_q = gate_log_probs(torch.randn(2, 3, nb, nb) * 3, cand)
+    log_q[1, 2, 5] = float("-inf")  # a row without candidates (e.g. all padding)
+    got = tempered_log_probs(log_q, power)
+    q = log_q.double().exp() ** power
+    want = (q / q.sum(-1, keepdim=True)).log()
+    want[1, 2, 5] = float("-inf")
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.isinf(), log_q.isinf())
+    order = [torch.sort(x, dim=-1, descending=True, stable=True).indices for x in (got, log_q)]
+    assert torch.equal(*order)
+    torch.testing.assert_close(tempered_log_probs(log_q, 1.0), log_q, rtol=0, atol=1e-6)
+
+
+def test_selection_temperature_reweighs_rows_under_the_layer_budget_only():
+    """`selection_temperature` changes which rows and heads the layer budget favours, never a row budget's picks
+    (the order within a row is kept), and is resolved from the config: the target temperature unless set."""
+    from seer_finetune.compose import compose_config
+    from seer_finetune.config import ConfigError
+
+    model = tiny_model("llama", sharpen=4.0, max_position_embeddings=1024)
+    ids = random_ids(1, 640)
+
+    def masks(budget: str, temperature: float) -> dict[int, torch.Tensor]:
+        seer = copy.deepcopy(model)
+        rt = SeerRuntime(mode="joint", block_size=16, density=0.2, budget=budget, compute_loss=False,
+                         selection_temperature=temperature, kernel="pytorch")
+        torch.manual_seed(5)
+        attach_seer_gates(seer, rt, gate_hidden_size=16)
+        rt.record_block_masks = True
+        with torch.no_grad():
+            seer(input_ids=ids, use_cache=False)
+        return {i: m.clone() for i, m in rt.block_masks.items()}
+
+    row, row_tempered = masks("row", 1.0), masks("row", 0.25)
+    assert all(torch.equal(row[i], row_tempered[i]) for i in row)
+    layer, layer_tempered = masks("layer", 1.0), masks("layer", 0.25)
+    assert any(not torch.equal(layer[i], layer_tempered[i]) for i in layer)
+    assert all(int(layer[i].sum()) == int(layer_tempered[i].sum()) for i in layer)  # same budget, other blocks
+
+    def resolved(*overrides: str) -> float:
+        return SeerSettings.from_config(compose_config(["+exp=smoke_seer", *overrides]).attention).selection_temperature
+
+    assert resolved() == 1.0
+    assert resolved("attention.gate_target_temperature=0.5") == 0.5
+    assert resolved("attention.gate_target_temperature=0.5", "attention.gate_selection_temperature=1.0") == 1.0
+    with pytest.raises(ConfigError, match=r"attention.gate_selection_temperature=0.0 must be > 0"):
+        compose_config(["+exp=smoke_seer", "attention.gate_selection_temperature=0"])
+    with pytest.raises(ValueError, match="selection_temperature=0.0 must be > 0"):
+        SeerSettings(selection_temperature=0.0)
 
 
 def test_model_density_per_layer_within_two_points():
