@@ -177,7 +177,8 @@ def test_gate_routes_gradient_free_scores_to_the_kernel(monkeypatch, mode, padde
     q, k, q_weight, k_weight, cos, sin = _gate_inputs(seq_len, block, hidden)
     valid, candidates = _layout(seq_len, block, padded)
     shape = _gate_shape(block, hidden, mode)
-    want = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, **shape)
+    # The chunked path, named: on CUDA `auto` would take the kernel here (no input needs a gradient).
+    want = block_scores(q, k, q_weight, k_weight, cos, sin, valid, candidates=candidates, kernel="pytorch", **shape)
 
     calls = []
     original = seer_kernels.token_gate_block_scores
