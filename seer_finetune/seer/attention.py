@@ -311,11 +311,15 @@ def _padding(rt: SeerRuntime, layout: Layout, valid: Optional[torch.Tensor]) -> 
 
 
 def _sample_query_blocks(nb: int, fraction: float, device: torch.device) -> Optional[torch.Tensor]:
-    """A random sorted subset of about `fraction * nb` query blocks (None for all)."""
+    """A random sorted subset of about `fraction * nb` query blocks, int64 `[count]` (None for all).
+
+    Drawn on the device: `torch.randperm` on CUDA draws fewer than 30,000 values on the CPU and copies them over,
+    and a copy from pageable host memory waits for the stream, i.e. one host synchronisation per layer.
+    """
     if fraction >= 1.0:
         return None
     count = max(1, int(round(fraction * nb)))
-    return torch.randperm(nb, device=device)[:count].sort().values
+    return torch.rand(nb, device=device).topk(count, sorted=False).indices.sort().values
 
 
 # -- step 3: selection --------------------------------------------------------------------------------------

@@ -193,3 +193,50 @@ def test_compiled_gate_path_trains_like_the_eager_one(monkeypatch, checkpointing
     assert grads0.keys() == grads1.keys() and any("seer_gate" in n for n in grads0)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ground_truth_rows_are_a_sorted_random_subset():
+    """The query blocks that get a ground truth: about the fraction of them, sorted, distinct, in range, a new draw
+    each time, and None (every row) at a fraction of 1."""
+    from seer_finetune.seer.attention import _sample_query_blocks
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    draws = []
+    for fraction, count in ((0.25, 9), (0.5, 18), (0.01, 1)):
+        rows = _sample_query_blocks(37, fraction, torch.device(device))
+        assert rows.dtype == torch.int64 and rows.device.type == device and rows.numel() == count
+        assert torch.equal(rows, rows.unique()) and 0 <= int(rows.min()) and int(rows.max()) < 37
+        draws.append(rows)
+    assert any(not torch.equal(draws[0], _sample_query_blocks(37, 0.25, torch.device(device))) for _ in range(5))
+    assert _sample_query_blocks(37, 1.0, torch.device(device)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_joint_step_synchronises_no_more_with_more_layers():
+    """A joint training step (checkpointed, ground truth on half the rows, Triton kernels) reads from the device a
+    fixed number of times per step, none per layer: each read stalls the host until the GPU has drained its queue.
+    Counted by torch's sync debug mode for 2 and 4 layers."""
+    import warnings
+
+    counts = []
+    for layers in (2, 4):
+        model = tiny_model("llama", num_hidden_layers=layers).cuda()
+        ext = build_extension(model, _cfg(mode="joint", density=0.5, ground_truth_query_fraction=0.5))
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ids = random_ids(1, 128).cuda()
+
+        def step():
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            (out.loss + ext.extra_losses()["gate_loss"]).backward()
+
+        step()  # compile the kernels, build the forward's plans
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], f"synchronising calls per step: {counts[0]} with 2 layers, {counts[1]} with 4"
