@@ -79,8 +79,8 @@ def _load(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module, Optio
 
 
 def _note_other_selection(gates_dir: Path, runtime: SeerRuntime) -> None:
-    """Say so when the configured selection (forced blocks, budget, row mass, selection temperature) differs from the one the gates
-    trained with: the evaluation uses the configured one, e.g. another experiment's."""
+    """Say so when the configured selection (forced blocks, budget, row mass, selection temperature) differs
+    from the one the gates trained with: the evaluation uses the configured one, e.g. another experiment's."""
     from .saving import read_gates_config
 
     trained = read_gates_config(gates_dir)
