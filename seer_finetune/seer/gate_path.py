@@ -5,7 +5,7 @@ Per layer and forward the gate pools Q and K, projects, rotates and scores the b
 over the candidates and, in training, compares them with the ground truth: a few dozen small operations, each
 its own kernel launch (and again in backward). At 32k tokens those launches, not their arithmetic, bound the
 step. Compiled, they become a few fused kernels. The functions take the weights as arguments, so one compiled
-graph serves the gates of every layer (a graph per input shape).
+graph serves the gates of every layer (a graph per input shape, `_compiled`).
 
 With detached gate inputs the loss reaches the gate's own weights only, so its gradient can be taken in the
 layer's forward (`gate_graph`, `loss_with_gradients`): backward then keeps the weights' gradients (the size of the
@@ -37,8 +37,11 @@ def block_log_probs(candidates: torch.Tensor, *operands: Optional[torch.Tensor],
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
-    """`fn` under `torch.compile`, built once per process."""
-    return torch.compile(fn)
+    """`fn` under `torch.compile`, built once per process, with static shapes: one graph per input shape (a run
+    sees few: its training length, the gate initialisation's, one per evaluation length). Left to itself, dynamo
+    makes every shape symbolic at the second one it sees, and Inductor (torch 2.11) fails to compile the
+    token-scored gate's backward with symbolic shapes."""
+    return torch.compile(fn, dynamic=False)
 
 
 def compile_gate_now(setting: Optional[bool], like: torch.Tensor) -> bool:

@@ -195,6 +195,37 @@ def test_compiled_gate_path_trains_like_the_eager_one(monkeypatch, checkpointing
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_gate_path_keeps_static_shapes_across_lengths():
+    """The compiled gate path builds a graph per sequence length, none with symbolic shapes: three lengths give
+    three graphs per function (dynamo's default makes the second length symbolic and reuses that graph for the
+    third; Inductor cannot compile the token-scored gate's backward that way). Each length trains like eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    losses = {}
+    for compiled in (False, True):
+        model = topic_model("llama")
+        torch.manual_seed(3)
+        ext = build_extension(
+            model,
+            _cfg(mode="joint", density=0.5, compile_gate=compiled, ground_truth_query_fraction=1.0,
+                 gate_query="token_prob_max"),
+        )
+        model.train()
+        for length in (64, 96, 128):
+            ids = random_ids(1, length)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            gate_loss = ext.extra_losses()["gate_loss"]
+            gate_loss.backward()
+            losses.setdefault(length, []).append(float(gate_loss.detach()))
+            model.zero_grad(set_to_none=True)
+    # Three functions (log-probabilities, loss, statistics), one graph each per length.
+    assert counters["stats"]["unique_graphs"] == 9 and not counters["graph_break"]
+    for length, (eager, compiled) in losses.items():
+        assert compiled == pytest.approx(eager, rel=1e-5), length
+
+
 def test_ground_truth_rows_are_a_sorted_random_subset():
     """The query blocks that get a ground truth: about the fraction of them, sorted, distinct, in range, a new draw
     each time, and None (every row) at a fraction of 1."""
