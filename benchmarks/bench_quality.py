@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -261,7 +261,7 @@ def _without(spec: list[str], keys: tuple[str, ...]) -> list[str]:
     return [o for o in spec if o.split("=", 1)[0].lstrip("+") not in keys]
 
 
-def step_times_alone(args, specs: dict[str, list[str]]) -> dict[str, float]:
+def step_times_alone(args, specs: dict[str, list[str]]) -> dict[str, Optional[float]]:
     """Median seconds of one optimizer step of every training run with the device to itself.
 
     Each run's configuration builds a fresh trainer (a sparse run starts from its trained gates; nothing is written
@@ -270,7 +270,8 @@ def step_times_alone(args, specs: dict[str, list[str]]) -> dict[str, float]:
     stage at the target length (`attention.init_steps`) is timed in its joint stage.
 
     Returns:
-        run -> seconds per step (median), for every run of `specs`.
+        run -> seconds per step (median), for every run of `specs`; None for a run whose timing failed (its
+        error is printed; the evaluation ran before and is kept).
     """
     from seer_finetune.trainer import Trainer
 
@@ -285,23 +286,31 @@ def step_times_alone(args, specs: dict[str, list[str]]) -> dict[str, float]:
                 f"trainer.output_dir={Path(tmp) / run}", "trainer.save_every=0", "trainer.save_final=false",
                 "trainer.resume=false", "trainer.eval_before=false",
             ])
-            trainer = Trainer(cfg)
-            trainer.train_step()
-            seconds = []
-            for _ in range(args.time_steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                trainer.train_step()
-                if cuda:
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
-            times[run] = statistics.median(seconds)
-            print(f"[quality] {run}: {times[run]:.3f} s a step, alone", flush=True)
-            del trainer
+            try:
+                times[run] = _time_steps(Trainer(cfg), args.time_steps, cuda)
+                print(f"[quality] {run}: {times[run]:.3f} s a step, alone", flush=True)
+            except Exception as error:  # a run that cannot be timed must not lose the others' figures
+                times[run] = None
+                print(f"[quality] {run}: step timing failed ({type(error).__name__}: {str(error).strip()[:300]})",
+                      flush=True)
             if cuda:
                 torch.cuda.empty_cache()
     return times
+
+
+def _time_steps(trainer, steps: int, cuda: bool) -> float:
+    """Median seconds of `steps` optimizer steps of `trainer`, after one warm-up step."""
+    trainer.train_step()
+    seconds = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def gate_inits(specs: dict[str, list[str]]) -> dict[str, str]:
@@ -504,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = stage_data(args.corpora, args.out, args.train_mb, args.eval_mb, min_eval_bytes=2 * args.seq_len)
     specs = run_specs(args, folders)
     dirs = train_runs(args, specs)
-    alone = step_times_alone(args, specs) if args.time_steps else {}
     rows = evaluate_all(args, folders, specs, dirs)
+    alone = step_times_alone(args, specs) if args.time_steps else {}
     cost = training_cost(dirs, alone, gate_inits(specs))
     text = table(rows, cost, args.seq_len, args.jobs)
     made = plots(rows, dirs, args.out, tuple(EVAL_FAMILIES))

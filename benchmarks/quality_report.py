@@ -23,7 +23,8 @@ def training_cost(
         alone: seconds per step of each run timed alone (`bench_quality.step_times_alone`), or None. With them,
             `step_s_alone` and `recipe_s_alone`: the run's steps (its gate-only stage's counted at its joint
             step's time, an upper bound) plus, for a sparse run, its gate initialisation's (`inits`), at those
-            times; and `recipe_vs_dense`, that against the dense run's steps at the dense step's time.
+            times; and `recipe_vs_dense`, that against the dense run's steps at the dense step's time. A run
+            timed as None (its timing failed) gets None for the figures that need it.
         inits: each sparse run's gate initialisation run.
     """
     def steps(folder: Path) -> list[dict]:
@@ -44,12 +45,14 @@ def training_cost(
         }
     if alone:
         for run, c in cost.items():
-            c["step_s_alone"] = alone[run]
-            c["recipe_s_alone"] = (c["steps"] + c["gate_stage_steps"]) * alone[run]
+            c["step_s_alone"] = alone.get(run)
+            c["recipe_s_alone"] = None if c["step_s_alone"] is None else (c["steps"] + c["gate_stage_steps"]) * c["step_s_alone"]
         for run, init in (inits or {}).items():
-            cost[run]["recipe_s_alone"] += cost[init]["recipe_s_alone"]
+            own, other = cost[run]["recipe_s_alone"], cost[init]["recipe_s_alone"]
+            cost[run]["recipe_s_alone"] = None if own is None or other is None else own + other
+        dense = cost["dense"]["recipe_s_alone"]
         for run, c in cost.items():
-            c["recipe_vs_dense"] = c["recipe_s_alone"] / cost["dense"]["recipe_s_alone"]
+            c["recipe_vs_dense"] = None if c["recipe_s_alone"] is None or not dense else c["recipe_s_alone"] / dense
     return cost
 
 
@@ -94,8 +97,9 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
         peak = "-" if c.get("peak_memory_gib") is None else f"{c['peak_memory_gib']:.1f} GiB"
         line = f"| {run} | {c['steps']} | {stage} | {vs} | {peak} |"
         if timed:
-            recipe = "-" if run.startswith("gate_init") else f"{c['recipe_vs_dense']:.2f}x"
-            line += f" {c['step_s_alone']:.3f} s | {recipe} |"
+            figure = lambda value, text: "failed" if value is None else text.format(value)
+            recipe = "-" if run.startswith("gate_init") else figure(c["recipe_vs_dense"], "{:.2f}x")
+            line += f" {figure(c['step_s_alone'], '{:.3f} s')} | {recipe} |"
         lines.append(line)
     if timed:
         lines += ["", "Step alone: median of a few steps of the run's configuration timed with the device to itself after "

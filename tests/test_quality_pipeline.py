@@ -170,6 +170,32 @@ def test_the_128k_family_composes_from_the_same_code(tmp_path):
     assert "dense 8000 tokens/s, 90% sparsity 24000 tokens/s (3.00x)" in text
 
 
+def test_a_run_whose_step_timing_failed_keeps_the_others_figures(tmp_path):
+    """`training_cost` with one run timed as None (its timing raised): that run, and only it, has no step time,
+    recipe time or ratio; the table says "failed" for it and gives the others' figures."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from quality_report import table, training_cost
+
+    steps = {"dense": 4, "gate_init": 6, "sparsity90": 4, "gate_init_tokprob": 6, "tokprob": 4}
+    dirs = {}
+    for run, n in steps.items():
+        dirs[run] = tmp_path / run
+        dirs[run].mkdir()
+        records = [{"step": i, "train/step_time_s": 0.5, "train/tokens_per_s": 1000.0} for i in range(n)]
+        (dirs[run] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    alone = {"dense": 1.0, "gate_init": 0.25, "sparsity90": 0.5, "gate_init_tokprob": 0.25, "tokprob": None}
+    inits = {"sparsity90": "gate_init", "tokprob": "gate_init_tokprob"}
+    cost = training_cost(dirs, alone, inits)
+    assert cost["sparsity90"]["recipe_vs_dense"] == pytest.approx((4 * 0.5 + 6 * 0.25) / 4.0)
+    assert cost["gate_init_tokprob"]["step_s_alone"] == 0.25
+    assert cost["tokprob"]["step_s_alone"] is None and cost["tokprob"]["recipe_vs_dense"] is None
+    rows = [{"run": "dense YaRN fine-tuning", "length": 64, "target_sparsity": 0.0, "realised_sparsity": 0.0,
+             "ppl_books": 10.0, "ppl_technical": 5.0}]
+    text = table(rows, cost, 64)
+    assert "| tokprob | 4 | 0 | 1.00x | - | failed | failed |" in text
+    assert "| sparsity90 | 4 | 0 | 1.00x | - | 0.500 s | 0.88x |" in text
+
+
 def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_path):
     """A variant that changes the gate's shape gets its own gate initialisation, trained once for every variant
     with the same gate overrides (in any base run); a variant that leaves the gate alone starts from the recipe's.
