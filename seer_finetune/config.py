@@ -183,9 +183,10 @@ class AttentionConfig:
             weigh more than the tail it drops. Default 1.0 (as it is).
         gate_selection_temperature: Selection compares the gate's probabilities raised to this power and
             renormalised per row, which changes how the layer budget, the row mass floor or a threshold weigh
-            rows and heads against each other, not the order within a row. None (default): the
-            `gate_target_temperature`, which undoes the sharpening the gate learnt (the budget then goes by
-            estimated attention mass); 1.0: the gate's probabilities as they are. Saved with the gates.
+            rows and heads against each other, not the order within a row. Default 1.0: the gate's
+            probabilities as they are. Set to the `gate_target_temperature`, it undoes the sharpening a gate
+            trained at that temperature learnt; measured at 0.5 and 0.75, that lost (quality.md, seventh
+            invocation). Saved with the gates.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
             ground truth and the gate loss are computed.
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
@@ -223,7 +224,7 @@ class AttentionConfig:
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     gate_target_temperature: float = 1.0
-    gate_selection_temperature: Optional[float] = None
+    gate_selection_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
     kernel: str = "auto"
     compile_gate: Optional[bool] = None

@@ -205,8 +205,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         )
     _positive("attention.gate_loss_scale", a.gate_loss_scale, allow_zero=True)
     _positive("attention.gate_target_temperature", a.gate_target_temperature)
-    if a.gate_selection_temperature is not None:
-        _positive("attention.gate_selection_temperature", a.gate_selection_temperature)
+    _positive("attention.gate_selection_temperature", a.gate_selection_temperature)
     _positive("attention.sink_blocks", a.sink_blocks, allow_zero=True)
     _positive("attention.local_blocks", a.local_blocks)
     _choice("attention.budget", a.budget, ("row", "layer", "head"))

@@ -13,7 +13,7 @@ from ..config import AttentionConfig, ConfigError, SeerConfig
 from ..extensions import TrainingExtension, register_extension
 from ..metrics import layer_key
 from .attach import attach_seer_gates, seer_gates
-from .runtime import SeerRuntime, SeerSettings, selection_temperature
+from .runtime import SeerRuntime, SeerSettings
 from .saving import gates_state_dict, load_gates, load_gates_state_dict, save_gates
 
 
@@ -156,7 +156,7 @@ class SeerExtension(TrainingExtension):
             extra={
                 "trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks,
                 "local_blocks": a.local_blocks, "budget": a.budget, "row_mass": a.row_mass,
-                "selection_temperature": selection_temperature(a),
+                "selection_temperature": float(a.gate_selection_temperature),
             },
         )
 

@@ -124,19 +124,12 @@ class SeerSettings:
             row_mass=float(a.row_mass),
             loss_kind=a.gate_loss,
             target_temperature=float(a.gate_target_temperature),
-            selection_temperature=selection_temperature(a),
+            selection_temperature=float(a.gate_selection_temperature),
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
             kernel=a.kernel,
             detach_gate_inputs=bool(a.detach_gate_inputs),
             compile_gate=None if a.compile_gate is None else bool(a.compile_gate),
         )
-
-
-def selection_temperature(attention) -> float:
-    """The power selection raises the gate's probabilities to, for an `AttentionConfig`: its
-    `gate_selection_temperature`, or when that is None its `gate_target_temperature`."""
-    chosen = attention.gate_selection_temperature
-    return float(attention.gate_target_temperature if chosen is None else chosen)
 
 
 @dataclass

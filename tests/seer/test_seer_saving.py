@@ -64,13 +64,12 @@ def test_reloaded_gates_keep_their_trained_selection_settings(tmp_path):
     model = tiny_model("llama")
     ext = build_extension(
         model,
-        _cfg("tiny-llama", sink_blocks=2, local_blocks=3, budget="layer", row_mass=0.4, gate_target_temperature=0.5),
+        _cfg("tiny-llama", sink_blocks=2, local_blocks=3, budget="layer", row_mass=0.4, gate_selection_temperature=0.5),
     )
     assert (ext.runtime.settings.sink_blocks, ext.runtime.settings.local_blocks) == (2, 3)
     ext.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert (meta["sink_blocks"], meta["local_blocks"], meta["budget"], meta["row_mass"]) == (2, 3, "layer", 0.4)
-    # Unset, the selection temperature is the target's: gates trained at T = 0.5 select as they trained.
     assert meta["selection_temperature"] == 0.5
     assert (meta["rope_units"], meta["rope_fraction"]) == ("tokens", 1.0)
     runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings

@@ -256,8 +256,8 @@ def test_selection_temperature_reweighs_rows_under_the_layer_budget_only():
         return SeerSettings.from_config(compose_config(["+exp=smoke_seer", *overrides]).attention).selection_temperature
 
     assert resolved() == 1.0
-    assert resolved("attention.gate_target_temperature=0.5") == 0.5
-    assert resolved("attention.gate_target_temperature=0.5", "attention.gate_selection_temperature=1.0") == 1.0
+    assert resolved("attention.gate_target_temperature=0.5") == 1.0  # a sharpened target leaves selection alone
+    assert resolved("attention.gate_target_temperature=0.5", "attention.gate_selection_temperature=0.5") == 0.5
     with pytest.raises(ConfigError, match=r"attention.gate_selection_temperature=0.0 must be > 0"):
         compose_config(["+exp=smoke_seer", "attention.gate_selection_temperature=0"])
     with pytest.raises(ValueError, match="selection_temperature=0.0 must be > 0"):
