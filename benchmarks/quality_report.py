@@ -46,7 +46,8 @@ def training_cost(
     if alone:
         for run, c in cost.items():
             c["step_s_alone"] = alone.get(run)
-            c["recipe_s_alone"] = None if c["step_s_alone"] is None else (c["steps"] + c["gate_stage_steps"]) * c["step_s_alone"]
+            step_s = c["step_s_alone"]
+            c["recipe_s_alone"] = None if step_s is None else (c["steps"] + c["gate_stage_steps"]) * step_s
         for run, init in (inits or {}).items():
             own, other = cost[run]["recipe_s_alone"], cost[init]["recipe_s_alone"]
             cost[run]["recipe_s_alone"] = None if own is None or other is None else own + other

@@ -38,9 +38,9 @@ def block_log_probs(candidates: torch.Tensor, *operands: Optional[torch.Tensor],
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
     """`fn` under `torch.compile`, built once per process, with static shapes: one graph per input shape (a run
-    sees few: its training length, the gate initialisation's, one per evaluation length). Left to itself, dynamo
-    makes every shape symbolic at the second one it sees, and Inductor (torch 2.11) fails to compile the
-    token-scored gate's backward with symbolic shapes."""
+    sees few: its training length and, in the same process, a gate-only stage's; evaluation runs eager). Left to
+    itself, dynamo makes every shape symbolic at the second one it sees, and Inductor (torch 2.11) fails to
+    compile the token-scored gate's backward with symbolic shapes."""
     return torch.compile(fn, dynamic=False)
 
 
