@@ -455,6 +455,19 @@ def package_versions() -> dict[str, str | None]:
     return found
 
 
+def host_loop_ms(iterations: int = 2_000_000) -> float:
+    """Milliseconds this host's Python takes for a plain loop of `iterations` integer additions (best of three):
+    a yardstick of the host, which bounds a launch-bound step. Host-bound step times of two machines compare
+    only next to it."""
+    best = math.inf
+    for _ in range(3):
+        start, total = time.perf_counter(), 0
+        for i in range(iterations):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best
+
+
 def main(argv: list[str] | None = None) -> int:
     """Stage the data, train what is not trained yet, evaluate, write `results.json`, `results.md` and the plots.
 
@@ -524,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         report["gpu"] = torch.cuda.get_device_name()
     report["torch"] = torch.__version__
     report["versions"] = package_versions()
+    report["host_loop_ms"] = host_loop_ms()
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "results.md").write_text(text + "\n")
     print("\n" + text)

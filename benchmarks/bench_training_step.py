@@ -188,10 +188,13 @@ def main(argv: list[str] | None = None) -> int:
             run_variant(name, [*extra, *shared], args.shape, args.seq_len, args.steps, Path(tmp))
             for name, extra in chosen.items()
         ]
-    dense = results[0]
+    from bench_quality import host_loop_ms, package_versions
+
+    dense, host_ms = results[0], host_loop_ms()
     print(
         f"\ntraining step, {torch.cuda.get_device_name()}, seq_len {args.seq_len}, {args.shape} architecture ({SHAPES[args.shape][0]}), "
-        f"fused kernels outside attention: {dense['fused_kernels']} (model.fused_kernels={args.fused_kernels})"
+        f"fused kernels outside attention: {dense['fused_kernels']} (model.fused_kernels={args.fused_kernels}); "
+        f"host: a 2M-iteration Python loop in {host_ms:.0f} ms"
     )
     print(f"{'variant':40s} {'step ms':>9s} {'vs dense':>9s} {'tok/s':>9s} {'attn ms':>9s} {'(gt ms)':>8s} {'GPU ms':>9s} {'GPU busy':>9s} {'kernels':>8s} {'peak GiB':>9s} {'attn vs dense':>14s}")
     for r in results:
@@ -205,13 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in r["attention_kernels"][:12]:
             print(f"  {k['ms']:8.2f} ms {k['launches']:6d} x  {k['kernel'][:90]}")
     if args.out:
-        from bench_quality import package_versions
-
         meta = {
             "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__,
             "versions": package_versions(),
             "fused_kernels": args.fused_kernels,
+            "host_loop_ms": host_ms,
             "command": "python benchmarks/bench_training_step.py " + " ".join(argv or sys.argv[1:]),
         }
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

@@ -51,6 +51,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     ]
     assert bench_quality.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
+    assert report["versions"]["torch"] and 0 < report["host_loop_ms"] < 60_000  # the host's yardstick, in ms
     runs = [r["run"] for r in report["rows"]]
     assert runs == ["base (native length)", "base + YaRN, no training", "dense YaRN fine-tuning",
                     "seer joint, 50% sparsity", "seer joint, 50% sparsity, oracle selection",
