@@ -160,8 +160,10 @@ class AttentionConfig:
             max over the block's tokens of each token's log-probability over its candidate key blocks, as the
             block-max-pooled ground truth is built). The token modes read each token's query: q_pooling stays
             [avg].
-        q_pooling: Pooling of Q over a block, one or more of avg|max|min.
-        k_pooling: Pooling of K over a block, one or more of avg|max|min.
+        q_pooling: Pooling of Q over a block, one or more of avg|max|min|abs_avg (`abs_avg`: the magnitude of
+            the block mean; with `avg` beside it the gate can score the sign-aware bound on a block's logits,
+            see `gate.POOLINGS`).
+        k_pooling: Pooling of K over a block, one or more of avg|max|min|abs_avg.
         detach_gate_inputs: Stop gate gradients from flowing into the model's Q/K projections.
         density: Target fraction of causal key blocks kept per query block (0, 1].
         threshold: Alternative to density: keep key blocks whose gate score is at least this.

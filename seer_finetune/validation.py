@@ -185,9 +185,9 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     _choice("attention.kernel", a.kernel, ("auto", "pytorch", "triton"))
     for name, pools in (("attention.q_pooling", a.q_pooling), ("attention.k_pooling", a.k_pooling)):
         if not pools:
-            raise ConfigError(f"{name} must name at least one of avg, max, min")
+            raise ConfigError(f"{name} must name at least one of avg, max, min, abs_avg")
         for pool in pools:
-            _choice(name, pool, ("avg", "max", "min"))
+            _choice(name, pool, ("avg", "max", "min", "abs_avg"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
     _choice("attention.gate_query", a.gate_query, ("pooled", "token_logit_max", "token_prob_max"))
     if a.gate_query != "pooled" and list(a.q_pooling) != ["avg"]:

@@ -37,7 +37,10 @@ import seer_kernels
 
 from .gate_rope import apply_rotary
 
-POOLINGS = ("avg", "max", "min")
+# `abs_avg`: the magnitude of each feature's block mean. With a query's `avg` beside it and keys pooled by `max`
+# and `min`, the gate's bilinear score can express the bound on a block's logits that a sign-aware max gives,
+# `q . (kmax + kmin) / 2 + |q| . (kmax - kmin) / 2` (Quest), which no score linear in the query features can.
+POOLINGS = ("avg", "max", "min", "abs_avg")
 GATE_QUERIES = ("pooled", "token_logit_max", "token_prob_max")
 # Most float32 elements of per-token logits one chunk of query blocks holds (2**26: 256 MB). Read at each call.
 TOKEN_CHUNK_ELEMENTS = 2**26
@@ -59,7 +62,7 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
         valid: optional bool `[B, L]`, False for padding tokens (they do not enter any pooled value).
             None: every token is valid (whole blocks are reduced without a mask).
         block_size: Tokens per block; the last block may be partial.
-        poolings: Names from avg|max|min; their results are concatenated along the feature axis.
+        poolings: Names from avg|max|min|abs_avg; their results are concatenated along the feature axis.
 
     Returns:
         float32 `[B, nB, H, D * len(poolings)]`. A block without valid tokens pools to zeros.
@@ -82,9 +85,10 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
     empty = count == 0
     pooled = []
     for name in poolings:
-        if name == "avg":
+        if name in ("avg", "abs_avg"):
             # Multiplying by 0/1 is exact in any dtype; the sum accumulates in float32.
-            pooled.append((x * keep).sum(2, dtype=torch.float32) / count.clamp_min(1))
+            mean = (x * keep).sum(2, dtype=torch.float32) / count.clamp_min(1)
+            pooled.append(mean.abs() if name == "abs_avg" else mean)
         elif name == "max":
             pooled.append(x.masked_fill(~keep, float("-inf")).amax(2).float().masked_fill(empty, 0.0))
         else:
@@ -111,8 +115,9 @@ def _pool_unmasked(x: torch.Tensor, block_size: int, poolings: Sequence[str]) ->
 
 def _reduce_blocks(blocks: torch.Tensor, name: str) -> torch.Tensor:
     """float32 `[B, n, H, D]`: the `name` pooling of `blocks [B, n, T, H, D]` over its token axis."""
-    if name == "avg":
-        return blocks.mean(2, dtype=torch.float32)
+    if name in ("avg", "abs_avg"):
+        mean = blocks.mean(2, dtype=torch.float32)
+        return mean.abs() if name == "abs_avg" else mean
     # The extreme of values in x's dtype is one of them: converting after the reduction is exact.
     return (blocks.amax(2) if name == "max" else blocks.amin(2)).float()
 

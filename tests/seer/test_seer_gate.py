@@ -19,8 +19,8 @@ def test_pooling_matches_brute_force_with_partial_block_and_padding():
     x = torch.randn(2, 23, 3, 4)
     valid = torch.ones(2, 23, dtype=torch.bool)
     valid[1, :10] = False  # block 0 of row 1 is all padding, block 1 partly
-    got = pool_blocks(x, valid, 8, ("avg", "max", "min"))
-    assert got.shape == (2, 3, 3, 12)
+    got = pool_blocks(x, valid, 8, ("avg", "max", "min", "abs_avg"))
+    assert got.shape == (2, 3, 3, 16)
     for b in range(2):
         for blk in range(3):
             idx = [t for t in range(blk * 8, min(23, blk * 8 + 8)) if valid[b, t]]
@@ -28,7 +28,7 @@ def test_pooling_matches_brute_force_with_partial_block_and_padding():
                 assert (got[b, blk] == 0).all()
                 continue
             chunk = x[b, idx]
-            want = torch.cat([chunk.mean(0), chunk.amax(0), chunk.amin(0)], dim=-1)
+            want = torch.cat([chunk.mean(0), chunk.amax(0), chunk.amin(0), chunk.mean(0).abs()], dim=-1)
             torch.testing.assert_close(got[b, blk], want)
     with pytest.raises(ValueError, match="pooling"):
         pool_blocks(x, None, 8, ("median",))
@@ -42,13 +42,38 @@ def test_pooling_without_padding_reduces_whole_blocks_as_the_masked_path_does(dt
     torch.manual_seed(2)
     x = torch.randn(2, seq_len, 3, 4).to(dtype)
     everyone = torch.ones(2, seq_len, dtype=torch.bool)
-    for poolings in (("avg",), ("max", "min"), ("avg", "max", "min")):
+    for poolings in (("avg",), ("max", "min"), ("avg", "max", "min"), ("abs_avg", "avg")):
         got = pool_blocks(x, None, 8, poolings)
         assert got.dtype == torch.float32 and got.shape == (2, -(-seq_len // 8), 3, 4 * len(poolings))
         torch.testing.assert_close(got, pool_blocks(x, everyone, 8, poolings), rtol=1e-6, atol=1e-6)
     # Against the float32 brute force: the average of bf16 values is not rounded back to bf16.
     want = torch.stack([x[:, b : b + 8].float().mean(1) for b in range(0, seq_len, 8)], dim=1)
     torch.testing.assert_close(pool_blocks(x, None, 8, ("avg",)), want, rtol=1e-6, atol=1e-6)
+
+
+def test_absolute_mean_lets_the_gate_score_the_sign_aware_logit_bound():
+    """Queries pooled by avg and abs_avg, keys by max and min: with hand-set weights (no RoPE, hidden = 2 * D)
+    the gate's score of every block pair is the bound `q.(kmax + kmin)/2 + |q|.(kmax - kmin)/2` on the block's
+    logits for the block's mean query q, over pre-scaled features; a bound every key of the block respects and one
+    of them reaches per feature."""
+    torch.manual_seed(4)
+    d, hidden, block = 4, 8, 4
+    gate = AttnGate(2, 1, d, block_size=block, hidden_size=hidden, q_pooling=("avg", "abs_avg"), k_pooling=("max", "min"))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        # Query features [q; |q|] -> [q; |q|]; key features [kmax; kmin] -> [(kmax + kmin)/2; (kmax - kmin)/2].
+        gate.q_weight.copy_(torch.block_diag(eye, eye).expand(2, -1, -1) * math.sqrt(hidden))
+        gate.k_weight.copy_(torch.cat([torch.cat([eye, eye], 1), torch.cat([eye, -eye], 1)], 0)[None] / 2)
+    q, k = torch.randn(1, 14, 2, d), torch.randn(1, 14, 1, d)
+    scores = gate(q, k)
+    qm = pool_blocks(q, None, block, ("avg",))[0]  # [nB, Hq, D]
+    for h in range(2):
+        for i in range(qm.shape[0]):
+            for j in range(qm.shape[0]):
+                keys = k[0, j * block : (j + 1) * block, 0]
+                bound = torch.maximum(qm[i, h] * keys.amax(0), qm[i, h] * keys.amin(0)).sum()
+                torch.testing.assert_close(scores[0, h, i, j], bound, rtol=1e-5, atol=1e-5)
+                assert bool((keys @ qm[i, h] <= bound + 1e-5).all())
 
 
 def test_scores_follow_gqa_layout():
