@@ -160,6 +160,10 @@ class AttentionConfig:
             max over the block's tokens of each token's log-probability over its candidate key blocks, as the
             block-max-pooled ground truth is built). The token modes read each token's query: q_pooling stays
             [avg].
+        gate_weight_init: How fresh gates start: `uniform` (nn.Linear's, default) or `logit_bound`: as the
+            sign-aware bound on each block's logits (`AttnGate.init_logit_bound`; needs q_pooling [avg, abs_avg],
+            k_pooling [max, min] and 2 * head_dim features without RoPE). Gates loaded from `gates_path` keep
+            their trained weights.
         q_pooling: Pooling of Q over a block, one or more of avg|max|min|abs_avg (`abs_avg`: the magnitude of
             the block mean; with `avg` beside it the gate can score the sign-aware bound on a block's logits,
             see `gate.POOLINGS`).
@@ -214,6 +218,7 @@ class AttentionConfig:
     gate_rope_units: str = "tokens"
     gate_rope_fraction: float = 1.0
     gate_query: str = "pooled"
+    gate_weight_init: str = "uniform"
     q_pooling: list[str] = field(default_factory=lambda: ["avg"])
     k_pooling: list[str] = field(default_factory=lambda: ["max", "min"])
     detach_gate_inputs: bool = True

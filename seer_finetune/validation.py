@@ -190,6 +190,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
             _choice(name, pool, ("avg", "max", "min", "abs_avg"))
     _positive("attention.gate_hidden_size", a.gate_hidden_size)
     _choice("attention.gate_query", a.gate_query, ("pooled", "token_logit_max", "token_prob_max"))
+    _choice("attention.gate_weight_init", a.gate_weight_init, ("uniform", "logit_bound"))
     if a.gate_query != "pooled" and list(a.q_pooling) != ["avg"]:
         raise ConfigError(
             f"attention.gate_query={a.gate_query} scores each token's own query, so attention.q_pooling="

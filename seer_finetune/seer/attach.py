@@ -94,6 +94,7 @@ def attach_seer_gates(
     rope_units: str = "tokens",
     rope_fraction: float = 1.0,
     gate_query: str = "pooled",
+    weight_init: str = "uniform",
 ) -> list[AttnGate]:
     """Give every attention module of a loaded causal LM a gate and switch it to the `seer` attention.
 
@@ -112,6 +113,8 @@ def attach_seer_gates(
             1.0 (every feature).
         gate_query: How the gates score query blocks: `pooled`, `token_logit_max` or `token_prob_max`
             (`gate.block_scores`); the token modes need `q_pooling` at its default. Default `pooled`.
+        weight_init: `uniform` (nn.Linear's) or `logit_bound` (`AttnGate.init_logit_bound`: the gate starts as
+            the sign-aware bound on each block's logits). Default `uniform`.
 
     Returns:
         The gates in layer order (they are also `module.seer_gate` of each attention module).
@@ -126,6 +129,8 @@ def attach_seer_gates(
         if not pools or any(p not in POOLINGS for p in pools):
             raise ValueError(f"{name}={list(pools)} must name one or more of {', '.join(POOLINGS)}")
     check_gate_query(gate_query, q_pooling)
+    if weight_init not in ("uniform", "logit_bound"):
+        raise ValueError(f"weight_init={weight_init!r} must be uniform or logit_bound")
     register_seer()
     use_rope = use_rope and rope_units != "none"
     rope_units = rope_units if use_rope else "none"
@@ -158,6 +163,8 @@ def attach_seer_gates(
             layer_idx=int(attn.layer_idx),
             gate_query=gate_query,
         ).to(device)
+        if weight_init == "logit_bound":
+            gate.init_logit_bound(rotary_dim)
         # Saved in seer_gates.json: the rotary holds no parameters, so only these say how it was built.
         gate.rope_units, gate.rope_fraction = rope_units, float(rope_fraction)
         # Plain attributes (not parameters/buffers): runtime state that is neither trained nor saved.

@@ -432,6 +432,49 @@ class AttnGate(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[1])
             nn.init.uniform_(w, -bound, bound)
 
+    @torch.no_grad()
+    def init_logit_bound(self, rotary_dim: int) -> None:
+        """Start from the sign-aware bound on each block's logits: with queries pooled by `avg` and `abs_avg`
+        and keys by `max` and `min`, the score of a (query block, key block) pair becomes
+        `(q . (kmax + kmin) / 2 + |q| . (kmax - kmin) / 2) / sqrt(head_dim)` (q: the block's mean pre-RoPE query),
+        the attention's own logit scale, carried by the first `2 * head_dim` features after the `rotary_dim`
+        rotated ones. The queries' weights of every other feature start at zero (those features add nothing until
+        they learn); the keys' keep their random start.
+
+        Raises:
+            ValueError: for a token-scored gate, poolings without those four, or fewer than `2 * head_dim`
+                unrotated features.
+        """
+        d, r = self.head_dim, rotary_dim
+        missing = [p for p in ("avg", "abs_avg") if p not in self.q_pooling] + [
+            p for p in ("max", "min") if p not in self.k_pooling
+        ]
+        if self.gate_query != "pooled" or missing:
+            raise ValueError(
+                "the logit-bound initialisation needs a pooled gate with q_pooling holding avg and abs_avg and "
+                f"k_pooling holding max and min (gate_query={self.gate_query}, q_pooling={list(self.q_pooling)}, "
+                f"k_pooling={list(self.k_pooling)})"
+            )
+        if self.hidden_size - r < 2 * d:
+            raise ValueError(
+                f"the logit-bound initialisation needs 2 * head_dim = {2 * d} gate features without RoPE; "
+                f"gate_hidden_size={self.hidden_size} leaves {self.hidden_size - r}: raise it or lower "
+                "gate_rope_fraction"
+            )
+        eye = torch.eye(d, device=self.q_weight.device)
+        avg, absavg = (self.q_pooling.index(p) * d for p in ("avg", "abs_avg"))
+        kmax, kmin = (self.k_pooling.index(p) * d for p in ("max", "min"))
+        # The forward divides scores by sqrt(hidden); the attention's logits carry 1 / sqrt(head_dim).
+        scale = math.sqrt(self.hidden_size / d)
+        self.q_weight.zero_()
+        self.q_weight[:, avg : avg + d, r : r + d] = eye * scale
+        self.q_weight[:, absavg : absavg + d, r + d : r + 2 * d] = eye * scale
+        self.k_weight[:, :, r : r + 2 * d] = 0.0
+        self.k_weight[:, kmax : kmax + d, r : r + d] = eye / 2
+        self.k_weight[:, kmin : kmin + d, r : r + d] = eye / 2
+        self.k_weight[:, kmax : kmax + d, r + d : r + 2 * d] = eye / 2
+        self.k_weight[:, kmin : kmin + d, r + d : r + 2 * d] = -eye / 2
+
     def forward(
         self,
         q: torch.Tensor,

@@ -54,6 +54,7 @@ class SeerExtension(TrainingExtension):
                 rope_units=a.gate_rope_units,
                 rope_fraction=float(a.gate_rope_fraction),
                 gate_query=a.gate_query,
+                weight_init=a.gate_weight_init,
             )
         except (NotImplementedError, ValueError) as exc:
             raise ConfigError(f"attention.backend=seer: {exc}") from None

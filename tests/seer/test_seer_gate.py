@@ -76,6 +76,43 @@ def test_absolute_mean_lets_the_gate_score_the_sign_aware_logit_bound():
                 assert bool((keys @ qm[i, h] <= bound + 1e-5).all())
 
 
+def test_logit_bound_initialisation_starts_the_gate_at_the_bound_on_its_unrotated_features():
+    """`attention.gate_weight_init=logit_bound` on a model's gates with half their width rotated: every score is
+    the sign-aware bound on the block's pre-RoPE logits at the attention's scale (the rotated half contributes
+    nothing yet); settings that cannot hold the bound are refused with a config error naming the fix."""
+    from seer_finetune.compose import compose_config
+    from seer_finetune.config import AttentionConfig, ConfigError, ModelConfig, SeerConfig
+    from seer_finetune.seer import build_extension
+
+    def cfg(**attention):
+        a = dict(backend="seer", mode="gate_distill", block_size=4, q_pooling=["avg", "abs_avg"], gate_hidden_size=64,
+                 gate_rope_fraction=0.5, gate_weight_init="logit_bound")
+        a.update(attention)
+        return SeerConfig(model=ModelConfig(name_or_path="tiny"), attention=AttentionConfig(**a))
+
+    model = tiny_model("qwen2")
+    build_extension(model, cfg())
+    gate = seer_gates(model)[1]
+    d, heads, kv = gate.head_dim, gate.num_heads, gate.num_kv_heads
+    assert 2 * d <= 32  # the unrotated half holds the bound
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 18, heads, d), torch.randn(1, 18, kv, d)
+    scores = gate(q, k)
+    qm = pool_blocks(q, None, 4, ("avg",))[0]
+    for h in range(heads):
+        for i in range(qm.shape[0]):
+            for j in range(qm.shape[0]):
+                keys = k[0, j * 4 : (j + 1) * 4, h // (heads // kv)]
+                bound = torch.maximum(qm[i, h] * keys.amax(0), qm[i, h] * keys.amin(0)).sum() / math.sqrt(d)
+                torch.testing.assert_close(scores[0, h, i, j], bound, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="q_pooling holding avg and abs_avg"):
+        build_extension(tiny_model("qwen2"), cfg(q_pooling=["avg"]))
+    with pytest.raises(ConfigError, match="raise it or lower gate_rope_fraction"):
+        build_extension(tiny_model("qwen2"), cfg(gate_hidden_size=16))
+    with pytest.raises(ConfigError, match="gate_weight_init"):
+        compose_config(["+exp=smoke_seer", "attention.gate_weight_init=zeros"])
+
+
 def test_scores_follow_gqa_layout():
     """Query head h is scored against KV head h // group, as transformers' repeat_kv pairs them."""
     torch.manual_seed(1)
