@@ -137,10 +137,11 @@ def sparse_runs(args) -> dict[str, float]:
     return runs
 
 
-# Settings that change the gate's parameters or what they compute: gates initialised under other values are refused.
+# Settings that change the gate's parameters or what they compute (gates initialised under other values are
+# refused), and how fresh gates start: a variant with any of them gets its own gate initialisation run.
 GATE_SHAPE_FIELDS = (
     "attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size",
-    "attention.gate_rope_units", "attention.gate_rope_fraction", "attention.gate_query",
+    "attention.gate_rope_units", "attention.gate_rope_fraction", "attention.gate_query", "attention.gate_weight_init",
 )
 
 

@@ -219,12 +219,15 @@ def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_pat
             ["mass", "sparsity90", "attention.row_mass=0.3"],
             ["halfrope", "sparsity90", "attention.gate_rope_fraction=0.5"],
             ["tokenmax", "sparsity90", "attention.gate_query=token_prob_max"],
+            ["bound", "sparsity90", "attention.q_pooling=[avg,abs_avg]", "attention.gate_weight_init=logit_bound"],
         ],
     )
     specs = bench_quality.run_specs(args, folders)
     assert [run for run in specs if run.startswith("gate_init")] == [
-        "gate_init", "gate_init_norope", "gate_init_wide", "gate_init_halfrope", "gate_init_tokenmax"
+        "gate_init", "gate_init_norope", "gate_init_wide", "gate_init_halfrope", "gate_init_tokenmax", "gate_init_bound"
     ]
+    # How fresh gates start belongs to their initialisation run.
+    assert "attention.gate_weight_init=logit_bound" in specs["gate_init_bound"]
     assert "attention.gate_rope_fraction=0.5" in specs["gate_init_halfrope"]
     assert "attention.gate_rope_units=none" in specs["gate_init_norope"]
     assert "attention.row_mass=0.3" not in specs["gate_init_norope"]
@@ -234,7 +237,8 @@ def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_pat
                for run, spec in specs.items() if not run.startswith(("gate_init", "dense"))}
     assert init_of == {"sparsity90": "gate_init", "norope": "gate_init_norope",
                        "norope50": "gate_init_norope", "norope_mass": "gate_init_norope", "wide": "gate_init_wide",
-                       "mass": "gate_init", "halfrope": "gate_init_halfrope", "tokenmax": "gate_init_tokenmax"}
+                       "mass": "gate_init", "halfrope": "gate_init_halfrope", "tokenmax": "gate_init_tokenmax",
+                       "bound": "gate_init_bound"}
     args.variant = [["odd", "dense", "attention.row_mass=0.3"]]
     with pytest.raises(SystemExit, match="base run must be sparsity<NN>"):
         bench_quality.run_specs(args, folders)
