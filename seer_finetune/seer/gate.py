@@ -83,11 +83,12 @@ def pool_blocks(x: torch.Tensor, valid: Optional[torch.Tensor], block_size: int,
     keep = keep.view(bsz, nb, block_size, 1, 1)
     count = keep.sum(2)  # [B, nB, 1, 1]
     empty = count == 0
-    pooled = []
+    pooled, mean = [], None
     for name in poolings:
         if name in ("avg", "abs_avg"):
-            # Multiplying by 0/1 is exact in any dtype; the sum accumulates in float32.
-            mean = (x * keep).sum(2, dtype=torch.float32) / count.clamp_min(1)
+            if mean is None:  # one pass over x for both
+                # Multiplying by 0/1 is exact in any dtype; the sum accumulates in float32.
+                mean = (x * keep).sum(2, dtype=torch.float32) / count.clamp_min(1)
             pooled.append(mean.abs() if name == "abs_avg" else mean)
         elif name == "max":
             pooled.append(x.masked_fill(~keep, float("-inf")).amax(2).float().masked_fill(empty, 0.0))
@@ -108,18 +109,24 @@ def _pool_unmasked(x: torch.Tensor, block_size: int, poolings: Sequence[str]) ->
         parts.append(x[:, whole * block_size :].unsqueeze(1))  # [B, 1, L mod block, H, D]
     pooled = []
     for blocks in parts:
-        reduced = [_reduce_blocks(blocks, name) for name in poolings]
+        reduced = _reduce_blocks(blocks, poolings)
         pooled.append(reduced[0] if len(reduced) == 1 else torch.cat(reduced, dim=-1))
     return pooled[0] if len(pooled) == 1 else torch.cat(pooled, dim=1)
 
 
-def _reduce_blocks(blocks: torch.Tensor, name: str) -> torch.Tensor:
-    """float32 `[B, n, H, D]`: the `name` pooling of `blocks [B, n, T, H, D]` over its token axis."""
-    if name in ("avg", "abs_avg"):
-        mean = blocks.mean(2, dtype=torch.float32)
-        return mean.abs() if name == "abs_avg" else mean
-    # The extreme of values in x's dtype is one of them: converting after the reduction is exact.
-    return (blocks.amax(2) if name == "max" else blocks.amin(2)).float()
+def _reduce_blocks(blocks: torch.Tensor, poolings: Sequence[str]) -> list[torch.Tensor]:
+    """float32 `[B, n, H, D]` per name of `poolings`: that pooling of `blocks [B, n, T, H, D]` over its token
+    axis (`avg` and `abs_avg` share one mean)."""
+    reduced, mean = [], None
+    for name in poolings:
+        if name in ("avg", "abs_avg"):
+            if mean is None:
+                mean = blocks.mean(2, dtype=torch.float32)
+            reduced.append(mean.abs() if name == "abs_avg" else mean)
+        else:
+            # The extreme of values in x's dtype is one of them: converting after the reduction is exact.
+            reduced.append((blocks.amax(2) if name == "max" else blocks.amin(2)).float())
+    return reduced
 
 
 def check_gate_query(gate_query: str, q_pooling: Sequence[str]) -> None:
