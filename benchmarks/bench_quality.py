@@ -138,25 +138,38 @@ def sparse_runs(args) -> dict[str, float]:
 
 
 # Settings that change the gate's parameters or what they compute (gates initialised under other values are
-# refused), and how fresh gates start: a variant with any of them gets its own gate initialisation run.
+# refused), and how fresh gates start: a sparse run whose experiment or variant sets any of them apart from the
+# gate initialisation experiment gets a gate initialisation run of its own with those values.
 GATE_SHAPE_FIELDS = (
     "attention.gate_hidden_size", "attention.q_pooling", "attention.k_pooling", "attention.block_size",
     "attention.gate_rope_units", "attention.gate_rope_fraction", "attention.gate_query", "attention.gate_weight_init",
 )
 
 
-def gate_shape(extra: list[str]) -> tuple[str, ...]:
-    """The overrides of `extra` that change the gate's shape (`GATE_SHAPE_FIELDS`), in order."""
-    return tuple(o for o in extra if o.split("=", 1)[0] in GATE_SHAPE_FIELDS)
+def gate_fields(overrides: list[str]) -> dict[str, Any]:
+    """The `GATE_SHAPE_FIELDS` values of the configuration composed from `overrides`."""
+    attention = compose_config(overrides).attention
+    return {field: getattr(attention, field.split(".", 1)[1]) for field in GATE_SHAPE_FIELDS}
+
+
+def gate_shape(overrides: list[str], reference: dict[str, Any]) -> tuple[str, ...]:
+    """Hydra overrides that give a gate initialisation the gate of the run composed from `overrides`: one per
+    `GATE_SHAPE_FIELDS` value that differs from `reference` (`gate_fields` of the initialisation experiment)."""
+    def written(value: Any) -> str:
+        return str(value) if isinstance(value, (str, int, float)) else f"[{','.join(map(str, value))}]"
+
+    return tuple(f"{field}={written(value)}" for field, value in gate_fields(overrides).items()
+                 if written(value) != written(reference[field]))
 
 
 def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
     """The Hydra overrides of each training run of (b) and (c), in training order.
 
     A `--variant NAME BASE OVERRIDE...` trains like its base run (e.g. `sparsity90`) with the extra overrides
-    last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training). A
-    variant that changes the gate's shape (`GATE_SHAPE_FIELDS`) gets its own gate initialisation,
-    `gate_init_<NAME>`, with the same gate overrides; later variants with the same gate overrides share it.
+    last, e.g. `attention.init_steps=50` (a gate-only stage at the target length before joint training). A sparse
+    run whose gate (`GATE_SHAPE_FIELDS`, from its experiment and its variant's overrides) differs from the gate
+    initialisation experiment's gets its own gate initialisation, `gate_init_<NAME>` after the first run that
+    needs it, trained with those values; later runs with the same gate share it.
     """
     target, native = args.seq_len, args.native
     factor = target // native
@@ -175,10 +188,12 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
         "gate_init": gate_init("gate_init", []),
     }
     variants = {name: (base, extra) for name, base, *extra in args.variant}
+    # Both sides with `--override`, which every run gets.
+    init_gate = gate_fields([f"+exp={args.gate_init_exp}", *args.override])
     init_of_shape = {(): "gate_init"}
     for run, density in sparse_runs(args).items():
         base, extra = variants.get(run, (run, []))
-        shape = gate_shape(extra)
+        shape = gate_shape([f"+exp={args.exp_prefix}_{base}", *args.override, *extra], init_gate)
         if shape not in init_of_shape:
             init_of_shape[shape] = f"gate_init_{run}"
             specs[init_of_shape[shape]] = gate_init(init_of_shape[shape], list(shape))
@@ -485,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", type=int, default=8192, help="the base model's trained context")
     parser.add_argument("--seq-len", type=int, default=32768, help="target context (training and evaluation)")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each run at the target length")
-    parser.add_argument("--init-steps", type=int, default=200, help="gate distillation steps at the native length")
+    parser.add_argument("--init-steps", type=int, default=100, help="gate distillation steps at the native length")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of every run at the target length (model; gates use --gate-lr)")
     parser.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps of each run (a rerun resumes)")

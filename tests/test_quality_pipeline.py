@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from seer_finetune.compose import available, compose_config
 from seer_finetune.seer.selection import block_candidates, row_quotas
 
 
@@ -46,8 +47,9 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         "--native", "256", "--seq-len", "1024", "--steps", "2", "--init-steps", "2",
         "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
         "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2", "--time-steps", "1",
-        "--variant", "gate_stage", "sparsity90", "attention.init_steps=1", "attention.gate_hidden_size=16",
-        "--override", "attention.gate_hidden_size=32", "trainer.micro_batch_size=1", "trainer.save_every=0",
+        "--variant", "gate_stage", "sparsity50", "attention.init_steps=1", "attention.gate_hidden_size=16",
+        # 192 gate features hold the 90% experiment's logit-bound gate at head_dim 32 (64 of them without RoPE).
+        "--override", "attention.gate_hidden_size=192", "trainer.micro_batch_size=1", "trainer.save_every=0",
     ]
     assert bench_quality.main(argv) == 0
     report = json.loads((out / "results.json").read_text())
@@ -58,15 +60,18 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
                     "seer joint, 50% sparsity, row budget",
                     "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
                     "seer joint, 90% sparsity, row budget",
-                    "seer joint, 90% sparsity, gate_stage", "seer joint, 90% sparsity, oracle selection, gate_stage"]
+                    "seer joint, 50% sparsity, gate_stage", "seer joint, 50% sparsity, oracle selection, gate_stage"]
     # Every run trained in its own process; the variant's gate-only stage is counted in its training cost. Its
-    # gates have another shape than the shared initialisation's, so it started from its own.
+    # gates have another shape than the shared initialisation's, so it started from its own, and so did the 90%
+    # experiment's logit-bound gate.
     assert (out / "logs" / "gate_stage.log").is_file()
     own_gates = json.loads((out / "runs" / "gate_init_gate_stage" / "final" / "seer_gates.json").read_text())
     assert own_gates["gate_hidden_size"] == 16
-    assert json.loads((out / "runs" / "gate_init" / "final" / "seer_gates.json").read_text())["gate_hidden_size"] == 32
+    assert json.loads((out / "runs" / "gate_init" / "final" / "seer_gates.json").read_text())["gate_hidden_size"] == 192
+    bound = json.loads((out / "runs" / "gate_init_sparsity90" / "final" / "seer_gates.json").read_text())
+    assert (bound["q_pooling"], bound["rope_fraction"], bound["gate_hidden_size"]) == (["avg", "abs_avg"], 0.5, 192)
     assert report["training"]["gate_stage"]["gate_stage_steps"] == 1 and report["training"]["sparsity90"]["gate_stage_steps"] == 0
-    assert all(c["steps"] == 2 for run, c in report["training"].items() if run != "gate_init")
+    assert all(c["steps"] == 2 for run, c in report["training"].items() if not run.startswith("gate_init"))
     assert "not comparable" in (out / "results.md").read_text()
     rows = {r["run"]: r for r in report["rows"]}
     for r in report["rows"]:
@@ -102,7 +107,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     # Every run timed alone after training; a sparse recipe's cost adds its gate initialisation's steps.
     training = report["training"]
     assert all(c["step_s_alone"] > 0 for c in training.values())
-    for run, init in (("sparsity90", "gate_init"), ("gate_stage", "gate_init_gate_stage")):
+    for run, init in (("sparsity90", "gate_init_sparsity90"), ("gate_stage", "gate_init_gate_stage")):
         own = (training[run]["steps"] + training[run]["gate_stage_steps"]) * training[run]["step_s_alone"]
         assert training[run]["recipe_s_alone"] == pytest.approx(own + training[init]["steps"] * training[init]["step_s_alone"])
         assert training[run]["recipe_vs_dense"] == pytest.approx(
@@ -119,7 +124,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert train_files and eval_files and not train_files & eval_files
     # A second invocation reuses every trained run and every finished evaluation.
     finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
-    assert len(finished) == 6 + 11
+    assert len(finished) == 7 + 11
     before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before
@@ -197,48 +202,72 @@ def test_a_run_whose_step_timing_failed_keeps_the_others_figures(tmp_path):
     assert "| sparsity90 | 4 | 0 | 1.00x | - | 0.500 s | 0.88x |" in text
 
 
-def test_variants_with_the_same_gate_shape_share_one_gate_initialisation(tmp_path):
-    """A variant that changes the gate's shape gets its own gate initialisation, trained once for every variant
-    with the same gate overrides (in any base run); a variant that leaves the gate alone starts from the recipe's.
-    A variant's base need not be trained itself: it names the experiment and the density."""
+def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
+    """A sparse run whose gate (from its experiment and its variant's overrides) differs from the gate
+    initialisation experiment's gets its own gate initialisation with those values, trained once for every run
+    with the same gate; a run whose gate is the experiment's starts from the plain one. A variant's base need not
+    be trained itself: it names the experiment and the density."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import argparse
 
     import bench_quality
 
+    bound = ["attention.q_pooling=[avg,abs_avg]", "attention.gate_hidden_size=256", "attention.gate_rope_fraction=0.5",
+             "attention.gate_weight_init=logit_bound"]
     folders = {name: tmp_path / "data" / name for name in ("train", "books", "technical")}
     args = argparse.Namespace(
         model="builtin:tiny_llama", native=8192, seq_len=32768, steps=10, init_steps=20, grad_accum=1, lr=2e-4,
         gate_lr=1e-3, train_eval_windows=1, num_proc=1, save_every=5, out=tmp_path, wandb="disabled", override=[],
         sparsities=[0.9], exp_prefix="yarn32k", gate_init_exp="gate_init8k",
         variant=[
-            ["norope", "sparsity90", "attention.gate_rope_units=none"],
             ["norope50", "sparsity50", "attention.gate_rope_units=none"],
-            ["norope_mass", "sparsity90", "attention.gate_rope_units=none", "attention.row_mass=0.3"],
-            ["wide", "sparsity90", "attention.gate_hidden_size=256"],
-            ["mass", "sparsity90", "attention.row_mass=0.3"],
-            ["halfrope", "sparsity90", "attention.gate_rope_fraction=0.5"],
-            ["tokenmax", "sparsity90", "attention.gate_query=token_prob_max"],
-            ["bound", "sparsity90", "attention.q_pooling=[avg,abs_avg]", "attention.gate_weight_init=logit_bound"],
+            ["norope95", "sparsity95", "attention.gate_rope_units=none", "attention.row_mass=0.3"],
+            ["mass50", "sparsity50", "attention.row_mass=0.3"],
+            ["wide50", "sparsity50", "attention.gate_hidden_size=256"],
+            ["tokenmax50", "sparsity50", "attention.gate_query=token_prob_max"],
+            ["bound50", "sparsity50", *bound],
+            ["uniform90", "sparsity90", "attention.gate_weight_init=uniform"],
+            ["mass90", "sparsity90", "attention.row_mass=0.5"],
         ],
     )
     specs = bench_quality.run_specs(args, folders)
     assert [run for run in specs if run.startswith("gate_init")] == [
-        "gate_init", "gate_init_norope", "gate_init_wide", "gate_init_halfrope", "gate_init_tokenmax", "gate_init_bound"
+        "gate_init", "gate_init_sparsity90", "gate_init_norope50", "gate_init_wide50", "gate_init_tokenmax50",
+        "gate_init_uniform90",
     ]
-    # How fresh gates start belongs to their initialisation run.
-    assert "attention.gate_weight_init=logit_bound" in specs["gate_init_bound"]
-    assert "attention.gate_rope_fraction=0.5" in specs["gate_init_halfrope"]
-    assert "attention.gate_rope_units=none" in specs["gate_init_norope"]
-    assert "attention.row_mass=0.3" not in specs["gate_init_norope"]
+    # The 90% experiment's own gate (the logit-bound one) reaches its initialisation, how it starts included.
+    assert all(o in specs["gate_init_sparsity90"] for o in bound)
+    assert not [o for o in specs["gate_init"] if o.split("=", 1)[0] in bench_quality.GATE_SHAPE_FIELDS]
+    assert "attention.gate_weight_init=logit_bound" not in specs["gate_init_uniform90"]
+    assert "attention.gate_hidden_size=256" in specs["gate_init_uniform90"]
+    assert "attention.gate_rope_units=none" in specs["gate_init_norope50"]
+    assert not [o for o in specs["gate_init_norope50"] if o.startswith("attention.row_mass")]
     assert "sparsity50" not in specs and "+exp=yarn32k_sparsity50" in specs["norope50"]
-    assert "attention.density=0.5" in specs["norope50"] and "attention.density=0.1" in specs["norope"]
+    assert "attention.density=0.5" in specs["norope50"] and "attention.density=0.05" in specs["norope95"]
     init_of = {run: next(o for o in spec if o.startswith("attention.gates_path=")).rsplit("/", 2)[-2]
                for run, spec in specs.items() if not run.startswith(("gate_init", "dense"))}
-    assert init_of == {"sparsity90": "gate_init", "norope": "gate_init_norope",
-                       "norope50": "gate_init_norope", "norope_mass": "gate_init_norope", "wide": "gate_init_wide",
-                       "mass": "gate_init", "halfrope": "gate_init_halfrope", "tokenmax": "gate_init_tokenmax",
-                       "bound": "gate_init_bound"}
+    assert init_of == {"sparsity90": "gate_init_sparsity90", "norope50": "gate_init_norope50",
+                       "norope95": "gate_init_norope50", "mass50": "gate_init", "wide50": "gate_init_wide50",
+                       "tokenmax50": "gate_init_tokenmax50", "bound50": "gate_init_sparsity90",
+                       "uniform90": "gate_init_uniform90", "mass90": "gate_init_sparsity90"}
     args.variant = [["odd", "dense", "attention.row_mass=0.3"]]
     with pytest.raises(SystemExit, match="base run must be sparsity<NN>"):
         bench_quality.run_specs(args, folders)
+
+
+def test_each_joint_experiment_has_the_gate_of_the_initialisation_it_starts_from():
+    """A joint experiment's gates_path names a gate initialisation experiment's output; loading gates of another
+    shape is refused at run time, so the two experiments must agree on every gate field."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    outputs = {compose_config([f"+exp={name}"]).trainer.output_dir: name for name in available("exp")}
+    checked = 0
+    for name in available("exp"):
+        attention = compose_config([f"+exp={name}"]).attention
+        if attention.mode != "joint" or not attention.gates_path:
+            continue
+        init = outputs[str(Path(attention.gates_path).parent)]
+        assert bench_quality.gate_fields([f"+exp={name}"]) == bench_quality.gate_fields([f"+exp={init}"]), (name, init)
+        checked += 1
+    assert checked >= 5  # yarn32k_sparsity50/90/95 and yarn128k_sparsity50/90
