@@ -50,21 +50,22 @@ def variants(shape: str) -> dict[str, list[str]]:
     """The variants of `shape`, dense first: name -> the Hydra overrides that make it."""
     _, _, dense_exp, seer_exp = SHAPES[shape]
     seer = [f"+exp={seer_exp}", "attention.init_steps=0", "attention.gates_path=null"]
+    token_gate = ["attention.gate_query=token_prob_max", "attention.q_pooling=[avg]", "attention.gate_weight_init=uniform"]
     return {
         "dense (YaRN baseline, SDPA)": [f"+exp={dense_exp}"],
         "seer joint, density 0.1": seer,
         # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
         "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
-        # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly.
-        "seer joint, density 0.1, row budget": [*seer, "attention.budget=row"],
+        # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly
+        # (the rows' first picks by mass, which yarn32k_sparsity90 sets, belong to the layer budget).
+        "seer joint, density 0.1, row budget": [*seer, "attention.budget=row", "attention.row_mass=0.0"],
         # The ground truth on half the query blocks (seer_joint's default is a quarter): twice its cost.
         "seer joint, density 0.1, ground truth on 1/2 of the rows": [*seer, "attention.ground_truth_query_fraction=0.5"],
         # Gates that score every query token against the pooled key blocks: the chunked PyTorch path in training
-        # (`auto`), and the fused token-gate kernel with its backward (opt-in: `attention.kernel=triton`).
-        "seer joint, density 0.1, token-scored gate": [*seer, "attention.gate_query=token_prob_max"],
-        "seer joint, density 0.1, token-scored gate, fused kernel": [
-            *seer, "attention.gate_query=token_prob_max", "attention.kernel=triton",
-        ],
+        # (`auto`), and the fused token-gate kernel with its backward (opt-in: `attention.kernel=triton`). A token's
+        # query is not pooled, so the logit-bound gate of yarn32k_sparsity90 (pooled mean and |mean|) gives way.
+        "seer joint, density 0.1, token-scored gate": [*seer, *token_gate],
+        "seer joint, density 0.1, token-scored gate, fused kernel": [*seer, *token_gate, "attention.kernel=triton"],
     }
 
 
