@@ -193,16 +193,20 @@ def run_specs(args, folders: dict[str, Path]) -> dict[str, list[str]]:
     init_of_shape = {(): "gate_init"}
     for run, density in sparse_runs(args).items():
         base, extra = variants.get(run, (run, []))
-        shape = gate_shape([f"+exp={args.exp_prefix}_{base}", *args.override, *extra], init_gate)
-        if shape not in init_of_shape:
-            init_of_shape[shape] = f"gate_init_{run}"
-            specs[init_of_shape[shape]] = gate_init(init_of_shape[shape], list(shape))
-        init = init_of_shape[shape]
+        starts_from = []
+        # A variant that names its own gates_path (e.g. null: fresh gates, as gate_weight_init makes them) has no
+        # gate initialisation run.
+        if not any(o.startswith("attention.gates_path=") for o in extra):
+            shape = gate_shape([f"+exp={args.exp_prefix}_{base}", *args.override, *extra], init_gate)
+            if shape not in init_of_shape:
+                init_of_shape[shape] = f"gate_init_{run}"
+                specs[init_of_shape[shape]] = gate_init(init_of_shape[shape], list(shape))
+            starts_from = [f"attention.gates_path={args.out / 'runs' / init_of_shape[shape] / 'final'}"]
         specs[run] = [
             f"+exp={args.exp_prefix}_{base}",
             f"rope.factor={factor}",
             *common_overrides(args, folders, run, target),
-            f"attention.gates_path={args.out / 'runs' / init / 'final'}",
+            *starts_from,
             f"attention.density={density}",
             f"optim.gate_lr={args.gate_lr}",
             *extra,
@@ -237,11 +241,9 @@ def train_runs(args, specs: dict[str, list[str]]) -> dict[str, Path]:
         return dirs
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
-    # Runs that start from the distilled gates wait for the gate initialisation.
     # A sparse run waits for the run that distils its starting gates (the folder above its gates_path).
-    starts_from = {run: {Path(o.split("=", 1)[1]).parent.name for o in specs[run] if o.startswith("attention.gates_path=")}
-                   for run in todo}
-    needs = {run: starts_from[run] & set(todo) for run in todo}
+    inits = gate_inits(specs)
+    needs = {run: {inits[run]} & set(todo) if run in inits else set() for run in todo}
     running: dict[str, subprocess.Popen] = {}
     failed = []
     while todo or running:
@@ -330,9 +332,14 @@ def _time_steps(trainer, steps: int, cuda: bool) -> float:
 
 
 def gate_inits(specs: dict[str, list[str]]) -> dict[str, str]:
-    """Each sparse run's gate initialisation run (the folder above its `attention.gates_path`)."""
-    return {run: Path(o.split("=", 1)[1]).parent.name for run, spec in specs.items() for o in spec
-            if o.startswith("attention.gates_path=")}
+    """Each sparse run's gate initialisation run (the folder above its `attention.gates_path`); a run whose
+    gates start fresh (`attention.gates_path=null`) has none."""
+    inits = {}
+    for run, spec in specs.items():
+        paths = [o.split("=", 1)[1] for o in spec if o.startswith("attention.gates_path=")]
+        if paths and paths[-1].lower() not in ("null", "none", ""):
+            inits[run] = Path(paths[-1]).parent.name
+    return inits
 
 
 def eval_windows(tokenizer, folder: Path, length: int, max_windows: int, cache: Path):

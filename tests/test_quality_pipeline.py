@@ -228,6 +228,7 @@ def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
             ["bound50", "sparsity50", *bound],
             ["uniform90", "sparsity90", "attention.gate_weight_init=uniform"],
             ["mass90", "sparsity90", "attention.row_mass=0.5"],
+            ["fresh90", "sparsity90", "attention.gates_path=null", "optim.gate_lr=0"],
         ],
     )
     specs = bench_quality.run_specs(args, folders)
@@ -244,8 +245,13 @@ def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
     assert not [o for o in specs["gate_init_norope50"] if o.startswith("attention.row_mass")]
     assert "sparsity50" not in specs and "+exp=yarn32k_sparsity50" in specs["norope50"]
     assert "attention.density=0.5" in specs["norope50"] and "attention.density=0.05" in specs["norope95"]
+    # A variant that names its own gates (fresh ones here) has no initialisation run and waits for none.
+    assert [o for o in specs["fresh90"] if o.startswith("attention.gates_path=")] == ["attention.gates_path=null"]
+    assert compose_config(specs["fresh90"]).attention.gates_path is None
+    assert "fresh90" not in bench_quality.gate_inits(specs)
     init_of = {run: next(o for o in spec if o.startswith("attention.gates_path=")).rsplit("/", 2)[-2]
-               for run, spec in specs.items() if not run.startswith(("gate_init", "dense"))}
+               for run, spec in specs.items() if not run.startswith(("gate_init", "dense", "fresh"))}
+    assert bench_quality.gate_inits(specs) == init_of
     assert init_of == {"sparsity90": "gate_init_sparsity90", "norope50": "gate_init_norope50",
                        "norope95": "gate_init_norope50", "mass50": "gate_init", "wide50": "gate_init_wide50",
                        "tokenmax50": "gate_init_tokenmax50", "bound50": "gate_init_sparsity90",
