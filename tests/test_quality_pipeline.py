@@ -221,7 +221,7 @@ def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
         sparsities=[0.9], exp_prefix="yarn32k", gate_init_exp="gate_init8k",
         variant=[
             ["norope50", "sparsity50", "attention.gate_rope_units=none"],
-            ["norope95", "sparsity95", "attention.gate_rope_units=none", "attention.row_mass=0.3"],
+            ["norope95", "sparsity95", "attention.gate_rope_units=none", "attention.gate_rope_fraction=1.0"],
             ["mass50", "sparsity50", "attention.row_mass=0.3"],
             ["wide50", "sparsity50", "attention.gate_hidden_size=256"],
             ["tokenmax50", "sparsity50", "attention.gate_query=token_prob_max"],
@@ -233,8 +233,8 @@ def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
     )
     specs = bench_quality.run_specs(args, folders)
     assert [run for run in specs if run.startswith("gate_init")] == [
-        "gate_init", "gate_init_sparsity90", "gate_init_norope50", "gate_init_wide50", "gate_init_tokenmax50",
-        "gate_init_uniform90",
+        "gate_init", "gate_init_sparsity90", "gate_init_norope50", "gate_init_norope95", "gate_init_wide50",
+        "gate_init_tokenmax50", "gate_init_uniform90",
     ]
     # The 90% experiment's own gate (the logit-bound one) reaches its initialisation, how it starts included.
     assert all(o in specs["gate_init_sparsity90"] for o in bound)
@@ -253,7 +253,7 @@ def test_runs_with_the_same_gate_share_one_gate_initialisation(tmp_path):
                for run, spec in specs.items() if not run.startswith(("gate_init", "dense", "fresh"))}
     assert bench_quality.gate_inits(specs) == init_of
     assert init_of == {"sparsity90": "gate_init_sparsity90", "norope50": "gate_init_norope50",
-                       "norope95": "gate_init_norope50", "mass50": "gate_init", "wide50": "gate_init_wide50",
+                       "norope95": "gate_init_norope95", "mass50": "gate_init", "wide50": "gate_init_wide50",
                        "tokenmax50": "gate_init_tokenmax50", "bound50": "gate_init_sparsity90",
                        "uniform90": "gate_init_uniform90", "mass90": "gate_init_sparsity90"}
     args.variant = [["odd", "dense", "attention.row_mass=0.3"]]
