@@ -182,6 +182,12 @@ class AttentionConfig:
         row_mass: With `budget: layer` or `head`: every query-block row first keeps its most probable key blocks
             until they hold this share of its gate probability (never more than its own share of the density);
             the rest of the budget goes by rank. 0 (default): off.
+        bound_blocks: Every query-block row (per head) also keeps this many key blocks of highest logit bound,
+            ahead of the gate's picks and within the same density: the bound is the largest logit the block's
+            mean pre-RoPE query can reach against the block's per-feature max and min pre-RoPE keys
+            (`selection.logit_bound_scores`). A trained gate ranks by attention mass and misses a block whose
+            mass is one rare high logit (a passkey's needle); the bound finds it. Not used by oracle selection.
+            0 (default): off. Saved with the gates.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         gate_target_temperature: Temperature of the ground truth the gate loss compares with: below 1 each
@@ -228,6 +234,7 @@ class AttentionConfig:
     local_blocks: int = 1
     budget: str = "row"
     row_mass: float = 0.0
+    bound_blocks: int = 0
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     gate_target_temperature: float = 1.0

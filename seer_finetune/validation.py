@@ -214,6 +214,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         raise ConfigError(f"attention.row_mass={a.row_mass} must be in [0, 1)")
     if a.row_mass > 0.0 and a.budget == "row":
         raise ConfigError(f"attention.row_mass={a.row_mass} shares out a layer or head budget: it needs attention.budget=layer or head")
+    _positive("attention.bound_blocks", a.bound_blocks, allow_zero=True)
     _fraction("attention.ground_truth_query_fraction", a.ground_truth_query_fraction, open_low=True)
     if a.density is not None:
         _fraction("attention.density", a.density, open_low=True)

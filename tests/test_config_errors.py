@@ -21,6 +21,7 @@ from helpers import run_cli
         (["attention=seer_distill", "attention.threshold=-0.5"], r"attention.threshold=-0.5 must be in \[0, 1\]"),
         (["+exp=smoke_seer", "attention.init_steps=-1"], "attention.init_steps=-1 must be >= 0"),
         (["+exp=smoke_seer", "attention.row_mass=1.0"], r"attention.row_mass=1.0 must be in \[0, 1\)"),
+        (["+exp=smoke_seer", "attention.bound_blocks=-1"], "attention.bound_blocks=-1 must be >= 0"),
         (["+exp=smoke_seer", "attention.budget=row", "attention.row_mass=0.3"], "it needs attention.budget=layer"),
         (["attention=seer_distill", "attention.init_steps=4"], "attention.init_steps needs attention.mode=joint"),
         (["+exp=smoke_seer", "attention.gate_loss_scale=nan"], "attention.gate_loss_scale=nan must be a finite number"),

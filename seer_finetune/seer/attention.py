@@ -47,7 +47,7 @@ from .gate_path import (
 )
 from .masking import padding_layout, seer_mask, split_document_ids
 from .runtime import SeerRuntime
-from .selection import SelectionPlan, block_candidates, tempered_log_probs
+from .selection import SelectionPlan, block_candidates, logit_bound_scores, tempered_log_probs
 
 ATTN_NAME = "seer"
 
@@ -161,7 +161,9 @@ def seer_attention_forward(
 
     block_mask = None
     if rt.sparse:
-        block_mask, oracle_truth = _select(rt, layer, layout, candidates, log_probs, query, key, kernel_args)
+        block_mask, oracle_truth = _select(
+            rt, layer, layout, candidates, log_probs, query, key, kernel_args, bound_inputs=(q_pre, k_pre, valid)
+        )
         # A sink block is a column every row keeps: its dK/dV work is cut into segments (one long program else).
         out = seer_kernels.block_sparse_attention(
             query, key, value, block_mask, split_long_columns=s.sink_blocks > 0, **kernel_args
@@ -334,8 +336,12 @@ def _select(
     query: torch.Tensor,
     key: torch.Tensor,
     kernel_args: dict,
+    *,
+    bound_inputs: tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks)."""
+    """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks).
+
+    `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds."""
     state, s = rt.forward, rt.settings
     oracle_truth = None
     block_mask = state.block_mask(layer)
@@ -351,8 +357,12 @@ def _select(
             scores = log_probs.detach()
             if s.selection_temperature != 1.0:
                 scores = tempered_log_probs(scores, s.selection_temperature)
+        bound = None
+        if plan.bound_blocks > 0:
+            with torch.no_grad():
+                bound = logit_bound_scores(*bound_inputs, s.block_size)
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
-        block_mask = plan.select(scores, normalized=True)
+        block_mask = plan.select(scores, normalized=True, bound=bound)
         if rt.keeps_graph:
             state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:

@@ -157,6 +157,7 @@ class SeerExtension(TrainingExtension):
             extra={
                 "trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks,
                 "local_blocks": a.local_blocks, "budget": a.budget, "row_mass": a.row_mass,
+                "bound_blocks": a.bound_blocks,
                 "selection_temperature": float(a.gate_selection_temperature),
             },
         )

@@ -44,6 +44,8 @@ class SeerSettings:
             see `selection.SelectionPlan`.
         row_mass: With the layer or head budget: each row first keeps its most probable blocks up to this share of its
             gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
+        bound_blocks: Per row and head, key blocks of highest logit bound kept ahead of the gate's picks, within
+            the same density (`selection.logit_bound_scores`); oracle selection ignores it. 0 (default): off.
         loss_kind: `kl` or `mse`.
         target_temperature: The gate loss compares with the ground truth at this temperature (`selection.gate_loss`).
         selection_temperature: Selection compares the gate's probabilities raised to this power, renormalised
@@ -71,6 +73,7 @@ class SeerSettings:
     local_blocks: int = 1
     budget: str = "row"
     row_mass: float = 0.0
+    bound_blocks: int = 0
     loss_kind: str = "kl"
     target_temperature: float = 1.0
     selection_temperature: float = 1.0
@@ -102,6 +105,8 @@ class SeerSettings:
             raise ValueError(f"sink_blocks={self.sink_blocks} must be >= 0 and local_blocks={self.local_blocks} >= 1")
         if not 0.0 <= self.row_mass < 1.0:
             raise ValueError(f"row_mass={self.row_mass} must be in [0, 1)")
+        if self.bound_blocks < 0:
+            raise ValueError(f"bound_blocks={self.bound_blocks} must be >= 0")
         if not self.target_temperature > 0.0:
             raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
         if not self.selection_temperature > 0.0:
@@ -122,6 +127,7 @@ class SeerSettings:
             local_blocks=int(a.local_blocks),
             budget=a.budget,
             row_mass=float(a.row_mass),
+            bound_blocks=int(a.bound_blocks),
             loss_kind=a.gate_loss,
             target_temperature=float(a.gate_target_temperature),
             selection_temperature=float(a.gate_selection_temperature),

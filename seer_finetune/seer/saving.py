@@ -143,6 +143,7 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
                 local_blocks=int(config.get("local_blocks", 1)),
                 budget=str(config.get("budget", "row")),
                 row_mass=float(config.get("row_mass", 0.0)),
+                bound_blocks=int(config.get("bound_blocks", 0)),
                 selection_temperature=float(config.get("selection_temperature", 1.0)),
             )
         runtime.configure(block_size=int(config["block_size"]))

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .gate import num_blocks
+from .gate import num_blocks, pool_blocks
 
 BUDGETS = ("row", "layer", "head")
 
@@ -158,6 +158,36 @@ def row_quotas(candidates: torch.Tensor, density: float, sink_blocks: int = 0, l
     return torch.diff(kept, dim=-1, prepend=torch.zeros_like(kept[:, :1])).long()
 
 
+def logit_bound_scores(
+    q: torch.Tensor, k: torch.Tensor, valid: Optional[torch.Tensor], block_size: int
+) -> torch.Tensor:
+    """The sign-aware bound on each key block's logits for each query block's mean query.
+
+    For the mean query `q` of block i and the per-feature max and min keys of block j, the largest `q . k` any
+    key between them can reach is `sum_d max(q_d kmax_d, q_d kmin_d) = q . (kmax + kmin) / 2 + |q| . (kmax -
+    kmin) / 2`. A block whose mass is one rare high logit (a needle among filler) scores high here although its
+    mean key, or anything linear in its pooled keys, does not.
+
+    Args:
+        q: `[B, L, Hq, D]` queries (the gate's pre-RoPE inputs).
+        k: `[B, L, Hkv, D]` keys, Hq a multiple of Hkv (grouped-query attention).
+        valid: Optional bool `[B, L]`, False for padding tokens (they enter no pooled value).
+        block_size: Tokens per block.
+
+    Returns:
+        float32 `[B, Hq, nB, nB]` (every pair, causal or not: the selection masks the non-candidates).
+    """
+    mean_q = pool_blocks(q, valid, block_size, ("avg",))  # [B, nB, Hq, D]
+    k_max, k_min = pool_blocks(k, valid, block_size, ("max", "min")).chunk(2, dim=-1)  # [B, nB, Hkv, D] each
+    bsz, nb, heads, dim = mean_q.shape
+    # Query heads grouped by their KV head: [B, nB, Hkv, G, D].
+    mean_q = mean_q.view(bsz, nb, k_max.shape[2], -1, dim)
+    centre, half_range = (k_max + k_min) / 2, (k_max - k_min) / 2
+    scores = torch.einsum("bikgd,bjkd->bkgij", mean_q, centre)
+    scores += torch.einsum("bikgd,bjkd->bkgij", mean_q.abs(), half_range)
+    return scores.reshape(bsz, heads, nb, nb)
+
+
 class SelectionPlan:
     """Which blocks a layer may keep and how many: everything of a selection that does not depend on the scores.
 
@@ -174,7 +204,10 @@ class SelectionPlan:
     row first keeps its most probable candidates until they hold p of the row's gate probability (forced blocks
     count, and a row never takes more than its quota this way); the rest of the total goes by rank as above. It
     protects rows whose gate is flat (spread over many blocks) from losing every block beyond the forced ones to
-    rows with a peaked gate. `budget="head"` shares out like the layer budget within each head: every head keeps
+    rows with a peaked gate. With `bound_blocks` k > 0, every row (per head) also keeps its k non-forced candidates
+    of highest logit bound (`logit_bound_scores`, passed to `select`), within its quota: under the layer or head
+    budget they rank ahead of every other pick, under the row budget right after the forced blocks, and with a
+    threshold they are kept besides. `budget="head"` shares out like the layer budget within each head: every head keeps
     the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each other). The
     forced blocks (`forced_blocks`: the diagonal, the `local_blocks - 1` blocks before it, and `sink_blocks`
     leading blocks) are always kept.
@@ -188,6 +221,7 @@ class SelectionPlan:
         budget: With `density`: `row`, `layer` or `head` (see above). Default `row`.
         row_mass: With the layer or head budget: the share of each row's gate probability its first picks must hold
             (see above), in [0, 1); the row budget and a threshold ignore it. Default 0 (off).
+        bound_blocks: Blocks of highest logit bound each row keeps (see above). Default 0 (off).
     """
 
     def __init__(
@@ -200,6 +234,7 @@ class SelectionPlan:
         local_blocks: int = 1,
         budget: str = "row",
         row_mass: float = 0.0,
+        bound_blocks: int = 0,
     ):
         if (density is None) == (threshold is None):
             raise ValueError("a selection needs exactly one of density or threshold")
@@ -211,7 +246,9 @@ class SelectionPlan:
             raise ValueError(f"budget={budget!r} must be one of {', '.join(BUDGETS)}")
         if not 0.0 <= row_mass < 1.0:
             raise ValueError(f"row_mass={row_mass} must be in [0, 1)")
-        self.row_mass = row_mass
+        if bound_blocks < 0:
+            raise ValueError(f"bound_blocks={bound_blocks} must be >= 0")
+        self.row_mass, self.bound_blocks = row_mass, bound_blocks
         self.candidates = candidates
         self.density, self.threshold, self.budget = density, threshold, budget
         self.forced = forced_blocks(candidates, sink_blocks, local_blocks)
@@ -220,7 +257,8 @@ class SelectionPlan:
 
     @classmethod
     def from_settings(cls, candidates: torch.Tensor, settings) -> "SelectionPlan":
-        """The plan for a `SeerSettings` (its density or threshold, forced blocks and budget)."""
+        """The plan for a `SeerSettings` (its density or threshold, forced blocks, budget, row mass and bound
+        blocks)."""
         return cls(
             candidates,
             density=settings.density,
@@ -229,6 +267,8 @@ class SelectionPlan:
             local_blocks=settings.local_blocks,
             budget=settings.budget,
             row_mass=settings.row_mass,
+            # Oracle selection is the reference a gate is measured against: the true attention alone ranks.
+            bound_blocks=0 if settings.oracle else settings.bound_blocks,
         )
 
     def layer_extra(self, heads: int) -> list[int]:
@@ -241,7 +281,9 @@ class SelectionPlan:
         return self._layer_extra[heads]
 
     @torch.no_grad()
-    def select(self, scores: torch.Tensor, *, normalized: bool = False) -> torch.Tensor:
+    def select(
+        self, scores: torch.Tensor, *, normalized: bool = False, bound: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Choose the key blocks each query head attends to.
 
         Args:
@@ -250,33 +292,61 @@ class SelectionPlan:
             normalized: `scores` are already log-probabilities normalised over each row's candidates (gate
                 log-probs, or the log of the row-normalised ground truth), so the layer budget can compare them
                 across rows as they are. Default False.
+            bound: `[B, H, nB, nB]` logit bounds (`logit_bound_scores`); needed when the plan has `bound_blocks`.
 
         Returns:
             bool `[B, H, nB, nB]`, a subset of the candidates.
         """
         # [B, 1, nB, nB]: broadcast over the heads, never materialised per head.
         cand, forced = self.candidates[:, None], self.forced[:, None]
+        picks = None
+        if self.bound_blocks > 0:
+            if bound is None:
+                raise ValueError(f"a plan with bound_blocks={self.bound_blocks} selects with the logit bounds: pass bound=")
+            picks = self._bound_picks(bound, cand, forced)
         if self.threshold is not None:
             probs = gate_log_probs(scores, self.candidates).exp()
-            return (cand & (probs >= self.threshold)) | forced
+            kept = (cand & (probs >= self.threshold)) | forced
+            return kept if picks is None else kept | picks
         if self.budget in ("layer", "head"):
             log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
             first = self._row_mass_picks(log_probs, cand, forced) if self.row_mass > 0.0 else None  # [B, H, nB, nB]
             if self.budget == "layer":
-                return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first)
+                return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first, picks)
             # Per head: each (batch element, head) is a layer of one head with that head's share.
             bsz, heads = scores.shape[:2]
             per_head = lambda t: None if t is None else t.expand_as(scores).reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
             extra = [e for e in self.layer_extra(1) for _ in range(heads)]
-            picked = _select_by_layer_budget(per_head(log_probs), per_head(cand), per_head(forced), extra, per_head(first))
+            picked = _select_by_layer_budget(
+                per_head(log_probs), per_head(cand), per_head(forced), extra, per_head(first), per_head(picks)
+            )
             return picked.view(scores.shape)
         quota = self.quota[:, None, :, None]
-        # Forced blocks rank first, non-candidates last; the sort then gives every block its rank in the row.
-        key = scores.float().masked_fill(~cand, float("-inf")).masked_fill(forced, float("inf"))
+        # Forced blocks rank first, then the bound's picks, non-candidates last; the sort then gives every block
+        # its rank in the row.
+        key = scores.float().masked_fill(~cand, float("-inf"))
+        if picks is not None:
+            key = key.masked_fill(picks, float(torch.finfo(torch.float32).max))
+        key = key.masked_fill(forced, float("inf"))
         order = torch.argsort(key, dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return (ranks < quota) & cand
+
+    def _room(self) -> torch.Tensor:
+        """long `[B, 1, nB, 1]`: each row's quota beyond its forced blocks."""
+        return (self.quota - self.forced.sum(-1))[:, None, :, None].clamp_min(0)
+
+    def _bound_picks(self, bound: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
+        """bool `[B, H, nB, nB]`: per row, the `bound_blocks` non-forced candidates of highest bound, at most the
+        row's quota beyond its forced blocks (with a threshold, which has no quota: all of them)."""
+        key = bound.float().masked_fill(~cand | forced, float("-inf"))
+        top = key.topk(min(self.bound_blocks, key.shape[-1]), dim=-1)
+        take = top.values > float("-inf")
+        if self.quota is not None:
+            take &= torch.arange(top.indices.shape[-1], device=key.device) < self._room()
+        # topk's indices are distinct within a row, so no pick is overwritten.
+        return torch.zeros(key.shape, dtype=torch.bool, device=key.device).scatter_(-1, top.indices, take)
 
     def _row_mass_picks(self, log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
         """bool `[B, H, nB, nB]`: per row, the most probable non-forced candidates taken until the row's kept
@@ -287,7 +357,7 @@ class SelectionPlan:
         free = probs.masked_fill(forced, -1.0).masked_fill(~cand, -1.0)
         ordered, order = free.sort(dim=-1, descending=True)
         before = ordered.clamp_min(0.0).cumsum(-1) - ordered.clamp_min(0.0)  # mass of the better blocks
-        room = (self.quota[:, None, :, None] - self.forced.sum(-1)[:, None, :, None]).clamp_min(0)
+        room = self._room()
         rank = torch.arange(ordered.shape[-1], device=ordered.device)
         take = (forced_mass + before < self.row_mass) & (rank < room) & (ordered >= 0.0)
         return torch.zeros_like(take).scatter_(-1, order, take)
@@ -299,9 +369,10 @@ def _select_by_layer_budget(
     forced: torch.Tensor,
     extra: list[int],
     first: Optional[torch.Tensor] = None,
+    ahead: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Forced blocks plus, per batch element b, the `extra[b]` most probable other candidates across all heads
-    and rows (the `first` blocks ahead of all others).
+    and rows (the `ahead` blocks before all others, then the `first` blocks).
 
     Args:
         log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
@@ -309,15 +380,19 @@ def _select_by_layer_budget(
         extra: From `SelectionPlan.layer_extra`.
         first: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before every other block (in their
             own order of probability), e.g. `SelectionPlan._row_mass_picks`.
+        ahead: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before `first` likewise, e.g.
+            `SelectionPlan._bound_picks`.
 
     Returns:
         bool `[B, H, nB, nB]`.
     """
     bsz = log_probs.shape[0]
     key = log_probs
+    # Log-probabilities are <= 0: shifting by a constant above their range puts a tier ahead, in order.
     if first is not None:
-        # Log-probabilities are <= 0: shifting by a constant above their range puts `first` ahead, in order.
-        key = torch.where(first, log_probs.clamp_min(-1e4) + 2e4, log_probs)
+        key = torch.where(first, log_probs.clamp_min(-1e4) + 2e4, key)
+    if ahead is not None:
+        key = torch.where(ahead, log_probs.clamp_min(-1e4) + 4e4, key)
     key = key.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
     picked = torch.zeros_like(key, dtype=torch.bool)
     top = max(extra)

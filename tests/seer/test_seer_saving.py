@@ -64,17 +64,19 @@ def test_reloaded_gates_keep_their_trained_selection_settings(tmp_path):
     model = tiny_model("llama")
     ext = build_extension(
         model,
-        _cfg("tiny-llama", sink_blocks=2, local_blocks=3, budget="layer", row_mass=0.4, gate_selection_temperature=0.5),
+        _cfg("tiny-llama", sink_blocks=2, local_blocks=3, budget="layer", row_mass=0.4, gate_selection_temperature=0.5,
+             bound_blocks=2),
     )
     assert (ext.runtime.settings.sink_blocks, ext.runtime.settings.local_blocks) == (2, 3)
     ext.save_pretrained(tmp_path)
     meta = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert (meta["sink_blocks"], meta["local_blocks"], meta["budget"], meta["row_mass"]) == (2, 3, "layer", 0.4)
-    assert meta["selection_temperature"] == 0.5
+    assert (meta["selection_temperature"], meta["bound_blocks"]) == (0.5, 2)
     assert (meta["rope_units"], meta["rope_fraction"]) == ("tokens", 1.0)
     runtime = load_gates(tiny_model("llama"), tmp_path)  # no runtime given: the trained settings
     s = runtime.settings
     assert (s.sink_blocks, s.local_blocks, s.budget, s.row_mass, s.selection_temperature) == (2, 3, "layer", 0.4, 0.5)
+    assert s.bound_blocks == 2
     runtime = load_gates(tiny_model("llama"), tmp_path, runtime=SeerRuntime(mode="joint"))  # an explicit one wins
     assert (runtime.settings.sink_blocks, runtime.settings.local_blocks) == (0, 1)
 
