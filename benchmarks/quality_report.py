@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from pathlib import Path
@@ -107,9 +108,13 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
                   "training (`--time-steps`). Recipe: the run's steps and its gate initialisation's at those times; "
                   "gate-only steps at the target length are counted at the joint step's time (an upper bound)."]
     if jobs == 1 and "sparsity90" in cost:
-        lines += ["", f"Training throughput at {seq_len} tokens: dense {cost['dense']['tokens_per_s']:.0f} tokens/s, 90% "
-                  f"sparsity {cost['sparsity90']['tokens_per_s']:.0f} tokens/s "
-                  f"({cost['sparsity90']['tokens_per_s'] / cost['dense']['tokens_per_s']:.2f}x)."]
+        dense, sparse = cost["dense"]["tokens_per_s"], cost["sparsity90"]["tokens_per_s"]
+        if math.isnan(dense) or math.isnan(sparse):
+            # The first step (compilation, allocation) is left out of the median: one step gives none.
+            lines += ["", f"Training throughput at {seq_len} tokens: not measured (each run needs 2 or more steps)."]
+        else:
+            lines += ["", f"Training throughput at {seq_len} tokens: dense {dense:.0f} tokens/s, 90% sparsity "
+                      f"{sparse:.0f} tokens/s ({sparse / dense:.2f}x)."]
     return "\n".join(lines)
 
 

@@ -174,6 +174,10 @@ def test_the_128k_family_composes_from_the_same_code(tmp_path):
     text = bench_quality.table(rows, cost, 131072)
     assert "| dense | 15 | 0 | 1.00x | 61.2 GiB |" in text and "| sparsity90 | 15 | 0 | 0.33x | 58.5 GiB |" in text
     assert "dense 8000 tokens/s, 90% sparsity 24000 tokens/s (3.00x)" in text
+    # Runs of one step have no throughput (their first step is left out of the median): said, not "nan".
+    cost["sparsity90"]["tokens_per_s"] = float("nan")
+    text = bench_quality.table(rows, cost, 131072)
+    assert "throughput at 131072 tokens: not measured (each run needs 2 or more steps)" in text and "nan" not in text
 
 
 def test_a_run_whose_step_timing_failed_keeps_the_others_figures(tmp_path):
