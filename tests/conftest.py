@@ -28,7 +28,19 @@ for path in (ROOT, ROOT / "kernels", ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker shares the machine's cores with the others: one thread each keeps the workers
+# from oversubscribing them.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def trained_smoke_seer(tmp_path_factory):
+    """The short smoke_seer run (`generation_helpers.train_smoke_seer`), trained once for every module that only
+    reads it; returns its `final` folder."""
+    from generation_helpers import train_smoke_seer
+
+    root = tmp_path_factory.mktemp("smoke_seer")
+    return train_smoke_seer(root / "run", root / "cache")
 
 
 @pytest.fixture(autouse=True)

@@ -70,9 +70,9 @@ def assert_same_folder(expected: Path, got: Path) -> None:
 DETERMINISTIC_THREADS = {"MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
 
 
-def start_train_cli(args: list[str], run_dir: Path, cache: Path):
+def start_train_cli(args: list[str], run_dir: Path, cache: Path, output=None):
     """`python -m seer_finetune train ARGS trainer.output_dir=RUN_DIR` in its own process (token cache `cache`,
-    `DETERMINISTIC_THREADS`), stdout and stderr together in its `stdout`."""
+    `DETERMINISTIC_THREADS`), stdout and stderr together in its `stdout`, or in the open file `output`."""
     import os
     import subprocess
     import sys
@@ -80,7 +80,7 @@ def start_train_cli(args: list[str], run_dir: Path, cache: Path):
     return subprocess.Popen(
         [sys.executable, "-m", "seer_finetune", "train", *args, f"trainer.output_dir={run_dir}"],
         env={**os.environ, "SEER_CACHE": str(cache), **DETERMINISTIC_THREADS},
-        stdout=subprocess.PIPE,
+        stdout=subprocess.PIPE if output is None else output,
         stderr=subprocess.STDOUT,
         text=True,
     )

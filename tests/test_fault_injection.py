@@ -79,9 +79,11 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_killed_and_damaged_seer_run_finishes_as_the_uninterrupted_one(tmp_path):
     cache = tmp_path / "cache"
-    _finish(tmp_path / "reference", cache)
-    expected_losses = _losses(tmp_path / "reference")
-    assert [s for s, _, _ in expected_losses] == ["gate_init"] * 6 + ["joint"] * 8
+    # The uninterrupted run trains beside the interrupted ones, with a token cache of its own (the two never write
+    # one cache at once) and its output in a file (a pipe nobody reads until the end would stop it when full).
+    reference_log = tmp_path / "reference.log"
+    with reference_log.open("w") as log:
+        reference = start_train_cli(ARGS, tmp_path / "reference", tmp_path / "reference_cache", output=log)
 
     run = tmp_path / "faulty"
     stage1 = run / "gate_init"
@@ -111,6 +113,9 @@ def test_killed_and_damaged_seer_run_finishes_as_the_uninterrupted_one(tmp_path)
 
     out = _finish(run, cache)
     assert f"{newest.name} is damaged" in out
+    assert reference.wait(timeout=900) == 0, reference_log.read_text()[-6000:]
+    expected_losses = _losses(tmp_path / "reference")
+    assert [s for s, _, _ in expected_losses] == ["gate_init"] * 6 + ["joint"] * 8
     assert _losses(run) == expected_losses
     reference_final, final = _tensors(tmp_path / "reference" / "final"), _tensors(run / "final")
     assert reference_final.keys() == final.keys() and reference_final

@@ -5,6 +5,7 @@ import copy
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,15 +16,14 @@ from seer_finetune.generation import generate_ids, generate_texts, load_generati
 from seer_finetune.seer.loading import load_for_generation
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
-from generation_helpers import play_prompts, train_smoke_seer
+from generation_helpers import play_prompts
 
 GREEDY = dict(max_new_tokens=12, do_sample=False, top_k=None)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke_seer")
-    return train_smoke_seer(root / "run", root / "cache")
+def trained(trained_smoke_seer):
+    return trained_smoke_seer
 
 
 def _generate(model, tokenizer, prompt: str, **kwargs) -> torch.Tensor:
@@ -94,7 +94,7 @@ def test_left_padded_batch_equals_one_prompt_at_a_time(trained, setting):
             torch.testing.assert_close(last[i], single, atol=1e-4, rtol=1e-4)
 
 
-def test_one_call_loads_every_folder_kind(trained):
+def test_one_call_loads_every_folder_kind(trained, tmp_path):
     """Run folder, LoRA final folder (adapter over the built-in base, with gates), merged export with gates, and a
     plain dense folder all load in one call and generate; the gates alone over a built-in base are refused in
     one line, as is a density for a model without gates."""
@@ -111,7 +111,7 @@ def test_one_call_loads_every_folder_kind(trained):
         outputs[name] = _generate(loaded.model, loaded.tokenizer, prompt).tolist()
     assert outputs["run"] == outputs["final"] == outputs["merged"]
 
-    dense_folder = trained.parent / "dense_copy"
+    dense_folder = tmp_path / "dense_copy"
     AutoModelForCausalLM.from_pretrained(trained / "merged").save_pretrained(dense_folder)
     load_generation_tokenizer(trained).save_pretrained(dense_folder)
     dense = load_for_generation(dense_folder)
@@ -158,6 +158,13 @@ def _cli(*args, stdin=None, cwd=None):
     )
 
 
+def _cli_each(calls: list[tuple[list[str], dict]]) -> list[subprocess.CompletedProcess]:
+    """`_cli(*args, **kwargs)` for each (args, kwargs) of `calls`, a few processes at a time: each launch spends
+    seconds of one core importing torch and transformers, and the launches share nothing."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda call: _cli(*call[0], **call[1]), calls))
+
+
 def test_generate_command_prompt_file_stdin_and_jsonl(trained, tmp_path):
     """The CLI prints what the same call in process generates, from a prompt file, stdin and a jsonl batch; the
     same sampling seed gives the same sample."""
@@ -166,24 +173,28 @@ def test_generate_command_prompt_file_stdin_and_jsonl(trained, tmp_path):
     want = generate_texts(loaded.model, loaded.tokenizer, prompts, max_new_tokens=8)
     (tmp_path / "prompt.txt").write_text(prompts[0])
     common = ["--max-new-tokens", "8", "--density", "0.5", "--device", "cpu"]
-    from_file = _cli(str(trained.parent), "--prompt-file", str(tmp_path / "prompt.txt"), *common)
+    (tmp_path / "batch.jsonl").write_text(json.dumps({"prompt": prompts[0]}) + "\n\n" + json.dumps(prompts[1]) + "\n")
+    sample = ["builtin:tiny_llama", "--prompt", "To be", "--temperature", "0.9", "--top-p", "0.9", "--seed", "3"]
+    from_file, from_stdin, batch, *sampled = _cli_each([
+        ([str(trained.parent), "--prompt-file", str(tmp_path / "prompt.txt"), *common], {}),
+        ([str(trained / "merged"), *common], {"stdin": prompts[0]}),
+        ([str(trained), "--jsonl", str(tmp_path / "batch.jsonl"), *common, "--output", str(tmp_path / "out.jsonl")], {}),
+        (sample, {}),
+        (sample, {}),
+    ])
     assert from_file.returncode == 0, from_file.stderr
     assert from_file.stdout == want[0] + "\n"
     assert "gates at density 0.5" in from_file.stderr
-    from_stdin = _cli(str(trained / "merged"), *common, stdin=prompts[0])
     assert from_stdin.returncode == 0 and from_stdin.stdout == want[0] + "\n"
-    (tmp_path / "batch.jsonl").write_text(json.dumps({"prompt": prompts[0]}) + "\n\n" + json.dumps(prompts[1]) + "\n")
-    batch = _cli(str(trained), "--jsonl", str(tmp_path / "batch.jsonl"), *common, "--output", str(tmp_path / "out.jsonl"))
     assert batch.returncode == 0, batch.stderr
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["completion"] for line in lines] == want and [line["prompt"] for line in lines] == prompts
-    sampled = [_cli("builtin:tiny_llama", "--prompt", "To be", "--temperature", "0.9", "--top-p", "0.9", "--seed", "3") for _ in range(2)]
     assert sampled[0].returncode == 0 and sampled[0].stdout == sampled[1].stdout and sampled[0].stdout.strip()
 
 
 def test_generate_command_errors_are_one_line(trained, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "fine"}\n{not json\n')
-    for args, message in (
+    cases = (
         ([str(tmp_path / "missing"), "--prompt", "x"], "model path does not exist"),
         (["builtin:tiny_llama", "--prompt", "x", "--density", "0.5"], "has no seer gates"),
         ([str(trained), "--prompt", "x", "--density", "1.5"], "density=1.5 must be in (0, 1]"),
@@ -192,8 +203,9 @@ def test_generate_command_errors_are_one_line(trained, tmp_path):
         ([str(trained), "--prompt", "x", "--density", "0.5", "--dense"], "not allowed with argument"),
         (["builtin:tiny_llama", "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens=0 must be at least 1"),
         ([], "the following arguments are required: model"),
-    ):
-        result = _cli(*args, cwd=tmp_path)
+    )
+    results = _cli_each([(args, {"cwd": tmp_path}) for args, _ in cases])
+    for (args, message), result in zip(cases, results):
         assert result.returncode == 2, (args, result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, (args, result.stderr)

@@ -14,7 +14,7 @@ import torch
 from seer_finetune.generation import generate_texts
 from seer_finetune.seer.loading import load_for_generation
 
-from generation_helpers import play_prompts, train_smoke_seer
+from generation_helpers import play_prompts
 
 from lm_eval.api.instance import Instance  # lm-eval is in the [test] extra
 
@@ -22,9 +22,8 @@ from seer_finetune.seer.lm_eval_adapter import SeerLM
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke_seer_lm_eval")
-    return train_smoke_seer(root / "run", root / "cache")
+def trained(trained_smoke_seer):
+    return trained_smoke_seer
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +94,19 @@ def test_evaluator_and_command_run_a_task_offline(trained, pairs, tmp_path):
     from lm_eval.tasks import TaskManager
 
     folder = _task_folder(tmp_path, pairs)
+    out = tmp_path / "out"
+    # The command runs beside the in-process evaluation (its start alone imports lm-eval, transformers and torch):
+    # the two share only the read-only run and task folders (the command has a datasets cache of its own), and its
+    # output goes to a file, which never fills up as a pipe would while this process is busy.
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "datasets"))
+    log = tmp_path / "lm_eval.log"
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "seer_finetune", "lm-eval", "--model", "seer",
+             "--model_args", f"pretrained={trained},density=0.5", "--device", "cpu", "--tasks", "seer_plays",
+             "--include_path", str(folder), "--output_path", str(out)],
+            stdout=subprocess.DEVNULL, stderr=log_file, text=True, env=env,
+        )
     results = simple_evaluate(
         model="seer",
         model_args=f"pretrained={trained},density=0.5,device=cpu",
@@ -110,15 +122,7 @@ def test_evaluator_and_command_run_a_task_offline(trained, pairs, tmp_path):
              for (c, t), o in zip(pairs, others)]
     assert metrics["acc,none"] == pytest.approx(sum(a[0] > b[0] for a, b in right) / len(right))
 
-    out = tmp_path / "out"
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "seer_finetune", "lm-eval", "--model", "seer",
-         "--model_args", f"pretrained={trained},density=0.5", "--device", "cpu", "--tasks", "seer_plays",
-         "--include_path", str(folder), "--output_path", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
     written = json.loads(next(out.rglob("results_*.json")).read_text())
     assert written["results"]["seer_plays"]["acc_norm,none"] == pytest.approx(metrics["acc_norm,none"])
     assert written["results"]["seer_plays"]["acc,none"] == pytest.approx(metrics["acc,none"])
