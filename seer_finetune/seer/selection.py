@@ -207,9 +207,9 @@ class SelectionPlan:
     rows with a peaked gate. With `bound_blocks` k > 0, every row (per head) also keeps its k non-forced candidates
     of highest logit bound (`logit_bound_scores`, passed to `select`), within its quota: under the layer or head
     budget they rank ahead of every other pick, under the row budget right after the forced blocks, and with a
-    threshold they are kept besides. `budget="head"` shares out like the layer budget within each head: every head keeps
-    the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each other). The
-    forced blocks (`forced_blocks`: the diagonal, the `local_blocks - 1` blocks before it, and `sink_blocks`
+    threshold they are kept besides. `budget="head"` shares out like the layer budget within each head: every
+    head keeps the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each
+    other). The forced blocks (`forced_blocks`: the diagonal, the `local_blocks - 1` blocks before it, and `sink_blocks`
     leading blocks) are always kept.
 
     Args:

@@ -504,4 +504,3 @@ def test_head_budget_gives_every_head_its_share_spread_by_probability():
     # With the floor, too.
     floored = SelectionPlan(cand, **kw, budget="head", row_mass=0.4).select(scores)
     assert torch.equal(floored.sum(dim=(2, 3)), by_row.sum(dim=(2, 3)))
-
