@@ -134,7 +134,12 @@ def load_model(
     # What the model runs outside attention (`liger` or `none`), for the run's start line and its records.
     model.seer_fused_kernels = apply_fused_kernels(model, cfg.fused_kernels, device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Newer transformers name it activation_checkpointing_enable (the old name warns as deprecated).
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from seer_finetune.assembly import build_model
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError
 from seer_finetune.jobs import eval_job, train_job
@@ -134,3 +136,37 @@ def test_gate_stage_continues_from_given_gates(tmp_path):
     # One AdamW step moves each weight by at most the learning rate (plus its weight decay share).
     for k, v in given.items():
         assert (distilled[k] - v).abs().max().item() <= 2 * gate_lr, k
+
+
+def _decoder_outputs_require_grad(model, steps_cfg) -> tuple[list[bool], torch.nn.Module]:
+    """Whether each decoder layer's output requires grad in one training forward of `model`."""
+    seen: list[bool] = []
+    layers = [m for name, m in model.named_modules() if name.rsplit(".", 2)[-2:-1] == ["layers"]]
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).requires_grad))
+             for m in layers]
+    model.train()
+    ids = torch.randint(0, 100, (1, steps_cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return seen, out
+
+
+def test_gate_distillation_keeps_nothing_of_the_frozen_base_for_backward(tmp_path):
+    """`model.gradient_checkpointing=true` (SmolLM2's and Qwen's default) hooks the embeddings so that their output
+    requires grad. Gate distillation freezes the base and switches checkpointing off; with the hook left on, every
+    activation of the base would be kept and backpropagated through. The gates must still get their gradients."""
+    cfg = _smoke(tmp_path, "model.gradient_checkpointing=true")
+    init = gate_init_config(cfg)
+    model, extension = build_model(init, torch.device("cpu"))
+    seen, _ = _decoder_outputs_require_grad(model, init)
+    assert seen and not any(seen)
+    loss = sum(extension.extra_losses().values())
+    loss.backward()
+    grads = [p.grad for p in extension.parameters()]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+    # LoRA under checkpointing still needs the hook: the joint stage's hidden states require grad.
+    joint, _ = build_model(cfg, torch.device("cpu"))
+    seen, _ = _decoder_outputs_require_grad(joint, cfg)
+    assert seen and all(seen)
