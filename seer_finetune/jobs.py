@@ -47,7 +47,7 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
     Returns:
         The final stage's summary; with two stages it holds `gate_init` (stage 1's summary, or "reused").
     """
-    from .trainer import Trainer, train
+    from .trainer import train
 
     if cfg.attention.init_steps == 0:
         return train(cfg)
@@ -55,8 +55,19 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
 
     if not stages.needs_gate_init(cfg):
         return train(cfg)
-    init = stages.gate_init_config(cfg)
-    gates_dir = stages.distilled_gates_dir(cfg)
+    from .run_folder import run_folder_lock
+
+    # One lock on the run folder for both stages (stage 1 trains in a sub-folder of it).
+    with run_folder_lock(cfg.trainer.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+        return _train_two_stages(cfg, stages.gate_init_config(cfg), stages.distilled_gates_dir(cfg))
+
+
+def _train_two_stages(cfg: SeerConfig, init: SeerConfig, gates_dir: Path) -> dict[str, Any]:
+    """`train_job`'s two stages, the run folder already locked: gate distillation in `init`'s folder, leaving
+    gates in `gates_dir`, unless a resumed run already has them; then joint training from them."""
+    from .seer import stages
+    from .trainer import Trainer, train
+
     _check_two_stage_folder(cfg, init, gates_dir)
     stage1: Any = "reused"
     # A new run (resume=false) distils its own gates; only a resumed one reuses finished ones.
@@ -277,15 +288,16 @@ def generate_job(argv: list[str], stdin=None, stdout=None) -> list[str]:
     """
     import json
 
-    from .generation import generate_texts, read_prompts
-    from .seer.loading import load_for_generation
-    from .modeling import resolve_device
-
+    # Arguments first: a usage error or --help does not wait for the generation stack to import.
     args = generate_parser().parse_args(argv)
-    stdin = sys.stdin if stdin is None else stdin
-    stdout = sys.stdout if stdout is None else stdout
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be at least 1")
+    from .generation import generate_texts, read_prompts
+    from .modeling import resolve_device
+    from .seer.loading import load_for_generation
+
+    stdin = sys.stdin if stdin is None else stdin
+    stdout = sys.stdout if stdout is None else stdout
     prompts, as_jsonl = read_prompts(prompt=args.prompt, prompt_file=args.prompt_file, jsonl=args.jsonl, stdin=stdin)
     device = resolve_device(args.device)
     if args.dtype == "auto":

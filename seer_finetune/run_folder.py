@@ -15,23 +15,34 @@ since (`{"step", "event", "time", "changed": {field: [old, new]}}`). Before a ru
 With `trainer.resume=false` a folder that holds a run is refused unless `trainer.overwrite=true`, which moves
 every entry of the folder (earlier `previous_N` folders excepted) into `<output_dir>/previous_N/` before the new
 run writes anything. Nothing here loads a model: the checks cost a file read.
+
+While a run trains, its process holds an exclusive lock on the folder (`run_folder_lock`): a second run started in
+the same folder stops at once with one line, instead of training beside the first and interleaving its
+checkpoints and metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from .checkpoint import list_checkpoints
 from .config import ConfigError, SeerConfig
 from .metrics import dumps_json_safe
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not guarded against a second run in their folder
+    fcntl = None
 
 CONFIG_NAME = "config.json"
 # What a run writes into its folder; any of them present means the folder holds a run.
@@ -339,3 +350,58 @@ def write_run_config(start: RunStart, config: dict[str, Any], step: int, resumed
     elif start.changes:
         history.append({"step": step, "event": "resume", "time": now, "changed": start.changes})
     write_json(start.folder / CONFIG_NAME, {**config, "history": history})
+
+
+# Folders whose lock this process holds: real path -> [directory descriptor, holders].
+_held_locks: dict[str, list[int]] = {}
+
+
+@contextlib.contextmanager
+def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder `folder` (created if missing) for the duration of the block.
+
+    The lock is `flock` on the folder itself, so no file is added to it, and the kernel drops it when the process
+    ends, however it ends: a killed run leaves no stale lock. Re-entrant within a process (a two-stage job holds it
+    around both stages). Filesystems without `flock` support run unguarded.
+
+    Args:
+        folder: The run folder (`trainer.output_dir`).
+        is_main: Only the main process of a distributed run locks; the others run the block unguarded.
+
+    Raises:
+        ConfigError: another process holds the lock (a run is already training in this folder), or the folder
+            cannot be created or opened.
+    """
+    if fcntl is None or not is_main:
+        yield
+        return
+    folder = Path(folder)
+    key = os.path.realpath(folder)
+    held = _held_locks.get(key)
+    if held is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError as exc:
+            raise ConfigError(f"cannot use trainer.output_dir={folder}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                fd = -1  # no flock on this filesystem
+            else:
+                raise ConfigError(
+                    f"trainer.output_dir={folder} is in use: another run is training in it (it holds the folder's "
+                    "lock); wait for it to end, or choose another trainer.output_dir"
+                ) from None
+        held = _held_locks[key] = [fd, 0]
+    held[1] += 1
+    try:
+        yield
+    finally:
+        held[1] -= 1
+        if held[1] == 0:
+            del _held_locks[key]
+            if held[0] >= 0:
+                os.close(held[0])  # closing the descriptor releases the lock

@@ -17,6 +17,7 @@ a row stop the run with one line. No checkpoint is written from such a step or f
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -44,6 +45,7 @@ from .run_folder import (
     describe_changes,
     finish_pending_move,
     run_config,
+    run_folder_lock,
     write_json,
     write_run_config,
 )
@@ -582,5 +584,9 @@ def _progress(t, initial: int):
 
 
 def train(cfg: SeerConfig) -> dict[str, Any]:
-    """Run one training stage described by `cfg`; returns the run summary (also written to summary.json)."""
-    return Trainer(cfg).fit()
+    """Run one training stage described by `cfg`; returns the run summary (also written to summary.json).
+
+    The main process holds `trainer.output_dir`'s lock while it runs (`run_folder.run_folder_lock`).
+    """
+    with run_folder_lock(cfg.trainer.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+        return Trainer(cfg).fit()

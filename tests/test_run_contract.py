@@ -327,3 +327,66 @@ def test_leaving_skips_the_teardown_only_after_a_distributed_run(after_distribut
     proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3 and proc.stdout.startswith("work done"), proc.stderr[-2000:]
     assert ("teardown ran" in proc.stdout) != after_distributed_run
+
+
+_HOLD_LOCK = """
+import sys, time
+from seer_finetune.run_folder import run_folder_lock
+with run_folder_lock(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _lock_in_another_process(folder: Path):
+    """A process holding `folder`'s run lock (as a training run does); returns once it holds it."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.parametrize("exp", ["+exp=smoke", "+exp=smoke_seer"])
+def test_a_second_run_in_a_folder_in_use_stops_at_once_and_touches_nothing(capsys, tmp_path, exp):
+    """One-stage and two-stage (gate distillation first) runs alike; a killed holder leaves no stale lock."""
+    run = tmp_path / "run"
+    stages = ["attention.init_steps=1"] if "seer" in exp else []
+    code, _, err = _train(capsys, run, exp, "trainer.max_steps=1", "trainer.save_every=1", *stages)
+    assert code == 0, err
+    before = _snapshot(run)
+    holder = _lock_in_another_process(run)
+    try:
+        for extra in ([], ["trainer.resume=false", "trainer.overwrite=true"]):
+            code, _, err = _train(capsys, run, exp, "trainer.max_steps=2", "trainer.save_every=1", *stages, *extra)
+            assert code == 2 and "is in use: another run is training in it" in _error_line(err)
+            assert _snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    code, _, err = _train(capsys, run, exp, "trainer.max_steps=2", "trainer.save_every=1", *stages)
+    assert code == 0, err
+
+
+def test_the_run_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
+    import subprocess
+    import sys
+
+    from seer_finetune.run_folder import run_folder_lock
+
+    folder = tmp_path / "run"
+    probe = ("import sys\nfrom seer_finetune.config import ConfigError\nfrom seer_finetune.run_folder import "
+             "run_folder_lock\ntry:\n    with run_folder_lock(sys.argv[1]): print('free')\nexcept ConfigError: print('held')")
+
+    def other_process_sees() -> str:
+        return subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True).stdout.strip()
+
+    with run_folder_lock(folder):
+        with run_folder_lock(folder):
+            assert other_process_sees() == "held"
+        assert other_process_sees() == "held"
+        with run_folder_lock(folder, is_main=False):  # non-main ranks never lock
+            pass
+    assert other_process_sees() == "free"
+    assert list(folder.iterdir()) == []  # the lock adds no file to the folder
