@@ -52,6 +52,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_is_main() -> bool:
+    """Whether this process is the launch's main one (global rank 0, from `RANK`), before any process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def check_parallel_layout(cfg: SeerConfig, world_size: int, num_heads: int, num_kv_heads: int) -> None:
     """Refuse impossible layouts with a clear message before any process group work."""
     sp = cfg.deepspeed.sequence_parallel_size

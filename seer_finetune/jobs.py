@@ -12,7 +12,6 @@ import argparse
 import copy
 import importlib.util
 import sys
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,10 +54,11 @@ def train_job(cfg: SeerConfig) -> dict[str, Any]:
 
     if not stages.needs_gate_init(cfg):
         return train(cfg)
+    from .distributed import env_is_main
     from .run_folder import run_folder_lock
 
     # One lock on the run folder for both stages (stage 1 trains in a sub-folder of it).
-    with run_folder_lock(cfg.trainer.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+    with run_folder_lock(cfg.trainer.output_dir, is_main=env_is_main()):
         return _train_two_stages(cfg, stages.gate_init_config(cfg), stages.distilled_gates_dir(cfg))
 
 
@@ -98,12 +98,12 @@ def _check_two_stage_folder(cfg: SeerConfig, init: SeerConfig, gates_dir: Path) 
     Raises:
         ConfigError: as `run_folder.check_run_folder` does, for either stage.
     """
-    from .distributed import env_world_size
+    from .distributed import env_is_main, env_world_size
     from .run_folder import check_run_folder, claim_run_folder, finish_pending_move, read_saved_config
     from .seer import stages
 
     processes = env_world_size()
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    is_main = env_is_main()
     stage1_dir = Path(init.trainer.output_dir)
     finish_pending_move(Path(cfg.trainer.output_dir), is_main)
     if not cfg.trainer.resume:

@@ -352,13 +352,15 @@ def write_run_config(start: RunStart, config: dict[str, Any], step: int, resumed
     write_json(start.folder / CONFIG_NAME, {**config, "history": history})
 
 
-# Folders whose lock this process holds: real path -> [directory descriptor, holders].
+# Folders whose lock this process holds: real path -> [directory descriptor, holders, created by the lock].
 _held_locks: dict[str, list[int]] = {}
 
 
 @contextlib.contextmanager
 def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder `folder` (created if missing) for the duration of the block.
+    """Hold an exclusive lock on the run folder `folder` for the duration of the block.
+
+    A missing folder is created for the lock, and removed again at the end if nothing was written into it.
 
     The lock is `flock` on the folder itself, so no file is added to it, and the kernel drops it when the process
     ends, however it ends: a killed run leaves no stale lock. Re-entrant within a process (a two-stage job holds it
@@ -379,6 +381,7 @@ def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
     key = os.path.realpath(folder)
     held = _held_locks.get(key)
     if held is None:
+        created = not folder.exists()
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(folder, os.O_RDONLY)
@@ -391,11 +394,13 @@ def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 fd = -1  # no flock on this filesystem
             else:
+                if created:
+                    _remove_if_empty(folder)
                 raise ConfigError(
                     f"trainer.output_dir={folder} is in use: another run is training in it (it holds the folder's "
                     "lock); wait for it to end, or choose another trainer.output_dir"
                 ) from None
-        held = _held_locks[key] = [fd, 0]
+        held = _held_locks[key] = [fd, 0, created]
     held[1] += 1
     try:
         yield
@@ -405,3 +410,13 @@ def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
             del _held_locks[key]
             if held[0] >= 0:
                 os.close(held[0])  # closing the descriptor releases the lock
+            if held[2]:
+                # A run refused before writing anything leaves no folder behind.
+                _remove_if_empty(folder)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (the run wrote into it) or already gone
+        pass

@@ -17,7 +17,6 @@ a row stop the run with one line. No checkpoint is written from such a step or f
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +29,7 @@ from .checkpoint import list_checkpoints
 from .config import ConfigError, SeerConfig
 from .data import build_data, collate
 from .deepspeed_engine import DeepSpeedEngine, checkpoint_root
-from .distributed import DistributedContext, all_reduce_sum, init_distributed
+from .distributed import DistributedContext, all_reduce_sum, env_is_main, init_distributed
 from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
 from .extensions import TrainingExtension
 from .final_save import save_final_model
@@ -588,5 +587,5 @@ def train(cfg: SeerConfig) -> dict[str, Any]:
 
     The main process holds `trainer.output_dir`'s lock while it runs (`run_folder.run_folder_lock`).
     """
-    with run_folder_lock(cfg.trainer.output_dir, is_main=int(os.environ.get("RANK", "0")) == 0):
+    with run_folder_lock(cfg.trainer.output_dir, is_main=env_is_main()):
         return Trainer(cfg).fit()

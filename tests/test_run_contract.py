@@ -389,4 +389,10 @@ def test_the_run_lock_is_reentrant_in_one_process_and_released_after(tmp_path):
         with run_folder_lock(folder, is_main=False):  # non-main ranks never lock
             pass
     assert other_process_sees() == "free"
-    assert list(folder.iterdir()) == []  # the lock adds no file to the folder
+    # The lock adds no file: a folder it created is removed again when nothing was written into it, and an
+    # existing one is left as it was.
+    assert not folder.exists()
+    folder.mkdir()
+    with run_folder_lock(folder):
+        assert other_process_sees() == "held"
+    assert folder.is_dir() and list(folder.iterdir()) == []
