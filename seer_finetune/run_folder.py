@@ -352,8 +352,17 @@ def write_run_config(start: RunStart, config: dict[str, Any], step: int, resumed
     write_json(start.folder / CONFIG_NAME, {**config, "history": history})
 
 
-# Folders whose lock this process holds: real path -> [directory descriptor, holders, created by the lock].
-_held_locks: dict[str, list[int]] = {}
+@dataclass
+class _HeldLock:
+    """A folder lock this process holds: its directory descriptor (-1: no flock on that filesystem), how many
+    `run_folder_lock` blocks hold it, and whether the lock created the folder."""
+
+    fd: int
+    holders: int
+    created: bool
+
+
+_held_locks: dict[str, _HeldLock] = {}  # by the folder's real path
 
 
 @contextlib.contextmanager
@@ -400,17 +409,17 @@ def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
                     f"trainer.output_dir={folder} is in use: another run is training in it (it holds the folder's "
                     "lock); wait for it to end, or choose another trainer.output_dir"
                 ) from None
-        held = _held_locks[key] = [fd, 0, created]
-    held[1] += 1
+        held = _held_locks[key] = _HeldLock(fd, 0, created)
+    held.holders += 1
     try:
         yield
     finally:
-        held[1] -= 1
-        if held[1] == 0:
+        held.holders -= 1
+        if held.holders == 0:
             del _held_locks[key]
-            if held[0] >= 0:
-                os.close(held[0])  # closing the descriptor releases the lock
-            if held[2]:
+            if held.fd >= 0:
+                os.close(held.fd)  # closing the descriptor releases the lock
+            if held.created:
                 # A run refused before writing anything leaves no folder behind.
                 _remove_if_empty(folder)
 
