@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .attention import ATTN_NAME, register_seer
@@ -145,8 +146,15 @@ def attach_seer_gates(
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     gates = []
+    # One gate rotary per device, shared by its layers' gates: it holds no parameters, and its block angles are
+    # then computed and kept once for all of them (`AttnGate._block_rotary`).
+    gate_rotaries: dict[torch.device, nn.Module] = {}
     for attn in attns:
         device = attn.q_proj.weight.device if hasattr(attn.q_proj, "weight") else next(attn.parameters()).device
+        if rotary is not None and device not in gate_rotaries:
+            gate_rotaries[device] = gate_rotary_embedding(
+                config, rotary, rotary_dim, block_size=block_size, units=rope_units
+            ).to(device)
         gate = AttnGate(
             num_heads,
             num_kv_heads,
@@ -155,11 +163,7 @@ def attach_seer_gates(
             hidden_size=gate_hidden_size,
             q_pooling=q_pooling,
             k_pooling=k_pooling,
-            rotary=(
-                gate_rotary_embedding(config, rotary, rotary_dim, block_size=block_size, units=rope_units)
-                if rotary is not None
-                else None
-            ),
+            rotary=gate_rotaries.get(device),
             layer_idx=int(attn.layer_idx),
             gate_query=gate_query,
         ).to(device)

@@ -546,18 +546,22 @@ class AttnGate(nn.Module):
     def _block_rotary(self, nb: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (cos, sin) `[1, nB, rotary_dim]` at block positions 0..nB-1, from the gate's rotary module.
 
-        Every forward at a length asks for the same angles, so they are kept per (length, device, module); a
-        rotary whose angles depend on what it saw before (`dynamic` rope types) is asked every time.
+        Every forward at a length asks for the same angles, so they are kept on the rotary module for the last
+        (length, device, inference mode) asked: the gates of a model's layers share one rotary
+        (`attach_seer_gates`), so one copy serves all of them. A rotary whose angles depend on what it saw before
+        (`dynamic` rope types) is asked every time.
         """
-        cached = getattr(self, "_rotary_cache", None)
-        if cached is not None and cached[:2] == (nb, device) and cached[2] is self.rotary:
-            return cached[3]
+        # Angles made under inference mode cannot be saved for a later training forward's backward.
+        key = (nb, device, torch.is_inference_mode_enabled())
+        cached = getattr(self.rotary, "seer_block_angles", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         # The rotary module returns its angles in the dtype of this (empty) tensor: float32, as the gate runs.
         like = torch.empty(0, device=device, dtype=torch.float32)
         cos, sin = self.rotary(like, torch.arange(nb, device=device)[None])
         angles = (cos.float(), sin.float())
         if "dynamic" not in str(getattr(self.rotary, "rope_type", "")):
-            self._rotary_cache = (nb, device, self.rotary, angles)
+            self.rotary.seer_block_angles = (key, angles)
         return angles
 
     def extra_repr(self) -> str:

@@ -145,10 +145,14 @@ def seer_mask(
             allow_is_causal_skip=bool(kwargs.get("allow_is_causal_skip", True)),
             device=device,
         )
-    if mask_function is None:
-        from transformers.masking_utils import causal_mask_function
+    from transformers.masking_utils import causal_mask_function
 
+    if mask_function is None:
         mask_function = causal_mask_function
+    if attention_mask is None and mask_function is causal_mask_function:
+        # transformers passes its plain causal function when nothing else (packed sequences, padding, an overlay)
+        # applies: one unpadded document per row, known without building ids or reading them back.
+        return None
     ids = document_ids_from_mask(mask_function, batch_size, q_length, attention_mask, device=device)
     if not bool(ids.any()):
         return None

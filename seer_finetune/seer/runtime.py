@@ -14,6 +14,7 @@ Three lifetimes, three objects:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -200,6 +201,39 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return mask if mask.shape[-1] == n else mask[..., :n].contiguous()
 
 
+class LayoutCache:
+    """Values that depend only on a layout without documents or padding (plain causal attention) and the
+    settings, kept across forwards: such a layout's candidate blocks and selection plan are the same at every
+    training step, so they are built once, and the plan's budget read back from the device once, not per forward.
+
+    Args:
+        max_entries: How many values are kept, the most recently used first out last (an evaluation at other
+            lengths adds a few). Default 8.
+    """
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self._values: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        """The value kept under `key` (hashable), or None."""
+        value = self._values.get(key)
+        if value is not None:
+            self._values.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> Any:
+        """Keep `value` under `key`, dropping the least recently used beyond `max_entries`; returns `value`."""
+        self._values[key] = value
+        self._values.move_to_end(key)
+        while len(self._values) > self.max_entries:
+            self._values.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
 class SeerRuntime:
     """Shared by all gates of one model (`gate.runtime`): settings, the train/eval switch, per-forward state and
     records.
@@ -217,6 +251,7 @@ class SeerRuntime:
             would pile up with every prompt.
         block_masks: layer -> bool `[B, Hq, nB, nB]` of the last sparse forward, when recorded.
         forward: The current `ForwardState`.
+        lasting: `LayoutCache` of the candidates and selection plans of layouts without documents, across forwards.
     """
 
     def __init__(self, settings: Optional[SeerSettings] = None, **changes):
@@ -227,6 +262,7 @@ class SeerRuntime:
         self.record_stats = True
         self.block_masks: dict[int, torch.Tensor] = {}
         self.forward = ForwardState()
+        self.lasting = LayoutCache()
         self._losses: dict[int, torch.Tensor] = {}
         self._stats: dict[int, dict[str, torch.Tensor]] = {}
 
