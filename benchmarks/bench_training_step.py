@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from seer_finetune.compose import compose_config  # noqa: E402
 from seer_finetune.modeling import base_model  # noqa: E402
-from seer_finetune.trainer import Trainer  # noqa: E402
+from seer_finetune.trainer import GRAPH_AFTER_STEPS, Trainer  # noqa: E402
 
 # Kernel-name patterns of attention work: PyTorch's SDPA backends, and seer_kernels' Triton kernels.
 ATTENTION_KERNELS = re.compile(r"flash|fmha|sdpa|cudnn.*(attn|attention|sdpa)|_sparse_fwd|_sparse_dq|_sparse_dkdv|_dkdv_work|_bwd_delta|_block_lists|_ground_truth|_lse_", re.I)
@@ -54,6 +54,10 @@ def variants(shape: str) -> dict[str, list[str]]:
     return {
         "dense (YaRN baseline, SDPA)": [f"+exp={dense_exp}"],
         "seer joint, density 0.1": seer,
+        # Forward and backward replayed from a CUDA graph (`trainer.cuda_graphs`), both models; the loss is then
+        # the chunked one (Liger's reads the device back).
+        "dense (YaRN baseline, SDPA), CUDA graphs": [f"+exp={dense_exp}", "trainer.cuda_graphs=true"],
+        "seer joint, density 0.1, CUDA graphs": [*seer, "trainer.cuda_graphs=true"],
         # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
         "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
         # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly
@@ -131,7 +135,8 @@ def run_variant(name: str, extra: list[str], shape: str, seq_len: int, steps: in
     """
     cfg = compose_config([*extra, *overrides(shape, seq_len, workdir / re.sub(r"\W+", "_", name))])
     trainer = Trainer(cfg)
-    for _ in range(2):  # compile kernels, warm the allocator
+    # Compile kernels, warm the allocator; with CUDA graphs also the step that captures.
+    for _ in range(GRAPH_AFTER_STEPS + 1 if cfg.trainer.cuda_graphs else 2):
         trainer.train_step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()

@@ -345,6 +345,11 @@ class TrainerConfig:
             device, any head). `liger`: Liger-Kernel's fused linear cross entropy (CUDA; a plain linear head; not
             under ZeRO-3). `auto`: `full_logits` up to 2**28 logits per forward, above that `liger` on CUDA where
             it applies, else `chunked`. All give the same loss and gradients up to float rounding.
+        cuda_graphs: From the third step on, replay each micro-batch's forward and backward from one CUDA graph
+            captured once (`graphed_step.py`): a step whose wall time is the host launching kernels (the 32k seer
+            step) then runs at the GPU's pace. The optimizer step stays eager. Needs one CUDA process without
+            DeepSpeed, text data without per-document attention, `attention.backend` sdpa or seer, and a loss
+            that reads nothing back from the device (`auto` becomes `chunked` where it would pick `liger`).
     """
 
     max_steps: int = 100
@@ -365,6 +370,7 @@ class TrainerConfig:
     save_final: bool = True
     plots: bool = True
     lm_loss: str = "auto"
+    cuda_graphs: bool = False
 
 
 @dataclass

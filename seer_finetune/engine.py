@@ -150,10 +150,21 @@ class PlainEngine(Engine):
         self.grad_accum_steps = cfg.trainer.grad_accum_steps
         self.max_grad_norm = cfg.optim.max_grad_norm
         self._loss_finite: Optional[torch.Tensor] = None  # over this step's micro-batches so far
+        # Gradients zeroed in place after each step instead of freed: a CUDA graph replays its backward into the
+        # same tensors (`graphed_step.GraphedForwardBackward` sets it).
+        self.keep_gradients = False
 
     def backward(self, loss: torch.Tensor) -> None:
+        self.note_loss(loss)
+        self.scaled_backward(loss)
+
+    def note_loss(self, loss: torch.Tensor) -> None:
+        """Count a micro-batch's loss into the step's finiteness check (on the device; read at `step`)."""
         finite = torch.isfinite(loss.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+
+    def scaled_backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's share of the step's loss."""
         (loss / self.grad_accum_steps).backward()
 
     def step(self) -> tuple[torch.Tensor, bool]:
@@ -170,7 +181,7 @@ class PlainEngine(Engine):
         if applied:
             self.optimizer.step()
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
         return grad_norm, applied
 
     def weights_finite(self) -> bool:

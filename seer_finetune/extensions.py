@@ -54,6 +54,20 @@ class TrainingExtension:
     def set_training(self, training: bool) -> None:
         """Switch between training and evaluation behaviour (e.g. ground-truth collection)."""
 
+    def begin_graph_records(self) -> Any:
+        """A marker of what `metrics` holds now, before a CUDA graph's warm-up and capture
+        (`graphed_step.GraphedForwardBackward`)."""
+        return None
+
+    def end_graph_records(self, marker: Any) -> Any:
+        """Take out what the forwards since `marker` recorded for `metrics` (a warm-up's, a capture's) and return
+        the last forward's records (the capture's, whose tensors each replay fills), with anything the captured
+        kernels read that a later forward could free: the graph holds the result as long as it lives."""
+        return None
+
+    def replay_graph_records(self, records: Any) -> None:
+        """Record `records` (from `end_graph_records`) again, as one more forward's: after each replay."""
+
 
 ExtensionFactory = Callable[[torch.nn.Module, SeerConfig], TrainingExtension]
 

@@ -121,14 +121,19 @@ class CausalLMLoss:
         zero3: Parameters are partitioned by DeepSpeed ZeRO-3 (the head's weight is not whole outside its
             forward, so Liger cannot read it).
         chunk_logits: Logits per chunk of the chunked loss (rows = this / vocabulary size).
+        capturable: Read nothing back from the device, so that a CUDA graph can capture the loss
+            (`trainer.cuda_graphs`): `auto` never picks Liger (which reads the target count back), and the chunked
+            loss projects every row, those without a target included, instead of finding the targeted rows.
+            Text data has a target on every row but the last. Default False.
 
     Raises:
         ConfigError: for a model without an output head under a fused setting, or `liger` where it cannot run.
     """
 
     def __init__(self, model: torch.nn.Module, setting: str, device: torch.device, *, zero3: bool = False,
-                 chunk_logits: int = CHUNK_LOGITS):
+                 chunk_logits: int = CHUNK_LOGITS, capturable: bool = False):
         self.model, self.setting, self.device = model, setting, device
+        self.capturable = capturable
         self.chunk_logits = chunk_logits
         inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
         config = getattr(inner, "config", None)
@@ -136,7 +141,8 @@ class CausalLMLoss:
         self.softcapped = getattr(config, "final_logit_softcapping", None) is not None
         self.head = None if setting == "full_logits" else self._head_or_none(model, setting)
         self.liger_usable = (
-            self.head is not None and not zero3 and liger_installed() and linear_weights(self.head) is not None
+            self.head is not None and not zero3 and not capturable and liger_installed()
+            and linear_weights(self.head) is not None
         )
         if setting in ("chunked", "liger") and self.softcapped:
             raise ConfigError(f"trainer.lm_loss={setting}: the model caps its final logits, which only "
@@ -214,7 +220,8 @@ class CausalLMLoss:
         hidden = out.hidden_states[-1]
         if kind == "liger":
             return liger_loss_sum(self.head, hidden, targets)
-        return chunked_loss_sum(self.head, hidden, targets, rows=max(1, self.chunk_logits // max(1, self.vocab_size)))
+        rows = max(1, self.chunk_logits // max(1, self.vocab_size))
+        return chunked_loss_sum(self.head, hidden, targets, rows=rows, every_row=self.capturable)
 
 
 def _target_rows(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,23 +237,30 @@ def _chunk_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
-def chunked_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, rows: int) -> torch.Tensor:
+def chunked_loss_sum(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, rows: int, every_row: bool = False
+) -> torch.Tensor:
     """Summed cross entropy of `head(hidden)` against `targets`, `rows` rows at a time.
 
-    Only the rows with a target are projected (chat data: the assistant's tokens). Each chunk runs under
-    activation checkpointing: its logits are freed after the forward and recomputed in its backward, so at most
-    one chunk's logits (and their gradient) exist at any time.
+    Only the rows with a target are projected (chat data: the assistant's tokens), unless `every_row`. Each chunk
+    runs under activation checkpointing: its logits are freed after the forward and recomputed in its backward, so
+    at most one chunk's logits (and their gradient) exist at any time.
 
     Args:
         head: The output head module (called as in the model's forward).
         hidden: [..., H] final hidden states.
         targets: int64 [...], -100 where there is no target.
         rows: Rows per chunk.
+        every_row: Project every row and let the cross entropy skip those without a target, instead of selecting
+            the targeted rows (a `nonzero`, which reads their count back from the device). Default False.
 
     Returns:
         A float32 0-dim tensor, connected to the graph even without targets.
     """
-    flat, goals = _target_rows(hidden, targets)
+    if every_row:
+        flat, goals = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).to(hidden.device)
+    else:
+        flat, goals = _target_rows(hidden, targets)
     if flat.shape[0] == 0:
         return flat.float().sum()
     recompute = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in head.parameters()))

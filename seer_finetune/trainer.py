@@ -33,6 +33,7 @@ from .distributed import DistributedContext, all_reduce_sum, env_is_main, init_d
 from .engine import Engine, PlainEngine, configured_settings, restore_configured_settings
 from .extensions import TrainingExtension
 from .final_save import save_final_model
+from .graphed_step import GraphedForwardBackward
 from .lm_loss import CausalLMLoss, next_token_targets
 from .metrics import MetricsLogger, eval_key, is_distribution, require_wandb, split_layer_key
 from .modeling import base_model, count_parameters, load_tokenizer, resolve_device
@@ -50,6 +51,9 @@ from .run_folder import (
 )
 
 NO_DECAY_HINTS = ("bias", "norm", "embed")
+# Eager steps of a process before `trainer.cuda_graphs` captures: the first compiles and autotunes, the second
+# runs with every cache filled, as the capture will.
+GRAPH_AFTER_STEPS = 2
 
 
 class TrainingDiverged(ConfigError):
@@ -168,6 +172,8 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.final_dir = Path(final_dir) if final_dir is not None else self.run_dir / "final"
         self.device = resolve_device(t.device)
+        if t.cuda_graphs and self.device.type != "cuda":
+            raise ConfigError(f"trainer.cuda_graphs=true needs a CUDA device (trainer.device={t.device} gives {self.device})")
         self.ctx = init_distributed(cfg, self.device)
         if self.device.type == "cuda" and self.ctx.distributed:
             torch.cuda.set_device(self.ctx.local_rank)
@@ -184,7 +190,9 @@ class Trainer:
         self.model, self.extension = build_model(self.cfg, self.device)
         self.model.train()
         ds = cfg.deepspeed
-        self.lm_loss = CausalLMLoss(self.model, t.lm_loss, self.device, zero3=ds.enabled and ds.zero_stage == 3)
+        self.lm_loss = CausalLMLoss(
+            self.model, t.lm_loss, self.device, zero3=ds.enabled and ds.zero_stage == 3, capturable=t.cuda_graphs
+        )
         optimizer = build_optimizer(self.model, self.extension, cfg)
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -199,6 +207,10 @@ class Trainer:
         self.history: dict[str, Any] = {}
         self.nonfinite_in_row = 0  # steps in a row whose loss or gradient norm was not finite
         self.skipped_updates = 0  # updates skipped for that over the whole run
+        # trainer.cuda_graphs: the micro-batches' forward and backward from a CUDA graph after GRAPH_AFTER_STEPS
+        # eager steps in this process (they compile the gate path and fill the caches the capture reads).
+        self.graphed: Optional[GraphedForwardBackward] = None
+        self.steps_in_process = 0
 
     # -- pieces of a step -------------------------------------------------------------------------
 
@@ -262,6 +274,24 @@ class Trainer:
         loss = self._lm_loss(batch).detach()
         return all_reduce_sum(loss.clone(), self.ctx.sp_group) if self.ctx.sp_size > 1 else loss
 
+    def _forward_scaled_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One micro-batch's loss and loss terms, after its backward (what a CUDA graph captures)."""
+        loss, parts = self._forward_loss(batch)
+        self.engine.scaled_backward(loss)
+        return loss.detach(), parts
+
+    def _graphed_forward_backward(self) -> Optional[GraphedForwardBackward]:
+        """The CUDA-graph runner of this step's micro-batches, or None for an eager step."""
+        if not self.cfg.trainer.cuda_graphs or self.steps_in_process < GRAPH_AFTER_STEPS:
+            return None
+        if self.graphed is None:
+            self.engine.keep_gradients = True
+            params = [p for g in self.engine.optimizer.param_groups for p in g["params"]]
+            self.graphed = GraphedForwardBackward(
+                self._forward_scaled_backward, base_model(self.model), params, self.extension
+            )
+        return self.graphed
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `grad_accum_steps` micro-batches; returns the step's metrics.
 
@@ -278,10 +308,15 @@ class Trainer:
         lrs = self.engine.learning_rates()  # this step's
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
+        graphed = self._graphed_forward_backward()
         for _ in range(t.grad_accum_steps):
             batch = self._next_batch()
-            loss, parts = self._forward_loss(batch)
-            self.engine.backward(loss)
+            if graphed is not None:
+                loss, parts = graphed(batch)
+                self.engine.note_loss(loss)
+            else:
+                loss, parts = self._forward_loss(batch)
+                self.engine.backward(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v / t.grad_accum_steps
             tokens += batch["input_ids"].numel() * self.ctx.dp_size
@@ -295,6 +330,7 @@ class Trainer:
         parts = dict(zip(names, values))
         total = parts["lm_loss"] * self.extension.lm_loss_weight + sum(v for k, v in parts.items() if k != "lm_loss")
         self.step += 1
+        self.steps_in_process += 1
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
         own = {"loss": total, **parts, "grad_norm": float(grad_norm), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}

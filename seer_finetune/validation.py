@@ -152,6 +152,26 @@ def validate_data_sources(d: DataConfig) -> None:
     _positive("data.shuffle_buffer", d.shuffle_buffer)
 
 
+def check_cuda_graphs(cfg: SeerConfig) -> None:
+    """What `trainer.cuda_graphs=true` cannot replay, refused by name: a graph replays fixed kernels on fixed
+    buffers, so nothing in the step may depend on reading the device or on per-batch document layouts."""
+    why = None
+    if cfg.deepspeed.enabled:
+        why = "DeepSpeed's engine runs its own communication and bookkeeping around backward"
+    elif cfg.data.format != "text":
+        why = "chat data has targets on some rows only, which the loss would have to find on the device"
+    elif cfg.data.attend_within_documents:
+        why = "per-document attention takes each batch's document layout from the device"
+    elif cfg.attention.backend not in ("sdpa", "seer"):
+        why = f"attention.backend={cfg.attention.backend} has no causal-only form registered for capture (sdpa, seer)"
+    elif cfg.trainer.lm_loss == "liger":
+        why = "Liger's fused loss reads the target count back from the device: use trainer.lm_loss=chunked or auto"
+    elif cfg.trainer.device == "cpu":
+        why = "CUDA graphs need trainer.device=cuda"
+    if why is not None:
+        raise ConfigError(f"trainer.cuda_graphs=true: {why}")
+
+
 def validate(cfg: SeerConfig) -> SeerConfig:
     """Check values and cross-field rules; raise ConfigError naming the field on the first problem."""
     m, r, d, a, p, o, t = cfg.model, cfg.rope, cfg.data, cfg.attention, cfg.peft, cfg.optim, cfg.trainer
@@ -271,6 +291,8 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         )
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.lm_loss", t.lm_loss, LM_LOSS_CHOICES)
+    if t.cuda_graphs:
+        check_cuda_graphs(cfg)
     if t.lm_loss == "liger" and cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("trainer.lm_loss=liger reads the head's whole weight, which ZeRO-3 partitions: use "
                           "trainer.lm_loss=chunked (or auto)")

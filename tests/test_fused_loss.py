@@ -73,8 +73,8 @@ def _plain(model, ids, labels):
     return loss.detach(), _grads(model)
 
 
-def _fused(model, kind, ids, labels, *, rows: int):
-    lm = CausalLMLoss(model, kind, CPU, chunk_logits=rows * VOCAB)
+def _fused(model, kind, ids, labels, *, rows: int, capturable: bool = False):
+    lm = CausalLMLoss(model, kind, CPU, chunk_logits=rows * VOCAB, capturable=capturable)
     targets = next_token_targets(labels)
     loss = lm.summed(kind, targets, input_ids=ids) / (targets != -100).sum()
     loss.backward()
@@ -106,6 +106,31 @@ def test_chunked_loss_equals_transformers_loss_and_gradients(setup):
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setup", ["lora_embeddings_norms_tied", "lora_frozen_tied_head_checkpointed"])
+def test_capturable_chunked_loss_projects_every_row_and_gives_the_same_loss(setup, monkeypatch):
+    """`capturable` (CUDA graphs): no row selection (a `nonzero`, read back from the device); the rows without a
+    target are projected and skipped by the cross entropy, for the same loss and gradients."""
+    import seer_finetune.lm_loss as lm_loss
+
+    tied, peft, checkpointing = SETUPS[setup]
+    reference = _model(tied, peft, checkpointing=checkpointing)
+    ours = copy.deepcopy(reference)
+    ids, labels = _batch()
+    loss, grads = _plain(reference, ids, labels)
+
+    def no_selection(*args):
+        raise AssertionError("the capturable loss selected the targeted rows")
+
+    monkeypatch.setattr(lm_loss, "_target_rows", no_selection)
+    got, got_grads = _fused(ours, "chunked", ids, labels, rows=13, capturable=True)
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == got_grads.keys() and len(grads) > 4
+    for name, grad in grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # Where auto would take Liger, a capturable loss takes the chunked one.
+    assert not CausalLMLoss(ours, "auto", CPU, capturable=True).liger_usable
 
 
 @pytest.mark.parametrize("setup", ["lora_embeddings_norms_tied", "full_untied"])

@@ -122,6 +122,19 @@ class SeerExtension(TrainingExtension):
             out[f"seer/{name}"] = total if name == "gate_loss" else total / len(values)
         return out
 
+    def begin_graph_records(self) -> int:
+        return self.runtime.stats_marker()
+
+    def end_graph_records(self, marker: int) -> tuple[dict[str, torch.Tensor], tuple]:
+        """(the capture's statistics, what the captured kernels read that a later forward would drop: the
+        capture's `ForwardState` with its candidates and selection plan, and the gates' kept RoPE angles)."""
+        stats = self.runtime.pop_stats_since(marker)
+        angles = tuple({id(g.rotary): getattr(g.rotary, "seer_block_angles", None) for g in self.gates}.values())
+        return stats, (self.runtime.forward, angles)
+
+    def replay_graph_records(self, records: tuple[dict[str, torch.Tensor], tuple]) -> None:
+        self.runtime.add_forward_stats(records[0])
+
     def eval_variants(self) -> dict[str, Callable[[], ContextManager]]:
         """Other settings an evaluation measures besides the trained ones, by name.
 

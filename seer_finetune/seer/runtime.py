@@ -335,6 +335,27 @@ class SeerRuntime:
         losses, self._losses = self._losses, {}
         return losses
 
+    def stats_marker(self) -> int:
+        """The id of the latest forward with recorded statistics (0 for none): what `pop_stats_since` counts
+        from."""
+        return max(self._stats, default=0)
+
+    def pop_stats_since(self, marker: int) -> dict[str, torch.Tensor]:
+        """Take out the statistics of the forwards recorded after `marker` (`stats_marker`) and return the last
+        one's (key -> tensor): a CUDA graph's capture, whose tensors each replay overwrites."""
+        later = sorted(fid for fid in self._stats if fid > marker)
+        taken = [self._stats.pop(fid) for fid in later]
+        return taken[-1] if taken else {}
+
+    def add_forward_stats(self, stats: dict[str, torch.Tensor]) -> None:
+        """Record `stats` as one more forward's (copies, taken now): a replayed graph's forward, whose recording
+        code does not run again."""
+        if not self.record_stats or not stats:
+            return
+        # It counts as a forward: the next one's statistics go under a later id.
+        self.forward.forward_id = max(max(self._stats, default=0), self.forward.forward_id) + 1
+        self._stats[self.forward.forward_id] = {key: value.clone() for key, value in stats.items()}
+
     def take_stats(self) -> dict[str, float | list[float]]:
         """Each recorded key averaged over the forwards since the last call; clears them.
 
