@@ -1,4 +1,5 @@
-"""How gradients become optimizer steps, checkpoints and the final weights: the trainer's engine strategy.
+"""How gradients become optimizer steps, checkpoints and the final weights: the trainer's engine strategy, with
+the optimizer and learning-rate schedule it steps (`build_optimizer`, `lr_lambda`).
 
 The trainer's loop is written once against `Engine`. `PlainEngine` runs one process with torch's autograd,
 AdamW and the LambdaLR schedule, and checkpoints in `checkpoint.py`'s format; `deepspeed_engine.DeepSpeedEngine`
@@ -11,6 +12,7 @@ as DeepSpeed's own overflow handling leaves it, so both engines count positions 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -95,6 +97,71 @@ class Engine(ABC):
 
 # Optimizer group settings a resume takes from the configuration rather than from the checkpoint.
 GROUP_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+# Parameters whose name holds one of these take no weight decay (besides every parameter of fewer than 2 dims).
+NO_DECAY_HINTS = ("bias", "norm", "embed")
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based).
+
+    After warmup this is transformers' cosine-with-floor, linear and constant schedule
+    (`get_cosine_with_min_lr_schedule_with_warmup` and its kin; tests/test_dashboards.py compares them step by
+    step). It is kept rather than taken from there for two differences: warmup's first step already trains at
+    1/warmup of the peak (transformers' starts at 0, so the first update is lost), and the linear decay ends at
+    `min_ratio` (transformers' ends at 0). It is a plain function of the step, so a resumed run and one with a
+    changed peak rate (`engine.restore_configured_settings`) get exactly the values an uninterrupted run gets.
+
+    Args:
+        step: The optimizer step.
+        warmup: Steps of linear warmup from 0.
+        total: The run's optimizer steps.
+        schedule: `cosine`, `linear` or `constant` after warmup.
+        min_ratio: The multiplier reached at `total` (cosine and linear).
+
+    Returns:
+        The multiplier in [0, 1].
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, extension: TrainingExtension, cfg: SeerConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (no decay on biases, norms, embeddings) and the extension's groups.
+
+    Args:
+        model: The model built by `assembly.build_model`.
+        extension: Its extension; its groups keep their own learning rate (default `optim.gate_lr`).
+        cfg: The run configuration (`optim` section).
+
+    Returns:
+        The optimizer, its groups named `model_decay`, `model_no_decay` and the extension's names.
+    """
+    ext_groups = extension.param_groups()
+    ext_ids = {id(p) for g in ext_groups for p in g["params"]}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in ext_ids:
+            continue
+        (no_decay if p.ndim < 2 or any(h in name.lower() for h in NO_DECAY_HINTS) else decay).append(p)
+    o = cfg.optim
+    groups: list[dict[str, Any]] = []
+    if decay:
+        groups.append({"name": "model_decay", "params": decay, "lr": o.lr, "weight_decay": o.weight_decay})
+    if no_decay:
+        groups.append({"name": "model_no_decay", "params": no_decay, "lr": o.lr, "weight_decay": 0.0})
+    for g in ext_groups:
+        groups.append({"weight_decay": 0.0, **g, "lr": g.get("lr", o.gate_lr if o.gate_lr is not None else o.lr)})
+    if not any(g["params"] for g in groups):
+        raise RuntimeError("nothing to train: no parameter requires a gradient")
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def configured_settings(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[dict[str, Any]]:
