@@ -301,6 +301,10 @@ FUSED_KERNEL_CHOICES = ("auto", "liger", "none")
 # How the next-token loss may be computed (`TrainerConfig.lm_loss`, `lm_loss.py`).
 LM_LOSS_CHOICES = ("auto", "full_logits", "chunked", "liger")
 
+# Attention backends whose function does plain causal attention when it gets no mask: the ones a CUDA graph can
+# capture under a causal-only name (`TrainerConfig.cuda_graphs`, `graphed_step.causal_only_attention`).
+CAUSAL_WITHOUT_MASK = ("sdpa", "seer")
+
 
 @dataclass
 class TrainerConfig:

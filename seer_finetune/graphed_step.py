@@ -26,10 +26,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from transformers import AttentionInterface
 
+from .config import CAUSAL_WITHOUT_MASK
 from .extensions import TrainingExtension
-
-# Implementations whose attention function does plain causal attention when it gets no mask.
-CAUSAL_WITHOUT_MASK = ("sdpa", "seer")
 
 LossParts = tuple[torch.Tensor, dict[str, torch.Tensor]]
 

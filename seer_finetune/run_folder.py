@@ -425,7 +425,5 @@ def run_folder_lock(folder: str | Path, is_main: bool = True) -> Iterator[None]:
 
 
 def _remove_if_empty(folder: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):  # not empty (the run wrote into it) or already gone
         folder.rmdir()
-    except OSError:  # not empty (the run wrote into it) or already gone
-        pass

@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from .config import (
+    CAUSAL_WITHOUT_MASK,
     FUSED_KERNEL_CHOICES,
     LM_LOSS_CHOICES,
     NEEDLE_TASKS,
@@ -154,7 +155,8 @@ def validate_data_sources(d: DataConfig) -> None:
 
 def check_cuda_graphs(cfg: SeerConfig) -> None:
     """What `trainer.cuda_graphs=true` cannot replay, refused by name: a graph replays fixed kernels on fixed
-    buffers, so nothing in the step may depend on reading the device or on per-batch document layouts."""
+    buffers, so nothing in the step may depend on reading the device or on per-batch document layouts. (A device
+    that is not CUDA is refused by the trainer, once `trainer.device` has been resolved.)"""
     why = None
     if cfg.deepspeed.enabled:
         why = "DeepSpeed's engine runs its own communication and bookkeeping around backward"
@@ -162,12 +164,11 @@ def check_cuda_graphs(cfg: SeerConfig) -> None:
         why = "chat data has targets on some rows only, which the loss would have to find on the device"
     elif cfg.data.attend_within_documents:
         why = "per-document attention takes each batch's document layout from the device"
-    elif cfg.attention.backend not in ("sdpa", "seer"):
-        why = f"attention.backend={cfg.attention.backend} has no causal-only form registered for capture (sdpa, seer)"
+    elif cfg.attention.backend not in CAUSAL_WITHOUT_MASK:
+        why = (f"attention.backend={cfg.attention.backend} has no causal-only form registered for capture "
+               f"({', '.join(CAUSAL_WITHOUT_MASK)})")
     elif cfg.trainer.lm_loss == "liger":
         why = "Liger's fused loss reads the target count back from the device: use trainer.lm_loss=chunked or auto"
-    elif cfg.trainer.device == "cpu":
-        why = "CUDA graphs need trainer.device=cuda"
     if why is not None:
         raise ConfigError(f"trainer.cuda_graphs=true: {why}")
 

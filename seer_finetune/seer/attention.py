@@ -289,26 +289,27 @@ def _gate_inputs(gate: AttnGate, query: torch.Tensor) -> tuple[torch.Tensor, tor
     return q_pre, k_pre, head_shard
 
 
+def _lasting_key(kind: str, layout: Layout, *more) -> Optional[tuple]:
+    """The `rt.lasting` key of a value of `layout` that every forward would make again, or None (not kept) for a
+    layout with documents, whose values follow each forward's document ids. Values made under inference mode are
+    kept apart: they cannot be saved for a later training forward's backward."""
+    if layout.documents is not None:
+        return None
+    return (kind, layout, *more, torch.is_inference_mode_enabled())
+
+
 def _candidates(rt: SeerRuntime, layout: Layout, doc_ids, valid) -> torch.Tensor:
     """bool `[B, nB, nB]` candidate blocks of this forward's layout (computed by its first layer; without
     documents, kept across forwards in `rt.lasting`)."""
     found = rt.forward.candidates.get(layout)
     if found is None:
-        # Tensors made under inference mode cannot be saved for a later training forward's backward.
-        lasting_key = (
-            ("candidates", layout, rt.settings.block_size, torch.is_inference_mode_enabled())
-            if layout.documents is None
-            else None
-        )
-        found = rt.lasting.get(lasting_key) if lasting_key is not None else None
-        if found is None:
-            found = block_candidates(
+        found = rt.forward.candidates[layout] = rt.lasting.get_or_make(
+            _lasting_key("candidates", layout, rt.settings.block_size),
+            lambda: block_candidates(
                 layout.seq_len, rt.settings.block_size, doc_ids, valid, batch_size=layout.batch_size,
                 device=layout.device,
-            )
-            if lasting_key is not None:
-                rt.lasting.put(lasting_key, found)
-        rt.forward.candidates[layout] = found
+            ),
+        )
     return found
 
 
@@ -362,13 +363,9 @@ def _select(
         if plan is None:
             # A layout without documents has the same plan at every step: built (and its budget read from the
             # device) once, not per forward.
-            lasting_key = ("plan", layout, s, torch.is_inference_mode_enabled()) if layout.documents is None else None
-            plan = rt.lasting.get(lasting_key) if lasting_key is not None else None
-            if plan is None:
-                plan = SelectionPlan.from_settings(candidates, s)
-                if lasting_key is not None:
-                    rt.lasting.put(lasting_key, plan)
-            state.plans[(layout, s)] = plan
+            plan = state.plans[(layout, s)] = rt.lasting.get_or_make(
+                _lasting_key("plan", layout, s), lambda: SelectionPlan.from_settings(candidates, s)
+            )
         if s.oracle:
             # Rank by the true pooled attention: log(0) = -inf only ever ranks a block last.
             oracle_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **kernel_args)

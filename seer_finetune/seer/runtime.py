@@ -18,7 +18,7 @@ import collections
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -229,6 +229,13 @@ class LayoutCache:
         while len(self._values) > self.max_entries:
             self._values.popitem(last=False)
         return value
+
+    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The value kept under `key`, made by `make()` and kept if there is none; `key` None keeps nothing."""
+        if key is None:
+            return make()
+        value = self.get(key)
+        return self.put(key, make()) if value is None else value
 
     def __len__(self) -> int:
         return len(self._values)

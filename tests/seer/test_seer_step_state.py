@@ -83,6 +83,8 @@ def test_layout_cache_drops_the_least_recently_used():
     assert cache.get("a") == 1  # "b" is now the least recently used
     cache.put("c", 3)
     assert cache.get("b") is None and cache.get("a") == 1 and cache.get("c") == 3 and len(cache) == 2
+    assert cache.get_or_make("a", lambda: 9) == 1 and cache.get_or_make("d", lambda: 4) == 4
+    assert cache.get("d") == 4 and cache.get_or_make(None, lambda: 5) == 5 and len(cache) == 2
 
 
 def test_plain_causal_attention_needs_no_document_ids_and_no_device_read():
