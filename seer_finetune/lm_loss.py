@@ -11,6 +11,10 @@ fused losses never hold more than a slice of them:
 - `chunked`: PyTorch alone, any device, any head module (LoRA on the head, ZeRO-3's gathered weights): the head
   and the cross entropy run on chunks of rows under activation checkpointing, so one chunk's logits exist at a
   time, in the forward and again in the backward.
+- the capturable loss of `trainer.cuda_graphs` (`capturable=True`): with a plain linear head it computes each
+  chunk's gradients in the forward, as Liger does, but reads nothing back from the device (Liger reads the target
+  count and compares the incoming gradient on the host), so one CUDA graph holds it; `chunked_loss_sum` with
+  every row otherwise.
 
 Both take the hidden states from the model's own forward (`output_hidden_states`, with `logits_to_keep=1` so the
 model projects one position only): transformers' modeling code, peft and DeepSpeed run exactly as for the
@@ -122,9 +126,10 @@ class CausalLMLoss:
             forward, so Liger cannot read it).
         chunk_logits: Logits per chunk of the chunked loss (rows = this / vocabulary size).
         capturable: Read nothing back from the device, so that a CUDA graph can capture the loss
-            (`trainer.cuda_graphs`): `auto` never picks Liger (which reads the target count back), and the chunked
-            loss projects every row, those without a target included, instead of finding the targeted rows.
-            Text data has a target on every row but the last. Default False.
+            (`trainer.cuda_graphs`): `auto` never picks Liger (which reads the target count back); the fused loss
+            projects every row, those without a target included, instead of finding the targeted rows (text data
+            has a target on every row but the last), with its gradients computed in the forward
+            (`linear_cross_entropy_sum`) where the head is one linear weight. Default False.
 
     Raises:
         ConfigError: for a model without an output head under a fused setting, or `liger` where it cannot run.
@@ -221,6 +226,9 @@ class CausalLMLoss:
         if kind == "liger":
             return liger_loss_sum(self.head, hidden, targets)
         rows = max(1, self.chunk_logits // max(1, self.vocab_size))
+        linear = linear_weights(self.head) if self.capturable else None
+        if linear is not None:
+            return linear_cross_entropy_sum(hidden, *linear, targets, rows=rows)
         return chunked_loss_sum(self.head, hidden, targets, rows=rows, every_row=self.capturable)
 
 
@@ -295,3 +303,82 @@ def liger_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.T
     if flat.shape[0] == 0:
         return flat.float().sum()
     return fused(weight, flat, goals, bias).float()
+
+
+class _LinearCrossEntropyGradInForward(torch.autograd.Function):
+    """Summed cross entropy of `hidden @ weight.T + bias`, its gradients computed chunk by chunk in the forward.
+
+    Each chunk's logits are made, turned into the loss and into their own gradient (softmax minus the one-hot
+    target) in place, and multiplied out into the gradients of the hidden states, weight and bias; then they are
+    freed. The backward only scales those by the incoming gradient, on the device. Against the checkpointed
+    chunks this saves the recomputed projection and cross entropy, and it reads nothing back from the device.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        # hidden [N, H], weight [V, H], bias [V] or None, targets int64 [N] (-100: no target). Grad mode is off
+        # inside forward; needs_input_grad says what the caller's graph asks for (nothing under no_grad).
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # float32 accumulation over the chunks (bf16 would round at every chunk)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, hidden.shape[0], rows):
+            part = hidden[start:start + rows].to(weight.dtype)
+            goal = targets[start:start + rows]
+            valid = goal != IGNORE_INDEX
+            index = goal.clamp(min=0).unsqueeze(1)
+            # The upcast is transformers' own (its loss upcasts the logits before the cross entropy).
+            logits = F.linear(part, weight, bias).float()  # [R, V]
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, index).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()
+            grad.scatter_add_(1, index, torch.full_like(picked, -1.0).unsqueeze(1))
+            grad.mul_(valid.unsqueeze(1))
+            if need_b:
+                grad_b += grad.sum(0)
+            grad = grad.to(weight.dtype)
+            if need_h:
+                grad_h[start:start + rows] = grad @ weight
+            if need_w:
+                grad_w += grad.t() @ part
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        dtype_h, dtype_w, dtype_b = ctx.dtypes
+        scaled = [None if g is None else (g * grad_total).to(d) for g, d in ((grad_h, dtype_h), (grad_w, dtype_w),
+                                                                           (grad_b, dtype_b))]
+        return scaled[0], scaled[1], scaled[2], None, None
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], targets: torch.Tensor, *, rows: int
+) -> torch.Tensor:
+    """Summed cross entropy of `hidden @ weight.T + bias` against `targets`, with every row projected and nothing
+    read back from the device: the capturable loss of `trainer.cuda_graphs`.
+
+    The gradients of `hidden`, `weight` and `bias` are computed in the forward, `rows` rows at a time, and held
+    until the backward scales them: one chunk's float32 logits exist at a time, the hidden states' gradient and a
+    float32 copy of the weight's (when it trains) for the step.
+
+    Args:
+        hidden: [..., H] final hidden states.
+        weight: [V, H] the head's weight.
+        bias: [V] or None.
+        targets: int64 [...], -100 where there is no target.
+        rows: Rows per chunk.
+
+    Returns:
+        A float32 0-dim tensor.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    goals = targets.reshape(-1).to(flat.device)
+    return _LinearCrossEntropyGradInForward.apply(flat, weight, bias, goals, rows)

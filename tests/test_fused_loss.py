@@ -23,7 +23,9 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError, PeftConfig
-from seer_finetune.lm_loss import FUSED_ABOVE_LOGITS, CausalLMLoss, choose_lm_loss, linear_weights, next_token_targets
+from seer_finetune.lm_loss import (
+    FUSED_ABOVE_LOGITS, CausalLMLoss, choose_lm_loss, linear_cross_entropy_sum, linear_weights, next_token_targets,
+)
 from seer_finetune.metrics import read_metrics
 from seer_finetune.modeling import apply_peft
 from seer_finetune.trainer import Trainer
@@ -131,6 +133,78 @@ def test_capturable_chunked_loss_projects_every_row_and_gives_the_same_loss(setu
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     # Where auto would take Liger, a capturable loss takes the chunked one.
     assert not CausalLMLoss(ours, "auto", CPU, capturable=True).liger_usable
+
+
+@pytest.mark.parametrize("setup", ["full_untied", "lora_frozen_tied_head_checkpointed"])
+def test_capturable_loss_takes_its_gradients_in_the_forward(setup, monkeypatch):
+    """With a linear head the capturable loss computes the gradients in its forward: no chunk is recomputed
+    under checkpointing, and the loss and every gradient are transformers' (head trained, or frozen)."""
+    import seer_finetune.lm_loss as lm_loss
+
+    tied, peft, checkpointing = SETUPS[setup]
+    reference = _model(tied, peft, checkpointing=checkpointing)
+    ours = copy.deepcopy(reference)
+    ids, labels = _batch()
+    loss, grads = _plain(reference, ids, labels)
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the capturable loss ran a checkpointed chunk")
+
+    monkeypatch.setattr(lm_loss, "checkpoint", no_recompute)
+    got, got_grads = _fused(ours, "chunked", ids, labels, rows=13, capturable=True)
+    torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == got_grads.keys() and len(grads) > 4
+    assert ("lm_head" in " ".join(grads)) == (setup == "full_untied")
+    for name, grad in grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _reference_sum(hidden, weight, bias, targets):
+    return torch.nn.functional.cross_entropy(
+        torch.nn.functional.linear(hidden, weight, bias).float(), targets, reduction="sum", ignore_index=-100
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_sum_against_pytorch(dtype):
+    """Values and the gradients of hidden states, weight and bias, with rows without a target, uneven chunks and a
+    scaled incoming gradient; bfloat16 within twice PyTorch's own bfloat16 error against float32."""
+    g = torch.Generator().manual_seed(3)
+    n, h, v = 37, 24, 1000
+    base = [torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / 4, torch.randn(v, generator=g)]
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[[0, 5, 6, 36]] = -100
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() for t in base]
+        (fn(*leaves, targets) * 3.0).backward()
+        return [fn(*leaves, targets).detach().float()] + [t.grad.float() for t in leaves]
+
+    ours = lambda hs, w, b, t: linear_cross_entropy_sum(hs, w, b, t, rows=10)  # noqa: E731
+    exact = run(_reference_sum, torch.float64)
+    got = run(ours, dtype)
+    if dtype == torch.float32:
+        for a, b in zip(got, exact):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        return
+    theirs = run(_reference_sum, dtype)
+    for a, b, e in zip(got, theirs, exact):
+        ours_err = (a.double() - e).abs().max()
+        torch_err = (b.double() - e).abs().max()
+        assert ours_err <= 2 * torch_err + 1e-6, (ours_err, torch_err)
+
+
+def test_linear_cross_entropy_sum_without_gradients_holds_none():
+    """Evaluation: under no_grad only the loss is computed, equal to PyTorch's."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(2, 9, 16, generator=g), torch.randn(300, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (2, 9), generator=g)
+    targets[1, -1] = -100
+    with torch.no_grad():
+        got = linear_cross_entropy_sum(hidden, weight, None, targets, rows=4)
+        want = _reference_sum(hidden.reshape(-1, 16), weight, None, targets.reshape(-1))
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("setup", ["lora_embeddings_norms_tied", "full_untied"])
