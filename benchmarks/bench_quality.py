@@ -419,6 +419,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
                 layers = [statistics.mean(vals) for vals in zip(*per_layer[name].values())]
                 row[f"{key}_per_layer"] = layers
                 row[key] = statistics.mean(layers) if layers else None
+                # Per family too: the gate may rank one kind of text worse than another (technical text loses
+                # more perplexity than books at the same mean recall).
+                for family, values in per_layer[name].items():
+                    row[f"{key}_per_layer_{family}"] = values
+                    row[f"{key}_{family}"] = statistics.mean(values) if values else None
             row["realised_sparsity"] = 1.0 - row["realised_density"]
         else:
             row["realised_sparsity"] = 0.0

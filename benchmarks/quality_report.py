@@ -70,8 +70,8 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
     dense = next(r for r in rows if r["run"].startswith("dense"))
     lines = [
         "| run | length | target sparsity | realised sparsity | ppl books | vs dense | ppl technical | vs dense "
-        "| recall (best) | passkey 1/4, 1/2, full [95% interval] |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| recall (best) | recall books / technical (best) | passkey 1/4, 1/2, full [95% interval] |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rel = lambda fam: "" if r["length"] != seq_len else f"{100 * (r[f'ppl_{fam}'] / dense[f'ppl_{fam}'] - 1):+.2f}%"
@@ -79,10 +79,15 @@ def table(rows: list[dict[str, Any]], cost: dict[str, dict[str, float]], seq_len
             f"{p['accuracy']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]" for p in r["passkey"].values()
         ) if "passkey" in r else "-"
         recall = f"{r['recall']:.3f} ({r['oracle_recall']:.3f})" if r.get("recall") is not None else "-"
+        by_family = (
+            f"{r['recall_books']:.3f} / {r['recall_technical']:.3f} "
+            f"({r['oracle_recall_books']:.3f} / {r['oracle_recall_technical']:.3f})"
+            if r.get("recall_books") is not None else "-"
+        )
         lines.append(
             f"| {r['run']} | {r['length']} | {r['target_sparsity']:.2f} | {r['realised_sparsity']:.3f} | "
             f"{r['ppl_books']:.3f} | {rel('books')} | {r['ppl_technical']:.3f} | {rel('technical')} | {recall} "
-            f"| {passkey} |"
+            f"| {by_family} | {passkey} |"
         )
     passkey_runs = [r for r in rows if "passkey" in r]
     if passkey_runs:

@@ -97,6 +97,13 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         assert all(len(p["needle_kept_per_layer"]) == 4 for p in row["passkey"].values())
         # recall of the ground truth per layer, never above the best selection of the same size
         assert all(0 < g <= o + 1e-6 for g, o in zip(row["recall_per_layer"], row["oracle_recall_per_layer"]))
+        # and per family, whose layers average to the row's
+        for family in ("books", "technical"):
+            gate, best = row[f"recall_per_layer_{family}"], row[f"oracle_recall_per_layer_{family}"]
+            assert len(gate) == 4 and all(0 < g <= o + 1e-6 for g, o in zip(gate, best))
+            assert row[f"recall_{family}"] == pytest.approx(sum(gate) / 4)
+        mean = [(b + t) / 2 for b, t in zip(row["recall_per_layer_books"], row["recall_per_layer_technical"])]
+        assert row["recall_per_layer"] == pytest.approx(mean)
     # At 50% the gate chooses among free blocks, and the oracle chooses differently.
     assert rows["seer joint, 50% sparsity, oracle selection"]["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
     # The other budget (seer_joint trains with the layer budget) spends the same number of blocks per row.
