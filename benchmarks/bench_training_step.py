@@ -55,9 +55,12 @@ def variants(shape: str) -> dict[str, list[str]]:
         "dense (YaRN baseline, SDPA)": [f"+exp={dense_exp}"],
         "seer joint, density 0.1": seer,
         # Forward and backward replayed from a CUDA graph (`trainer.cuda_graphs`), both models; the loss is then
-        # the chunked one (Liger's reads the device back).
+        # the capturable one (Liger's reads the device back).
         "dense (YaRN baseline, SDPA), CUDA graphs": [f"+exp={dense_exp}", "trainer.cuda_graphs=true"],
         "seer joint, density 0.1, CUDA graphs": [*seer, "trainer.cuda_graphs=true"],
+        # What the 90% experiment's block per row by the logit bound costs, in the step that shows GPU time.
+        "seer joint, density 0.1, CUDA graphs, no bound blocks": [*seer, "trainer.cuda_graphs=true",
+                                                                 "attention.bound_blocks=0"],
         # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
         "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
         # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly
