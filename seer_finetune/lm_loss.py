@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import seer_kernels
+
 from .config import ConfigError
 
 IGNORE_INDEX = -100
@@ -309,9 +311,10 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
     """Summed cross entropy of `hidden @ weight.T + bias`, its gradients computed chunk by chunk in the forward.
 
     Each chunk's logits are made, turned into the loss and into their own gradient (softmax minus the one-hot
-    target) in place, and multiplied out into the gradients of the hidden states, weight and bias; then they are
-    freed. The backward only scales those by the incoming gradient, on the device. Against the checkpointed
-    chunks this saves the recomputed projection and cross entropy, and it reads nothing back from the device.
+    target) in place (`seer_kernels.cross_entropy_with_grad`: one Triton kernel on CUDA), and multiplied out into
+    the gradients of the hidden states, weight and bias; then they are freed. The backward only scales those by
+    the incoming gradient, on the device. Against the checkpointed chunks this saves the recomputed projection and
+    cross entropy, and it reads nothing back from the device.
     """
 
     @staticmethod
@@ -326,26 +329,18 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for start in range(0, hidden.shape[0], rows):
             part = hidden[start:start + rows].to(weight.dtype)
-            goal = targets[start:start + rows]
-            valid = goal != IGNORE_INDEX
-            index = goal.clamp(min=0).unsqueeze(1)
-            # The upcast is transformers' own (its loss upcasts the logits before the cross entropy).
-            logits = F.linear(part, weight, bias).float()  # [R, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, index).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            if not (need_h or need_w or need_b):
-                continue
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()
-            grad.scatter_add_(1, index, torch.full_like(picked, -1.0).unsqueeze(1))
-            grad.mul_(valid.unsqueeze(1))
+            logits = F.linear(part, weight, bias)  # [R, V]
+            # Each row's loss in float32 (transformers' loss upcasts too); with gradients, the logits become their
+            # own gradient, softmax minus the one-hot target, zero on rows without one.
+            total += seer_kernels.cross_entropy_with_grad(
+                logits, targets[start:start + rows], ignore_index=IGNORE_INDEX, write_grad=need_h or need_w or need_b
+            ).sum()
             if need_b:
-                grad_b += grad.sum(0)
-            grad = grad.to(weight.dtype)
+                grad_b += logits.sum(0, dtype=torch.float32)
             if need_h:
-                grad_h[start:start + rows] = grad @ weight
+                grad_h[start:start + rows] = logits @ weight
             if need_w:
-                grad_w += grad.t() @ part
+                grad_w += logits.t() @ part
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total

@@ -15,7 +15,8 @@ it take checked inputs. Each op runs on one of two kernels, chosen by its `kerne
 - `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
 
 `token_gate_block_scores` is the fused token-scored SeerAttention gate: differentiable on the Triton kernel,
-forward-only on the PyTorch one.
+forward-only on the PyTorch one. `cross_entropy_with_grad` is not attention: the language-model loss's rows with
+their gradient written in place, which the trainer's CUDA-graph loss runs on.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "block_mask_to_indices",
     "block_sparse_attention",
     "causal_block_mask",
+    "cross_entropy_with_grad",
     "document_ids_from_cu_seqlens",
     "num_blocks",
     "token_gate_block_scores",
@@ -382,3 +384,50 @@ def token_gate_block_scores(
     else:
         from .pytorch_chunked import token_gate_scores as forward
     return forward(qt, kh, valid, candidates, block_size=block_size, prob=prob, cos=cos, sin=sin)
+
+
+def cross_entropy_with_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    write_grad: bool = True,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """Cross entropy of each row of `logits`, and (with `write_grad`) its gradient written over `logits`.
+
+    For row i with target `t = targets[i]` (not `ignore_index`): `loss[i] = logsumexp(logits[i]) - logits[i, t]`,
+    computed in float32 whatever the logits' dtype, and `logits[i] <- softmax(logits[i]) - onehot(t)` in the
+    logits' dtype: the gradient of `loss.sum()` with respect to the row. A row whose target is `ignore_index`
+    has loss 0 and gradient 0. Nothing is read back to the host, so a CUDA graph can capture the op. Not
+    differentiable itself: the caller multiplies the gradient out (`seer_finetune.lm_loss`).
+
+    Args:
+        logits: `[N, V]` float16/bfloat16/float32, last dim contiguous; overwritten when `write_grad`.
+        targets: int64 `[N]` on the same device, each in `[0, V)` or `ignore_index`.
+        ignore_index: The target of a row without one. Default -100.
+        write_grad: Write the gradient over `logits`. Default True.
+        kernel: `"auto"`, `"pytorch"` or `"triton"` (see the module docstring).
+
+    Returns:
+        float32 `[N]`: each row's loss.
+
+    Raises:
+        ValueError: for shapes, dtypes or devices outside the contract above, or CPU tensors on the Triton kernel
+            outside Triton's interpreter.
+    """
+    on_triton = _runs_on_triton(kernel, logits)
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.dtype not in _TRITON_DTYPES or targets.dtype != torch.int64:
+        raise ValueError(f"logits must be float16/bfloat16/float32 and targets int64, got {logits.dtype} and {targets.dtype}")
+    if targets.device != logits.device:
+        raise ValueError(f"logits and targets must share a device, got {logits.device} and {targets.device}")
+    if logits.stride(-1) != 1:
+        raise ValueError("logits must be contiguous in their last dim (the gradient is written over them)")
+    if on_triton:
+        _check_triton_device(logits, "logits")
+        from .triton_cross_entropy import cross_entropy_with_grad_triton as run
+    else:
+        from .pytorch_chunked import cross_entropy_with_grad as run
+    return run(logits, targets, ignore_index, write_grad)

@@ -310,3 +310,20 @@ def rotate_by_block(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block
     rot = x[..., :rd]
     partner = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
     return torch.cat((rot * cos_t + partner * sin_t, x[..., rd:]), dim=-1)
+
+
+def cross_entropy_with_grad(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, write_grad: bool
+) -> torch.Tensor:
+    """`seer_kernels.cross_entropy_with_grad` in PyTorch: float32 math, the gradient written back into `logits` in
+    its dtype; the reference of `triton_cross_entropy`."""
+    valid = targets != ignore_index
+    index = targets.clamp(min=0).unsqueeze(1)
+    work = logits.float()
+    lse = torch.logsumexp(work, dim=-1)
+    losses = torch.where(valid, lse - work.gather(1, index).squeeze(1), 0.0)
+    if write_grad:
+        grad = work.sub_(lse.unsqueeze(1)).exp_()
+        grad.scatter_add_(1, index, torch.full_like(lse, -1.0).unsqueeze(1))
+        logits.copy_(grad.mul_(valid.unsqueeze(1)))
+    return losses
