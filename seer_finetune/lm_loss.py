@@ -361,8 +361,9 @@ def linear_cross_entropy_sum(
     read back from the device: the capturable loss of `trainer.cuda_graphs`.
 
     The gradients of `hidden`, `weight` and `bias` are computed in the forward, `rows` rows at a time, and held
-    until the backward scales them: one chunk's float32 logits exist at a time, the hidden states' gradient and a
-    float32 copy of the weight's (when it trains) for the step.
+    until the backward scales them: one chunk's logits exist at a time (in the weight's dtype; off CUDA the PyTorch
+    reference adds a float32 copy), and the hidden states' gradient and a float32 copy of the weight's (when it
+    trains) for the step.
 
     Args:
         hidden: [..., H] final hidden states.
