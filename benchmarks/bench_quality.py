@@ -460,14 +460,35 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
         elif args.other_budget:
             other = "row" if a.budget == "layer" else "layer"
             settings.append((f"{name}, {other} budget", False, other))
+        if run.startswith("sparsity"):
+            settings += [(f"{name}, oracle selection in layers {layers[0]}-{layers[-1]}", layers, a.budget)
+                         for layers in args.oracle_layers]
         for label, oracle, budget in settings:
             runtime = runtime_from_config(a)
-            # The gate loss's ground truth on every row also gives each layer's recall.
-            runtime.configure(density=density, oracle=oracle, budget=budget, compute_loss=True)
+            # The gate loss's ground truth on every row also gives each layer's recall. `oracle`: True, False, or
+            # the layers that rank by the truth while the others keep their gates.
+            where = dict(oracle=oracle, oracle_layers=()) if isinstance(oracle, bool) else dict(oracle=False, oracle_layers=oracle)
+            runtime.configure(density=density, budget=budget, compute_loss=True, **where)
             runtime.training = False
             load = lambda run=run, runtime=runtime: load_seer_model(dirs[run] / "final", runtime=runtime, device=device, dtype=dtype)
             record(label, load, args.seq_len, 1.0 - density, passkey=budget == a.budget)
     return rows
+
+
+def layer_range(text: str) -> tuple[int, ...]:
+    """`"A-B"` (or `"A"`) -> the layers A to B inclusive.
+
+    Raises:
+        ValueError: for anything else, or B < A.
+    """
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"--oracle-layers takes ranges of layers such as 0-9, got {text!r}") from None
+    if lo < 0 or hi < lo:
+        raise ValueError(f"--oracle-layers: {text!r} is not a range FIRST-LAST with 0 <= FIRST <= LAST")
+    return tuple(range(lo, hi + 1))
 
 
 def package_versions() -> dict[str, str | None]:
@@ -536,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", nargs="+", action="append", default=[], metavar="NAME BASE OVERRIDE",
                         help="one more sparse run: trained like BASE (e.g. sparsity90) with these Hydra overrides; "
                         "evaluated with the gate and with oracle selection")
+    parser.add_argument("--oracle-layers", nargs="+", default=[], metavar="FIRST-LAST",
+                        help="for each run of --sparsities, also evaluate its gates with oracle selection in these "
+                        "layers only (ranges such as 0-9; one row each, passkey included): where the gate's loss is")
     parser.add_argument("--jobs", type=int, default=1,
                         help="training runs at once (above 1: separate processes sharing the GPU; times not compared)")
     parser.add_argument("--time-steps", type=int, default=3,
@@ -546,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--variant needs a name and a base run (e.g. --variant gate32k sparsity90 attention.init_steps=50)")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    try:
+        args.oracle_layers = [layer_range(text) for text in args.oracle_layers]
+    except ValueError as err:
+        parser.error(str(err))
     if args.time_steps < 0:
         parser.error("--time-steps must be 0 or more")
     args.out = args.out.resolve()

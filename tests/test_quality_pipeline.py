@@ -48,6 +48,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
         "--eval-windows", "2", "--train-eval-windows", "1", "--passkey-trials", "2", "--num-proc", "1",
         "--lr", "1e-3", "--device", "cpu", "--sparsities", "0.5", "0.9", "--jobs", "2", "--time-steps", "1",
         "--variant", "gate_stage", "sparsity50", "attention.init_steps=1", "attention.gate_hidden_size=16",
+        "--oracle-layers", "0-3", "2",
         # 192 gate features hold the 90% experiment's logit-bound gate at head_dim 32 (64 of them without RoPE).
         "--override", "attention.gate_hidden_size=192", "trainer.micro_batch_size=1", "trainer.save_every=0",
     ]
@@ -58,8 +59,12 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert runs == ["base (native length)", "base + YaRN, no training", "dense YaRN fine-tuning",
                     "seer joint, 50% sparsity", "seer joint, 50% sparsity, oracle selection",
                     "seer joint, 50% sparsity, row budget",
+                    "seer joint, 50% sparsity, oracle selection in layers 0-3",
+                    "seer joint, 50% sparsity, oracle selection in layers 2-2",
                     "seer joint, 90% sparsity", "seer joint, 90% sparsity, oracle selection",
                     "seer joint, 90% sparsity, row budget",
+                    "seer joint, 90% sparsity, oracle selection in layers 0-3",
+                    "seer joint, 90% sparsity, oracle selection in layers 2-2",
                     "seer joint, 50% sparsity, gate_stage", "seer joint, 50% sparsity, oracle selection, gate_stage"]
     # Every run trained in its own process; the variant's gate-only stage is counted in its training cost. Its
     # gates have another shape than the shared initialisation's, so it started from its own, and so did the 90%
@@ -107,6 +112,13 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     # At 50% the gate chooses among free blocks, and the oracle chooses differently.
     assert rows["seer joint, 50% sparsity, oracle selection"]["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
     # The other budget (seer_joint trains with the layer budget) spends the same number of blocks per row.
+    # Oracle selection in every layer (0-3 of the tiny model's four) is the oracle row. In layer 2 alone: layers 0
+    # and 1 select (and recall) as the gate row does, and layer 2, on the same input, recalls at least as much.
+    every, one = rows["seer joint, 90% sparsity, oracle selection in layers 0-3"], rows["seer joint, 90% sparsity, oracle selection in layers 2-2"]
+    assert every["ppl_books"] == pytest.approx(oracle["ppl_books"], rel=1e-6) and "passkey" in one
+    gate_row = rows["seer joint, 90% sparsity"]
+    assert one["recall_per_layer"][:2] == pytest.approx(gate_row["recall_per_layer"][:2], abs=1e-6)
+    assert one["recall_per_layer"][2] >= gate_row["recall_per_layer"][2] - 1e-6
     per_row = rows["seer joint, 50% sparsity, row budget"]
     assert per_row["realised_sparsity"] == pytest.approx(rows["seer joint, 50% sparsity"]["realised_sparsity"], abs=1e-6)
     assert "passkey" not in per_row and per_row["ppl_books"] != rows["seer joint, 50% sparsity"]["ppl_books"]
@@ -131,7 +143,7 @@ def test_quality_pipeline_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
     assert train_files and eval_files and not train_files & eval_files
     # A second invocation reuses every trained run and every finished evaluation.
     finished = [*(out / "runs").glob("*/summary.json"), *(out / "evals").glob("*.json")]
-    assert len(finished) == 7 + 11
+    assert len(finished) == 7 + 15
     before = {p: p.stat().st_mtime for p in finished}
     assert bench_quality.main(argv) == 0
     assert {p: p.stat().st_mtime for p in finished} == before

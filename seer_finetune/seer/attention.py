@@ -32,6 +32,7 @@ and ground truth, and its loss is dropped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -356,6 +357,8 @@ def _select(
 
     `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds."""
     state, s = rt.forward, rt.settings
+    if layer in s.oracle_layers and not s.oracle:
+        s = dataclasses.replace(s, oracle=True)
     oracle_truth = None
     block_mask = state.block_mask(layer)
     if block_mask is None:

@@ -64,6 +64,8 @@ class SeerSettings:
         oracle: Select blocks by each layer's true block-pooled attention instead of the gate's scores: what a
             perfect gate would reach at the same density or threshold (an evaluation bound; it costs a
             ground-truth pass per layer).
+        oracle_layers: Layers that select by the true attention while the others keep their gates (with `oracle`
+            off): which layers a gate's loss comes from. Empty (default): none.
     """
 
     mode: str = "dense"
@@ -84,6 +86,7 @@ class SeerSettings:
     compute_loss: bool = True
     compile_gate: Optional[bool] = None
     oracle: bool = False
+    oracle_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         def one_of(name: str, value, allowed) -> None:
@@ -112,6 +115,8 @@ class SeerSettings:
             raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
         if not self.selection_temperature > 0.0:
             raise ValueError(f"selection_temperature={self.selection_temperature} must be > 0")
+        if any(not isinstance(layer, int) or layer < 0 for layer in self.oracle_layers):
+            raise ValueError(f"oracle_layers={self.oracle_layers} must be layer indices >= 0")
         if not 0.0 < self.ground_truth_query_fraction <= 1.0:
             raise ValueError(f"ground_truth_query_fraction={self.ground_truth_query_fraction} must be in (0, 1]")
 
