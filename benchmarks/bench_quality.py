@@ -476,19 +476,11 @@ def evaluate_all(args, folders: dict[str, Path], specs: dict[str, list[str]], di
 
 
 def layer_range(text: str) -> tuple[int, ...]:
-    """`"A-B"` (or `"A"`) -> the layers A to B inclusive.
-
-    Raises:
-        ValueError: for anything else, or B < A.
-    """
-    first, _, last = text.partition("-")
-    try:
-        lo, hi = int(first), int(last or first)
-    except ValueError:
-        raise ValueError(f"--oracle-layers takes ranges of layers such as 0-9, got {text!r}") from None
-    if lo < 0 or hi < lo:
-        raise ValueError(f"--oracle-layers: {text!r} is not a range FIRST-LAST with 0 <= FIRST <= LAST")
-    return tuple(range(lo, hi + 1))
+    """`"A-B"` (or `"A"`) -> the layers A to B inclusive; a ValueError for anything else."""
+    first, dash, last = text.partition("-")
+    if not first.isdigit() or (dash and not last.isdigit()) or int(last or first) < int(first):
+        raise ValueError(f"--oracle-layers takes ranges FIRST-LAST of layers, FIRST <= LAST (e.g. 0-9), got {text!r}")
+    return tuple(range(int(first), int(last or first) + 1))
 
 
 def package_versions() -> dict[str, str | None]:

@@ -300,3 +300,15 @@ def test_each_joint_experiment_has_the_gate_of_the_initialisation_it_starts_from
         assert bench_quality.gate_fields([f"+exp={name}"]) == bench_quality.gate_fields([f"+exp={init}"]), (name, init)
         checked += 1
     assert checked >= 5  # yarn32k_sparsity50/90/95 and yarn128k_sparsity50/90
+
+
+def test_oracle_layer_ranges_parse_and_refuse_with_one_line():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    assert bench_quality.layer_range("0-3") == (0, 1, 2, 3) and bench_quality.layer_range("7") == (7,)
+    for bad in ("3-1", "1-", "-1", "a-b", ""):
+        with pytest.raises(ValueError, match="--oracle-layers"):
+            bench_quality.layer_range(bad)
+    with pytest.raises(SystemExit):
+        bench_quality.main(["--model", "m", "--corpora", ".", "--out", "o", "--oracle-layers", "9-2"])
