@@ -115,6 +115,8 @@ class SeerSettings:
             raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
         if not self.selection_temperature > 0.0:
             raise ValueError(f"selection_temperature={self.selection_temperature} must be > 0")
+        # A tuple whatever sequence was given: settings are hashed (they key the selection plans).
+        object.__setattr__(self, "oracle_layers", tuple(self.oracle_layers))
         if any(not isinstance(layer, int) or layer < 0 for layer in self.oracle_layers):
             raise ValueError(f"oracle_layers={self.oracle_layers} must be layer indices >= 0")
         if not 0.0 < self.ground_truth_query_fraction <= 1.0:

@@ -39,6 +39,8 @@ def test_oracle_layers_rank_by_the_truth_in_those_layers_only():
     assert all(torch.equal(every[layer], truth[layer]) for layer in truth)
 
 
-def test_oracle_layers_must_be_layer_indices():
+def test_oracle_layers_must_be_layer_indices_and_become_a_tuple():
     with pytest.raises(ValueError, match="oracle_layers"):
         SeerRuntime(mode="joint", density=0.5, oracle_layers=(-1,))
+    rt = SeerRuntime(mode="joint", density=0.5, oracle_layers=[2, 3])
+    assert rt.settings.oracle_layers == (2, 3) and hash(rt.settings)
