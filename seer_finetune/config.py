@@ -353,7 +353,8 @@ class TrainerConfig:
             captured once (`graphed_step.py`): a step whose wall time is the host launching kernels (the 32k seer
             step) then runs at the GPU's pace. The optimizer step stays eager. Needs one CUDA process without
             DeepSpeed, text data without per-document attention, `attention.backend` sdpa or seer, and a loss
-            that reads nothing back from the device (`auto` becomes `chunked` where it would pick `liger`).
+            that reads nothing back from the device: `auto` and `chunked` then take the capturable loss
+            (`lm_loss.linear_cross_entropy_sum`, its gradients computed in the forward), never `liger`.
     """
 
     max_steps: int = 100
