@@ -24,7 +24,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 from seer_finetune.compose import compose_config
 from seer_finetune.config import ConfigError, PeftConfig
 from seer_finetune.lm_loss import (
-    FUSED_ABOVE_LOGITS, CausalLMLoss, choose_lm_loss, linear_cross_entropy_sum, linear_weights, next_token_targets,
+    FUSED_ABOVE_LOGITS, CausalLMLoss, choose_lm_loss, chunked_loss_sum, linear_cross_entropy_sum, linear_weights,
+    next_token_targets,
 )
 from seer_finetune.metrics import read_metrics
 from seer_finetune.modeling import apply_peft
@@ -157,6 +158,31 @@ def test_capturable_loss_takes_its_gradients_in_the_forward(setup, monkeypatch):
     assert ("lm_head" in " ".join(grads)) == (setup == "full_untied")
     for name, grad in grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_over_every_row_equals_the_targeted_rows(monkeypatch):
+    """The capturable loss's fallback for a head that is not one linear weight (LoRA on the head): every row
+    projected, those without a target skipped by the cross entropy, no row selection; the same sum and gradients
+    as the targeted rows alone."""
+    import seer_finetune.lm_loss as lm_loss
+
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 300))  # not one linear weight
+    hidden = torch.randn(2, 11, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (2, 11), generator=g)
+    targets[0, :4] = -100
+    want = chunked_loss_sum(head, hidden, targets, rows=5)
+    want_grads = torch.autograd.grad(want, [hidden, *head.parameters()])
+
+    def no_selection(*args):
+        raise AssertionError("every_row selected the targeted rows")
+
+    monkeypatch.setattr(lm_loss, "_target_rows", no_selection)
+    got = chunked_loss_sum(head, hidden, targets, rows=5, every_row=True)
+    got_grads = torch.autograd.grad(got, [hidden, *head.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def _reference_sum(hidden, weight, bias, targets):
