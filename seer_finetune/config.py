@@ -188,6 +188,15 @@ class AttentionConfig:
             (`selection.logit_bound_scores`). A trained gate ranks by attention mass and misses a block whose
             mass is one rare high logit (a passkey's needle); the bound finds it. Not used by oracle selection.
             0 (default): off. Saved with the gates.
+        probe_blocks: Every query-block row (per head) also keeps this many key blocks of highest probe score,
+            in the same tier as `bound_blocks`' picks (ahead of the gate's, within the same density): the probe
+            score is the exact block-max-pooled attention of `probe_tokens` of the row's query tokens
+            (`probe.probe_scores`), the ground truth the gate learns from a sample of the block's queries. It
+            costs about `probe_tokens / block_size` of a ground-truth pass per layer. Where a row's room is
+            smaller than the bound's and the probe's picks together, they are taken alternately, bound first.
+            Not used by oracle selection. 0 (default): off. Saved with the gates.
+        probe_tokens: Probe tokens per query block for `probe_blocks`: evenly strided, ending at the block's last
+            token; in [1, block_size] and dividing it. Default 1 (the last token). Saved with the gates.
         gate_loss: `kl` (KL(ground truth || gate)) or `mse`.
         gate_loss_scale: Weight of the gate loss in the total loss.
         gate_target_temperature: Temperature of the ground truth the gate loss compares with: below 1 each
@@ -235,6 +244,8 @@ class AttentionConfig:
     budget: str = "row"
     row_mass: float = 0.0
     bound_blocks: int = 0
+    probe_blocks: int = 0
+    probe_tokens: int = 1
     gate_loss: str = "kl"
     gate_loss_scale: float = 1.0
     gate_target_temperature: float = 1.0

@@ -236,6 +236,12 @@ def validate(cfg: SeerConfig) -> SeerConfig:
     if a.row_mass > 0.0 and a.budget == "row":
         raise ConfigError(f"attention.row_mass={a.row_mass} shares out a layer or head budget: it needs attention.budget=layer or head")
     _positive("attention.bound_blocks", a.bound_blocks, allow_zero=True)
+    _positive("attention.probe_blocks", a.probe_blocks, allow_zero=True)
+    if not 1 <= a.probe_tokens <= a.block_size or a.block_size % a.probe_tokens:
+        raise ConfigError(
+            f"attention.probe_tokens={a.probe_tokens} must be in [1, attention.block_size={a.block_size}] and divide "
+            "it (the probe tokens are evenly strided over the block)"
+        )
     _fraction("attention.ground_truth_query_fraction", a.ground_truth_query_fraction, open_low=True)
     if a.density is not None:
         _fraction("attention.density", a.density, open_low=True)

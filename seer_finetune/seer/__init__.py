@@ -3,6 +3,7 @@
 - `gate.AttnGate`: the per-layer block predictor (pooled pre-RoPE Q/K, per-head projections, block RoPE).
 - `selection`: candidate blocks (causal + documents), gate probabilities, block selection, realised density,
   gate loss.
+- `probe`: probe scores, the exact block-pooled attention of a few query tokens per block (`probe_blocks`).
 - `runtime`: `SeerSettings` (frozen, from `AttentionConfig`) and `SeerRuntime` (settings, train/eval switch,
   per-forward state, gate losses and statistics), shared by all gates of a model.
 - `masking`: the `seer` mask function (per-token document ids instead of an L x L mask).

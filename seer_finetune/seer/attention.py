@@ -47,6 +47,7 @@ from .gate_path import (
     compile_gate_now, gate_graph, layer_gate_loss, layer_log_probs, layer_selection_stats, loss_with_gradients,
 )
 from .masking import padding_layout, seer_mask, split_document_ids
+from .probe import probe_scores
 from .runtime import SeerRuntime
 from .selection import SelectionPlan, block_candidates, logit_bound_scores, tempered_log_probs
 
@@ -355,7 +356,9 @@ def _select(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks).
 
-    `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds."""
+    `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds;
+    `settings.probe_blocks`' probe scores read the attention's own post-RoPE `query` `[B, Hq, L, D]` and `key`
+    `[B, Hkv, L, D]`, with the valid tokens and `kernel_args`' document ids and softmax scale."""
     state, s = rt.forward, rt.settings
     if layer in s.oracle_layers and not s.oracle:
         s = dataclasses.replace(s, oracle=True)
@@ -377,12 +380,17 @@ def _select(
             scores = log_probs.detach()
             if s.selection_temperature != 1.0:
                 scores = tempered_log_probs(scores, s.selection_temperature)
-        bound = None
+        bound = probe = None
         if plan.bound_blocks > 0:
             with torch.no_grad():
                 bound = logit_bound_scores(*bound_inputs, s.block_size)
+        if plan.probe_blocks > 0:
+            probe = probe_scores(
+                query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
+                document_ids=kernel_args["document_ids"], valid=bound_inputs[2], sm_scale=kernel_args["sm_scale"],
+            )
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
-        block_mask = plan.select(scores, normalized=True, bound=bound)
+        block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)
         if rt.keeps_graph:
             state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:

@@ -87,7 +87,10 @@ def _note_other_selection(gates_dir: Path, runtime: SeerRuntime) -> None:
     now = runtime.settings
     differ = [
         f"{key}={trained[key]!r} (trained) vs {getattr(now, key)!r}"
-        for key in ("sink_blocks", "local_blocks", "budget", "row_mass", "bound_blocks", "selection_temperature")
+        for key in (
+            "sink_blocks", "local_blocks", "budget", "row_mass", "bound_blocks", "probe_blocks", "probe_tokens",
+            "selection_temperature",
+        )
         if key in trained and trained[key] != getattr(now, key)
     ]
     if differ:

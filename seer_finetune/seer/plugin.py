@@ -170,7 +170,7 @@ class SeerExtension(TrainingExtension):
             extra={
                 "trained_mode": a.mode, "density": a.density, "threshold": a.threshold, "sink_blocks": a.sink_blocks,
                 "local_blocks": a.local_blocks, "budget": a.budget, "row_mass": a.row_mass,
-                "bound_blocks": a.bound_blocks,
+                "bound_blocks": a.bound_blocks, "probe_blocks": a.probe_blocks, "probe_tokens": a.probe_tokens,
                 "selection_temperature": float(a.gate_selection_temperature),
             },
         )

@@ -47,6 +47,10 @@ class SeerSettings:
             gate probability (at most its quota); 0 turns it off, the row budget and a threshold ignore it. See `selection.SelectionPlan`.
         bound_blocks: Per row and head, key blocks of highest logit bound kept ahead of the gate's picks, within
             the same density (`selection.logit_bound_scores`); oracle selection ignores it. 0 (default): off.
+        probe_blocks: Per row and head, key blocks of highest probe score (the exact attention of `probe_tokens`
+            of the row's query tokens, `probe.probe_scores`) kept ahead of the gate's picks beside the bound's,
+            within the same density; oracle selection ignores it. 0 (default): off.
+        probe_tokens: Probe tokens per query block; divides `block_size`. Default 1 (the block's last token).
         loss_kind: `kl` or `mse`.
         target_temperature: The gate loss compares with the ground truth at this temperature (`selection.gate_loss`).
         selection_temperature: Selection compares the gate's probabilities raised to this power, renormalised
@@ -77,6 +81,8 @@ class SeerSettings:
     budget: str = "row"
     row_mass: float = 0.0
     bound_blocks: int = 0
+    probe_blocks: int = 0
+    probe_tokens: int = 1
     loss_kind: str = "kl"
     target_temperature: float = 1.0
     selection_temperature: float = 1.0
@@ -111,6 +117,12 @@ class SeerSettings:
             raise ValueError(f"row_mass={self.row_mass} must be in [0, 1)")
         if self.bound_blocks < 0:
             raise ValueError(f"bound_blocks={self.bound_blocks} must be >= 0")
+        if self.probe_blocks < 0:
+            raise ValueError(f"probe_blocks={self.probe_blocks} must be >= 0")
+        if not 1 <= self.probe_tokens <= self.block_size or self.block_size % self.probe_tokens:
+            raise ValueError(
+                f"probe_tokens={self.probe_tokens} must be in [1, block_size={self.block_size}] and divide it"
+            )
         if not self.target_temperature > 0.0:
             raise ValueError(f"target_temperature={self.target_temperature} must be > 0")
         if not self.selection_temperature > 0.0:
@@ -136,6 +148,8 @@ class SeerSettings:
             budget=a.budget,
             row_mass=float(a.row_mass),
             bound_blocks=int(a.bound_blocks),
+            probe_blocks=int(a.probe_blocks),
+            probe_tokens=int(a.probe_tokens),
             loss_kind=a.gate_loss,
             target_temperature=float(a.gate_target_temperature),
             selection_temperature=float(a.gate_selection_temperature),

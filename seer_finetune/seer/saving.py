@@ -127,8 +127,9 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         model: A transformers causal LM (optionally peft-wrapped) of the architecture the gates were trained on.
         path: Folder with `seer_gates.safetensors` and `seer_gates.json`.
         runtime: Settings for newly attached gates (default: `joint` mode without a density, i.e. set one
-            before a sparse forward, keeping the sink and local blocks, the budget, its row mass and the selection temperature the gates were trained with). Its block
-            size is replaced by the saved one.
+            before a sparse forward, keeping the sink and local blocks, the budget, its row mass, the bound and
+            probe blocks and the selection temperature the gates were trained with). Its block size is replaced
+            by the saved one.
 
     Returns:
         The runtime shared by the model's gates.
@@ -139,11 +140,15 @@ def load_gates(model: nn.Module, path: str | Path, *, runtime: Optional[SeerRunt
         if runtime is None:
             runtime = SeerRuntime(
                 mode="joint",
+                # The saved block size from the start: the probe tokens are checked against it.
+                block_size=int(config["block_size"]),
                 sink_blocks=int(config.get("sink_blocks", 0)),
                 local_blocks=int(config.get("local_blocks", 1)),
                 budget=str(config.get("budget", "row")),
                 row_mass=float(config.get("row_mass", 0.0)),
                 bound_blocks=int(config.get("bound_blocks", 0)),
+                probe_blocks=int(config.get("probe_blocks", 0)),
+                probe_tokens=int(config.get("probe_tokens", 1)),
                 selection_temperature=float(config.get("selection_temperature", 1.0)),
             )
         runtime.configure(block_size=int(config["block_size"]))

@@ -207,7 +207,12 @@ class SelectionPlan:
     rows with a peaked gate. With `bound_blocks` k > 0, every row (per head) also keeps its k non-forced candidates
     of highest logit bound (`logit_bound_scores`, passed to `select`), within its quota: under the layer or head
     budget they rank ahead of every other pick, under the row budget right after the forced blocks, and with a
-    threshold they are kept besides. `budget="head"` shares out like the layer budget within each head: every
+    threshold they are kept besides. With `probe_blocks` k > 0, every row (per head) likewise keeps its k non-forced
+    candidates of highest probe score (`probe.probe_scores`: the exact attention of a few of the block's query
+    tokens), in the same tier as the bound's picks. With both, a row whose room (its quota beyond its forced blocks)
+    is smaller than the two lists' union takes them alternately, bound first: the bound's best, the probe's best,
+    the bound's second, ...; a block on both lists counts once, at its better place (`_extra_picks`).
+    `budget="head"` shares out like the layer budget within each head: every
     head keeps the row quotas' total, spread over its rows by probability (heads cannot lend blocks to each
     other). The forced blocks (`forced_blocks`: the diagonal, the `local_blocks - 1` blocks before it, and `sink_blocks`
     leading blocks) are always kept.
@@ -222,6 +227,7 @@ class SelectionPlan:
         row_mass: With the layer or head budget: the share of each row's gate probability its first picks must hold
             (see above), in [0, 1); the row budget and a threshold ignore it. Default 0 (off).
         bound_blocks: Blocks of highest logit bound each row keeps (see above). Default 0 (off).
+        probe_blocks: Blocks of highest probe score each row keeps (see above). Default 0 (off).
     """
 
     def __init__(
@@ -235,6 +241,7 @@ class SelectionPlan:
         budget: str = "row",
         row_mass: float = 0.0,
         bound_blocks: int = 0,
+        probe_blocks: int = 0,
     ):
         if (density is None) == (threshold is None):
             raise ValueError("a selection needs exactly one of density or threshold")
@@ -248,7 +255,9 @@ class SelectionPlan:
             raise ValueError(f"row_mass={row_mass} must be in [0, 1)")
         if bound_blocks < 0:
             raise ValueError(f"bound_blocks={bound_blocks} must be >= 0")
-        self.row_mass, self.bound_blocks = row_mass, bound_blocks
+        if probe_blocks < 0:
+            raise ValueError(f"probe_blocks={probe_blocks} must be >= 0")
+        self.row_mass, self.bound_blocks, self.probe_blocks = row_mass, bound_blocks, probe_blocks
         self.candidates = candidates
         self.density, self.threshold, self.budget = density, threshold, budget
         self.forced = forced_blocks(candidates, sink_blocks, local_blocks)
@@ -257,8 +266,8 @@ class SelectionPlan:
 
     @classmethod
     def from_settings(cls, candidates: torch.Tensor, settings) -> "SelectionPlan":
-        """The plan for a `SeerSettings` (its density or threshold, forced blocks, budget, row mass and bound
-        blocks)."""
+        """The plan for a `SeerSettings` (its density or threshold, forced blocks, budget, row mass, bound and
+        probe blocks)."""
         return cls(
             candidates,
             density=settings.density,
@@ -269,6 +278,7 @@ class SelectionPlan:
             row_mass=settings.row_mass,
             # Oracle selection is the reference a gate is measured against: the true attention alone ranks.
             bound_blocks=0 if settings.oracle else settings.bound_blocks,
+            probe_blocks=0 if settings.oracle else settings.probe_blocks,
         )
 
     def layer_extra(self, heads: int) -> list[int]:
@@ -282,7 +292,12 @@ class SelectionPlan:
 
     @torch.no_grad()
     def select(
-        self, scores: torch.Tensor, *, normalized: bool = False, bound: Optional[torch.Tensor] = None
+        self,
+        scores: torch.Tensor,
+        *,
+        normalized: bool = False,
+        bound: Optional[torch.Tensor] = None,
+        probe: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Choose the key blocks each query head attends to.
 
@@ -293,17 +308,18 @@ class SelectionPlan:
                 log-probs, or the log of the row-normalised ground truth), so the layer budget can compare them
                 across rows as they are. Default False.
             bound: `[B, H, nB, nB]` logit bounds (`logit_bound_scores`); needed when the plan has `bound_blocks`.
+            probe: `[B, H, nB, nB]` probe scores (`probe.probe_scores`); needed when the plan has `probe_blocks`.
 
         Returns:
             bool `[B, H, nB, nB]`, a subset of the candidates.
         """
         # [B, 1, nB, nB]: broadcast over the heads, never materialised per head.
         cand, forced = self.candidates[:, None], self.forced[:, None]
-        picks = None
-        if self.bound_blocks > 0:
-            if bound is None:
-                raise ValueError(f"a plan with bound_blocks={self.bound_blocks} selects with the logit bounds: pass bound=")
-            picks = self._bound_picks(bound, cand, forced)
+        if self.bound_blocks > 0 and bound is None:
+            raise ValueError(f"a plan with bound_blocks={self.bound_blocks} selects with the logit bounds: pass bound=")
+        if self.probe_blocks > 0 and probe is None:
+            raise ValueError(f"a plan with probe_blocks={self.probe_blocks} selects with the probe scores: pass probe=")
+        picks = self._extra_picks(bound, probe, cand, forced)
         if self.threshold is not None:
             probs = gate_log_probs(scores, self.candidates).exp()
             kept = (cand & (probs >= self.threshold)) | forced
@@ -322,8 +338,8 @@ class SelectionPlan:
             )
             return picked.view(scores.shape)
         quota = self.quota[:, None, :, None]
-        # Forced blocks rank first, then the bound's picks, non-candidates last; the sort then gives every block
-        # its rank in the row.
+        # Forced blocks rank first, then the bound's and probe's picks, non-candidates last; the sort then gives
+        # every block its rank in the row.
         key = scores.float().masked_fill(~cand, float("-inf"))
         if picks is not None:
             key = key.masked_fill(picks, float(torch.finfo(torch.float32).max))
@@ -337,16 +353,37 @@ class SelectionPlan:
         """long `[B, 1, nB, 1]`: each row's quota beyond its forced blocks."""
         return (self.quota - self.forced.sum(-1))[:, None, :, None].clamp_min(0)
 
-    def _bound_picks(self, bound: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
-        """bool `[B, H, nB, nB]`: per row, the `bound_blocks` non-forced candidates of highest bound, at most the
-        row's quota beyond its forced blocks (with a threshold, which has no quota: all of them)."""
-        key = bound.float().masked_fill(~cand | forced, float("-inf"))
-        top = key.topk(min(self.bound_blocks, key.shape[-1]), dim=-1)
+    def _extra_picks(
+        self, bound: Optional[torch.Tensor], probe: Optional[torch.Tensor], cand: torch.Tensor, forced: torch.Tensor
+    ) -> Optional[torch.Tensor]:
+        """bool `[B, H, nB, nB]`: per row, the `bound_blocks` non-forced candidates of highest bound and the
+        `probe_blocks` of highest probe score, at most the row's quota beyond its forced blocks (with a threshold,
+        which has no quota: all of them); None when the plan has neither.
+
+        Where the union does not fit that room, the two lists are taken alternately, bound first: the t-th pick
+        (from 0) of list s (0: bound, 1: probe; s = 0 for the only list on) has priority `t * n + s` with n the
+        lists on (smaller is better), a block on both lists the better of its two, and the row keeps its `room`
+        picks of best priority. Neither list can crowd the other out."""
+        lists = [(v, k) for v, k in ((bound, self.bound_blocks), (probe, self.probe_blocks)) if k > 0]
+        if not lists:
+            return None
+        shape = torch.broadcast_shapes(*(values.shape for values, _ in lists), cand.shape)
+        # Priority as a float key (higher is better, -inf: no pick), so topk orders the union.
+        key = torch.full(shape, float("-inf"), device=cand.device)
+        for source, (values, count) in enumerate(lists):
+            ranked = values.float().masked_fill(~cand | forced, float("-inf"))
+            top = ranked.topk(min(count, ranked.shape[-1]), dim=-1)
+            rank = torch.arange(top.indices.shape[-1], device=key.device, dtype=key.dtype)
+            priority = (-(rank * len(lists) + source)).expand_as(top.values)
+            # A non-candidate in a short row's list stays no pick (-inf); a block both lists pick keeps the better.
+            priority = priority.masked_fill(top.values == float("-inf"), float("-inf"))
+            key.scatter_reduce_(-1, top.indices, priority, "amax")
+        top = key.topk(min(sum(k for _, k in lists), key.shape[-1]), dim=-1)
         take = top.values > float("-inf")
         if self.quota is not None:
             take &= torch.arange(top.indices.shape[-1], device=key.device) < self._room()
         # topk's indices are distinct within a row, so no pick is overwritten.
-        return torch.zeros(key.shape, dtype=torch.bool, device=key.device).scatter_(-1, top.indices, take)
+        return torch.zeros(shape, dtype=torch.bool, device=key.device).scatter_(-1, top.indices, take)
 
     def _row_mass_picks(self, log_probs: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
         """bool `[B, H, nB, nB]`: per row, the most probable non-forced candidates taken until the row's kept
@@ -381,7 +418,7 @@ def _select_by_layer_budget(
         first: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before every other block (in their
             own order of probability), e.g. `SelectionPlan._row_mass_picks`.
         ahead: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before `first` likewise, e.g.
-            `SelectionPlan._bound_picks`.
+            `SelectionPlan._extra_picks`.
 
     Returns:
         bool `[B, H, nB, nB]`.
