@@ -25,6 +25,7 @@ sys.path[:0] = [str(ROOT / "kernels")]
 POINTERS_BF16 = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 POINTERS_F32 = {"LSE", "DELTA", "OUT", "DK_ACC", "DV_ACC"}
 POINTERS_I32 = {"KV_IDX", "KV_CNT", "Q_IDX", "Q_CNT", "DOC", "ITEMS", "META", "ARRIVALS", "Q_BLOCKS", "OUT_ROWS", "FIRST_KB"}
+POINTERS_U8 = {"VALID"}
 FLOATS = {"scale_log2", "sm_scale"}
 # Integer arguments that are not multiples of 16 at the benchmark's shape; the JIT specializes the others (and
 # every pointer) as divisible by 16, which is what lets it vectorize pointer loads, so the compile here does too.
@@ -36,6 +37,7 @@ def kernel_table():
     descriptors, tile key of those, extra constexprs)."""
     from seer_kernels import triton_dkdv, triton_dq, triton_forward
     from seer_kernels import triton_ground_truth as tg
+    from seer_kernels import triton_probe as tp
 
     # name -> (kernel, kind for tile candidates, descriptor-streamed tensors, tile key of those, extra constexprs)
     return {
@@ -44,6 +46,7 @@ def kernel_table():
         "dkdv": (triton_dkdv._sparse_dkdv_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {}),
         "dkdv_segments": (triton_dkdv._sparse_dkdv_segments_kernel, "dkdv", ("Q", "DO"), "BLOCK_M", {"GROUP_P2": 4}),
         "gt": (tg._ground_truth_kernel, "gt", ("K",), "BLOCK_N", {"HAS_LSE": False}),
+        "probe": (tp._probe_kernel, "probe", ("K",), "BLOCK_N", {"HAS_VALID": False, "R": 1}),
     }
 
 
@@ -68,6 +71,8 @@ def signature(kernel, constexprs: dict, descriptors: dict) -> dict:
             sig[name] = "*fp32"
         elif name in POINTERS_I32:
             sig[name] = "*i32"
+        elif name in POINTERS_U8:
+            sig[name] = "*u8"
         elif name in FLOATS:
             sig[name] = "fp32"
         else:
@@ -109,10 +114,12 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
     constexprs = dict(HAS_DOCS=False, BLOCK=block, HEAD_DIM=head_dim, PRECISION="tf32", TMA=tma, **extra)
     from seer_kernels.triton_tuning import KERNEL_OPTIONS
 
-    if kind != "gt":
-        constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
-    else:
+    if kind == "gt":
         constexprs["QB"] = max(1, KERNEL_OPTIONS["gt"]["ROWS"] // block)
+    elif kind == "probe":
+        constexprs["BLOCK_M"] = cfg.block_m
+    else:
+        constexprs.update(EVEN_L=True, BLOCK_M=cfg.block_m)
     constexprs["BLOCK_N"] = cfg.block_n
     descriptors = {n: f"tensordesc<bf16[1,1,{tiles[rows_key]},{head_dim}]>" for n in streamed} if tma else {}
     sig = signature(kernel, constexprs, descriptors)

@@ -14,6 +14,7 @@ it take checked inputs. Each op runs on one of two kernels, chosen by its `kerne
   them off);
 - `"auto"`: Triton for CUDA tensors, PyTorch otherwise.
 
+`probe_ground_truth` is the ground truth of a few probe tokens per query block (no gradient).
 `token_gate_block_scores` is the fused token-scored SeerAttention gate: differentiable on the Triton kernel,
 forward-only on the PyTorch one. `cross_entropy_with_grad` is not attention: the language-model loss's rows with
 their gradient written in place, which the trainer's CUDA-graph loss runs on.
@@ -26,7 +27,13 @@ from numbers import Integral
 
 import torch
 
-from .indexing import block_mask_to_indices, causal_block_mask, document_ids_from_cu_seqlens, num_blocks
+from .indexing import (
+    block_mask_to_indices,
+    causal_block_mask,
+    document_ids_from_cu_seqlens,
+    num_blocks,
+    probe_positions,
+)
 
 __all__ = [
     "KERNELS",
@@ -39,6 +46,8 @@ __all__ = [
     "cross_entropy_with_grad",
     "document_ids_from_cu_seqlens",
     "num_blocks",
+    "probe_ground_truth",
+    "probe_positions",
     "token_gate_block_scores",
 ]
 
@@ -243,6 +252,57 @@ def attention_with_ground_truth(
     from .pytorch_chunked import attention_with_ground_truth as chunked
 
     return chunked(q, k, v, block_size=block_size, sm_scale=scale, document_ids=document_ids, query_blocks=query_blocks)
+
+
+@torch.no_grad()
+def probe_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int = 64,
+    probe_tokens: int = 1,
+    document_ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+    sm_scale: float | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """`attention_ground_truth` with r = `probe_tokens` query tokens per block (`probe_positions`). No gradient.
+
+    For probe token p: its softmax attention probabilities over the keys it may attend to (key position <= p,
+    the same document id, a valid key), max-pooled over each key block's tokens; then the max over the block's
+    probe tokens, and each row divided by its sum over key blocks. With `probe_tokens = block_size` this is
+    `attention_ground_truth`, except that padding queries are skipped here (the ground truth counts a padding
+    token as a query that attends to itself). Nothing is read back to the host, so a CUDA graph can capture it.
+
+    Args:
+        q: `[B, Hq, L, D]`.
+        k: `[B, Hkv, L, D]`, `Hq % Hkv == 0`.
+        block_size: tokens per block.
+        probe_tokens: probe tokens per query block, r: divides `block_size`. Default 1 (the block's last token).
+        document_ids: optional int `[B, L]`.
+        valid: optional bool `[B, L]`, False for padding tokens (neither probes nor keys).
+        sm_scale: softmax scale, default `1 / sqrt(D)`.
+        kernel: `"auto"`, `"pytorch"` or `"triton"`.
+    Returns:
+        float32 `[B, Hq, nB, nB]`; rows sum to 1 (or are zero, for a block without a valid probe token), zero
+        wherever no probe token may attend.
+    Raises:
+        ValueError: for an unknown `kernel` or inputs outside the contract above.
+    """
+    on_triton = _runs_on_triton(kernel, q)
+    _check_inputs(q, k, None, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
+    if not isinstance(probe_tokens, Integral) or not 1 <= probe_tokens <= block_size or block_size % probe_tokens:
+        raise ValueError(f"probe_tokens={probe_tokens} must divide block_size={block_size}")
+    if valid is not None and (valid.shape != (q.shape[0], q.shape[2]) or valid.dtype != torch.bool):
+        raise ValueError(f"valid must be bool {(q.shape[0], q.shape[2])}, got {valid.dtype} {tuple(valid.shape)}")
+    if on_triton:
+        from .triton_probe import probe_ground_truth as run
+    else:
+        from .pytorch_chunked import probe_ground_truth as run
+    return run(
+        q, k, block_size=block_size, probe_tokens=probe_tokens, sm_scale=_softmax_scale(sm_scale, q),
+        document_ids=document_ids, valid=valid,
+    )
 
 
 def _check_token_gate_inputs(

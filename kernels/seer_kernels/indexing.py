@@ -17,6 +17,29 @@ def num_blocks(seq_len: int, block_size: int) -> int:
     return math.ceil(seq_len / block_size)
 
 
+def probe_positions(
+    seq_len: int, block_size: int, probe_tokens: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """int64 `[nB, r]`: the probe tokens of each query block, evenly strided and ending at its last token.
+
+    Block i probes `i * block_size + (block_size // r) * (t + 1) - 1` for t in `0..r-1`, clipped to the last
+    token of the sequence (the last block may be partial; a clipped probe repeats the last token, which changes
+    no max).
+
+    Args:
+        seq_len: Tokens in the sequence.
+        block_size: Tokens per block; a multiple of `probe_tokens`.
+        probe_tokens: Probe tokens per block, r in `[1, block_size]`.
+        device: Where the positions live.
+    """
+    if not 1 <= probe_tokens <= block_size or block_size % probe_tokens:
+        raise ValueError(f"probe_tokens={probe_tokens} must divide block_size={block_size}")
+    stride = block_size // probe_tokens
+    offsets = stride * torch.arange(1, probe_tokens + 1, device=device) - 1
+    starts = torch.arange(num_blocks(seq_len, block_size), device=device) * block_size
+    return (starts[:, None] + offsets[None, :]).clamp_max(seq_len - 1)
+
+
 def causal_block_mask(block_mask: torch.Tensor) -> torch.Tensor:
     """Drop the entries above the diagonal (they are ignored by every op).
 

@@ -7,19 +7,23 @@ The sparse attention has its own backward that recomputes the probabilities chun
 log-sum-exp (the flash-attention recipe), so nothing of size L x L is kept for autograd either.
 
 The public ops in `seer_kernels` check the inputs and resolve the defaults, then call `ChunkedBlockSparseAttention`,
-`ground_truth` or `attention_with_ground_truth` here. (The deliberately naive oracle of the tests, with full
-L x L maps and repeated K/V, is `tests/kernels/_oracle.py`.)
+`ground_truth`, `attention_with_ground_truth` or `probe_ground_truth` here. (The deliberately naive oracle of the
+tests, with full L x L maps and repeated K/V, is `tests/kernels/_oracle.py`.)
 """
 
 from __future__ import annotations
 
 import torch
 
-from .indexing import causal_block_mask, num_blocks
+from .indexing import causal_block_mask, num_blocks, probe_positions
 
 # Scores per chunk (elements). 2**24 floats = 64 MiB: large enough to keep matmuls efficient, small enough to
 # leave memory for the model.
 _CHUNK_ELEMENTS = 1 << 24
+# Probe logits per chunk (elements, over the batch and every head): 2**27 float32 = 512 MiB, so 131072 tokens
+# with 12 query heads and one probe token per block take 85 query blocks per chunk and never the full
+# [Hq, nB * r, L] map.
+_PROBE_CHUNK_ELEMENTS = 1 << 27
 
 
 def _rows_per_chunk(bsz: int, heads: int, seq_len: int, block_size: int) -> int:
@@ -243,6 +247,66 @@ def attention_with_ground_truth(
         query_blocks=query_blocks,
     )
     return out, gt
+
+
+@torch.no_grad()
+def probe_ground_truth(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_size: int,
+    probe_tokens: int,
+    sm_scale: float,
+    document_ids: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`seer_kernels.probe_ground_truth` in chunked PyTorch; inputs are checked by that function.
+
+    Chunks of query blocks (`_PROBE_CHUNK_ELEMENTS` logits at a time) with shapes fixed by the inputs' and no
+    read back to the host, so it can be captured in a CUDA graph.
+
+    Args:
+        q: `[B, Hq, L, D]`; k: `[B, Hkv, L, D]`.
+        block_size: tokens per block; probe_tokens: r, divides block_size; sm_scale: softmax scale.
+        document_ids: optional int `[B, L]`; valid: optional bool `[B, L]`, False for padding tokens.
+    Returns:
+        float32 `[B, Hq, nB, nB]`, rows summing to 1 (or zero without a valid probe token).
+    """
+    bsz, heads, seq_len, dim = q.shape
+    kv_heads = k.shape[1]
+    nb, r, device = num_blocks(seq_len, block_size), probe_tokens, q.device
+    padded = nb * block_size
+    positions = probe_positions(seq_len, block_size, r, device)  # [nB, r]
+    # Keys padded to whole blocks, so each key block pools one [block_size] slice; the padding is masked below.
+    keys = torch.nn.functional.pad(k.float(), (0, 0, 0, padded - seq_len)).transpose(-1, -2)  # [B, Hkv, D, Lp]
+    key_pos = torch.arange(padded, device=device)
+    key_ok = (key_pos < seq_len).expand(bsz, padded)
+    if valid is not None:
+        key_ok = key_ok & torch.nn.functional.pad(valid.bool(), (0, padded - seq_len))
+    if document_ids is not None:
+        # The padded keys' ids never matter (they are masked); -1 keeps them apart anyway.
+        key_doc = torch.nn.functional.pad(document_ids.long(), (0, padded - seq_len), value=-1)
+    out = torch.zeros(bsz, heads, nb, nb, dtype=torch.float32, device=device)
+    step = max(1, _PROBE_CHUNK_ELEMENTS // (bsz * heads * r * padded))
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        # Causal: no probe of blocks b0..b1-1 sees a key past block b1-1; a fixed bound, no read of the data.
+        width = b1 * block_size
+        rows = positions[b0:b1].reshape(-1)  # [n * r]
+        allowed = (key_pos[None, :width] <= rows[:, None]) & key_ok[:, None, :width]  # [B, n * r, width]
+        if document_ids is not None:
+            allowed = allowed & (document_ids[:, rows, None].long() == key_doc[:, None, :width])
+        rows_q = q[:, :, rows].float().reshape(bsz, kv_heads, -1, dim)  # the heads of a KV group stacked on rows
+        logits = torch.matmul(rows_q, keys[..., :width]).view(bsz, heads, -1, width).mul_(sm_scale)
+        logits.masked_fill_(~allowed[:, None], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # -inf for a probe without any key
+        # The max probability in a key block is exp(its max logit - lse): one exp per block instead of per key.
+        block_max = logits.view(bsz, heads, -1, b1, block_size).amax(-1)
+        probs = torch.exp(block_max - _finite(lse))
+        if valid is not None:
+            probs = probs * valid[:, rows].to(probs.dtype)[:, None, :, None]
+        out[:, :, b0:b1, :b1] = probs.view(bsz, heads, b1 - b0, r, b1).amax(3)
+    return out / out.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @torch.no_grad()

@@ -11,7 +11,8 @@ Memory is the pooled map `[B, Hq, nQ, nB]` itself; the row normalisation is an i
 
 Layers: `_ground_truth_kernel`, the launcher `ground_truth_forward`, the autograd function
 `AttentionWithGroundTruth` (dense output with backward, plus the map from the forward's log-sum-exp) and
-`ground_truth` (the map alone); the public ops in `seer_kernels` check the inputs and call the last two.
+`ground_truth` (the map alone); the public ops in `seer_kernels` check the inputs and call the last two. The
+probe kernel (`triton_probe`) runs the same two passes (`_lse_tiles`, `_pool_blocks`) on a few rows per block.
 """
 
 from __future__ import annotations
@@ -38,16 +39,18 @@ from .triton_tuning import TileConfig, host_descriptor, kernel_options, launch
 
 @triton.jit
 def _tile_scores(
-    q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, row0, seq_len, stride_kl,
+    q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, row0, seq_len, stride_kl,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
     """Unscaled scores `[rows, BLOCK_N]` of the query rows against keys row0.. (K through `load_rows`); when
-    MASKED, -inf where the causal/document mask (or the end of the sequence) forbids the pair."""
+    MASKED, -inf where the causal/document mask, a padding key (VALID false, when HAS_VALID) or the end of the
+    sequence forbids the pair."""
     offs_n = row0 + tl.arange(0, BLOCK_N)
     k = load_rows(k_base, desc_b, desc_h, row0, offs_n, stride_kl, seq_len, BLOCK_N, HEAD_DIM, TMA, MASKED)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -56,16 +59,19 @@ def _tile_scores(
         if HAS_DOCS:
             doc_k = tl.load(DOC + doc_base + offs_n, mask=offs_n < seq_len, other=0)
             allowed = allowed & (doc_q[:, None] == doc_k[None, :])
+        if HAS_VALID:
+            allowed = allowed & (tl.load(VALID + doc_base + offs_n, mask=offs_n < seq_len, other=0) != 0)[None, :]
         qk = tl.where(allowed, qk, float("-inf"))
     return qk
 
 
 @triton.jit
 def _lse_tiles(
-    m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base,
+    m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base,
     t_start, t_end, seq_len, stride_kl, scale_log2,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -73,8 +79,8 @@ def _lse_tiles(
 ):
     """Pass 1: online max / sum of exp2 over key tiles [t_start, t_end); no P V. K comes through `load_rows`."""
     for t in range(t_start, t_end):
-        qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, t * BLOCK_N, seq_len, stride_kl,
-                          MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+        qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, t * BLOCK_N, seq_len,
+                          stride_kl, MASKED, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA)
         if MASKED:
             qk = qk * scale_log2
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -92,29 +98,33 @@ def _lse_tiles(
 
 @triton.jit
 def _flush_pooled(row_max, lse, row_ok, out_rows, j0, n_valid,
-                  QB: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Per-row block maxima `[QB * BLOCK, CHUNK]` of key blocks j0.. -> pooled values, the max over each query
-    block's rows, stored into the QB output rows (`out_rows`: pointers `[QB]`) for the first n_valid blocks."""
+                  QB: tl.constexpr, QROWS: tl.constexpr, CHUNK: tl.constexpr):
+    """Per-row block maxima `[QB * QROWS, CHUNK]` of key blocks j0.. -> pooled values, the max over each output
+    row's QROWS consecutive tile rows, stored into the QB output rows (`out_rows`: pointers `[QB]`) for the first
+    n_valid blocks."""
     vals = tl.where(row_ok[:, None], tl.math.exp2(row_max - lse[:, None]), 0.0)
-    pooled = tl.max(tl.reshape(vals, [QB, BLOCK, CHUNK]), 1)
+    pooled = tl.max(tl.reshape(vals, [QB, QROWS, CHUNK]), 1)
     cols = tl.arange(0, CHUNK)
     tl.store(out_rows[:, None] + j0 + cols[None, :], pooled, mask=(cols < n_valid)[None, :])
 
 
 @triton.jit
 def _pool_blocks(
-    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, doc_base, out_rows,
+    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, out_rows,
     g_start, g_end, n_blocks, seq_len, stride_kl, scale_log2,
     MASKED: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
     QB: tl.constexpr,
+    QROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
-    """Pass 2: pooled values of the key blocks in groups [g_start, g_end), written to the output rows.
+    """Pass 2: pooled values of the key blocks in groups [g_start, g_end), written to the output rows: the tile's
+    QB * QROWS rows are QB output rows of QROWS rows each (a query block's rows, or its probe tokens).
 
     A group is what one step reads: one key block in BLOCK // BLOCK_N tiles, or two key blocks in one tile of
     BLOCK_N = 2 * BLOCK. The max over rows crosses warps (shared memory and a barrier), so it is not done per
@@ -122,15 +132,15 @@ def _pool_blocks(
     """
     KB: tl.constexpr = 2 if BLOCK_N > BLOCK else 1  # key blocks per group
     SPLIT_N: tl.constexpr = BLOCK // BLOCK_N if BLOCK_N < BLOCK else 1  # tiles per group
-    ROWS: tl.constexpr = QB * BLOCK
+    ROWS: tl.constexpr = QB * QROWS
     CHUNK: tl.constexpr = 16
     slots = tl.arange(0, CHUNK)
     row_max = tl.full([ROWS, CHUNK], float("-inf"), dtype=tl.float32)
     for g in range(g_start, g_end):
         slot = ((g - g_start) * KB) % CHUNK
         if KB == 2:
-            qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, g * BLOCK_N, seq_len,
-                              stride_kl, MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+            qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, g * BLOCK_N, seq_len,
+                              stride_kl, MASKED, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA)
             # [ROWS, 2]: the row maxima of the tile's two key blocks.
             best0, best1 = tl.split(tl.max(tl.reshape(qk, [ROWS, 2, BLOCK]), 2))
             # The scale is positive, so it commutes with the max: one multiply per row instead of per score.
@@ -139,17 +149,18 @@ def _pool_blocks(
         else:
             best = tl.full([ROWS], float("-inf"), dtype=tl.float32)
             for s in tl.static_range(SPLIT_N):
-                qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, doc_base, g * BLOCK + s * BLOCK_N,
-                                  seq_len, stride_kl, MASKED, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA)
+                qk = _tile_scores(q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base,
+                                  g * BLOCK + s * BLOCK_N, seq_len, stride_kl, MASKED, HAS_DOCS, HAS_VALID, BLOCK_N,
+                                  HEAD_DIM, PRECISION, TMA)
                 best = tl.maximum(best, tl.max(qk, 1))
             row_max = tl.where(slots[None, :] == slot, (best * scale_log2)[:, None], row_max)
         if slot + KB == CHUNK:
             j0 = (g + 1) * KB - CHUNK
-            _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, CHUNK), QB, BLOCK, CHUNK)
+            _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, CHUNK), QB, QROWS, CHUNK)
     n_left = ((g_end - g_start) * KB) % CHUNK
     if n_left > 0:
         j0 = g_end * KB - n_left
-        _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, n_left), QB, BLOCK, CHUNK)
+        _flush_pooled(row_max, lse, row_ok, out_rows, j0, tl.minimum(n_blocks - j0, n_left), QB, QROWS, CHUNK)
 
 
 @triton.jit
@@ -224,20 +235,20 @@ def _ground_truth_kernel(
         l_i = tl.zeros([ROWS], dtype=tl.float32)
         if HAS_DOCS:
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
                 start // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+                True, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         else:
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
                 0, free // BLOCK_N, seq_len, stride_kl, scale_log2,
-                False, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+                False, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
             m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, doc_base,
+                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
                 free // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+                True, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
             )
         # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
         # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
@@ -246,20 +257,20 @@ def _ground_truth_kernel(
     out_ptrs = head_pointer(OUT, b, h, stride_ob, stride_oh) + out_rows.to(tl.int64) * stride_or
     if HAS_DOCS:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
             start // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
     else:
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
             0, free // G, n_blocks, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            False, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
         _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, doc_base, out_ptrs,
+            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
             free // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, QB, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+            True, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
         )
 
 

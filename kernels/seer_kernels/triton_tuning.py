@@ -69,6 +69,13 @@ _CANDIDATES = {
         128: [TileConfig(128, 128, 4, 2), TileConfig(128, 128, 8, 2), TileConfig(128, 128, 8, 3), TileConfig(128, 64, 4, 2)],
         64: [TileConfig(64, 128, 4, 2), TileConfig(64, 64, 4, 2), TileConfig(64, 128, 8, 2), TileConfig(64, 128, 4, 3)],
     },
+    # The probe kernel's block_m is its probe rows per program (raised to the probe tokens of one block when
+    # fewer); its key tile spans up to two key blocks, as the ground truth's. Not yet timed on a GPU: the
+    # ground truth's shapes, with fewer rows as options because the probe rows are few.
+    "probe": {
+        128: [TileConfig(64, 128, 4, 2), TileConfig(128, 128, 8, 2), TileConfig(32, 128, 4, 2), TileConfig(64, 64, 4, 3)],
+        64: [TileConfig(64, 128, 4, 2), TileConfig(32, 128, 4, 2), TileConfig(64, 64, 4, 3), TileConfig(16, 128, 4, 2)],
+    },
 }
 
 
@@ -76,14 +83,14 @@ def candidates(kind: str, block: int) -> list[TileConfig]:
     """Tile candidates of a kernel kind, clamped to small blocks (tests).
 
     Args:
-        kind: 'fwd', 'dq', 'dkdv' or 'gt'.
+        kind: 'fwd', 'dq', 'dkdv', 'gt' or 'probe'.
         block: the sparsity block size.
     Returns:
         The candidates, the default first.
     """
     table = _CANDIDATES[kind]
     cands = table.get(block) or [TileConfig(min(64, block), min(64, block), 4, 2)]
-    widest = 2 * block if kind == "gt" else block  # a ground-truth key tile may span two key blocks
+    widest = 2 * block if kind in ("gt", "probe") else block  # their key tiles may span two key blocks
     out = []
     for c in cands:
         clamped = TileConfig(min(c.block_m, block), min(c.block_n, widest), c.num_warps, c.num_stages)
@@ -113,6 +120,7 @@ KERNEL_OPTIONS: dict[str, dict[str, int]] = {
     "dq": {"TMA": 1},
     "dkdv": {"TMA": 1, "SPLIT_LONG_COLUMNS": 0},
     "gt": {"TMA": 1, "ROWS": 128},
+    "probe": {"TMA": 1},
 }
 
 
@@ -166,6 +174,8 @@ def set_descriptor_tiles(nargs: dict) -> None:
 
 
 _TUNERS: dict = {}
+# Kernel arguments besides the common ones that change a kind's best tile (the autotuner re-tunes per value).
+_TUNING_KEYS = {"gt": ["HAS_LSE"], "probe": ["R", "HAS_VALID"]}
 
 
 def _tuning_bench(kernel_call, quantiles):
@@ -190,7 +200,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
 
     Args:
         kernel: the `@triton.jit` kernel.
-        kind: its kind in `candidates` ('fwd', 'dq', 'dkdv' or 'gt').
+        kind: its kind in `candidates` ('fwd', 'dq', 'dkdv', 'gt' or 'probe').
         block: the sparsity block size.
         seq_len: L (decides whether to tune).
         grid: maps the tile meta-parameters (`BLOCK_M`, `BLOCK_N`) to the launch grid.
@@ -212,7 +222,7 @@ def launch(kernel, kind: str, block: int, seq_len: int, grid, args: tuple, kwarg
                 )
                 for c in candidates(kind, block)
             ]
-            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + (["HAS_LSE"] if kind == "gt" else [])
+            keys = ["seq_len", "n_heads_q", "HAS_DOCS", "HEAD_DIM"] + _TUNING_KEYS.get(kind, [])
             # Longer timing than Triton's default (25 ms warm-up, 100 ms): candidates a few percent apart would
             # otherwise be picked by noise.
             tuner = triton.autotune(configs=configs, key=keys, do_bench=_tuning_bench)(kernel)

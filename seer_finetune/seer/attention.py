@@ -358,7 +358,7 @@ def _select(
 
     `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds;
     `settings.probe_blocks`' probe scores read the attention's own post-RoPE `query` `[B, Hq, L, D]` and `key`
-    `[B, Hkv, L, D]`, with the valid tokens and `kernel_args`' document ids and softmax scale."""
+    `[B, Hkv, L, D]`, with the valid tokens and `kernel_args`' document ids, softmax scale and kernel."""
     state, s = rt.forward, rt.settings
     if layer in s.oracle_layers and not s.oracle:
         s = dataclasses.replace(s, oracle=True)
@@ -388,6 +388,7 @@ def _select(
             probe = probe_scores(
                 query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
                 document_ids=kernel_args["document_ids"], valid=bound_inputs[2], sm_scale=kernel_args["sm_scale"],
+                kernel=kernel_args["kernel"],
             )
         # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
         block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)

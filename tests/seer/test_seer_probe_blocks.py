@@ -14,11 +14,11 @@ import seer_kernels
 from seer_finetune.compose import compose_config
 from seer_finetune.config import AttentionConfig, ConfigError, ModelConfig, SeerConfig
 from seer_finetune.seer import SeerRuntime, SeerSettings, attach_seer_gates, build_extension, load_gates
-from seer_finetune.seer import probe as probe_module
 from seer_finetune.seer.probe import probe_positions, probe_scores
 from seer_finetune.seer.saving import CONFIG_NAME
 from seer_finetune.seer.selection import SelectionPlan, block_candidates
 from seer_helpers import random_ids, tiny_model
+from seer_kernels import pytorch_chunked
 
 BLOCK, LENGTH, HEADS, KV_HEADS, DIM, SCALE = 16, 200, 6, 2, 8, 0.3
 
@@ -72,7 +72,7 @@ def test_every_token_a_probe_is_the_ground_truth(monkeypatch, chunked):
     two packed documents, trailing padding), except the padding-only rows: all zeros, where the ground truth counts
     each padding token as a query attending to itself; also when the logits come in chunks of a few blocks."""
     if chunked:
-        monkeypatch.setattr(probe_module, "_CHUNK_ELEMENTS", 2 * HEADS * BLOCK * 13 * BLOCK * 3)
+        monkeypatch.setattr(pytorch_chunked, "_PROBE_CHUNK_ELEMENTS", 2 * HEADS * BLOCK * 13 * BLOCK * 3)
     q, k, ids, valid = _inputs(padding_from=160)  # blocks 10-12 of row 1 are padding only
     got = probe_scores(q, k, block_size=BLOCK, probe_tokens=BLOCK, document_ids=ids, valid=valid, sm_scale=SCALE)
     truth = seer_kernels.attention_ground_truth(
@@ -89,7 +89,7 @@ def test_every_token_a_probe_is_the_ground_truth(monkeypatch, chunked):
 def test_probe_scores_against_the_full_attention(monkeypatch, probes, padding_from):
     """r = 1, 2, 4 and 16 probe tokens against the full softmax attention's probe rows, with padding that starts
     inside a block (its probes that are padding are skipped), in chunks of two query blocks."""
-    monkeypatch.setattr(probe_module, "_CHUNK_ELEMENTS", 2 * HEADS * probes * 13 * BLOCK * 2)
+    monkeypatch.setattr(pytorch_chunked, "_PROBE_CHUNK_ELEMENTS", 2 * HEADS * probes * 13 * BLOCK * 2)
     q, k, ids, valid = _inputs(padding_from)
     got = probe_scores(q, k, block_size=BLOCK, probe_tokens=probes, document_ids=ids, valid=valid, sm_scale=SCALE)
     torch.testing.assert_close(got, _naive_probe(q, k, ids, valid, BLOCK, probes), rtol=1e-5, atol=1e-6)
@@ -102,6 +102,16 @@ def test_probe_scores_default_scale_and_no_documents():
     everything = torch.ones(2, LENGTH, dtype=torch.bool)
     expected = _naive_probe(q, k, torch.zeros(2, LENGTH), everything, BLOCK, 2, scale=1.0 / math.sqrt(DIM))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_scores_passes_the_kernel_choice():
+    """`kernel` reaches `seer_kernels.probe_ground_truth`: the Triton kernel refuses this head_dim of 8 (the
+    kernel's own results are checked in tests/kernels/test_probe_kernel.py), the PyTorch one computes it."""
+    q, k, _, _ = _inputs(LENGTH)
+    with pytest.raises(ValueError, match="power-of-two head_dim >= 16"):
+        probe_scores(q, k, block_size=BLOCK, kernel="triton")
+    on_pytorch = probe_scores(q, k, block_size=BLOCK, kernel="pytorch")
+    torch.testing.assert_close(on_pytorch, probe_scores(q, k, block_size=BLOCK))
 
 
 def _needle_plan_scores(nb: int, heads: int, needle: int):
