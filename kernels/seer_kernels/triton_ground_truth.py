@@ -12,7 +12,7 @@ Memory is the pooled map `[B, Hq, nQ, nB]` itself; the row normalisation is an i
 Layers: `_ground_truth_kernel`, the launcher `ground_truth_forward`, the autograd function
 `AttentionWithGroundTruth` (dense output with backward, plus the map from the forward's log-sum-exp) and
 `ground_truth` (the map alone); the public ops in `seer_kernels` check the inputs and call the last two. The
-probe kernel (`triton_probe`) runs the same two passes (`_lse_tiles`, `_pool_blocks`) on a few rows per block.
+probe kernel (`triton_probe`) runs the same two passes (`_row_lse`, `_pool_rows`) on a few rows per block.
 """
 
 from __future__ import annotations
@@ -164,6 +164,81 @@ def _pool_blocks(
 
 
 @triton.jit
+def _row_lse(
+    q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, start, free, end, seq_len, stride_kl, scale_log2,
+    ALL_MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Pass 1 over a tile's rows: each row's log2-sum-exp2 of its allowed keys, below `end`. With ALL_MASKED
+    (documents or padding) every key tile from `start` is masked; otherwise the keys before `free` are allowed for
+    every row and read without a mask. A row that allows no key gets +inf, so that exp2(best - lse) stays 0
+    instead of NaN before it is dropped."""
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    if ALL_MASKED:
+        m_i, l_i = _lse_tiles(
+            m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base,
+            start // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+    else:
+        m_i, l_i = _lse_tiles(
+            m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base,
+            0, free // BLOCK_N, seq_len, stride_kl, scale_log2,
+            False, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+        m_i, l_i = _lse_tiles(
+            m_i, l_i, q, offs_m, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base,
+            free // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+    return tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+
+
+@triton.jit
+def _pool_rows(
+    q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, out_rows,
+    start, free, end, n_blocks, seq_len, stride_kl, scale_log2,
+    ALL_MASKED: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    QB: tl.constexpr,
+    QROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Pass 2 over a tile's rows (`_pool_blocks`) for the key groups below `end`, split as `_row_lse` splits its
+    key tiles: from `start`, masked, with ALL_MASKED; otherwise unmasked before `free` and masked after."""
+    G: tl.constexpr = BLOCK_N if BLOCK_N > BLOCK else BLOCK  # tokens per pass-2 group
+    if ALL_MASKED:
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, out_rows,
+            start // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, HAS_VALID, QB, QROWS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+    else:
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, out_rows,
+            0, free // G, n_blocks, seq_len, stride_kl, scale_log2,
+            False, HAS_DOCS, HAS_VALID, QB, QROWS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+        _pool_blocks(
+            q, lse, offs_m, row_ok, doc_q, k_base, desc_b, desc_h, DOC, VALID, doc_base, out_rows,
+            free // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
+            True, HAS_DOCS, HAS_VALID, QB, QROWS, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
+
+
+@triton.jit
 def _ground_truth_kernel(
     Q, K, LSE, OUT,  # noqa: N803
     Q_BLOCKS, OUT_ROWS, FIRST_KB, DOC,
@@ -191,7 +266,6 @@ def _ground_truth_kernel(
     h = bh % n_heads_q
     hk = h // group
     ROWS: tl.constexpr = QB * BLOCK
-    G: tl.constexpr = BLOCK_N if BLOCK_N > BLOCK else BLOCK  # tokens per pass-2 group
 
     sub = tl.arange(0, QB)
     m_blks = tl.load(Q_BLOCKS + p * QB + sub)  # descending: the first is the highest
@@ -231,48 +305,18 @@ def _ground_truth_kernel(
     if HAS_LSE:
         lse = tl.load(LSE + bh.to(tl.int64) * seq_len + offs_m, mask=row_ok, other=0.0)
     else:
-        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS], dtype=tl.float32)
-        if HAS_DOCS:
-            m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
-                start // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-            )
-        else:
-            m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
-                0, free // BLOCK_N, seq_len, stride_kl, scale_log2,
-                False, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-            )
-            m_i, l_i = _lse_tiles(
-                m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base,
-                free // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-                True, HAS_DOCS, False, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-            )
-        # Every real row allows at least itself, so l_i > 0 there; rows past the end (l_i = 0 only with
-        # document ids) get +inf so that exp2(best - lse) stays 0 instead of NaN before they are dropped.
-        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        # Every real row allows at least itself; rows past the end (no key only with document ids) get +inf.
+        lse = _row_lse(
+            q, offs_m, doc_q, k_base, b, hk, DOC, DOC, doc_base, start, free, end, seq_len, stride_kl, scale_log2,
+            HAS_DOCS, HAS_DOCS, False, ROWS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+        )
 
     out_ptrs = head_pointer(OUT, b, h, stride_ob, stride_oh) + out_rows.to(tl.int64) * stride_or
-    if HAS_DOCS:
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
-            start // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-    else:
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
-            0, free // G, n_blocks, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
-            free // G, tl.cdiv(end, G), n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-
+    _pool_rows(
+        q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, DOC, doc_base, out_ptrs,
+        start, free, end, n_blocks, seq_len, stride_kl, scale_log2,
+        HAS_DOCS, HAS_DOCS, False, QB, BLOCK, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+    )
 
 def _first_key_blocks(docs: torch.Tensor, block_size: int) -> torch.Tensor:
     """int32 `[B, nB]`: for each query block, the first key block that can share a document with it."""

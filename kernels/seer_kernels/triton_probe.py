@@ -5,7 +5,7 @@
 With one token per block a tile of whole query blocks would be mostly idle rows, so a program packs the probe
 tokens of several consecutive query blocks into one tile: `ROWS = max(BLOCK_M, r)` rows, row t being probe token
 t % r of query block t // r, and each row keeps its own causal limit (its position) and document id. The two
-passes are the ground truth's (`_lse_tiles`, `_pool_blocks`): pass 1 the online max / sum for each row's
+passes are the ground truth's (`_row_lse`, `_pool_rows`): pass 1 the online max / sum for each row's
 log-sum-exp, pass 2 each row's maxima inside each key block combined with it, the max over a block's r rows taken
 in registers (a reshape) and stored into the block's output row. The program also writes zeros into the key blocks
 its rows cannot reach, so every entry of the output is written once; the row normalisation is an in-place
@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .indexing import num_blocks
 from .triton_common import LOG2E, head_pointer, input_precision, last_dim_contiguous, prepare_documents, row_pointers
-from .triton_ground_truth import _first_key_blocks, _lse_tiles, _pool_blocks
+from .triton_ground_truth import _first_key_blocks, _pool_rows, _row_lse
 from .triton_tuning import TileConfig, host_descriptor, kernel_options, launch
 
 # Columns of zeros one store writes (the key blocks a program's rows cannot reach).
@@ -99,50 +99,22 @@ def _probe_kernel(
     free = tl.min(offs_m, 0) + 1
     end = tl.max(offs_m, 0) + 1
 
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
-    if HAS_DOCS or HAS_VALID:
-        m_i, l_i = _lse_tiles(
-            m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, VALID, doc_base,
-            start // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-    else:
-        m_i, l_i = _lse_tiles(
-            m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, VALID, doc_base,
-            0, free // BLOCK_N, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-        m_i, l_i = _lse_tiles(
-            m_i, l_i, q, offs_m, doc_q, k_base, b, hk, DOC, VALID, doc_base,
-            free // BLOCK_N, tl.cdiv(end, BLOCK_N), seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, HAS_VALID, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-    # A valid probe allows at least itself, so l_i > 0 there; a padding probe may allow nothing (l_i = 0): +inf
-    # keeps exp2(best - lse) at 0 instead of NaN before it is dropped.
-    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-
+    # A valid probe allows at least itself; a padding probe may allow nothing and gets +inf.
+    lse = _row_lse(
+        q, offs_m, doc_q, k_base, b, hk, DOC, VALID, doc_base, start, free, end, seq_len, stride_kl, scale_log2,
+        HAS_DOCS or HAS_VALID, HAS_DOCS, HAS_VALID, ROWS, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+    )
     out_ptrs = head_pointer(OUT, b, h, stride_ob, stride_oh) + out_blk.to(tl.int64) * stride_or
+    _pool_rows(
+        q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, VALID, doc_base, out_ptrs,
+        start, free, end, n_blocks, seq_len, stride_kl, scale_log2,
+        HAS_DOCS or HAS_VALID, HAS_DOCS, HAS_VALID, QB, R, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
+    )
     g_end = tl.cdiv(end, G)
     if HAS_DOCS or HAS_VALID:
         g_start = start // G
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, VALID, doc_base, out_ptrs,
-            g_start, g_end, n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, HAS_VALID, QB, R, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
     else:
         g_start = 0
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, VALID, doc_base, out_ptrs,
-            0, free // G, n_blocks, seq_len, stride_kl, scale_log2,
-            False, HAS_DOCS, HAS_VALID, QB, R, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
-        _pool_blocks(
-            q, lse, offs_m, row_ok, doc_q, k_base, b, hk, DOC, VALID, doc_base, out_ptrs,
-            free // G, g_end, n_blocks, seq_len, stride_kl, scale_log2,
-            True, HAS_DOCS, HAS_VALID, QB, R, BLOCK, BLOCK_N, HEAD_DIM, PRECISION, TMA,
-        )
     # Pass 2 wrote key blocks [g_start * KB, g_end * KB) (clipped to the row); the rest of each row is zero.
     # Disjoint columns: no two threads of the program write one entry in an order that matters.
     _store_zeros(out_ptrs, 0, g_start * KB, QB, _ZERO_WIDTH)
