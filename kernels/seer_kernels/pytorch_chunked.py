@@ -292,13 +292,17 @@ def probe_ground_truth(
         b1 = min(nb, b0 + step)
         # Causal: no probe of blocks b0..b1-1 sees a key past block b1-1; a fixed bound, no read of the data.
         width = b1 * block_size
+        # Without documents or padding every probe of the chunk may see the keys before its first block: only the
+        # chunk's own key blocks [lo, width) need the causal mask.
+        lo = 0 if document_ids is not None or valid is not None else b0 * block_size
         rows = positions[b0:b1].reshape(-1)  # [n * r]
-        allowed = (key_pos[None, :width] <= rows[:, None]) & key_ok[:, None, :width]  # [B, n * r, width]
+        allowed = (key_pos[None, lo:width] <= rows[:, None]) & key_ok[:, None, lo:width]  # [B, n * r, width - lo]
         if document_ids is not None:
-            allowed = allowed & (document_ids[:, rows, None].long() == key_doc[:, None, :width])
-        rows_q = q[:, :, rows].float().reshape(bsz, kv_heads, -1, dim)  # the heads of a KV group stacked on rows
-        logits = torch.matmul(rows_q, keys[..., :width]).view(bsz, heads, -1, width).mul_(sm_scale)
-        logits.masked_fill_(~allowed[:, None], float("-inf"))
+            allowed = allowed & (document_ids[:, rows, None].long() == key_doc[:, None, lo:width])
+        # The scale goes on the queries (n * r rows) rather than on the logits (n * r * width).
+        rows_q = (q[:, :, rows].float() * sm_scale).reshape(bsz, kv_heads, -1, dim)  # a KV group's heads stacked
+        logits = torch.matmul(rows_q, keys[..., :width]).view(bsz, heads, -1, width)
+        logits[..., lo:].masked_fill_(~allowed[:, None], float("-inf"))
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # -inf for a probe without any key
         # The max probability in a key block is exp(its max logit - lse): one exp per block instead of per key.
         block_max = logits.view(bsz, heads, -1, b1, block_size).amax(-1)

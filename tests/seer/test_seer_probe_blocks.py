@@ -95,8 +95,12 @@ def test_probe_scores_against_the_full_attention(monkeypatch, probes, padding_fr
     torch.testing.assert_close(got, _naive_probe(q, k, ids, valid, BLOCK, probes), rtol=1e-5, atol=1e-6)
 
 
-def test_probe_scores_default_scale_and_no_documents():
-    """Without document ids or padding: causal attention alone, at the kernels' default scale 1 / sqrt(D)."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_probe_scores_default_scale_and_no_documents(monkeypatch, chunked):
+    """Without document ids or padding: causal attention alone, at the kernels' default scale 1 / sqrt(D); in
+    chunks of two query blocks too, where only each chunk's own key blocks are masked."""
+    if chunked:
+        monkeypatch.setattr(pytorch_chunked, "_PROBE_CHUNK_ELEMENTS", 2 * HEADS * 2 * 13 * BLOCK * 2)
     q, k, _, _ = _inputs(LENGTH)
     got = probe_scores(q, k, block_size=BLOCK, probe_tokens=2)
     everything = torch.ones(2, LENGTH, dtype=torch.bool)
