@@ -1,5 +1,6 @@
 """`attention.bound_blocks`: the logit bound of a block's mean query against its keys' max and min, and the
-blocks each row keeps by it ahead of the gate's picks."""
+blocks each row keeps by it ahead of the gate's picks (with `attention.probe_blocks`' picks, which share that
+tier, in the needle test)."""
 
 from __future__ import annotations
 
@@ -36,35 +37,41 @@ def test_logit_bound_scores_against_a_naive_loop():
                     assert got[b, h, i, j] >= (keys @ mean).max() - 1e-5
 
 
+@pytest.mark.parametrize("source", ["bound", "probe"])
 @pytest.mark.parametrize("budget", ["row", "layer", "head", "threshold"])
-def test_bound_blocks_keep_the_needle_the_gate_ranks_last(budget):
-    """A block the gate ranks last in every row but the bound ranks first is kept by every row that may take
-    it; the density stays the same, and only candidates are kept."""
+def test_extra_picks_keep_the_needle_the_gate_ranks_last(budget, source):
+    """A block the gate ranks last in every row but the logit bound (`bound_blocks`) or the probe scores
+    (`probe_blocks`, probabilities) rank first is kept by every row that may take it; the density stays the same,
+    and only candidates are kept."""
     torch.manual_seed(0)
     nb, heads, needle = 32, 3, 4
     cand = block_candidates(nb * 8, 8)
     scores = torch.randn(1, heads, nb, nb)
     scores[..., needle] = -30.0
-    bound = torch.randn(1, heads, nb, nb)
-    bound[..., needle] = 30.0
+    if source == "bound":
+        extra = torch.randn(1, heads, nb, nb)
+        extra[..., needle] = 30.0
+    else:
+        extra = torch.rand(1, heads, nb, nb) * 0.5
+        extra[..., needle] = 1.0
     kw = dict(threshold=0.05) if budget == "threshold" else dict(density=0.5, budget=budget)
     if budget in ("layer", "head"):
         kw["row_mass"] = 0.3
     plain = SelectionPlan(cand, sink_blocks=1, local_blocks=2, **kw)
-    plan = SelectionPlan(cand, sink_blocks=1, local_blocks=2, bound_blocks=1, **kw)
-    without, with_bound = plain.select(scores), plan.select(scores, bound=bound)
+    plan = SelectionPlan(cand, sink_blocks=1, local_blocks=2, **{f"{source}_blocks": 1}, **kw)
+    without, with_extra = plain.select(scores), plan.select(scores, **{source: extra})
     # Rows past the forced band around it (sink 0, local i-1 and i) with room beyond their forced blocks.
     rows = [i for i in range(needle + 2, nb) if budget == "threshold" or plan.quota[0, i] > plan.forced[0, i].sum()]
     assert len(rows) > 10
     assert not without[0, :, rows, needle].any()
-    assert with_bound[0, :, rows, needle].all()
-    assert not (with_bound & ~cand[:, None]).any()
+    assert with_extra[0, :, rows, needle].all()
+    assert not (with_extra & ~cand[:, None]).any()
     if budget == "threshold":
         # Those rows keep what the threshold keeps, and the needle besides.
         needle_column = (torch.arange(nb) == needle).expand(1, heads, len(rows), nb)
-        assert torch.equal(with_bound[:, :, rows], without[:, :, rows] | needle_column)
+        assert torch.equal(with_extra[:, :, rows], without[:, :, rows] | needle_column)
     else:
-        assert torch.equal(with_bound.sum(dim=(1, 2, 3)), without.sum(dim=(1, 2, 3)))
+        assert torch.equal(with_extra.sum(dim=(1, 2, 3)), without.sum(dim=(1, 2, 3)))
     if budget == "row":
         # Each row: forced blocks, the needle, then the gate's best up to the quota.
         for i in rows:
@@ -75,11 +82,17 @@ def test_bound_blocks_keep_the_needle_the_gate_ranks_last(budget):
                 expected = plan.forced[0, i].clone()
                 expected[needle] = True
                 expected[best] = True
-                assert torch.equal(with_bound[0, h, i], expected)
-    with pytest.raises(ValueError, match="bound_blocks"):
+                assert torch.equal(with_extra[0, h, i], expected)
+        if source == "probe":
+            # The same tier as the bound's picks: with the probe scores passed as the bound, the same selection.
+            bound_plan = SelectionPlan(cand, sink_blocks=1, local_blocks=2, bound_blocks=1, **kw)
+            assert torch.equal(with_extra, bound_plan.select(scores, bound=extra))
+    message = "bound_blocks" if source == "bound" else "probe_blocks=1 selects with the probe scores: pass probe="
+    with pytest.raises(ValueError, match=message):
         plan.select(scores)
-    with pytest.raises(ValueError, match="bound_blocks"):
-        SelectionPlan(cand, density=0.25, bound_blocks=-1)
+    message = "bound_blocks" if source == "bound" else "probe_blocks=-1 must be >= 0"
+    with pytest.raises(ValueError, match=message):
+        SelectionPlan(cand, density=0.25, **{f"{source}_blocks": -1})
 
 
 def test_bound_blocks_in_the_model_rank_by_the_gate_inputs_and_leave_the_oracle_alone():

@@ -118,48 +118,6 @@ def test_probe_scores_passes_the_kernel_choice():
     torch.testing.assert_close(on_pytorch, probe_scores(q, k, block_size=BLOCK))
 
 
-def _needle_plan_scores(nb: int, heads: int, needle: int):
-    torch.manual_seed(0)
-    scores = torch.randn(1, heads, nb, nb)
-    scores[..., needle] = -30.0
-    probe = torch.rand(1, heads, nb, nb) * 0.5
-    probe[..., needle] = 1.0
-    return scores, probe
-
-
-@pytest.mark.parametrize("budget", ["row", "layer", "head", "threshold"])
-def test_probe_blocks_keep_the_needle_the_gate_ranks_last(budget):
-    """A block the gate ranks last in every row but the probe ranks first is kept by every row that may take it;
-    the density stays the same, and only candidates are kept."""
-    nb, heads, needle = 32, 3, 4
-    cand = block_candidates(nb * 8, 8)
-    scores, probe = _needle_plan_scores(nb, heads, needle)
-    kw = dict(threshold=0.05) if budget == "threshold" else dict(density=0.5, budget=budget)
-    if budget in ("layer", "head"):
-        kw["row_mass"] = 0.3
-    plain = SelectionPlan(cand, sink_blocks=1, local_blocks=2, **kw)
-    plan = SelectionPlan(cand, sink_blocks=1, local_blocks=2, probe_blocks=1, **kw)
-    without, with_probe = plain.select(scores), plan.select(scores, probe=probe)
-    rows = [i for i in range(needle + 2, nb) if budget == "threshold" or plan.quota[0, i] > plan.forced[0, i].sum()]
-    assert len(rows) > 10
-    assert not without[0, :, rows, needle].any()
-    assert with_probe[0, :, rows, needle].all()
-    assert not (with_probe & ~cand[:, None]).any()
-    if budget == "threshold":
-        needle_column = (torch.arange(nb) == needle).expand(1, heads, len(rows), nb)
-        assert torch.equal(with_probe[:, :, rows], without[:, :, rows] | needle_column)
-    else:
-        assert torch.equal(with_probe.sum(dim=(1, 2, 3)), without.sum(dim=(1, 2, 3)))
-    if budget == "row":
-        # The same tier as the bound's picks: with the probe scores passed as the bound, the same selection.
-        bound_plan = SelectionPlan(cand, sink_blocks=1, local_blocks=2, bound_blocks=1, **kw)
-        assert torch.equal(with_probe, bound_plan.select(scores, bound=probe))
-    with pytest.raises(ValueError, match="probe_blocks=1 selects with the probe scores: pass probe="):
-        plan.select(scores)
-    with pytest.raises(ValueError, match="probe_blocks=-1 must be >= 0"):
-        SelectionPlan(cand, density=0.25, probe_blocks=-1)
-
-
 def _interleaved(bound_row, probe_row, allowed, bound_blocks, probe_blocks, room):
     """The rule written out: the bound's top list and the probe's top list (non-forced candidates), taken
     alternately bound first, a block on both lists once, the first `room` of them."""
