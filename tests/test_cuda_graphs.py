@@ -132,7 +132,10 @@ def test_graphed_steps_train_as_eager_steps(tmp_path, backend):
     """Five steps of two micro-batches, the last three replayed from a graph: the same losses, gate statistics
     and weights as the eager run, up to float rounding (the seer run's ground-truth rows are random draws:
     with `ground_truth_query_fraction=1` there are none)."""
-    extra = ["trainer.device=cuda", "trainer.lm_loss=chunked", "peft.dropout=0.0"]  # no random draws but the data order
+    # No random draws but the data order. Float32: the graphed step's loss (gradients in its forward, bf16 logits)
+    # and causal-only attention round differently from the eager step's in bf16, and Adam turns that into weight
+    # differences of a few learning rates within five steps (measured on an H100; float32 agrees to 1.4e-5).
+    extra = ["trainer.device=cuda", "trainer.lm_loss=chunked", "peft.dropout=0.0", "model.dtype=float32"]
     if backend == "seer":
         extra += ["attention=seer_joint", "attention.block_size=32", "attention.gate_hidden_size=32",
                   "attention.density=0.5", "attention.ground_truth_query_fraction=1.0", "attention.init_steps=0"]
@@ -155,4 +158,5 @@ def test_graphed_steps_train_as_eager_steps(tmp_path, backend):
             if key.startswith("seer/recall") or key.startswith("seer/gate_loss"):
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
     for name, weight in eager_weights.items():
-        torch.testing.assert_close(graphed_weights[name], weight, rtol=1e-3, atol=1e-5, msg=name)
+        torch.testing.assert_close(graphed_weights[name], weight, rtol=1e-3, atol=1e-5,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
