@@ -63,12 +63,9 @@ def variants(shape: str) -> dict[str, list[str]]:
         # What the 90% experiment's block per row by the logit bound costs, in the step that shows GPU time.
         "seer joint, density 0.1, CUDA graphs, no bound blocks": [*seer, "trainer.cuda_graphs=true",
                                                                  "attention.bound_blocks=0"],
-        # What the 90% experiment's probe picks cost (their scores in chunked PyTorch, `auto`), and with the fused
-        # probe kernel (`attention.kernel=triton`; every other kernel is Triton on CUDA already).
+        # What the 90% experiment's probe picks (their fused kernel) cost.
         "seer joint, density 0.1, CUDA graphs, no probe picks": [*seer, "trainer.cuda_graphs=true",
                                                                 "attention.probe_blocks=0"],
-        "seer joint, density 0.1, CUDA graphs, fused probe kernel": [*seer, "trainer.cuda_graphs=true",
-                                                                    "attention.kernel=triton"],
         # A cheaper ground truth (an eighth of the query blocks), in the step that shows GPU time.
         "seer joint, density 0.1, CUDA graphs, ground truth on 1/8 of the rows": [
             *seer, "trainer.cuda_graphs=true", "attention.ground_truth_query_fraction=0.125"],

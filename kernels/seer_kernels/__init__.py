@@ -282,17 +282,14 @@ def probe_ground_truth(
         document_ids: optional int `[B, L]`.
         valid: optional bool `[B, L]`, False for padding tokens (neither probes nor keys).
         sm_scale: softmax scale, default `1 / sqrt(D)`.
-        kernel: `"auto"` (the PyTorch implementation for now, on every device), `"pytorch"` or `"triton"`.
+        kernel: `"auto"` (Triton on CUDA, PyTorch elsewhere), `"pytorch"` or `"triton"`.
     Returns:
         float32 `[B, Hq, nB, nB]`; rows sum to 1 (or are zero, for a block without a valid probe token), zero
         wherever no probe token may attend.
     Raises:
         ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    # "auto" keeps the PyTorch reference on CUDA as well: the Triton kernel has passed its tests under the CPU
-    # interpreter (float32) only, and the measured quality of probe picks comes from the reference. `"triton"`
-    # asks for the kernel; it becomes the CUDA default once its tests (bfloat16 included) have run on a GPU.
-    on_triton = _runs_on_triton(kernel, q) and kernel != "auto"
+    on_triton = _runs_on_triton(kernel, q)
     _check_inputs(q, k, None, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
     if not isinstance(probe_tokens, Integral) or not 1 <= probe_tokens <= block_size or block_size % probe_tokens:
         raise ValueError(f"probe_tokens={probe_tokens} must divide block_size={block_size}")

@@ -39,9 +39,8 @@ def probe_scores(
     `seer_kernels.attention_ground_truth`, except that padding queries are skipped here (the ground truth counts
     a padding token as a query that attends to itself). A row without a valid probe token is all zeros.
 
-    `seer_kernels.probe_ground_truth`: chunked PyTorch, or with `kernel="triton"` a fused Triton kernel (not the
-    default on CUDA until it has run its tests on a GPU); neither reads back to the host, so it can be captured in
-    a CUDA graph.
+    `seer_kernels.probe_ground_truth`: a fused Triton kernel on CUDA, chunked PyTorch elsewhere (or with
+    `kernel="pytorch"`); neither reads back to the host, so it can be captured in a CUDA graph.
 
     Args:
         query: `[B, Hq, L, D]` post-RoPE queries (the attention kernel's layout).
