@@ -6,7 +6,11 @@ forward pass: a trial counts as retrieved when the model's argmax at every answe
 token. That equals greedy decoding of the answer.
 
 A handful of trials cannot tell two models apart (5 trials resolve nothing finer than 0.2), so trials are spread
-over several needle depths and the accuracy comes with a Wilson score interval. For a model with seer gates, each
+over several needle depths and the accuracy comes with a Wilson score interval. The trials of one depth are not
+placed at one position: the filler repeats, so trials at the same position differ only in the key's digits and
+succeed or fail together (20 trials over 5 fixed depths would be about 5 observations, and the interval would
+claim more than they show). Each trial's depth is drawn around its depth, within half the spacing of the depths,
+which also moves the needle across the attention's block boundaries. For a model with seer gates, each
 trial can also record, per layer, whether the block selection at the question kept a key block of the needle:
 where retrieval fails, that says which layers dropped it.
 """
@@ -103,6 +107,7 @@ def passkey_accuracy(
     *,
     trials: int = 20,
     depths: Sequence[float] = DEPTHS,
+    depth_jitter: Optional[float] = None,
     device: torch.device | str = "cpu",
     seed: int = 0,
     runtime=None,
@@ -115,21 +120,35 @@ def passkey_accuracy(
         length: Prompt length in tokens (answer included).
         trials: Number of trials (each a fresh random passkey). Default 20.
         depths: Needle depths as fractions of the filler. Default 0.1, 0.3, 0.5, 0.7, 0.9.
+        depth_jitter: Each trial's depth is its depth plus a uniform draw in [-depth_jitter, depth_jitter],
+            clipped to [0, 1]. Default None: half the smallest gap between `depths` (0.1 for the default depths,
+            which then cover the whole filler), 0 for a single depth. 0 places every trial of a depth at one
+            position.
         device: Where the model runs.
-        seed: Seed of the passkeys.
+        seed: Seed of the passkeys and of the depths' draws.
         runtime: The model's `SeerRuntime`, to record per layer whether the sparse selection at the question kept
             a block of the needle (only for sparse settings). Default None.
 
     Returns:
         {"length", "trials", "hits", "accuracy", "ci_low", "ci_high" (95% Wilson), "per_depth": {depth: accuracy},
+        "trial_depths": [each trial's drawn depth], "trial_hits": [1 or 0 per trial],
         "needle_kept_per_layer": [share of heads per layer, averaged over trials] or None}.
     """
     if trials < 1 or not depths:
         raise ValueError("passkey needs at least one trial and one depth")
+    centres = sorted({float(d) for d in depths})
+    if depth_jitter is None:
+        depth_jitter = min((b - a for a, b in zip(centres, centres[1:])), default=0.0) / 2
+    if not 0.0 <= depth_jitter <= 0.5:
+        raise ValueError(f"depth_jitter must lie in [0, 0.5], got {depth_jitter}")
     rng = random.Random(seed)
+    # Depths from a generator of their own, so that the keys stay those of `seed` whatever the jitter.
+    depth_rng = random.Random(f"passkey depths {seed}")
     was_training = model.training
     model.eval()
     hits, per_depth = 0, {float(d): [0, 0] for d in depths}
+    trial_depths: list[float] = []
+    trial_hits: list[int] = []
     kept: dict[int, list[float]] = {}
     record = runtime is not None and runtime.sparse
     if record:
@@ -138,7 +157,8 @@ def passkey_accuracy(
     try:
         for t in range(trials):
             depth = float(depths[t % len(depths)])
-            trial = build_trial(tokenizer, length, depth, rng.randrange(10_000, 100_000))
+            drawn = min(1.0, max(0.0, depth + depth_rng.uniform(-depth_jitter, depth_jitter)))
+            trial = build_trial(tokenizer, length, drawn, rng.randrange(10_000, 100_000))
             ids = torch.tensor([trial.prompt + trial.answer], device=device)
             # Logits at position i predict token i + 1: the answer's tokens are predicted from the positions
             # just before each of them, the last len(answer) + 1 positions (only those are projected, so a long
@@ -147,6 +167,8 @@ def passkey_accuracy(
             predicted = logits[: len(trial.answer)].argmax(-1).tolist()
             hit = int(predicted == trial.answer)
             hits += hit
+            trial_depths.append(drawn)
+            trial_hits.append(hit)
             per_depth[depth][0] += hit
             per_depth[depth][1] += 1
             if record:
@@ -167,5 +189,7 @@ def passkey_accuracy(
         "ci_low": low,
         "ci_high": high,
         "per_depth": {str(d): h / n for d, (h, n) in per_depth.items() if n},
+        "trial_depths": trial_depths,
+        "trial_hits": trial_hits,
         "needle_kept_per_layer": needle,
     }

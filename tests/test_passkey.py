@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from seer_finetune import passkey
 from seer_finetune.passkey import build_trial, passkey_accuracy, wilson_interval
 from seer_finetune.seer import SeerRuntime, attach_seer_gates
 
@@ -43,6 +44,38 @@ def test_passkey_trial_layout_and_scoring():
     assert passkey_accuracy(_Echo(len(tok), shift=2), tok, 400, trials=3)["accuracy"] == 0.0
     with pytest.raises(ValueError):
         passkey_accuracy(_Echo(len(tok)), tok, 400, trials=0)
+
+
+def test_trials_of_one_depth_are_spread_around_it(monkeypatch):
+    """The trials of a depth take different drawn depths within half the depths' spacing, reproducibly; the
+    keys do not depend on the draw; `depth_jitter=0` and a single depth place every trial at its depth."""
+    tok = AutoTokenizer.from_pretrained(ASSETS)
+    echo = _Echo(len(tok))
+    spread = passkey_accuracy(echo, tok, 400, trials=20)
+    drawn = spread["trial_depths"]
+    assert len(drawn) == 20 and spread["trial_hits"] == [1] * 20
+    for i, centre in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+        mine = drawn[i::5]
+        assert all(abs(d - centre) <= 0.1 + 1e-12 for d in mine), (centre, mine)
+        assert len(set(mine)) == 4, mine  # four positions, not one
+    assert passkey_accuracy(echo, tok, 400, trials=20)["trial_depths"] == drawn
+    assert passkey_accuracy(echo, tok, 400, trials=20, seed=1)["trial_depths"] != drawn
+    keys = []
+    def recording(tokenizer, n, depth, key):
+        keys.append(key)
+        return build_trial(tokenizer, n, depth, key)
+
+    monkeypatch.setattr(passkey, "build_trial", recording)
+    fixed = passkey_accuracy(echo, tok, 400, trials=10, depth_jitter=0.0)
+    assert fixed["trial_depths"] == [0.1, 0.3, 0.5, 0.7, 0.9] * 2
+    passkey_accuracy(echo, tok, 400, trials=10)
+    assert keys[:10] == keys[10:]  # the same keys, drawn or fixed depths
+    monkeypatch.undo()
+    assert passkey_accuracy(echo, tok, 400, trials=3, depths=(0.4,))["trial_depths"] == [0.4] * 3
+    wide = passkey_accuracy(echo, tok, 400, trials=10, depths=(0.0, 1.0), depth_jitter=0.5)["trial_depths"]
+    assert all(0.0 <= d <= 1.0 for d in wide) and len(set(wide)) > 2  # clipped to the filler
+    with pytest.raises(ValueError, match="depth_jitter"):
+        passkey_accuracy(echo, tok, 400, trials=2, depth_jitter=0.7)
 
 
 def test_wilson_interval():
