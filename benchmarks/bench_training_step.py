@@ -6,6 +6,9 @@ block 64) or Qwen2.5-1.5B's (`yarn128k_*`, 32k -> 128k, block 128; the memory an
 fed with the embedded corpus. For each variant: median step time over a few steps, then one profiled step
 whose GPU kernel time is split into attention (dense SDPA kernels, or this project's block-sparse forward /
 backward and ground-truth kernels) and everything else; GPU busy is that kernel time over the step's wall time.
+Eager seer variants profile one more step with the host side on, whose kernels are split by the seer steps that
+launched them (`seer.attention.STAGES`: gate, probe, selection, attention, ground truth, gate loss, ...); a graph
+replay hides that split, so graphed variants have none.
 Every variant runs with the same `model.fused_kernels` (`--fused-kernels`: Liger-Kernel's RMSNorm, SwiGLU and
 RoPE, or transformers' own modules). Liger patches RoPE for a whole modeling module, so compare the two settings
 across two processes (two runs of this script), not within one. Prints a table and writes JSON.
@@ -32,6 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]
 
 from seer_finetune.compose import compose_config  # noqa: E402
 from seer_finetune.modeling import base_model  # noqa: E402
+from seer_finetune.seer.attention import STAGES  # noqa: E402
 from seer_finetune.trainer import GRAPH_AFTER_STEPS, Trainer  # noqa: E402
 
 # Kernel-name patterns of attention work: PyTorch's SDPA backends, and seer_kernels' Triton kernels.
@@ -141,6 +145,34 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
             "attention_kernels": per_kernel, "other_kernels": others[:OTHER_KERNELS]}
 
 
+def stage_split(trainer: Trainer) -> dict[str, dict[str, float]]:
+    """Profile one `trainer.train_step()` with the host side on and split its kernel time by the seer step that
+    launched it (the `seer.<stage>` ranges of `seer.attention`). Only what a layer's forward (and its checkpoint's
+    recomputation) launches: the attention's backward runs outside them, in the attention kernels' time.
+
+    Returns:
+        {stage: {"ms": kernel time on the GPU (on a CPU-only run: host time), "calls": ranges}} for the stages
+        that ran; empty for a model without seer attention.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        trainer.train_step()
+        if cuda:
+            torch.cuda.synchronize()
+    split = {}
+    for event in prof.key_averages():
+        stage = event.key.removeprefix("seer.")
+        # The host-side range: its device time is its kernels' (the GPU-side copy of a range spans its idle gaps).
+        host_side = event.device_type == torch.autograd.DeviceType.CPU
+        if host_side and event.key.startswith("seer.") and stage in STAGES:
+            us = event.device_time_total if cuda else event.cpu_time_total
+            split[stage] = {"ms": us / 1e3, "calls": event.count}
+    return dict(sorted(split.items(), key=lambda item: STAGES.index(item[0])))
+
+
 def run_variant(name: str, extra: list[str], shape: str, seq_len: int, steps: int, workdir: Path) -> dict:
     """Build a trainer with `extra` overrides, warm it up for 2 steps, time `steps` steps, profile one more.
 
@@ -173,6 +205,8 @@ def run_variant(name: str, extra: list[str], shape: str, seq_len: int, steps: in
     }
     result.update(profile_step(trainer))
     result["gpu_busy"] = result["gpu_ms"] / result["step_ms"]
+    if cfg.attention.backend == "seer" and not cfg.trainer.cuda_graphs:
+        result["seer_stages"] = stage_split(trainer)
     del trainer
     torch.cuda.empty_cache()
     return result
@@ -228,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{r['variant']}: attention kernels of the profiled step")
         for k in r["attention_kernels"][:12]:
             print(f"  {k['ms']:8.2f} ms {k['launches']:6d} x  {k['kernel'][:90]}")
+    for r in results:
+        if r.get("seer_stages"):
+            cells = ", ".join(f"{k} {v['ms']:.1f}" for k, v in r["seer_stages"].items())
+            print(f"\n{r['variant']}: GPU ms by seer step (one more profiled step): {cells}")
     for r in results:
         print(f"\n{r['variant']}: outside attention {r['gpu_ms'] - r['attention_ms']:.1f} ms, longest kernels")
         for k in r["other_kernels"][:10]:

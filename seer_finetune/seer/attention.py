@@ -22,6 +22,9 @@ Gate inputs are detached from the model's graph by default (`detach_gate_inputs`
 the gate loss then trains only the gates and cannot pull the model's Q/K towards easier-to-predict attention. The
 LM loss reaches the model only through the (block-sparse) attention output; selection runs under no_grad.
 
+While a profiler runs, each step's work is a range named `seer.<step>` (`STAGES`), so the GPU time of a layer's
+gate, selection, probe, attention, ground truth and loss can be told apart (`benchmarks/bench_training_step.py`).
+
 Under gradient checkpointing a layer runs twice: its first pass, and a recomputation in backward that must save
 the same tensors for backward. With detached gate inputs, steps 2 and 5 save nothing for the model's backward
 (the gate loss's gradient is taken in the first pass, `gate_path.loss_with_gradients`), so the recomputation runs
@@ -52,6 +55,16 @@ from .runtime import SeerRuntime
 from .selection import SelectionPlan, block_candidates, logit_bound_scores, tempered_log_probs
 
 ATTN_NAME = "seer"
+# The profiler ranges of `_stage`, in the order a layer runs them.
+STAGES = ("gate", "bound", "probe", "oracle", "select", "attention", "ground_truth", "gate_loss", "stats")
+
+
+def _stage(name: str):
+    """The profiler range `seer.<name>` while a profiler runs; nothing otherwise (a range costs several
+    microseconds of host time, and a layer has up to nine)."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(f"seer.{name}")
+    return contextlib.nullcontext()
 
 
 def register_seer() -> None:
@@ -131,7 +144,8 @@ def seer_attention_forward(
         # Exact attention over every candidate block: the dense baseline through the same kernels.
         gate.seer_captured.clear()
         mask = candidates[:, None].expand(query.shape[0], query.shape[1], -1, -1)
-        out = seer_kernels.block_sparse_attention(query, key, value, mask, **kernel_args)
+        with _stage("attention"):
+            out = seer_kernels.block_sparse_attention(query, key, value, mask, **kernel_args)
         return _restore(out, order).transpose(1, 2).contiguous(), None
 
     q_pre, k_pre, head_shard = _gate_inputs(gate, query)
@@ -145,12 +159,13 @@ def seer_attention_forward(
     # taken in this forward and nothing of the gate is saved for the model's backward (gate_path.gate_graph).
     own_graph = not (q_pre.requires_grad or k_pre.requires_grad)
     if recomputing and own_graph:
-        out = _attend_again(rt, layer, query, key, value, kernel_args)
+        with _stage("attention"):
+            out = _attend_again(rt, layer, query, key, value, kernel_args)
         return _restore(out, order).transpose(1, 2).contiguous(), None
     if rt.keeps_graph:
         state.passes.add(layer)
     loss_graph = rt.keeps_graph and s.compute_loss
-    with _gate_context(own_graph, loss_graph):
+    with _gate_context(own_graph, loss_graph), _stage("gate"):
         log_probs = layer_log_probs(
             gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=compiled, kernel=s.kernel
         )
@@ -167,22 +182,25 @@ def seer_attention_forward(
             rt, layer, layout, candidates, log_probs, query, key, kernel_args, bound_inputs=(q_pre, k_pre, valid)
         )
         # A sink block is a column every row keeps: its dK/dV work is cut into segments (one long program else).
-        out = seer_kernels.block_sparse_attention(
-            query, key, value, block_mask, split_long_columns=s.sink_blocks > 0, **kernel_args
-        )
+        with _stage("attention"):
+            out = seer_kernels.block_sparse_attention(
+                query, key, value, block_mask, split_long_columns=s.sink_blocks > 0, **kernel_args
+            )
         ground_truth = None
         if s.compute_loss:
-            rows, ground_truth = _sparse_ground_truth(
-                rt, layer, query, key, rows, oracle_truth, kernel_args, keep=not own_graph
-            )
+            with _stage("ground_truth"):
+                rows, ground_truth = _sparse_ground_truth(
+                    rt, layer, query, key, rows, oracle_truth, kernel_args, keep=not own_graph
+                )
     else:
         # Dense output (gate distillation): the ground truth comes from the same fused forward.
-        out, ground_truth = seer_kernels.attention_with_ground_truth(
-            query, key, value, query_blocks=rows, **kernel_args
-        )
+        with _stage("attention"):
+            out, ground_truth = seer_kernels.attention_with_ground_truth(
+                query, key, value, query_blocks=rows, **kernel_args
+            )
 
     if ground_truth is not None:
-        with _gate_context(own_graph, loss_graph):
+        with _gate_context(own_graph, loss_graph), _stage("gate_loss"):
             cand_rows = candidates if rows is None else candidates[:, rows]
             lp_rows = log_probs if rows is None else log_probs[:, :, rows]
             loss = layer_gate_loss(
@@ -197,7 +215,8 @@ def seer_attention_forward(
             rt.record_loss(layer, loss)
     # A checkpoint recomputation would only overwrite the first pass's statistics with the same values.
     if block_mask is not None and rt.record_stats and not recomputing:
-        stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=compiled)
+        with _stage("stats"):
+            stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=compiled)
         for name, value in stats.items():
             rt.record(f"{name}/{layer}", value)
     return _restore(out, order).transpose(1, 2).contiguous(), None
@@ -374,7 +393,8 @@ def _select(
             )
         if s.oracle:
             # Rank by the true pooled attention: log(0) = -inf only ever ranks a block last.
-            oracle_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **kernel_args)
+            with _stage("oracle"):
+                oracle_truth = seer_kernels.attention_ground_truth(query.detach(), key.detach(), **kernel_args)
             scores = torch.log(oracle_truth)
         else:
             scores = log_probs.detach()
@@ -382,18 +402,20 @@ def _select(
                 scores = tempered_log_probs(scores, s.selection_temperature)
         bound = probe = None
         if plan.bound_blocks > 0:
-            with torch.no_grad():
+            with torch.no_grad(), _stage("bound"):
                 bound = logit_bound_scores(*bound_inputs, s.block_size)
         if plan.probe_blocks > 0:
-            probe = probe_scores(
-                query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
-                document_ids=kernel_args["document_ids"], valid=bound_inputs[2], sm_scale=kernel_args["sm_scale"],
-                kernel=kernel_args["kernel"],
-            )
-        # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
-        block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)
-        if rt.keeps_graph:
-            state.keep_block_mask(layer, block_mask)
+            with _stage("probe"):
+                probe = probe_scores(
+                    query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
+                    document_ids=kernel_args["document_ids"], valid=bound_inputs[2],
+                    sm_scale=kernel_args["sm_scale"], kernel=kernel_args["kernel"],
+                )
+        with _stage("select"):
+            # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
+            block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)
+            if rt.keeps_graph:
+                state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:
         rt.block_masks[layer] = block_mask
     return block_mask, oracle_truth

@@ -40,3 +40,26 @@ def test_qwen_architecture_matches_qwen2_5_1_5b():
              config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size)
     assert shape == ("qwen2", 28, 1536, 8960, 12, 2, 128, 151936)
     assert config.max_position_embeddings == 32768 and config.tie_word_embeddings and not config.use_sliding_window
+
+
+def test_stage_split_names_the_seer_steps_a_layer_ran(tmp_path):
+    """On CPU the split reads host time, but the ranges are the ones a GPU profile splits kernel time by: every
+    step the 90% experiment's selection runs in training shows up, in a layer's order, once per layer (the
+    attention again in the checkpoint's recomputation)."""
+    from seer_finetune.modeling import base_model
+    from seer_finetune.trainer import Trainer
+
+    cfg = compose_config([
+        "+exp=smoke_seer", "model.gradient_checkpointing=true", "attention.density=0.25", "attention.bound_blocks=1", "attention.probe_blocks=2",
+        "attention.init_steps=0", "data.seq_len=256", "data.max_eval_sequences=1", "trainer.device=cpu",
+        "trainer.eval_before=false", "trainer.save_final=false", "trainer.progress_bar=false",
+        "trainer.micro_batch_size=1", "trainer.grad_accum_steps=1", f"trainer.output_dir={tmp_path / 'run'}",
+    ])
+    assert cfg.model.gradient_checkpointing
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    split = bench.stage_split(trainer)
+    layers = base_model(trainer.model).config.num_hidden_layers
+    assert list(split) == ["gate", "bound", "probe", "select", "attention", "ground_truth", "gate_loss", "stats"]
+    assert all(v["ms"] > 0 for v in split.values())
+    assert {k: v["calls"] for k, v in split.items()} == {**dict.fromkeys(split, layers), "attention": 2 * layers}
