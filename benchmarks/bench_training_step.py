@@ -73,6 +73,9 @@ def variants(shape: str) -> dict[str, list[str]]:
         # A cheaper ground truth (an eighth of the query blocks), in the step that shows GPU time.
         "seer joint, density 0.1, CUDA graphs, ground truth on 1/8 of the rows": [
             *seer, "trainer.cuda_graphs=true", "attention.ground_truth_query_fraction=0.125"],
+        # None at all: the gates learn the probe scores the selection computes anyway.
+        "seer joint, density 0.1, CUDA graphs, probe ground truth": [
+            *seer, "trainer.cuda_graphs=true", "attention.ground_truth=probe"],
         # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
         "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
         # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly

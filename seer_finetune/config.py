@@ -210,6 +210,13 @@ class AttentionConfig:
             invocation). Saved with the gates.
         ground_truth_query_fraction: Fraction of query blocks (random each step) on which the
             ground truth and the gate loss are computed.
+        ground_truth: What the gate learns in sparse (joint) training: `exact` (default), the block-pooled
+            attention of every token of the `ground_truth_query_fraction` sample of query blocks, a pass of its
+            own per layer; or `probe`, the probe scores (`probe_tokens` tokens per block) of every query block,
+            the ones `probe_blocks` computes for the selection anyway (computed for the loss alone when
+            `probe_blocks` is 0): no ground-truth pass. The training statistics of the selection are then
+            against the probe scores and named `probe_recall`, `probe_oracle_recall`. Gate distillation (a dense
+            output, whose forward gives the exact ground truth) and evaluation keep `exact`.
         kernel: `seer_kernels` implementation: `auto` (Triton on CUDA, the chunked PyTorch one elsewhere),
             `pytorch` or `triton`. The token gates (`gate_query: token_*`) train on the fused kernel's backward
             only with an explicit `triton`: faster, but it holds every layer's projected queries until the
@@ -251,6 +258,7 @@ class AttentionConfig:
     gate_target_temperature: float = 1.0
     gate_selection_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
+    ground_truth: str = "exact"
     kernel: str = "auto"
     compile_gate: Optional[bool] = None
     gates_path: Optional[str] = None
@@ -315,6 +323,9 @@ LM_LOSS_CHOICES = ("auto", "full_logits", "chunked", "liger")
 # Attention backends whose function does plain causal attention when it gets no mask: the ones a CUDA graph can
 # capture under a causal-only name (`TrainerConfig.cuda_graphs`, `graphed_step.causal_only_attention`).
 CAUSAL_WITHOUT_MASK = ("sdpa", "seer")
+
+# What the gates learn in sparse training (`AttentionConfig.ground_truth`).
+GROUND_TRUTHS = ("exact", "probe")
 
 
 @dataclass

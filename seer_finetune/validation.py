@@ -12,6 +12,7 @@ from typing import Any
 from .config import (
     CAUSAL_WITHOUT_MASK,
     FUSED_KERNEL_CHOICES,
+    GROUND_TRUTHS,
     LM_LOSS_CHOICES,
     NEEDLE_TASKS,
     AttentionConfig,
@@ -243,6 +244,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
             "it (the probe tokens are evenly strided over the block)"
         )
     _fraction("attention.ground_truth_query_fraction", a.ground_truth_query_fraction, open_low=True)
+    _choice("attention.ground_truth", a.ground_truth, GROUND_TRUTHS)
     if a.density is not None:
         _fraction("attention.density", a.density, open_low=True)
     if a.threshold is not None:

@@ -15,8 +15,9 @@ One call per layer and forward, in steps:
    (or, for the oracle, the true pooled attention) into a block mask;
 4. kernel: block-sparse attention over the kept blocks, or dense attention with its ground truth when only the
    gates learn;
-5. loss: the ground truth on a sample of query blocks, the gate loss and, for a sparse output, the recall of the
-   kept blocks against the best blocks of the same count, recorded in the runtime.
+5. loss: the ground truth on a sample of query blocks (or, with `ground_truth: probe` in sparse training, the
+   probe scores of every query block), the gate loss and, for a sparse output, the recall of the kept blocks
+   against the best blocks of the same count, recorded in the runtime.
 
 Gate inputs are detached from the model's graph by default (`detach_gate_inputs`, as in the SeerAttention paper):
 the gate loss then trains only the gates and cannot pull the model's Q/K towards easier-to-predict attention. The
@@ -51,7 +52,7 @@ from .gate_path import (
 )
 from .masking import padding_layout, seer_mask, split_document_ids
 from .probe import probe_scores
-from .runtime import SeerRuntime
+from .runtime import SeerRuntime, SeerSettings
 from .selection import SelectionPlan, block_candidates, logit_bound_scores, tempered_log_probs
 
 ATTN_NAME = "seer"
@@ -170,7 +171,9 @@ def seer_attention_forward(
             gate, q_pre, k_pre, valid, candidates, head_shard=head_shard, compiled=compiled, kernel=s.kernel
         )
     rows = state.rows.get(layer) if recomputing else None
-    if s.compute_loss and rt.training and not recomputing:
+    # The gate learns the probe scores of every query block (`ground_truth: probe`): no sample of rows.
+    probe_target = s.ground_truth == "probe" and rt.training and rt.sparse
+    if s.compute_loss and rt.training and not recomputing and not probe_target:
         nb = num_blocks(layout.seq_len, s.block_size)
         rows = _sample_query_blocks(nb, s.ground_truth_query_fraction, query.device)
         if rt.keeps_graph:
@@ -178,7 +181,7 @@ def seer_attention_forward(
 
     block_mask = None
     if rt.sparse:
-        block_mask, oracle_truth = _select(
+        block_mask, oracle_truth, probe = _select(
             rt, layer, layout, candidates, log_probs, query, key, kernel_args, bound_inputs=(q_pre, k_pre, valid)
         )
         # A sink block is a column every row keeps: its dK/dV work is cut into segments (one long program else).
@@ -189,9 +192,14 @@ def seer_attention_forward(
         ground_truth = None
         if s.compute_loss:
             with _stage("ground_truth"):
-                rows, ground_truth = _sparse_ground_truth(
-                    rt, layer, query, key, rows, oracle_truth, kernel_args, keep=not own_graph
-                )
+                if probe_target:
+                    ground_truth = _probe_ground_truth(
+                        rt, layer, probe, query, key, valid, kernel_args, keep=not own_graph
+                    )
+                else:
+                    rows, ground_truth = _sparse_ground_truth(
+                        rt, layer, query, key, rows, oracle_truth, kernel_args, keep=not own_graph
+                    )
     else:
         # Dense output (gate distillation): the ground truth comes from the same fused forward.
         with _stage("attention"):
@@ -218,6 +226,8 @@ def seer_attention_forward(
         with _stage("stats"):
             stats = layer_selection_stats(block_mask, candidates, rows, ground_truth, compiled=compiled)
         for name, value in stats.items():
+            # Recall against probe scores is not recall against the attention: it gets a name of its own.
+            name = f"probe_{name}" if probe_target and name.endswith("recall") else name
             rt.record(f"{name}/{layer}", value)
     return _restore(out, order).transpose(1, 2).contiguous(), None
 
@@ -372,8 +382,9 @@ def _select(
     kernel_args: dict,
     *,
     bound_inputs: tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks).
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(bool `[B, Hq, nB, nB]` block mask, the oracle's ground truth of every row when it ranked the blocks, the
+    probe scores when `probe_blocks` computed them).
 
     `bound_inputs`: the gate's pre-RoPE q, k and the valid tokens, for `settings.bound_blocks`'s logit bounds;
     `settings.probe_blocks`' probe scores read the attention's own post-RoPE `query` `[B, Hq, L, D]` and `key`
@@ -381,7 +392,7 @@ def _select(
     state, s = rt.forward, rt.settings
     if layer in s.oracle_layers and not s.oracle:
         s = dataclasses.replace(s, oracle=True)
-    oracle_truth = None
+    oracle_truth = probe = None
     block_mask = state.block_mask(layer)
     if block_mask is None:
         plan = state.plans.get((layout, s))
@@ -400,17 +411,13 @@ def _select(
             scores = log_probs.detach()
             if s.selection_temperature != 1.0:
                 scores = tempered_log_probs(scores, s.selection_temperature)
-        bound = probe = None
+        bound = None
         if plan.bound_blocks > 0:
             with torch.no_grad(), _stage("bound"):
                 bound = logit_bound_scores(*bound_inputs, s.block_size)
         if plan.probe_blocks > 0:
             with _stage("probe"):
-                probe = probe_scores(
-                    query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
-                    document_ids=kernel_args["document_ids"], valid=bound_inputs[2],
-                    sm_scale=kernel_args["sm_scale"], kernel=kernel_args["kernel"],
-                )
+                probe = _probe(s, query, key, bound_inputs[2], kernel_args)
         with _stage("select"):
             # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
             block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)
@@ -418,7 +425,20 @@ def _select(
                 state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:
         rt.block_masks[layer] = block_mask
-    return block_mask, oracle_truth
+    return block_mask, oracle_truth, probe
+
+
+def _probe(
+    s: SeerSettings, query: torch.Tensor, key: torch.Tensor, valid: Optional[torch.Tensor], kernel_args: dict
+) -> torch.Tensor:
+    """float32 `[B, Hq, nB, nB]`: the probe scores of every query block (`probe.probe_scores`) from the
+    attention's post-RoPE `query` `[B, Hq, L, D]` and `key` `[B, Hkv, L, D]`, with `kernel_args`' document ids,
+    softmax scale and kernel."""
+    return probe_scores(
+        query.detach(), key.detach(), block_size=s.block_size, probe_tokens=s.probe_tokens,
+        document_ids=kernel_args["document_ids"], valid=valid, sm_scale=kernel_args["sm_scale"],
+        kernel=kernel_args["kernel"],
+    )
 
 
 # -- step 5: ground truth for the loss ----------------------------------------------------------------------
@@ -451,4 +471,27 @@ def _sparse_ground_truth(
     if keep and rt.keeps_graph:
         rt.forward.ground_truth[layer] = (rows, truth)
     return rows, truth
+
+
+def _probe_ground_truth(
+    rt: SeerRuntime,
+    layer: int,
+    probe: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    kernel_args: dict,
+    *,
+    keep: bool,
+) -> torch.Tensor:
+    """float32 `[B, Hq, nB, nB]`: the gate loss's target under `ground_truth: probe`, the probe scores of every
+    query block: the selection's own (`probe`) when `probe_blocks` computed them, else computed here. Kept for
+    a checkpoint's recomputation under the same condition as `_sparse_ground_truth`'s."""
+    cached = rt.forward.ground_truth.get(layer)
+    if cached is not None:
+        return cached[1]
+    truth = probe if probe is not None else _probe(rt.settings, query, key, valid, kernel_args)
+    if keep and rt.keeps_graph:
+        rt.forward.ground_truth[layer] = (None, truth)
+    return truth
 

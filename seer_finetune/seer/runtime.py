@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from ..config import GROUND_TRUTHS
 from .selection import BUDGETS, SelectionPlan
 
 MODES = ("dense", "gate_distill", "joint")
@@ -58,6 +59,8 @@ class SeerSettings:
             it undoes the sharpening the gate learnt, so the budget is shared out by estimated attention mass.
         ground_truth_query_fraction: Fraction of query blocks (random each forward) that get a ground truth
             while training. In evaluation every row gets one.
+        ground_truth: `exact` (default) or `probe`: in sparse training the gate learns the probe scores of every
+            query block instead of the exact ground truth of a sample (`config.AttentionConfig.ground_truth`).
         kernel: `seer_kernels` implementation: `auto`, `pytorch` or `triton`.
         detach_gate_inputs: Detach the captured pre-RoPE Q/K before the gate, so the gate loss trains only the
             gates.
@@ -87,6 +90,7 @@ class SeerSettings:
     target_temperature: float = 1.0
     selection_temperature: float = 1.0
     ground_truth_query_fraction: float = 1.0
+    ground_truth: str = "exact"
     kernel: str = "auto"
     detach_gate_inputs: bool = True
     compute_loss: bool = True
@@ -103,6 +107,7 @@ class SeerSettings:
         one_of("budget", self.budget, BUDGETS)
         one_of("loss_kind", self.loss_kind, LOSS_KINDS)
         one_of("kernel", self.kernel, KERNELS)
+        one_of("ground_truth", self.ground_truth, GROUND_TRUTHS)
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be positive")
         if self.density is not None and self.threshold is not None:
@@ -154,6 +159,7 @@ class SeerSettings:
             target_temperature=float(a.gate_target_temperature),
             selection_temperature=float(a.gate_selection_temperature),
             ground_truth_query_fraction=float(a.ground_truth_query_fraction),
+            ground_truth=a.ground_truth,
             kernel=a.kernel,
             detach_gate_inputs=bool(a.detach_gate_inputs),
             compile_gate=None if a.compile_gate is None else bool(a.compile_gate),
