@@ -11,6 +11,7 @@ import torch
 from .config import SeerConfig
 from .validation import check_sequence_lengths
 from .extensions import PLAIN_BACKENDS, TrainingExtension, build_extension
+from .lora_inputs import save_lora_inputs_in_model_dtype
 from .modeling import apply_peft, load_model
 
 
@@ -41,6 +42,11 @@ def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module,
         model.requires_grad_(False)
     else:
         model = apply_peft(model, cfg.peft)
+        # ZeRO-3 gathers and releases parameters around module calls; the custom projection's saved weight
+        # would outlive the gather, so those runs keep peft's own path.
+        zero3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
+        if cfg.peft.method == "lora" and not cfg.peft.fp32_input_copies and not zero3:
+            save_lora_inputs_in_model_dtype(model)
     for group in extension.param_groups():
         for p in group["params"]:
             p.requires_grad_(True)
