@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Tokens per product when the weight gradient is accumulated over a long input: bounds the float32 copy
-# made in backward (8192 x 1536 float32 = 48 MiB).
-_BACKWARD_CHUNK = 8192
+# Input elements per product when the weight gradient is accumulated over a long input: bounds the float32
+# copy made in backward to 128 MiB (SmolLM2 at 32k: one product; Qwen2.5-1.5B at 128k: six).
+_BACKWARD_CHUNK_ELEMENTS = 2**25
 
 
 class _CastLinearFunction(torch.autograd.Function):
@@ -39,12 +39,13 @@ class _CastLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows_out = grad_out.reshape(-1, grad_out.shape[-1])  # [N, r]
             rows_in = x.reshape(-1, x.shape[-1])  # [N, in]
-            if rows_in.shape[0] <= _BACKWARD_CHUNK:
+            chunk = max(1, _BACKWARD_CHUNK_ELEMENTS // rows_in.shape[1])
+            if rows_in.shape[0] <= chunk:
                 grad_weight = rows_out.t() @ rows_in.to(weight.dtype)
             else:
                 grad_weight = torch.zeros_like(weight)
-                for start in range(0, rows_in.shape[0], _BACKWARD_CHUNK):
-                    stop = start + _BACKWARD_CHUNK
+                for start in range(0, rows_in.shape[0], chunk):
+                    stop = start + chunk
                     grad_weight.addmm_(rows_out[start:stop].t(), rows_in[start:stop].to(weight.dtype))
         return grad_x, grad_weight
 

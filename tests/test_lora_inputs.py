@@ -99,7 +99,7 @@ def test_weight_gradient_chunks_match_one_product(monkeypatch):
     weight = torch.randn(8, 24, requires_grad=True)
     grad_out = torch.randn(3, 37, 8)
     expected = torch.autograd.grad(torch.nn.functional.linear(x.float(), weight), (x, weight), grad_out)
-    monkeypatch.setattr(lora_inputs, "_BACKWARD_CHUNK", 16)  # 111 rows: seven chunks, the last one short
+    monkeypatch.setattr(lora_inputs, "_BACKWARD_CHUNK_ELEMENTS", 16 * 24)  # 111 rows: seven chunks, the last short
     got = torch.autograd.grad(_CastLinearFunction.apply(x, weight), (x, weight), grad_out)
     torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
