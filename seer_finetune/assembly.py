@@ -45,7 +45,7 @@ def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module,
         # ZeRO-3 gathers and releases parameters around module calls; the custom projection's saved weight
         # would outlive the gather, so those runs keep peft's own path.
         zero3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
-        if cfg.peft.method == "lora" and not cfg.peft.fp32_input_copies and not zero3:
+        if not cfg.peft.fp32_input_copies and not zero3:
             save_lora_inputs_in_model_dtype(model)
     for group in extension.param_groups():
         for p in group["params"]:

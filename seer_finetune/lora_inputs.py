@@ -90,6 +90,7 @@ def save_lora_inputs_in_model_dtype(model: nn.Module) -> int:
                 continue
             replacement = CastInputLinear(linear.in_features, linear.out_features, bias=False, device="meta")
             replacement.weight = linear.weight
+            replacement.train(linear.training)
             layer.lora_A[name] = replacement
         layer.cast_input_dtype_enabled = False
         changed += 1
