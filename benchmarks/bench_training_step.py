@@ -64,6 +64,12 @@ def variants(shape: str) -> dict[str, list[str]]:
         # the capturable one (Liger's reads the device back).
         "dense (YaRN baseline, SDPA), CUDA graphs": [f"+exp={dense_exp}", "trainer.cuda_graphs=true"],
         "seer joint, density 0.1, CUDA graphs": [*seer, "trainer.cuda_graphs=true"],
+        # The LoRA products in float32 (peft's precision without autocast), both models: what the default's
+        # bfloat16 products save.
+        "dense (YaRN baseline, SDPA), CUDA graphs, LoRA products in float32": [
+            f"+exp={dense_exp}", "trainer.cuda_graphs=true", "peft.lora_compute=float32"],
+        "seer joint, density 0.1, CUDA graphs, LoRA products in float32": [
+            *seer, "trainer.cuda_graphs=true", "peft.lora_compute=float32"],
         # What the 90% experiment's block per row by the logit bound costs, in the step that shows GPU time.
         "seer joint, density 0.1, CUDA graphs, no bound blocks": [*seer, "trainer.cuda_graphs=true",
                                                                  "attention.bound_blocks=0"],

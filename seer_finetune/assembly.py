@@ -11,7 +11,7 @@ import torch
 from .config import SeerConfig
 from .validation import check_sequence_lengths
 from .extensions import PLAIN_BACKENDS, TrainingExtension, build_extension
-from .lora_inputs import save_lora_inputs_in_model_dtype
+from .lora_precision import set_lora_compute
 from .modeling import apply_peft, load_model
 
 
@@ -42,11 +42,11 @@ def build_model(cfg: SeerConfig, device: torch.device) -> tuple[torch.nn.Module,
         model.requires_grad_(False)
     else:
         model = apply_peft(model, cfg.peft)
-        # ZeRO-3 gathers and releases parameters around module calls; the custom projection's saved weight
-        # would outlive the gather, so those runs keep peft's own path.
+        # ZeRO-3 gathers and releases parameters around module calls; a projection that saves its weight for
+        # backward would outlive the gather, so those runs keep peft's own path.
         zero3 = cfg.deepspeed.enabled and cfg.deepspeed.zero_stage == 3
-        if not cfg.peft.fp32_input_copies and not zero3:
-            save_lora_inputs_in_model_dtype(model)
+        if cfg.peft.method == "lora" and not zero3:
+            set_lora_compute(model, cfg.peft.lora_compute)
     for group in extension.param_groups():
         for p in group["params"]:
             p.requires_grad_(True)

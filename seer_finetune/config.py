@@ -276,10 +276,11 @@ class PeftConfig:
         trainable_embeddings: Also train the input/output embeddings (LongLoRA's finding for long context).
         trainable_norms: Also train normalisation layers.
         merge_on_save: Also write merged full weights next to the adapter in the final save.
-        fp32_input_copies: Let peft keep a float32 copy of each LoRA layer's input for backward, as peft does
-            over a lower-precision model (3 GiB at 128k tokens on Qwen2.5-1.5B). False (default): the input is
-            kept in the model's dtype and cast again in backward, with the same values and gradients
-            (`lora_inputs.py`). ZeRO-3 runs always keep peft's path.
+        lora_compute: Where the LoRA products run (`lora_precision.py`). `model_dtype` (default): in the model's
+            dtype from the float32 adapter weights, as bfloat16 autocast runs peft's layer under Hugging Face
+            Trainer; the weights, gradients and optimizer state stay float32. `float32`: peft's float32
+            products, with the input kept for backward in the model's dtype. `peft`: peft's layer as it is
+            (float32 products and a float32 copy of every adapted layer's input). ZeRO-3 runs always keep peft's.
     """
 
     method: str = "lora"
@@ -290,7 +291,7 @@ class PeftConfig:
     trainable_embeddings: bool = False
     trainable_norms: bool = False
     merge_on_save: bool = False
-    fp32_input_copies: bool = False
+    lora_compute: str = "model_dtype"
 
 
 @dataclass
@@ -320,6 +321,8 @@ class OptimConfig:
 
 
 # Fused kernels outside attention (`ModelConfig.fused_kernels`, `fused_kernels.py`).
+# Where LoRA products run (`PeftConfig.lora_compute`; `lora_precision.py`).
+LORA_COMPUTE_CHOICES = ("model_dtype", "float32", "peft")
 FUSED_KERNEL_CHOICES = ("auto", "liger", "none")
 
 # How the next-token loss may be computed (`TrainerConfig.lm_loss`, `lm_loss.py`).

@@ -80,7 +80,7 @@ MUTABLE_FIELDS = (
     "data.max_eval_sequences",
     "model.gradient_checkpointing",
     "peft.merge_on_save",
-    "peft.fp32_input_copies",
+    "peft.lora_compute",
     "attention.kernel",
     "logger.",
     "eval.",

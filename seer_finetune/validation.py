@@ -14,6 +14,7 @@ from .config import (
     FUSED_KERNEL_CHOICES,
     GROUND_TRUTHS,
     LM_LOSS_CHOICES,
+    LORA_COMPUTE_CHOICES,
     NEEDLE_TASKS,
     AttentionConfig,
     ConfigError,
@@ -263,6 +264,7 @@ def validate(cfg: SeerConfig) -> SeerConfig:
         _positive("peft.alpha", p.alpha)
         if not p.target_modules:
             raise ConfigError("peft.target_modules must name at least one module for LoRA")
+    _choice("peft.lora_compute", p.lora_compute, LORA_COMPUTE_CHOICES)
     if not 0.0 <= p.dropout < 1.0:
         raise ConfigError(f"peft.dropout={p.dropout} must be in [0, 1)")
 
