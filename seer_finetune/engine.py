@@ -133,13 +133,18 @@ def lr_lambda(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: torch.nn.Module, extension: TrainingExtension, cfg: SeerConfig) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, extension: TrainingExtension, cfg: SeerConfig, *, fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters (no decay on biases, norms, embeddings) and the extension's groups.
 
     Args:
         model: The model built by `assembly.build_model`.
         extension: Its extension; its groups keep their own learning rate (default `optim.gate_lr`).
         cfg: The run configuration (`optim` section).
+        fused: PyTorch's fused AdamW (one kernel per device and dtype instead of a dozen per group, and an update
+            the device can skip by itself: `PlainEngine.step`), as Hugging Face Trainer's default `adamw_torch_fused`.
+            Default False (PyTorch's choice, `foreach` on CUDA).
 
     Returns:
         The optimizer, its groups named `model_decay`, `model_no_decay` and the extension's names.
@@ -161,7 +166,7 @@ def build_optimizer(model: torch.nn.Module, extension: TrainingExtension, cfg: S
         groups.append({"weight_decay": 0.0, **g, "lr": g.get("lr", o.gate_lr if o.gate_lr is not None else o.lr)})
     if not any(g["params"] for g in groups):
         raise RuntimeError("nothing to train: no parameter requires a gradient")
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True if fused else None)
 
 
 def configured_settings(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[dict[str, Any]]:
@@ -244,6 +249,20 @@ class PlainEngine(Engine):
         if self._loss_finite is not None:
             finite = finite & self._loss_finite
         self._loss_finite = None
+        if all(g.get("fused") for g in self.optimizer.param_groups):
+            # The fused kernel skips the update itself where `found_inf` is 1 (and leaves the step count), so the
+            # update is queued before anything is read back: the host's wait for the device ends after it, not
+            # before its launches (a checkpoint from before `fused` resumes on the path below).
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
+            applied = bool(finite)
+            if applied:
+                self.scheduler.step()
+            return grad_norm, applied
         applied = bool(finite)
         if applied:
             self.optimizer.step()

@@ -14,8 +14,9 @@ capture needs, and how each need is met:
 - the extension's statistics, recorded by Python that a replay does not run again, are recorded again from the
   captured tensors after each replay (`TrainingExtension.begin_graph_records` / `end_graph_records` /
   `replay_graph_records`).
-The optimizer step, clipping and the finiteness check stay eager. Random draws inside the graph (the ground
-truth's query rows) advance with every replay, as CUDA graphs do for the default generator.
+The optimizer step, clipping and the finiteness check stay eager, queued behind the replay before the host reads
+anything back (`engine.PlainEngine.step`). Random draws inside the graph (the ground truth's query rows) advance
+with every replay, as CUDA graphs do for the default generator.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ class Trainer:
         self.lm_loss = CausalLMLoss(
             self.model, t.lm_loss, self.device, zero3=ds.enabled and ds.zero_stage == 3, capturable=t.cuda_graphs
         )
-        optimizer = build_optimizer(self.model, self.extension, cfg)
+        optimizer = build_optimizer(self.model, self.extension, cfg, fused=not ds.enabled)
         o = cfg.optim
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

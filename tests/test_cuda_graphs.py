@@ -96,6 +96,26 @@ def test_replayed_statistics_count_as_forwards_and_the_warm_up_is_dropped():
     assert runtime.take_stats()["recall/0"] == pytest.approx(1.0)
 
 
+
+@pytest.mark.parametrize("same_keys", [True, False])
+def test_statistics_average_each_key_over_the_forwards_that_recorded_it(same_keys):
+    runtime = SeerRuntime(mode="joint", density=0.5)
+    forwards = [
+        {"recall/0": 0.25, "density_heads/0": [0.1, 0.3], "recall/1": 0.5},
+        {"recall/0": 0.75, "density_heads/0": [0.3, 0.5], "recall/1": 1.0},
+    ]
+    if not same_keys:
+        forwards.append({"recall/0": 0.5})  # e.g. a forward of other layers: recall/1 keeps its two values
+    for values in forwards:
+        runtime.begin_forward()
+        for key, value in values.items():
+            runtime.record(key, torch.tensor(value))
+    stats = runtime.take_stats()
+    assert stats["recall/0"] == pytest.approx(0.5)
+    assert stats["recall/1"] == pytest.approx(0.75)
+    assert stats["density_heads/0"] == pytest.approx([0.2, 0.4])
+    assert list(stats) == ["recall/0", "density_heads/0", "recall/1"] and runtime.take_stats() == {}
+
 @pytest.mark.parametrize("backend", ["sdpa", "seer"])
 def test_causal_only_attention_builds_no_mask_and_changes_nothing(backend, monkeypatch):
     model = _tiny_model()

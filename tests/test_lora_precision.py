@@ -55,6 +55,13 @@ def _run(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     return loss.detach(), grads, sum(storages.values())
 
 
+def _across_models(test):
+    """Parametrise `test` over llama and qwen2, LoRA alone and with trainable embeddings and norms (LongLoRA)."""
+    pefts = [PeftConfig(), PeftConfig(trainable_embeddings=True, trainable_norms=True)]
+    test = pytest.mark.parametrize("peft", pefts, ids=["lora", "longlora"])(test)
+    return pytest.mark.parametrize("model_type", ["llama", "qwen2"])(test)
+
+
 class _Float32Outputs(TorchDispatchMode):
     """Records the shape of every float32 tensor an op returns with at least `numel` elements."""
 
@@ -112,9 +119,7 @@ def test_model_dtype_makes_no_float32_activation(mode, float32_activations):
     assert bool(seen.seen) == float32_activations, seen.seen
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-@pytest.mark.parametrize("peft", [PeftConfig(), PeftConfig(trainable_embeddings=True, trainable_norms=True)],
-                         ids=["lora", "longlora"])
+@_across_models
 def test_model_dtype_trains_close_to_float32_products(model_type, peft):
     ids = torch.randint(2, 2048, (2, SEQ))
     ref_loss, ref_grads, _ = _run(_model(peft, "peft", model_type), ids)
@@ -129,9 +134,7 @@ def test_model_dtype_trains_close_to_float32_products(model_type, peft):
             assert err < 3e-2, (name, err)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-@pytest.mark.parametrize("peft", [PeftConfig(), PeftConfig(trainable_embeddings=True, trainable_norms=True)],
-                         ids=["lora", "longlora"])
+@_across_models
 def test_float32_same_loss_and_gradients_without_float32_input_copies(model_type, peft):
     ids = torch.randint(2, 2048, (2, SEQ))
     stock_loss, stock_grads, stock_bytes = _run(_model(peft, "peft", model_type), ids)

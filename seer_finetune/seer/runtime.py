@@ -397,20 +397,29 @@ class SeerRuntime:
             key -> the mean of a scalar statistic (a float), or the element-wise mean of a vector one, such as
             per-head densities (a list of floats).
         """
-        sums: dict[str, list[torch.Tensor]] = {}
-        for entry in self._stats.values():
-            for key, value in entry.items():
-                sums.setdefault(key, []).append(value)
+        entries = list(self._stats.values())
         self._stats = {}
-        if not sums:
+        if not entries:
             return {}
-        means = [torch.stack(values).mean(0) for values in sums.values()]
+        keys = list(entries[0])
+        # Shapes by key; keys absent from some forwards are averaged over the forwards that have them.
+        shapes = {key: value.shape for entry in entries for key, value in entry.items()}
+        if all(list(entry) == keys for entry in entries):
+            # Every forward recorded the same keys (a training step): one row per forward, one mean, a handful
+            # of launches however many layers there are.
+            rows = torch.stack([torch.cat([entry[key].reshape(-1) for key in keys]) for entry in entries])
+            means = rows.mean(0)
+        else:
+            keys = list(shapes)
+            means = torch.cat([
+                torch.stack([entry[key] for entry in entries if key in entry]).mean(0).reshape(-1) for key in keys
+            ])
         # One transfer for all keys (a float() per key would synchronise with the device once per layer).
-        flat = torch.cat([m.reshape(-1) for m in means]).tolist()
+        flat = means.tolist()
         out: dict[str, float | list[float]] = {}
         start = 0
-        for key, mean in zip(sums, means):
-            count = mean.numel()
-            out[key] = flat[start] if mean.dim() == 0 else flat[start : start + count]
+        for key in keys:
+            count = shapes[key].numel()
+            out[key] = flat[start] if len(shapes[key]) == 0 else flat[start : start + count]
             start += count
         return out
