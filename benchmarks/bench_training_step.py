@@ -76,19 +76,20 @@ def variants(shape: str) -> dict[str, list[str]]:
         # What the 90% experiment's probe picks (their fused kernel) cost.
         "seer joint, density 0.1, CUDA graphs, no probe picks": [*seer, "trainer.cuda_graphs=true",
                                                                 "attention.probe_blocks=0"],
-        # A cheaper ground truth (an eighth of the query blocks), in the step that shows GPU time.
-        "seer joint, density 0.1, CUDA graphs, ground truth on 1/8 of the rows": [
-            *seer, "trainer.cuda_graphs=true", "attention.ground_truth_query_fraction=0.125"],
-        # None at all: the gates learn the probe scores the selection computes anyway.
-        "seer joint, density 0.1, CUDA graphs, probe ground truth": [
-            *seer, "trainer.cuda_graphs=true", "attention.ground_truth=probe"],
+        # The exact ground truth (a pass of its own per layer on a quarter of the query blocks) instead of the
+        # 90% experiment's probe scores; and on an eighth of the query blocks.
+        "seer joint, density 0.1, CUDA graphs, exact ground truth": [
+            *seer, "trainer.cuda_graphs=true", "attention.ground_truth=exact"],
+        "seer joint, density 0.1, CUDA graphs, exact ground truth on 1/8 of the rows": [
+            *seer, "trainer.cuda_graphs=true", "attention.ground_truth=exact", "attention.ground_truth_query_fraction=0.125"],
         # The gate path (pooling to log-probabilities, gate loss) eager: compiled by default in CUDA training.
         "seer joint, density 0.1, eager gate path": [*seer, "attention.compile_gate=false"],
         # Per-row quotas instead of the layer budget (seer_joint's default): same number of blocks, spread evenly
         # (the rows' first picks by mass, which yarn32k_sparsity90 sets, belong to the layer budget).
         "seer joint, density 0.1, row budget": [*seer, "attention.budget=row", "attention.row_mass=0.0"],
-        # The ground truth on half the query blocks (seer_joint's default is a quarter): twice its cost.
-        "seer joint, density 0.1, ground truth on 1/2 of the rows": [*seer, "attention.ground_truth_query_fraction=0.5"],
+        # The exact ground truth on half the query blocks (seer_joint's default is a quarter): twice its cost.
+        "seer joint, density 0.1, exact ground truth on 1/2 of the rows": [
+            *seer, "attention.ground_truth=exact", "attention.ground_truth_query_fraction=0.5"],
         # Gates that score every query token against the pooled key blocks: the chunked PyTorch path in training
         # (`auto`), and the fused token-gate kernel with its backward (opt-in: `attention.kernel=triton`). A token's
         # query is not pooled, so the logit-bound gate of yarn32k_sparsity90 (pooled mean and |mean|) gives way.
