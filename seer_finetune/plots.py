@@ -218,8 +218,11 @@ def plot_eval_ppl(Figure, records):
 
 
 def plot_gate_recall(Figure, records):
-    """The gates' recall per layer against the oracle's, and the layer means over steps."""
-    train_gate, train_oracle = last_per_layer(records, "seer_recall"), last_per_layer(records, "seer_oracle_recall")
+    """The gates' recall per layer against the oracle's, and the layer means over steps. A run whose gates learn
+    the probe scores (`ground_truth=probe`) logs its training recall against them (`seer_probe_recall`)."""
+    probe = not last_per_layer(records, "seer_recall") and bool(last_per_layer(records, "seer_probe_recall"))
+    prefix, against = ("seer_probe_", ", against the probe scores") if probe else ("seer_", "")
+    train_gate, train_oracle = last_per_layer(records, f"{prefix}recall"), last_per_layer(records, f"{prefix}oracle_recall")
     eval_gate, eval_oracle = final_per_layer(records, "eval_seer_recall"), final_per_layer(records, "eval_seer_oracle_recall")
     if not (train_gate or eval_gate):
         return None
@@ -228,8 +231,8 @@ def plot_gate_recall(Figure, records):
     for values, style, label in (
         (eval_gate, "o-", "gates, last evaluation (every row)"),
         (eval_oracle, "s--", "oracle, last evaluation"),
-        (train_gate, "o-", "gates, last training steps (sampled rows)"),
-        (train_oracle, "s--", "oracle, last training steps"),
+        (train_gate, "o-", f"gates, last training steps{against or ' (sampled rows)'}"),
+        (train_oracle, "s--", f"oracle, last training steps{against}"),
     ):
         if values:
             ax.plot(list(values), list(values.values()), style, label=label, alpha=0.9)
@@ -237,8 +240,8 @@ def plot_gate_recall(Figure, records):
     ax.legend(fontsize=8)
     ax = axes[1]
     for key, style, label in (
-        ("seer/recall", "-", "gates (training)"),
-        ("seer/oracle_recall", "--", "oracle (training)"),
+        (f"seer/{prefix[5:]}recall", "-", f"gates (training{against})"),
+        (f"seer/{prefix[5:]}oracle_recall", "--", f"oracle (training{against})"),
         ("eval/seer/recall", "o-", "gates (evaluation)"),
         ("eval/seer/oracle_recall", "s--", "oracle (evaluation)"),
     ):

@@ -46,13 +46,17 @@ def _wandb_records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_recipe_90_percent_logs_gate_recall_gate_loss_and_eval_curve(tmp_path):
+@pytest.mark.parametrize("ground_truth", ["probe", "exact"])
+def test_recipe_90_percent_logs_gate_recall_gate_loss_and_eval_curve(tmp_path, ground_truth):
     """`+exp=yarn32k_sparsity90` (its attention, LoRA and optimizer settings) on the embedded tiny model, logged to
     W&B offline: per-layer gate recall and gate loss at every step and an evaluation curve (sparse and dense) are
-    in the .wandb file and in metrics.jsonl, with the same finite values, under sectioned names."""
+    in the .wandb file and in metrics.jsonl, with the same finite values, under sectioned names. The recipe's gates
+    learn the probe scores, so its training recall is against them (`probe_recall`); with the exact ground truth it
+    is `recall`. Evaluation reports the recall against the exact attention either way."""
     run = tmp_path / "run"
+    recall = "probe_recall" if ground_truth == "probe" else "recall"
     cfg = compose_config([
-        "+exp=yarn32k_sparsity90", "model=tiny_llama", "data=embedded_shakespeare",
+        "+exp=yarn32k_sparsity90", f"attention.ground_truth={ground_truth}", "model=tiny_llama", "data=embedded_shakespeare",
         "rope.original_max_position_embeddings=256", "data.seq_len=1024", "data.max_eval_sequences=2",
         "attention.gates_path=null", "trainer.grad_accum_steps=1", "trainer.max_steps=4", "trainer.eval_every=2",
         "trainer.save_every=2", "trainer.device=cpu", "trainer.progress_bar=false", "trainer.save_final=false",
@@ -67,11 +71,12 @@ def test_recipe_90_percent_logs_gate_recall_gate_loss_and_eval_curve(tmp_path):
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/ppl" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and [r["step"] for r in evals] == [0, 2, 4]
-    per_step = [f"seer_{kind}/layer_{i:02d}" for kind in ("recall", "oracle_recall", "gate_loss", "density") for i in range(LAYERS)]
+    kinds = (recall, recall.replace("recall", "oracle_recall"), "gate_loss", "density")
+    per_step = [f"seer_{kind}/layer_{i:02d}" for kind in kinds for i in range(LAYERS)]
     for r in train:
-        assert all(_finite(r[key]) for key in per_step + ["seer/recall", "seer/gate_loss", "train/gate_loss"]), r
+        assert all(_finite(r[key]) for key in per_step + [f"seer/{recall}", "seer/gate_loss", "train/gate_loss"]), r
         for i in range(LAYERS):
-            assert 0.0 < r[f"seer_recall/layer_{i:02d}"] <= r[f"seer_oracle_recall/layer_{i:02d}"] + 1e-6 <= 1.0 + 2e-6
+            assert 0.0 < r[f"seer_{kinds[0]}/layer_{i:02d}"] <= r[f"seer_{kinds[1]}/layer_{i:02d}"] + 1e-6 <= 1.0 + 2e-6
             heads = r[f"seer_density_heads/layer_{i:02d}"]
             assert len(heads) == HEADS and sum(heads) / HEADS == pytest.approx(r[f"seer_density/layer_{i:02d}"], abs=1e-6)
         assert r["seer/gate_loss"] == pytest.approx(sum(r[f"seer_gate_loss/layer_{i:02d}"] for i in range(LAYERS)))
@@ -93,7 +98,7 @@ def test_recipe_90_percent_logs_gate_recall_gate_loss_and_eval_curve(tmp_path):
     assert row["seer_density_heads/layer_00._type"] == "histogram"
     # every section is plotted against `step`, which is not a chart of its own
     metrics = {rec["metric"].get("glob_name") or rec["metric"].get("name"): rec["metric"] for rec in wandb if rec["type"] == "metric"}
-    for section in ("train/*", "eval/*", "seer/*", "seer_recall/*", "seer_gate_loss/*", "eval_seer_recall/*"):
+    for section in ("train/*", "eval/*", "seer/*", f"seer_{recall}/*", "seer_gate_loss/*", "eval_seer_recall/*"):
         assert metrics[section]["step_metric"] == "step", section
     assert metrics["step"]["options"].get("hidden")
 
@@ -260,3 +265,19 @@ def test_seeding_is_transformers_set_seed_with_the_same_streams():
     for seed in (-1, 2**32):
         with pytest.raises(ConfigError, match=r"trainer.seed=.* must be in \[0, 2\*\*32\)"):
             compose_config([f"trainer.seed={seed}"])
+
+
+def test_gate_recall_plot_shows_the_training_recall_of_a_probe_target_run():
+    from matplotlib.figure import Figure
+
+    from seer_finetune.plots import plot_gate_recall
+
+    records = [
+        {"step": step, "seer_probe_recall/layer_00": 0.8, "seer_probe_oracle_recall/layer_00": 0.9,
+         "seer/probe_recall": 0.8, "seer/probe_oracle_recall": 0.9}
+        for step in (1, 2)
+    ]
+    figure = plot_gate_recall(Figure, records)
+    labels = {line.get_label() for ax in figure.axes for line in ax.get_lines()}
+    assert {"gates, last training steps, against the probe scores", "gates (training, against the probe scores)",
+            "oracle (training, against the probe scores)"} <= labels
