@@ -249,23 +249,20 @@ class PlainEngine(Engine):
         if self._loss_finite is not None:
             finite = finite & self._loss_finite
         self._loss_finite = None
-        if all(g.get("fused") for g in self.optimizer.param_groups):
+        skips_on_device = all(g.get("fused") for g in self.optimizer.param_groups)
+        if skips_on_device:
             # The fused kernel skips the update itself where `found_inf` is 1 (and leaves the step count), so the
             # update is queued before anything is read back: the host's wait for the device ends after it, not
-            # before its launches (a checkpoint from before `fused` resumes on the path below).
+            # before its launches. A checkpoint from before `fused` steps after the read-back instead.
             self.optimizer.found_inf = (~finite).float()
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
-            self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
-            applied = bool(finite)
-            if applied:
-                self.scheduler.step()
-            return grad_norm, applied
         applied = bool(finite)
         if applied:
-            self.optimizer.step()
+            if not skips_on_device:
+                self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=not self.keep_gradients)
         return grad_norm, applied

@@ -221,8 +221,9 @@ def plot_gate_recall(Figure, records):
     """The gates' recall per layer against the oracle's, and the layer means over steps. A run whose gates learn
     the probe scores (`ground_truth=probe`) logs its training recall against them (`seer_probe_recall`)."""
     probe = not last_per_layer(records, "seer_recall") and bool(last_per_layer(records, "seer_probe_recall"))
-    prefix, against = ("seer_probe_", ", against the probe scores") if probe else ("seer_", "")
-    train_gate, train_oracle = last_per_layer(records, f"{prefix}recall"), last_per_layer(records, f"{prefix}oracle_recall")
+    kind, against = ("probe_", ", against the probe scores") if probe else ("", "")
+    train_gate = last_per_layer(records, f"seer_{kind}recall")
+    train_oracle = last_per_layer(records, f"seer_{kind}oracle_recall")
     eval_gate, eval_oracle = final_per_layer(records, "eval_seer_recall"), final_per_layer(records, "eval_seer_oracle_recall")
     if not (train_gate or eval_gate):
         return None
@@ -240,8 +241,8 @@ def plot_gate_recall(Figure, records):
     ax.legend(fontsize=8)
     ax = axes[1]
     for key, style, label in (
-        (f"seer/{prefix[5:]}recall", "-", f"gates (training{against})"),
-        (f"seer/{prefix[5:]}oracle_recall", "--", f"oracle (training{against})"),
+        (f"seer/{kind}recall", "-", f"gates (training{against})"),
+        (f"seer/{kind}oracle_recall", "--", f"oracle (training{against})"),
         ("eval/seer/recall", "o-", "gates (evaluation)"),
         ("eval/seer/oracle_recall", "s--", "oracle (evaluation)"),
     ):

@@ -401,25 +401,22 @@ class SeerRuntime:
         self._stats = {}
         if not entries:
             return {}
-        keys = list(entries[0])
-        # Shapes by key; keys absent from some forwards are averaged over the forwards that have them.
+        # Keys in order of first appearance; a key absent from some forwards is averaged over those that have it.
         shapes = {key: value.shape for entry in entries for key, value in entry.items()}
-        if all(list(entry) == keys for entry in entries):
-            # Every forward recorded the same keys (a training step): one row per forward, one mean, a handful
-            # of launches however many layers there are.
-            rows = torch.stack([torch.cat([entry[key].reshape(-1) for key in keys]) for entry in entries])
-            means = rows.mean(0)
-        else:
-            keys = list(shapes)
-            means = torch.cat([
-                torch.stack([entry[key] for entry in entries if key in entry]).mean(0).reshape(-1) for key in keys
-            ])
-        # One transfer for all keys (a float() per key would synchronise with the device once per layer).
-        flat = means.tolist()
+        like = next(iter(entries[0].values()))
+        # One row per forward, every key's values side by side: a handful of launches however many layers there
+        # are, and one transfer (a float() per key would synchronise with the device once per layer).
+        rows = torch.stack([
+            torch.cat([entry[key].reshape(-1) if key in entry else like.new_zeros(shape.numel())
+                       for key, shape in shapes.items()])
+            for entry in entries
+        ])
+        sums = rows.sum(0).tolist()
         out: dict[str, float | list[float]] = {}
         start = 0
-        for key in keys:
-            count = shapes[key].numel()
-            out[key] = flat[start] if len(shapes[key]) == 0 else flat[start : start + count]
-            start += count
+        for key, shape in shapes.items():
+            count = sum(key in entry for entry in entries)
+            means = [value / count for value in sums[start : start + shape.numel()]]
+            out[key] = means[0] if len(shape) == 0 else means
+            start += shape.numel()
         return out
