@@ -7,9 +7,12 @@ without tensor cores, float32 sums and casts back) is a sizeable share of the st
 dense and sparse runs alike; at 128k on Qwen2.5-1.5B the saved copies take 3 GiB. The modes:
 
 - `model_dtype` (default): both products in the model's dtype, from the float32 weights cast on the way
-  (`r x width` elements, negligible). This is what bfloat16 autocast runs for peft's layer under Hugging Face
-  Trainer (axolotl, LLaMA-Factory): the same values and gradients. The weights, their gradients and the
-  optimizer state stay float32; no float32 activation is made.
+  (`r x width` elements, negligible), as bfloat16 autocast runs peft's layer under Hugging Face Trainer (axolotl,
+  LLaMA-Factory). The weights, their gradients and the optimizer state stay float32; no float32 activation is
+  made. The scaling goes into `lora_B`'s cast weight and the sum with the base layer's output into the second
+  product's epilogue (`torch.addmm`, `ScaledSumVariant`): peft would run a multiply and an add over the layer's
+  whole output, forward and again in a checkpoint's recomputation. The sum is then rounded once instead of
+  twice: within a bfloat16 rounding of peft's autocast values, not equal to them.
 - `float32`: peft's float32 products and gradients, but `lora_A` saves its input in the model's dtype and casts
   it again in backward.
 - `peft`: peft's layer as it is.
@@ -73,6 +76,43 @@ class ModelDtypeLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class ScaledSumVariant:
+    """A peft LoRA variant (`lora_variant[adapter]`) that adds the adapter to the base output in one product:
+    `result + (scaling * lora_B(lora_A(dropout(x))))` as `addmm(result, h, (scaling * B).T)`, in `result`'s dtype.
+
+    Vanilla LoRA otherwise: merging and unmerging add and remove peft's own delta weight. peft consults a
+    layer's variants in its forward and merges; the variant is not saved (adapters save as plain LoRA)."""
+
+    @staticmethod
+    def init(module, adapter_name: str, **kwargs) -> None:
+        """Nothing to initialise: the adapter's weights are vanilla LoRA's."""
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def supports_lora_conversion() -> bool:
+        return True
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x)).to(result.dtype)  # [..., r]
+        weight = (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).to(result.dtype)  # [out, r]
+        width = result.shape[-1]
+        return torch.addmm(result.reshape(-1, width), h.reshape(-1, h.shape[-1]), weight.t()).view(result.shape)
+
+
+_SUM = ScaledSumVariant()
+
 # Per mode, the class of `lora_A` and of `lora_B`, and whether peft casts the input to the weights' dtype.
 _LAYOUT = {
     "model_dtype": (ModelDtypeLinear, ModelDtypeLinear, False),
@@ -113,7 +153,8 @@ def set_lora_compute(model: nn.Module, mode: str) -> int:
     a_cls, b_cls, cast_input = _LAYOUT[mode]
     changed = 0
     for layer in model.modules():
-        if not isinstance(layer, LoraLinear) or getattr(layer, "lora_variant", None):
+        variants = getattr(layer, "lora_variant", {})
+        if not isinstance(layer, LoraLinear) or any(v is not _SUM for v in variants.values()):
             continue
         plain = all(
             type(layer.lora_A[name]) in _OURS and layer.lora_A[name].bias is None
@@ -126,6 +167,10 @@ def set_lora_compute(model: nn.Module, mode: str) -> int:
         for name in list(layer.lora_A):
             layer.lora_A[name] = _as(layer.lora_A[name], a_cls)
             layer.lora_B[name] = _as(layer.lora_B[name], b_cls)
+            if mode == "model_dtype":
+                layer.lora_variant[name] = _SUM
+            else:
+                layer.lora_variant.pop(name, None)
         layer.cast_input_dtype_enabled = cast_input
         changed += 1
     return changed

@@ -94,17 +94,26 @@ def _layer_step(layer, x, grad_out):
 
 
 def test_model_dtype_layer_is_pefts_layer_under_bfloat16_autocast():
+    """The gradients are peft's under autocast bit for bit (the scaling, 2 here, is exact in either place). The
+    output sums base and adapter in one rounding instead of two: within a bfloat16 rounding of the float32 sum of
+    the same pieces, and nearer it than peft's output overall."""
     torch.manual_seed(2)
     x = torch.randn(3, 37, 64, dtype=torch.bfloat16)
     grad_out = torch.randn(3, 37, 64, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = _layer_step(_lora_layer("peft"), x, grad_out)
-    got = _layer_step(_lora_layer("model_dtype"), x, grad_out)
+    layer = _lora_layer("model_dtype")
+    got = _layer_step(layer, x, grad_out)
     assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[2])
-    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+    # The float32 sum of the same bfloat16 pieces: the base output and the adapter's product.
+    with torch.no_grad():
+        h = layer.lora_A["default"](x)
+        exact = layer.base_layer(x).float() + 2 * (h.float() @ layer.lora_B["default"].weight.bfloat16().float().t())
+    ours, pefts = (got[0].float() - exact).abs(), (want[0].float() - exact).abs()
+    assert ours.max() <= exact.abs().max() * 2**-8 and ours.sum() <= pefts.sum()
 
 
 @pytest.mark.parametrize("mode,float32_activations", [("model_dtype", False), ("float32", True), ("peft", True)])
@@ -157,6 +166,31 @@ def test_float32_leaves_layers_with_dropout_as_peft_made_them():
     assert all(getattr(m, "cast_input_dtype_enabled", True) for m in model.modules())
     # In the model's dtype, dropout acts on the bfloat16 input as autocast's products would see it.
     assert set_lora_compute(model, "model_dtype") > 0
+
+
+def test_model_dtype_adds_the_adapter_inside_its_second_product():
+    """No elementwise pass over the layer's output: the scaling and the sum run in the adapter's second product.
+    Merging adds peft's own delta weight, so the merged layer gives what the adapter gives (bfloat16 weights)."""
+    layer = _lora_layer("model_dtype")
+    x = torch.randn(3, 37, 64, dtype=torch.bfloat16)
+    seen = []
+
+    class _Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == x.numel():
+                seen.append(func.__name__.split(".")[0])
+            return out
+
+    with torch.no_grad(), _Ops():
+        out = layer(x)
+    assert "addmm" in seen and not {"add", "mul"} & set(seen), seen
+    with torch.no_grad():
+        layer.merge()
+        merged = layer.base_layer(x)
+        layer.unmerge()
+    torch.testing.assert_close(merged, out, rtol=2e-2, atol=2e-2)
+    assert layer.lora_variant and set_lora_compute(layer, "peft") == 1 and not layer.lora_variant
 
 
 def test_modes_switch_back_and_keep_the_state_dict():

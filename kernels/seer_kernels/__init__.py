@@ -16,7 +16,8 @@ it take checked inputs. Each op runs on one of two kernels, chosen by its `kerne
 
 `probe_ground_truth` is the ground truth of a few probe tokens per query block (no gradient).
 `token_gate_block_scores` is the fused token-scored SeerAttention gate: differentiable on the Triton kernel,
-forward-only on the PyTorch one. `cross_entropy_with_grad` is not attention: the language-model loss's rows with
+forward-only on the PyTorch one. `selection_ranking_keys` is the layer budget's row-wise ranking in one Triton kernel; its PyTorch reference is
+`seer_finetune.seer.selection.SelectionPlan.ranking_keys`. `cross_entropy_with_grad` is not attention: the language-model loss's rows with
 their gradient written in place, which the trainer's CUDA-graph loss runs on.
 """
 
@@ -48,6 +49,8 @@ __all__ = [
     "num_blocks",
     "probe_ground_truth",
     "probe_positions",
+    "runs_on_triton",
+    "selection_ranking_keys",
     "token_gate_block_scores",
 ]
 
@@ -56,8 +59,8 @@ TOKEN_GATE_MODES = ("token_logit_max", "token_prob_max")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _runs_on_triton(kernel: str, q: torch.Tensor) -> bool:
-    """Resolve the `kernel` argument: True for the Triton kernels, False for the PyTorch one."""
+def runs_on_triton(kernel: str, q: torch.Tensor) -> bool:
+    """Resolve the `kernel` argument for an op on `q`: True for the Triton kernels, False for the PyTorch one."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "auto":
@@ -157,7 +160,7 @@ def block_sparse_attention(
     Raises:
         ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    on_triton = _runs_on_triton(kernel, q)
+    on_triton = runs_on_triton(kernel, q)
     _check_inputs(q, k, v, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
     _check_block_mask(block_mask, q, block_size)
     scale = _softmax_scale(sm_scale, q)
@@ -202,7 +205,7 @@ def attention_ground_truth(
     Raises:
         ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    on_triton = _runs_on_triton(kernel, q)
+    on_triton = runs_on_triton(kernel, q)
     _check_inputs(q, k, None, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
     scale = _softmax_scale(sm_scale, q)
     if on_triton:
@@ -242,7 +245,7 @@ def attention_with_ground_truth(
     Raises:
         ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    on_triton = _runs_on_triton(kernel, q)
+    on_triton = runs_on_triton(kernel, q)
     _check_inputs(q, k, v, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
     scale = _softmax_scale(sm_scale, q)
     if on_triton:
@@ -289,7 +292,7 @@ def probe_ground_truth(
     Raises:
         ValueError: for an unknown `kernel` or inputs outside the contract above.
     """
-    on_triton = _runs_on_triton(kernel, q)
+    on_triton = runs_on_triton(kernel, q)
     _check_inputs(q, k, None, block_size=block_size, document_ids=document_ids, on_triton=on_triton)
     if not isinstance(probe_tokens, Integral) or not 1 <= probe_tokens <= block_size or block_size % probe_tokens:
         raise ValueError(f"probe_tokens={probe_tokens} must divide block_size={block_size}")
@@ -428,7 +431,7 @@ def token_gate_block_scores(
             a gradient on the PyTorch kernel: it has no backward, so it refuses them rather than return scores
             that silently cut the graph.
     """
-    on_triton = _runs_on_triton(kernel, qt)
+    on_triton = runs_on_triton(kernel, qt)
     _check_token_gate_inputs(
         qt, kh, valid, candidates, block_size=block_size, mode=mode, cos=cos, sin=sin, on_triton=on_triton
     )
@@ -476,7 +479,7 @@ def cross_entropy_with_grad(
         ValueError: for shapes, dtypes or devices outside the contract above, or CPU tensors on the Triton kernel
             outside Triton's interpreter.
     """
-    on_triton = _runs_on_triton(kernel, logits)
+    on_triton = runs_on_triton(kernel, logits)
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"logits must be [N, V] and targets [N], got {tuple(logits.shape)} and {tuple(targets.shape)}")
     if logits.dtype not in _TRITON_DTYPES or targets.dtype != torch.int64:
@@ -491,3 +494,61 @@ def cross_entropy_with_grad(
     else:
         from .pytorch_chunked import cross_entropy_with_grad as run
     return run(logits, targets, ignore_index, write_grad)
+
+
+def selection_ranking_keys(
+    log_probs: torch.Tensor,
+    candidates: torch.Tensor,
+    forced: torch.Tensor,
+    room: torch.Tensor,
+    *,
+    bound: torch.Tensor | None = None,
+    bound_blocks: int = 0,
+    probe: torch.Tensor | None = None,
+    probe_blocks: int = 0,
+    row_mass: float = 0.0,
+) -> torch.Tensor:
+    """The key by which a layer budget ranks every block, in one Triton kernel (`triton_selection`).
+
+    Forced blocks and non-candidates get -inf; a free candidate its log-probability, raised by 4e4 when it is one
+    of its row's `bound_blocks` blocks of highest `bound` or `probe_blocks` of highest `probe` (the lists taken
+    alternately, bound first, while the row has `room`), else by 2e4 when it is one of the row's most probable
+    blocks that, with the forced ones, hold `row_mass` of its probability (at most `room` of them); raised keys
+    are clamped at -1e4 first. Ties rank the lower column first.
+
+    Args:
+        log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
+        candidates, forced: bool `[B, nB, nB]` (every head alike).
+        room: int `[B, nB]`: each row's quota beyond its forced blocks.
+        bound, probe: float `[B, H, nB, nB]` (broadcastable); needed when `bound_blocks` / `probe_blocks` > 0.
+        bound_blocks, probe_blocks: Default 0 (off).
+        row_mass: In [0, 1). Default 0 (off).
+
+    Returns:
+        float32 `[B, H, nB, nB]`.
+
+    Raises:
+        ValueError: for inputs outside the contract above, or CPU tensors outside Triton's interpreter.
+    """
+    if log_probs.dim() != 4 or log_probs.shape[2] != log_probs.shape[3]:
+        raise ValueError(f"log_probs must be [B, H, nB, nB], got {tuple(log_probs.shape)}")
+    bsz, nb = log_probs.shape[0], log_probs.shape[-1]
+    for name, t in (("candidates", candidates), ("forced", forced)):
+        if t.shape != (bsz, nb, nb) or t.dtype != torch.bool:
+            raise ValueError(f"{name} must be bool {(bsz, nb, nb)}, got {t.dtype} {tuple(t.shape)}")
+    if room.shape != (bsz, nb):
+        raise ValueError(f"room must be [B, nB] = {(bsz, nb)}, got {tuple(room.shape)}")
+    for name, t, count in (("bound", bound, bound_blocks), ("probe", probe, probe_blocks)):
+        if not isinstance(count, Integral) or count < 0:
+            raise ValueError(f"{name}_blocks={count} must be an int >= 0")
+        if count > 0 and (t is None or t.dim() != 4 or t.shape[-2:] != (nb, nb)):
+            raise ValueError(f"{name}_blocks={count} needs {name} [B, H, nB, nB], got {None if t is None else tuple(t.shape)}")
+    if not 0.0 <= row_mass < 1.0:
+        raise ValueError(f"row_mass={row_mass} must be in [0, 1)")
+    _check_triton_device(log_probs, "log_probs")
+    from .triton_selection import ranking_keys
+
+    return ranking_keys(
+        log_probs, candidates, forced, room, bound=bound, bound_blocks=int(bound_blocks), probe=probe,
+        probe_blocks=int(probe_blocks), row_mass=row_mass,
+    )

@@ -420,7 +420,7 @@ def _select(
                 probe = _probe(s, query, key, bound_inputs[2], kernel_args)
         with _stage("select"):
             # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
-            block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe)
+            block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe, kernel=s.kernel)
             if rt.keeps_graph:
                 state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:

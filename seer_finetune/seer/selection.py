@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+import seer_kernels
+
 from .gate import num_blocks, pool_blocks
 
 BUDGETS = ("row", "layer", "head")
@@ -298,6 +300,7 @@ class SelectionPlan:
         normalized: bool = False,
         bound: Optional[torch.Tensor] = None,
         probe: Optional[torch.Tensor] = None,
+        kernel: str = "pytorch",
     ) -> torch.Tensor:
         """Choose the key blocks each query head attends to.
 
@@ -309,6 +312,8 @@ class SelectionPlan:
                 across rows as they are. Default False.
             bound: `[B, H, nB, nB]` logit bounds (`logit_bound_scores`); needed when the plan has `bound_blocks`.
             probe: `[B, H, nB, nB]` probe scores (`probe.probe_scores`); needed when the plan has `probe_blocks`.
+            kernel: Where the layer and head budgets compute their ranking keys (`ranking_keys`): `pytorch`
+                (default), `triton` (one fused kernel) or `auto` (Triton for CUDA tensors).
 
         Returns:
             bool `[B, H, nB, nB]`, a subset of the candidates.
@@ -319,24 +324,21 @@ class SelectionPlan:
             raise ValueError(f"a plan with bound_blocks={self.bound_blocks} selects with the logit bounds: pass bound=")
         if self.probe_blocks > 0 and probe is None:
             raise ValueError(f"a plan with probe_blocks={self.probe_blocks} selects with the probe scores: pass probe=")
+        if self.budget in ("layer", "head") and self.threshold is None:
+            log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
+            key = self.ranking_keys(log_probs, bound=bound, probe=probe, kernel=kernel)
+            if self.budget == "layer":
+                return _select_by_layer_budget(key, cand, forced, self.layer_extra(scores.shape[1]))
+            # Per head: each (batch element, head) is a layer of one head with that head's share.
+            bsz, heads = scores.shape[:2]
+            per_head = lambda t: t.expand_as(scores).reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
+            extra = [e for e in self.layer_extra(1) for _ in range(heads)]
+            return _select_by_layer_budget(per_head(key), per_head(cand), per_head(forced), extra).view(scores.shape)
         picks = self._extra_picks(bound, probe, cand, forced)
         if self.threshold is not None:
             probs = gate_log_probs(scores, self.candidates).exp()
             kept = (cand & (probs >= self.threshold)) | forced
             return kept if picks is None else kept | picks
-        if self.budget in ("layer", "head"):
-            log_probs = scores.float() if normalized else gate_log_probs(scores, self.candidates)
-            first = self._row_mass_picks(log_probs, cand, forced) if self.row_mass > 0.0 else None  # [B, H, nB, nB]
-            if self.budget == "layer":
-                return _select_by_layer_budget(log_probs, cand, forced, self.layer_extra(scores.shape[1]), first, picks)
-            # Per head: each (batch element, head) is a layer of one head with that head's share.
-            bsz, heads = scores.shape[:2]
-            per_head = lambda t: None if t is None else t.expand_as(scores).reshape(bsz * heads, 1, *t.shape[2:])  # noqa: E731
-            extra = [e for e in self.layer_extra(1) for _ in range(heads)]
-            picked = _select_by_layer_budget(
-                per_head(log_probs), per_head(cand), per_head(forced), extra, per_head(first), per_head(picks)
-            )
-            return picked.view(scores.shape)
         quota = self.quota[:, None, :, None]
         # Forced blocks rank first, then the bound's and probe's picks, non-candidates last; the sort then gives
         # every block its rank in the row.
@@ -348,6 +350,45 @@ class SelectionPlan:
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
         return (ranks < quota) & cand
+
+    def ranking_keys(
+        self,
+        log_probs: torch.Tensor,
+        *,
+        bound: Optional[torch.Tensor] = None,
+        probe: Optional[torch.Tensor] = None,
+        kernel: str = "pytorch",
+    ) -> torch.Tensor:
+        """float32 `[B, H, nB, nB]`: the key by which the layer and head budgets rank the blocks.
+
+        Forced blocks and non-candidates get -inf. The others get their log-probability, raised by 4e4 for the
+        row's bound and probe picks (`_extra_picks`) and by 2e4 for its row-mass picks (`_row_mass_picks`),
+        after clamping it at -1e4: log-probabilities are <= 0, so the tiers rank in that order and, within a
+        tier, by probability. On Triton one fused kernel computes it (`seer_kernels.selection_ranking_keys`);
+        the PyTorch code below is its reference.
+
+        Args:
+            log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
+            bound, probe: As for `select`.
+            kernel: `pytorch` (default), `triton` or `auto` (Triton for CUDA tensors).
+        """
+        if self.quota is None:
+            raise ValueError("ranking keys rank blocks for a budget: the plan needs a density")
+        if seer_kernels.runs_on_triton(kernel, log_probs):
+            return seer_kernels.selection_ranking_keys(
+                log_probs, self.candidates, self.forced, self.quota - self.forced.sum(-1),
+                bound=bound, bound_blocks=self.bound_blocks, probe=probe, probe_blocks=self.probe_blocks,
+                row_mass=self.row_mass,
+            )
+        cand, forced = self.candidates[:, None], self.forced[:, None]
+        key = log_probs
+        if self.row_mass > 0.0:
+            first = self._row_mass_picks(log_probs, cand, forced)
+            key = torch.where(first, log_probs.clamp_min(-1e4) + 2e4, key)
+        ahead = self._extra_picks(bound, probe, cand, forced)
+        if ahead is not None:
+            key = torch.where(ahead, log_probs.clamp_min(-1e4) + 4e4, key)
+        return key.masked_fill(~cand | forced, float("-inf"))
 
     def _room(self) -> torch.Tensor:
         """long `[B, 1, nB, 1]`: each row's quota beyond its forced blocks."""
@@ -400,49 +441,33 @@ class SelectionPlan:
         return torch.zeros_like(take).scatter_(-1, order, take)
 
 
-def _select_by_layer_budget(
-    log_probs: torch.Tensor,
-    cand: torch.Tensor,
-    forced: torch.Tensor,
-    extra: list[int],
-    first: Optional[torch.Tensor] = None,
-    ahead: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Forced blocks plus, per batch element b, the `extra[b]` most probable other candidates across all heads
-    and rows (the `ahead` blocks before all others, then the `first` blocks).
+def _select_by_layer_budget(key: torch.Tensor, cand: torch.Tensor, forced: torch.Tensor, extra: list[int]) -> torch.Tensor:
+    """Forced blocks plus, per batch element b, the `extra[b]` other candidates of highest key across all heads
+    and rows.
 
     Args:
-        log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
+        key: float32 `[B, H, nB, nB]` ranking keys (`SelectionPlan.ranking_keys`), -inf for forced blocks and
+            non-candidates.
         cand, forced: bool `[B, H, nB, nB]`, or `[B, 1, nB, nB]` for every head alike.
         extra: From `SelectionPlan.layer_extra`.
-        first: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before every other block (in their
-            own order of probability), e.g. `SelectionPlan._row_mass_picks`.
-        ahead: Optional bool `[B, H, nB, nB]`, non-forced candidates ranked before `first` likewise, e.g.
-            `SelectionPlan._extra_picks`.
 
     Returns:
         bool `[B, H, nB, nB]`.
     """
-    bsz = log_probs.shape[0]
-    key = log_probs
-    # Log-probabilities are <= 0: shifting by a constant above their range puts a tier ahead, in order.
-    if first is not None:
-        key = torch.where(first, log_probs.clamp_min(-1e4) + 2e4, key)
-    if ahead is not None:
-        key = torch.where(ahead, log_probs.clamp_min(-1e4) + 4e4, key)
-    key = key.masked_fill(~cand | forced, float("-inf")).reshape(bsz, -1)
-    picked = torch.zeros_like(key, dtype=torch.bool)
+    bsz = key.shape[0]
+    flat = key.reshape(bsz, -1)
+    picked = torch.zeros_like(flat, dtype=torch.bool)
     top = max(extra)
     if top > 0:
         if all(e == top for e in extra):
             # One budget for the whole batch (always at B = 1): no order among the picks is needed.
-            picked.scatter_(-1, torch.topk(key, top, dim=-1, sorted=False).indices, True)
+            picked.scatter_(-1, torch.topk(flat, top, dim=-1, sorted=False).indices, True)
         else:
             # Element b keeps only its own first extra[b] picks.
-            index = torch.topk(key, top, dim=-1, sorted=True).indices
+            index = torch.topk(flat, top, dim=-1, sorted=True).indices
             limit = torch.tensor(extra, device=key.device)[:, None]
             picked.scatter_(-1, index, torch.arange(top, device=key.device)[None, :] < limit)
-    return (picked.view(log_probs.shape) & cand) | forced
+    return (picked.view(key.shape) & cand) | forced
 
 
 def realised_density(block_mask: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
