@@ -70,6 +70,10 @@ def variants(shape: str) -> dict[str, list[str]]:
             f"+exp={dense_exp}", "trainer.cuda_graphs=true", "peft.lora_compute=float32"],
         "seer joint, density 0.1, CUDA graphs, LoRA products in float32": [
             *seer, "trainer.cuda_graphs=true", "peft.lora_compute=float32"],
+        # The layer budget's ranking keys from one fused Triton kernel (`seer_kernels.selection_ranking_keys`)
+        # instead of PyTorch's row-wise top-k, sort and scatters: opt-in through `attention.kernel=triton`.
+        "seer joint, density 0.1, CUDA graphs, fused selection": [*seer, "trainer.cuda_graphs=true",
+                                                                 "attention.kernel=triton"],
         # What the 90% experiment's block per row by the logit bound costs, in the step that shows GPU time.
         "seer joint, density 0.1, CUDA graphs, no bound blocks": [*seer, "trainer.cuda_graphs=true",
                                                                  "attention.bound_blocks=0"],

@@ -221,7 +221,9 @@ class AttentionConfig:
             `pytorch` or `triton`. The token gates (`gate_query: token_*`) train on the fused kernel's backward
             only with an explicit `triton`: faster, but it holds every layer's projected queries until the
             backward (9.4 GiB peak against 3.8 at 32k on SmolLM2); `auto` keeps their chunked PyTorch path in
-            training.
+            training. An explicit `triton` also ranks the layer budget's blocks in one fused kernel
+            (`seer_kernels.selection_ranking_keys`; PyTorch's top-k and sorts otherwise), opt-in until timed in
+            the training step on a GPU.
         compile_gate: Run each layer's gate path (pooling, projections, block RoPE, log-softmax, gate loss)
             under `torch.compile`: a few fused kernels instead of dozens of launches per layer. The first step
             pays the compilation. None (default): in training steps on CUDA, eager in evaluation, generation

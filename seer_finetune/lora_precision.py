@@ -10,7 +10,7 @@ dense and sparse runs alike; at 128k on Qwen2.5-1.5B the saved copies take 3 GiB
   (`r x width` elements, negligible), as bfloat16 autocast runs peft's layer under Hugging Face Trainer (axolotl,
   LLaMA-Factory). The weights, their gradients and the optimizer state stay float32; no float32 activation is
   made. The scaling goes into `lora_B`'s cast weight and the sum with the base layer's output into the second
-  product's epilogue (`torch.addmm`, `ScaledSumVariant`): peft would run a multiply and an add over the layer's
+  product, in place (`ScaledSumVariant`): peft would run a multiply and an add over the layer's
   whole output, forward and again in a checkpoint's recomputation. The sum is then rounded once instead of
   twice: within a bfloat16 rounding of peft's autocast values, not equal to them.
 - `float32`: peft's float32 products and gradients, but `lora_A` saves its input in the model's dtype and casts
@@ -76,9 +76,36 @@ class ModelDtypeLinear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class _AddProductInPlace(torch.autograd.Function):
+    """`out += h @ weight` in place, as one product: `out` `[..., n]` contiguous, `h` `[..., r]`, `weight`
+    `[r, n]`. The base layer's output is `out`; its backward does not need it, so the product reads it and writes
+    the sum over it (an out-of-place addmm would copy it first)."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h, weight)
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), weight)
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        h, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # [N, n]
+        grad_h = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_h = (rows @ weight.t()).view(h.shape)
+        if ctx.needs_input_grad[2]:
+            # As nn.Linear's weight gradient (grad^T @ input), transposed: one product over every token.
+            grad_weight = (rows.t() @ h.reshape(-1, h.shape[-1])).t()
+        return grad, grad_h, grad_weight
+
+
 class ScaledSumVariant:
     """A peft LoRA variant (`lora_variant[adapter]`) that adds the adapter to the base output in one product:
-    `result + (scaling * lora_B(lora_A(dropout(x))))` as `addmm(result, h, (scaling * B).T)`, in `result`'s dtype.
+    `result + scaling * lora_B(lora_A(dropout(x)))` as `result += h @ (scaling * B).T` (`_AddProductInPlace`),
+    in `result`'s dtype. A forward hook on the base layer itself would see the sum; hooks on the LoRA layer (the
+    gates' capture hooks) see what they always saw.
 
     Vanilla LoRA otherwise: merging and unmerging add and remove peft's own delta weight. peft consults a
     layer's variants in its forward and merges; the variant is not saved (adapters save as plain LoRA)."""
@@ -106,9 +133,10 @@ class ScaledSumVariant:
     @staticmethod
     def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
         h = module.lora_A[active_adapter](module.lora_dropout[active_adapter](x)).to(result.dtype)  # [..., r]
-        weight = (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).to(result.dtype)  # [out, r]
-        width = result.shape[-1]
-        return torch.addmm(result.reshape(-1, width), h.reshape(-1, h.shape[-1]), weight.t()).view(result.shape)
+        weight = (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).to(result.dtype).t()
+        if not result.is_contiguous() or (result.is_leaf and result.requires_grad):
+            return result + h @ weight
+        return _AddProductInPlace.apply(result, h, weight)
 
 
 _SUM = ScaledSumVariant()

@@ -420,7 +420,9 @@ def _select(
                 probe = _probe(s, query, key, bound_inputs[2], kernel_args)
         with _stage("select"):
             # Gate log-probs and the log of the row-normalised ground truth are both normalised per row.
-            block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe, kernel=s.kernel)
+            # The fused ranking kernel is opt-in (`kernel: triton`) until the training step has timed it on a GPU.
+            ranking = "triton" if s.kernel == "triton" else "pytorch"
+            block_mask = plan.select(scores, normalized=True, bound=bound, probe=probe, kernel=ranking)
             if rt.keeps_graph:
                 state.keep_block_mask(layer, block_mask)
     if rt.record_block_masks:

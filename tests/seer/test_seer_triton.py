@@ -91,3 +91,28 @@ def test_bf16_joint_step_density_on_gpu():
     densities = [v for k, v in rt.take_stats().items() if k.startswith("density/")]
     assert densities and all(abs(d - 0.1) <= 0.02 for d in densities)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for n, p in seer.named_parameters() if "seer_gate" in n)
+
+
+def test_fused_selection_chooses_the_blocks_of_the_pytorch_selection():
+    """With `kernel="triton"` the layer budget ranks through the fused kernel (`selection_ranking_keys`): every
+    layer keeps the blocks the PyTorch ranking keeps, on packed documents, with probe picks and the row-mass tier
+    (whose effect on the keys `tests/kernels/test_selection_kernel.py` checks; here the probe picks change the
+    selection)."""
+    select = dict(mode="joint", density=0.3, sink_blocks=1, budget="layer", row_mass=0.3, probe_blocks=2,
+                  probe_tokens=4)
+    _, seer, rt = _pair("llama", SIZES["blocks"][0], **select)
+    reference = copy.deepcopy(seer)
+    ref_rt = reference.get_submodule("model.layers.0.self_attn").seer_gate.runtime
+    ref_rt.configure(kernel="pytorch")
+    rt.record_block_masks = ref_rt.record_block_masks = True
+    docs = [1300, 1400] if CUDA else [300, 400]  # long enough that the budget goes beyond the forced blocks
+    ids = random_ids(1, sum(docs)).to(DEVICE)
+    pos = packed_position_ids(docs).to(DEVICE)
+    with torch.no_grad():
+        out = seer(input_ids=ids, position_ids=pos, use_cache=False).logits
+        ref = reference(input_ids=ids, position_ids=pos, use_cache=False).logits
+    assert rt.block_masks.keys() == ref_rt.block_masks.keys() and rt.block_masks
+    for layer, mask in rt.block_masks.items():
+        assert torch.equal(mask, ref_rt.block_masks[layer]), layer
+        assert 0 < mask.sum() < mask.numel() / 2
+    torch.testing.assert_close(out, ref, rtol=2e-3 if CUDA else 1e-4, atol=2e-3 if CUDA else 1e-4)
