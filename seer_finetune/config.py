@@ -280,7 +280,8 @@ class PeftConfig:
         merge_on_save: Also write merged full weights next to the adapter in the final save.
         lora_compute: Where the LoRA products run (`lora_precision.py`). `model_dtype` (default): in the model's
             dtype from the float32 adapter weights, as bfloat16 autocast runs peft's layer under Hugging Face
-            Trainer; the weights, gradients and optimizer state stay float32. `float32`: peft's float32
+            Trainer, the scaled adapter added to the base output in place by its second product; the weights,
+            gradients and optimizer state stay float32. `float32`: peft's float32
             products, with the input kept for backward in the model's dtype. `peft`: peft's layer as it is
             (float32 products and a float32 copy of every adapted layer's input). ZeRO-3 runs always keep peft's.
     """
