@@ -6,6 +6,7 @@ The local Triton may differ from the GPU machine's, and register allocation with
 
     python benchmarks/diagnostics/kernel_resources.py          # the block-128 defaults of bench_attention
     python benchmarks/diagnostics/kernel_resources.py --block 64 --head-dim 64 --kernels dkdv dkdv_segments
+    python benchmarks/diagnostics/kernel_resources.py --selection 512 2048   # the fused ranking kernel
 """
 
 from __future__ import annotations
@@ -130,8 +131,28 @@ def resources(name: str, block: int, head_dim: int, tma: int, config=None) -> st
             f"{usage} dynamic shared {shared // 1024} KiB")
 
 
+def selection_resources(n_blocks: int) -> str:
+    """One resource line for the fused ranking-key kernel (`triton_selection`) on rows of `n_blocks` blocks, with
+    the 90% experiment's early picks (1 bound block, 16 probe blocks, a row-mass tier) and the launcher's tile."""
+    import triton
+
+    from seer_kernels.triton_selection import _ranking_keys_kernel as kernel
+    from seer_kernels.triton_selection import launch_config
+
+    block, rows, warps = launch_config(n_blocks)
+    constexprs = dict(BOUND_BLOCKS=1, PROBE_BLOCKS=16, ROW_MASS=True, ROWS=rows, BLOCK=block)
+    pointers = {"CAND": "*u8", "FORCED": "*u8", "ROOM": "*i64"}
+    sig = {name: "constexpr" if name in constexprs else pointers.get(name, "*fp32" if name.isupper() else "i32")
+           for name in kernel.arg_names}
+    sig["row_mass"] = "fp32"
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs={})
+    _, line = compile_for_sm90(src, warps, 1)
+    usage = re.sub(r"\s*SHARED.*", "", line.strip())
+    return f"selection      {n_blocks} blocks per row, tile {rows}x{block} warps {warps}: {usage}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Print one resource line per chosen kernel and load mode. Returns 0."""
+    """Print one resource line per chosen kernel and load mode (or per `--selection` row length). Returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--head-dim", type=int, default=128)
@@ -139,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", nargs="+", default=list(kernel_table()), choices=list(kernel_table()))
     parser.add_argument("--tiles", type=int, nargs=4, metavar=("BLOCK_M", "BLOCK_N", "WARPS", "STAGES"),
                         help="compile this tile config instead of each kernel's default")
+    parser.add_argument("--selection", type=int, nargs="+", metavar="BLOCKS",
+                        help="compile the fused ranking-key kernel for rows of these block counts instead")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    for name in args.kernels:
+    for n_blocks in args.selection or []:
+        print(selection_resources(n_blocks), flush=True)
+    for name in [] if args.selection else args.kernels:
         for tma in args.tma:
             block = 64 if name == "gt" and args.block not in (64, 128) else args.block
             config = None

@@ -17,7 +17,7 @@ probabilities (its condition only weakens along the order), found with a cumulat
 built by walking the two sorted lists. The PyTorch reference is `SelectionPlan`'s own code
 (`seer_finetune.seer.selection`), which this must equal.
 
-Layers: `_ranking_keys_kernel`, its launcher `ranking_keys`.
+Layers: `_ranking_keys_kernel`, its launcher `ranking_keys` (tiles from `launch_config`).
 """
 
 from __future__ import annotations
@@ -123,6 +123,14 @@ def _ranking_keys_kernel(
     tl.store(OUT + at, tl.where(free, key, float("-inf")), mask=live)
 
 
+def launch_config(n_blocks: int) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps) of a launch on rows of `n_blocks` blocks: a `[ROWS, BLOCK]` tile of about 2048
+    entries. Compiled ahead of time for sm_90 (`benchmarks/diagnostics/kernel_resources.py --selection`), 8
+    warps need 118-204 registers and do not spill up to 4096 blocks per row; beyond, 16 warps spill less."""
+    block = max(16, triton.next_power_of_2(n_blocks))
+    return block, max(1, 2048 // block), 8 if block <= 4096 else 16
+
+
 @torch.no_grad()
 def ranking_keys(
     log_probs: torch.Tensor,
@@ -160,8 +168,7 @@ def ranking_keys(
         # A list that is off is never read: any float32 tensor stands in for its pointer.
         return x.float().expand(bsz, heads, nb, nb).contiguous() if needed else out
 
-    block = max(16, triton.next_power_of_2(nb))
-    rows_per_program = max(1, 2048 // block)  # a [ROWS, BLOCK] tile of about 2048 entries
+    block, rows_per_program, num_warps = launch_config(nb)
     n_rows = bsz * heads * nb
     _ranking_keys_kernel[(triton.cdiv(n_rows, rows_per_program),)](
         log_probs.float().contiguous(),
@@ -180,8 +187,6 @@ def ranking_keys(
         ROW_MASS=row_mass > 0.0,
         ROWS=rows_per_program,
         BLOCK=block,
-        # sm_90 (ahead-of-time compile): 118-204 registers and no spill at 8 warps up to 4096 blocks per row;
-        # beyond, 16 warps spill less.
-        num_warps=8 if block <= 4096 else 16,
+        num_warps=num_warps,
     )
     return out
