@@ -144,21 +144,8 @@ def ranking_keys(
     probe_blocks: int = 0,
     row_mass: float = 0.0,
 ) -> torch.Tensor:
-    """The layer budget's ranking key of every block (see the module), in one launch.
-
-    Args:
-        log_probs: float32 `[B, H, nB, nB]`, rows normalised over their candidates.
-        candidates, forced: bool `[B, nB, nB]`, alike for every head.
-        room: int `[B, nB]`: each row's quota beyond its forced blocks (clamped at 0 here).
-        bound: float `[B, H, nB, nB]` logit bounds; read when `bound_blocks` > 0.
-        bound_blocks: Blocks of highest bound each row moves ahead. Default 0.
-        probe: float `[B, H, nB, nB]` probe scores; read when `probe_blocks` > 0.
-        probe_blocks: Blocks of highest probe score each row moves ahead. Default 0.
-        row_mass: The gate probability the `first` tier holds with the forced blocks, in [0, 1). Default 0 (off).
-
-    Returns:
-        float32 `[B, H, nB, nB]`.
-    """
+    """`seer_kernels.selection_ranking_keys` (its contract and arguments) in one launch; inputs are checked there.
+    Returns float32 `[B, H, nB, nB]`."""
     bsz, heads, nb, _ = log_probs.shape
     out = torch.empty(log_probs.shape, dtype=torch.float32, device=log_probs.device)
     if out.numel() == 0:

@@ -264,6 +264,8 @@ class SelectionPlan:
         self.density, self.threshold, self.budget = density, threshold, budget
         self.forced = forced_blocks(candidates, sink_blocks, local_blocks)
         self.quota = row_quotas(candidates, density, sink_blocks, local_blocks) if density is not None else None
+        # long [B, nB]: each row's quota beyond its forced blocks, once per plan rather than in every layer.
+        self.room = None if self.quota is None else (self.quota - self.forced.sum(-1)).clamp_min(0)
         self._layer_extra: dict[int, list[int]] = {}
 
     @classmethod
@@ -376,7 +378,7 @@ class SelectionPlan:
             raise ValueError("ranking keys rank blocks for a budget: the plan needs a density")
         if seer_kernels.runs_on_triton(kernel, log_probs):
             return seer_kernels.selection_ranking_keys(
-                log_probs, self.candidates, self.forced, self.quota - self.forced.sum(-1),
+                log_probs, self.candidates, self.forced, self.room,
                 bound=bound, bound_blocks=self.bound_blocks, probe=probe, probe_blocks=self.probe_blocks,
                 row_mass=self.row_mass,
             )
@@ -392,7 +394,7 @@ class SelectionPlan:
 
     def _room(self) -> torch.Tensor:
         """long `[B, 1, nB, 1]`: each row's quota beyond its forced blocks."""
-        return (self.quota - self.forced.sum(-1))[:, None, :, None].clamp_min(0)
+        return self.room[:, None, :, None]
 
     def _extra_picks(
         self, bound: Optional[torch.Tensor], probe: Optional[torch.Tensor], cand: torch.Tensor, forced: torch.Tensor
