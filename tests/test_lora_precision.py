@@ -1,7 +1,8 @@
 """Where LoRA products run (`seer_finetune/lora_precision.py`, `peft.lora_compute`).
 
-`model_dtype`: a LoRA layer gives what peft's layer gives under bfloat16 autocast, value for value, and makes no
-float32 activation; a whole model trains close to peft's float32 products. `float32`: the same loss and gradients
+`model_dtype`: a LoRA layer gives peft's gradients under bfloat16 autocast bit for bit and its output within one
+bfloat16 rounding (the sum is rounded once, in place in one product), and makes no float32 activation; a whole
+model trains close to peft's float32 products. `float32`: the same loss and gradients
 as peft's path with no float32 copy of an adapted layer's input saved. The configuration picks the mode; ZeRO-3
 and the layers each mode cannot take keep peft's path.
 """
